@@ -1,0 +1,53 @@
+//! The Redis contract between the daemon and its consumers: channel names
+//! and versioned messages, nothing else. `docs/bus.md` is its prose form;
+//! change both together.
+
+use crate::lsn::Lsn;
+
+/// Version of the message format, the `v` field of every message.
+pub const VERSION: u32 = 1;
+
+/// The channel on which every change of `tenant` is published unfiltered,
+/// for trusted backend consumers: `walcast:{tenant}:firehose`.
+pub fn firehose_channel(tenant: &str) -> String {
+    format!("walcast:{tenant}:firehose")
+}
+
+/// Writes one change event: `{"v":1,"lsn":"0/16B3748","seq":0,"xid":750,"data":{...}}`.
+///
+/// `lsn` is the commit LSN of the change's transaction and `seq` its
+/// position in it: the pair is unique and increases in commit order, so a
+/// consumer drops anything at or below the last pair it processed.
+/// `write_data` writes the Supabase `data` object.
+pub fn write_change_event(
+    out: &mut Vec<u8>,
+    lsn: Lsn,
+    seq: u32,
+    xid: u32,
+    write_data: impl FnOnce(&mut Vec<u8>),
+) {
+    out.extend_from_slice(
+        format!("{{\"v\":{VERSION},\"lsn\":\"{lsn}\",\"seq\":{seq},\"xid\":{xid},\"data\":")
+            .as_bytes(),
+    );
+    write_data(out);
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_envelope_wraps_the_data_object() {
+        let mut out = Vec::new();
+        write_change_event(&mut out, Lsn(0x16B3748), 3, 750, |o| {
+            o.extend_from_slice(b"{}")
+        });
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"v":1,"lsn":"0/16B3748","seq":3,"xid":750,"data":{}}"#
+        );
+        assert_eq!(firehose_channel("t1"), "walcast:t1:firehose");
+    }
+}

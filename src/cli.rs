@@ -1,0 +1,97 @@
+//! The command line: subcommands and the flags that override settings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Layer, Settings};
+
+/// walcast: realtime change-data-capture from Postgres to Redis.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream the publication's changes from the replication slot to Redis.
+    Run(RunArgs),
+}
+
+/// Flags of `walcast run`. Each overrides the environment variable and the
+/// config file key of the same name.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file [env: WALCAST_CONFIG].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Tenant database url, postgres://user:password@host:port/db?sslmode=... [env: WALCAST_DATABASE_URL]
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Redis url [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Tenant id used in bus channel names [env: WALCAST_TENANT] [default: default]
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Replication slot name [env: WALCAST_SLOT] [default: walcast]
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Publication to stream [env: WALCAST_PUBLICATION] [default: supabase_realtime]
+    #[arg(long)]
+    pub publication: Option<String>,
+    /// Publish every change on the tenant's firehose channel: true or false [env: WALCAST_FIREHOSE] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub firehose: Option<String>,
+    /// Interval between standby status updates [env: WALCAST_STATUS_INTERVAL] [default: 1s]
+    #[arg(long, value_name = "DURATION")]
+    pub status_interval: Option<String>,
+    /// Longest pause between reconnection attempts [env: WALCAST_RECONNECT_MAX_DELAY] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub reconnect_max_delay: Option<String>,
+    /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or walcast=debug [env: WALCAST_LOG] [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+impl RunArgs {
+    /// Resolves settings: config file, then environment (read through
+    /// `env`), then these flags.
+    pub fn settings(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, config::Error> {
+        let mut layers = Vec::with_capacity(3);
+        if let Some(path) = self
+            .config
+            .clone()
+            .or_else(|| env("WALCAST_CONFIG").map(PathBuf::from))
+        {
+            layers.push(Layer::from_toml_file(&path)?);
+        }
+        layers.push(Layer::from_env(env));
+        layers.push(Layer::from_flags([
+            (&config::DATABASE_URL, self.database_url.clone()),
+            (&config::REDIS_URL, self.redis_url.clone()),
+            (&config::TENANT, self.tenant.clone()),
+            (&config::SLOT, self.slot.clone()),
+            (&config::PUBLICATION, self.publication.clone()),
+            (&config::FIREHOSE, self.firehose.clone()),
+            (&config::STATUS_INTERVAL, self.status_interval.clone()),
+            (
+                &config::RECONNECT_MAX_DELAY,
+                self.reconnect_max_delay.clone(),
+            ),
+            (&config::LOG_FORMAT, self.log_format.clone()),
+            (&config::LOG, self.log.clone()),
+        ]));
+        Settings::resolve(&layers)
+    }
+}

@@ -1,0 +1,423 @@
+//! Settings: one table of keys, resolved from the TOML file, then `WALCAST_*`
+//! environment variables, then command-line flags (each later source wins).
+//!
+//! Every value is parsed by the same function whatever its source, and an
+//! invalid value is reported with its key and where it came from.
+
+mod database_url;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub use database_url::{DatabaseUrl, Host, SslMode, UrlError};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The daemon's resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The tenant database (replication and, later, the pool).
+    pub database_url: DatabaseUrl,
+    /// The Redis bus.
+    pub redis_url: String,
+    /// Tenant id used in bus channel names.
+    pub tenant: String,
+    /// Logical replication slot name.
+    pub slot: String,
+    /// Publication whose tables are streamed.
+    pub publication: String,
+    /// Publish every change unfiltered on the tenant's firehose channel.
+    pub firehose: bool,
+    /// How often a standby status update is sent to Postgres.
+    pub status_interval: Duration,
+    /// The longest pause between reconnection attempts.
+    pub reconnect_max_delay: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter (`tracing_subscriber::EnvFilter` syntax).
+    pub log: String,
+}
+
+/// One setting: its TOML key, environment variable, flag and default.
+#[derive(Debug)]
+pub struct Key {
+    /// Key in the TOML file.
+    pub toml: &'static str,
+    /// Environment variable.
+    pub env: &'static str,
+    /// Command-line flag.
+    pub flag: &'static str,
+    /// Default, if the setting is optional.
+    pub default: Option<&'static str>,
+}
+
+macro_rules! keys {
+    ($($name:ident: $toml:literal, $env:literal, $flag:literal, $default:expr;)*) => {
+        $(
+            #[doc = concat!("The `", $toml, "` setting.")]
+            pub const $name: Key = Key { toml: $toml, env: $env, flag: $flag, default: $default };
+        )*
+        /// Every setting, in documentation order.
+        pub const KEYS: &[Key] = &[$($name),*];
+    };
+}
+
+keys! {
+    DATABASE_URL: "database_url", "WALCAST_DATABASE_URL", "--database-url", None;
+    REDIS_URL: "redis_url", "WALCAST_REDIS_URL", "--redis-url", Some("redis://127.0.0.1:6379");
+    TENANT: "tenant", "WALCAST_TENANT", "--tenant", Some("default");
+    SLOT: "slot", "WALCAST_SLOT", "--slot", Some("walcast");
+    PUBLICATION: "publication", "WALCAST_PUBLICATION", "--publication", Some("supabase_realtime");
+    FIREHOSE: "firehose", "WALCAST_FIREHOSE", "--firehose", Some("false");
+    STATUS_INTERVAL: "status_interval", "WALCAST_STATUS_INTERVAL", "--status-interval", Some("1s");
+    RECONNECT_MAX_DELAY: "reconnect_max_delay", "WALCAST_RECONNECT_MAX_DELAY", "--reconnect-max-delay", Some("10s");
+    LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
+    LOG: "log", "WALCAST_LOG", "--log", Some("info");
+}
+
+/// Why settings could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {source}")]
+    Toml {
+        /// The file.
+        path: String,
+        /// The parse error (with line and column).
+        source: toml::de::Error,
+    },
+    /// The TOML file has a key walcast does not know.
+    #[error("config file {path} has an unknown key `{key}` (known keys: {known})")]
+    UnknownKey {
+        /// The file.
+        path: String,
+        /// The unknown key.
+        key: String,
+        /// The known keys.
+        known: String,
+    },
+    /// A required setting was given nowhere.
+    #[error("`{key}` is required: set {env}, pass {flag}, or put `{key} = ...` in the config file")]
+    Missing {
+        /// The TOML key.
+        key: &'static str,
+        /// The environment variable.
+        env: &'static str,
+        /// The flag.
+        flag: &'static str,
+    },
+    /// A value does not parse.
+    #[error("invalid value for `{key}` (from {origin}): {reason}")]
+    Invalid {
+        /// The TOML key.
+        key: &'static str,
+        /// Where the value came from.
+        origin: String,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+}
+
+/// Raw values from one source, by TOML key.
+#[derive(Debug, Default, Clone)]
+pub struct Layer {
+    values: BTreeMap<&'static str, (String, String)>,
+}
+
+impl Layer {
+    /// Values from a TOML file. Unknown keys are an error.
+    pub fn from_toml_file(path: &Path) -> Result<Layer, Error> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Layer::from_toml_str(&text, &shown)
+    }
+
+    /// Values from TOML text; `path` names it in errors.
+    pub fn from_toml_str(text: &str, path: &str) -> Result<Layer, Error> {
+        let table: toml::Table = toml::from_str(text).map_err(|source| Error::Toml {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut layer = Layer::default();
+        for (name, value) in table {
+            let Some(key) = KEYS.iter().find(|k| k.toml == name) else {
+                return Err(Error::UnknownKey {
+                    path: path.to_owned(),
+                    key: name,
+                    known: KEYS.iter().map(|k| k.toml).collect::<Vec<_>>().join(", "),
+                });
+            };
+            let text = match value {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            layer
+                .values
+                .insert(key.toml, (text, format!("config file {path}")));
+        }
+        Ok(layer)
+    }
+
+    /// Values from `WALCAST_*` environment variables, read through `get`.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Layer {
+        let mut layer = Layer::default();
+        for key in KEYS {
+            if let Some(value) = get(key.env) {
+                layer.values.insert(
+                    key.toml,
+                    (value, format!("environment variable {}", key.env)),
+                );
+            }
+        }
+        layer
+    }
+
+    /// Values given as command-line flags, by TOML key.
+    pub fn from_flags<'a>(flags: impl IntoIterator<Item = (&'a Key, Option<String>)>) -> Layer {
+        let mut layer = Layer::default();
+        for (key, value) in flags {
+            if let Some(value) = value {
+                layer
+                    .values
+                    .insert(key.toml, (value, format!("flag {}", key.flag)));
+            }
+        }
+        layer
+    }
+}
+
+impl Settings {
+    /// Resolves settings from layers given lowest precedence first.
+    pub fn resolve(layers: &[Layer]) -> Result<Settings, Error> {
+        let lookup = |key: &'static Key| -> Result<(String, String), Error> {
+            for layer in layers.iter().rev() {
+                if let Some((value, origin)) = layer.values.get(key.toml) {
+                    return Ok((value.clone(), origin.clone()));
+                }
+            }
+            match key.default {
+                Some(default) => Ok((default.to_owned(), "default".to_owned())),
+                None => Err(Error::Missing {
+                    key: key.toml,
+                    env: key.env,
+                    flag: key.flag,
+                }),
+            }
+        };
+        fn parse<T>(
+            key: &'static Key,
+            (value, origin): (String, String),
+            f: impl FnOnce(&str) -> Result<T, String>,
+        ) -> Result<T, Error> {
+            f(&value).map_err(|reason| Error::Invalid {
+                key: key.toml,
+                origin,
+                reason,
+            })
+        }
+        Ok(Settings {
+            database_url: parse(&DATABASE_URL, lookup(&DATABASE_URL)?, |v| {
+                DatabaseUrl::parse(v).map_err(|e| e.to_string())
+            })?,
+            redis_url: parse(&REDIS_URL, lookup(&REDIS_URL)?, parse_redis_url)?,
+            tenant: parse(&TENANT, lookup(&TENANT)?, parse_tenant)?,
+            slot: parse(&SLOT, lookup(&SLOT)?, parse_slot)?,
+            publication: parse(&PUBLICATION, lookup(&PUBLICATION)?, parse_publication)?,
+            firehose: parse(&FIREHOSE, lookup(&FIREHOSE)?, parse_bool)?,
+            status_interval: parse(&STATUS_INTERVAL, lookup(&STATUS_INTERVAL)?, parse_duration)?,
+            reconnect_max_delay: parse(
+                &RECONNECT_MAX_DELAY,
+                lookup(&RECONNECT_MAX_DELAY)?,
+                parse_duration,
+            )?,
+            log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
+            log: lookup(&LOG)?.0,
+        })
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("expected true or false, got {v:?}")),
+    }
+}
+
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v)
+        .map_err(|e| format!("expected a duration like \"500ms\" or \"10s\", got {v:?} ({e})"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(d)
+}
+
+fn parse_log_format(v: &str) -> Result<LogFormat, String> {
+    match v {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected text or json, got {v:?}")),
+    }
+}
+
+fn parse_redis_url(v: &str) -> Result<String, String> {
+    if v.starts_with("redis://") || v.starts_with("rediss://") || v.starts_with("unix://") {
+        Ok(v.to_owned())
+    } else {
+        Err("expected a redis://, rediss:// or unix:// url".to_owned())
+    }
+}
+
+fn parse_tenant(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "{v:?} is not a tenant id: use 1 to 64 of A-Z a-z 0-9 - _ . (it becomes part of Redis channel names)"
+        ))
+    }
+}
+
+fn parse_slot(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "{v:?} is not a replication slot name: Postgres allows 1 to 63 of a-z 0-9 _"
+        ))
+    }
+}
+
+fn parse_publication(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.len() > 63 || v.contains('\0') {
+        Err(format!("{v:?} is not a publication name (1 to 63 bytes)"))
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Layer {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Layer::from_env(|name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_database_is_given() {
+        let s = Settings::resolve(&[env(&[("WALCAST_DATABASE_URL", "postgres://u@h/d")])]).unwrap();
+        assert_eq!(s.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(s.tenant, "default");
+        assert_eq!(s.slot, "walcast");
+        assert_eq!(s.publication, "supabase_realtime");
+        assert!(!s.firehose);
+        assert_eq!(s.status_interval, Duration::from_secs(1));
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_beat_environment_which_beats_the_file() {
+        let file = Layer::from_toml_str(
+            "database_url = \"postgres://file@h/d\"\nslot = \"from_file\"\ntenant = \"file\"\nfirehose = true\n",
+            "walcast.toml",
+        )
+        .unwrap();
+        let env = env(&[("WALCAST_SLOT", "from_env"), ("WALCAST_TENANT", "env")]);
+        let flags = Layer::from_flags([(&TENANT, Some("flag".to_owned())), (&SLOT, None)]);
+        let s = Settings::resolve(&[file, env, flags]).unwrap();
+        assert_eq!(s.database_url.user, "file");
+        assert_eq!(s.slot, "from_env");
+        assert_eq!(s.tenant, "flag");
+        assert!(s.firehose);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_source() {
+        let err = Settings::resolve(&[env(&[
+            ("WALCAST_DATABASE_URL", "postgres://u@h/d"),
+            ("WALCAST_FIREHOSE", "maybe"),
+        ])])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for `firehose` (from environment variable WALCAST_FIREHOSE): expected true or false, got \"maybe\""
+        );
+        let file = Layer::from_toml_str("status_interval = \"soon\"", "w.toml").unwrap();
+        let err = Settings::resolve(&[file, env(&[("WALCAST_DATABASE_URL", "postgres://h/d")])])
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "invalid value for `status_interval` (from config file w.toml): expected a duration"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_database_url_says_how_to_set_it() {
+        let err = Settings::resolve(&[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`database_url` is required: set WALCAST_DATABASE_URL, pass --database-url, or put `database_url = ...` in the config file"
+        );
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_rejected() {
+        let err = Layer::from_toml_str("slto = \"x\"", "w.toml").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("config file w.toml has an unknown key `slto`")
+        );
+    }
+
+    #[test]
+    fn slot_and_tenant_names_are_checked() {
+        for (key, value) in [("WALCAST_SLOT", "Bad-Slot"), ("WALCAST_TENANT", "a:b")] {
+            let err = Settings::resolve(&[env(&[
+                ("WALCAST_DATABASE_URL", "postgres://h/d"),
+                (key, value),
+            ])])
+            .unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{err}");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Wiring and supervision of `walcast run`.
+//!
+//! ```text
+//!            ┌──────────── replication task (one, sequential) ───────────┐
+//! Postgres ─▶│ stream ─▶ pgoutput::Decoder ─▶ change::Assembler ─▶ encode │─ Batch ─▶ publisher task ─▶ Redis
+//!            │   ▲ status updates (every tick, and when asked)            │ (bounded)      │
+//!            └───┴──────────────── acknowledged LSN ◀─────────────────────┘◀───────────────┘
+//! ```
+//!
+//! A session is one Redis connection plus one replication connection. Any
+//! error ends the session; a transient one (a server gone away, a slot held
+//! by another process) is retried with backoff from the acknowledged LSN,
+//! a definite one (bad password, missing publication) stops the daemon with
+//! a message that says what to fix. Redis is connected first, so while it
+//! is away the slot is not read at all and nothing is acknowledged.
+//!
+//! When the publisher falls behind, the bounded channel fills and the loop
+//! stops reading WAL, but it keeps sending status updates so the walsender
+//! does not time the connection out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::change::{self, Assembler, Change, Event};
+use crate::config::Settings;
+use crate::lsn::Lsn;
+use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
+use crate::replication::{self, Connection, ReplicationStream, SlotStatus, StreamEvent};
+use crate::{bus, encode, pgoutput};
+
+/// Batches the replication task may queue ahead of the publisher.
+const QUEUED_BATCHES: usize = 64;
+/// Messages per batch before it is handed over even mid-transaction, so a
+/// huge transaction streams through in bounded memory.
+const MESSAGES_PER_BATCH: usize = 512;
+/// How long shutdown waits for queued messages to reach Redis.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the daemon stopped or a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The replication connection failed.
+    #[error(transparent)]
+    Replication(#[from] replication::Error),
+    /// A pgoutput message could not be decoded.
+    #[error("decoding the replication stream: {0}")]
+    Decode(#[from] pgoutput::Error),
+    /// The message stream was inconsistent.
+    #[error("assembling transactions: {0}")]
+    Assemble(#[from] change::Error),
+    /// Publishing to Redis failed.
+    #[error("publishing: {0}")]
+    Publish(#[from] publish::Error),
+    /// The publisher task ended without saying why (it panicked).
+    #[error("the publisher task stopped unexpectedly")]
+    PublisherGone,
+}
+
+impl Error {
+    /// Whether a new session may succeed without an operator's help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Replication(e) => e.is_transient(),
+            Error::Publish(e) => e.is_transient(),
+            // Bytes we cannot decode will be the same bytes next time.
+            Error::Decode(_) | Error::Assemble(_) | Error::PublisherGone => false,
+        }
+    }
+}
+
+/// Runs sessions until `cancel` fires (`Ok`) or a definite error (`Err`).
+pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), Error> {
+    let acked = Acknowledged::new(Lsn::ZERO);
+    let backoff = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(settings.reconnect_max_delay)
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backoff.build();
+    loop {
+        let before = acked.get();
+        let result = session(settings, &acked, &cancel).await;
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_transient() => err,
+            Err(err) => return Err(err),
+        };
+        if acked.get() > before {
+            delays = backoff.build();
+        }
+        let delay = delays.next().unwrap_or(settings.reconnect_max_delay);
+        match &err {
+            Error::Replication(replication::Error::SlotInUse { .. }) => {
+                info!(error = %err, retry_in = ?delay, "standing by");
+            }
+            _ => {
+                warn!(error = %err, retry_in = ?delay, acked = %acked.get(), "session ended; reconnecting")
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn session(
+    settings: &Settings,
+    acked: &Acknowledged,
+    cancel: &CancellationToken,
+) -> Result<(), Error> {
+    let publisher = Publisher::connect(&settings.redis_url).await?;
+    let mut conn = Connection::connect(&settings.database_url).await?;
+    let system = conn.identify_system().await?;
+    conn.check_wal_level().await?;
+    conn.check_publication(&settings.publication).await?;
+    if conn.ensure_slot(&settings.slot).await? == SlotStatus::Created {
+        info!(slot = %settings.slot, "created replication slot");
+    }
+    let start = acked.get();
+    let stream = conn
+        .start_replication(&settings.slot, start, &settings.publication)
+        .await?;
+    info!(
+        slot = %settings.slot,
+        publication = %settings.publication,
+        from = %start,
+        server_wal = %system.xlog_pos,
+        "streaming"
+    );
+    let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
+    let publishing = tokio::spawn({
+        let acked = acked.clone();
+        async move { publisher.run(rx, &acked).await }
+    });
+    let firehose: Option<Arc<str>> = settings
+        .firehose
+        .then(|| Arc::from(bus::firehose_channel(&settings.tenant)));
+    let mut stream_loop = StreamLoop {
+        stream,
+        tx,
+        publishing,
+        acked: acked.clone(),
+        firehose,
+        decoder: pgoutput::Decoder::new(),
+        assembler: Assembler::new(),
+        current: Batch::default(),
+        pending: None,
+        received: start,
+    };
+    let result = stream_loop.run(settings.status_interval, cancel).await;
+    match result {
+        Ok(()) => {
+            stream_loop.shut_down().await;
+            Ok(())
+        }
+        Err(e) => {
+            stream_loop.publishing.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The replication task's state for one session.
+struct StreamLoop {
+    stream: ReplicationStream,
+    tx: mpsc::Sender<Batch>,
+    publishing: JoinHandle<Result<(), publish::Error>>,
+    acked: Acknowledged,
+    firehose: Option<Arc<str>>,
+    decoder: pgoutput::Decoder,
+    assembler: Assembler,
+    /// Messages of the transaction being read.
+    current: Batch,
+    /// A batch the publisher's queue has no room for yet; while it waits,
+    /// no WAL is read.
+    pending: Option<Batch>,
+    /// The furthest WAL position the server reported.
+    received: Lsn,
+}
+
+impl StreamLoop {
+    async fn run(
+        &mut self,
+        status_interval: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut tick = tokio::time::interval(status_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(()),
+                joined = &mut self.publishing => return Err(publisher_outcome(joined)),
+                _ = tick.tick() => None,
+                permit = self.tx.reserve(), if self.pending.is_some() => {
+                    let Ok(permit) = permit else { return Err(Error::PublisherGone) };
+                    if let Some(batch) = self.pending.take() {
+                        permit.send(batch);
+                    }
+                    continue;
+                }
+                event = self.stream.next(), if self.pending.is_none() => Some(event?),
+            };
+            match event {
+                Some(event) => self.handle(event).await?,
+                None => self.send_status().await?,
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: StreamEvent) -> Result<(), Error> {
+        match event {
+            StreamEvent::XLogData { wal_end, data, .. } => {
+                self.received = self.received.max(wal_end);
+                let message = self.decoder.decode(data)?;
+                match self.assembler.apply(message)? {
+                    Event::None => {}
+                    Event::Change(change) => self.add(&change),
+                    Event::Changes(changes) => changes.iter().for_each(|c| self.add(c)),
+                    Event::Commit { end_lsn, .. } => {
+                        self.current.ack = Some(end_lsn);
+                        self.hand_over();
+                    }
+                }
+            }
+            StreamEvent::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.received = self.received.max(wal_end);
+                // Outside a transaction everything up to wal_end has been
+                // sent; queued behind earlier batches, this acknowledges it
+                // once they are published, so a quiet slot does not retain WAL.
+                if !self.assembler.in_transaction() && self.current.messages.is_empty() {
+                    self.current.ack = Some(wal_end);
+                    self.hand_over();
+                }
+                if reply_requested {
+                    self.send_status().await?;
+                }
+            }
+            StreamEvent::End => {
+                return Err(replication::Error::Io {
+                    context: "streaming",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the server ended the replication stream",
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, change: &Change) {
+        let Some(channel) = &self.firehose else {
+            return;
+        };
+        let mut out = Vec::with_capacity(512);
+        bus::write_change_event(&mut out, change.commit_lsn, change.seq, change.xid, |out| {
+            encode::write_data(out, change);
+        });
+        self.current.messages.push(Outgoing {
+            channel: channel.clone(),
+            payload: Bytes::from(out),
+        });
+        if self.current.messages.len() >= MESSAGES_PER_BATCH {
+            self.hand_over();
+        }
+    }
+
+    /// Moves the current batch to `pending`, where the select loop sends it.
+    fn hand_over(&mut self) {
+        let batch = std::mem::take(&mut self.current);
+        debug_assert!(self.pending.is_none());
+        // Try the fast path first; only a full queue parks the batch.
+        match self.tx.try_send(batch) {
+            Ok(()) => {}
+            Err(
+                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
+            ) => {
+                self.pending = Some(batch);
+            }
+        }
+    }
+
+    async fn send_status(&mut self) -> Result<(), Error> {
+        let acked = self.acked.get();
+        debug!(received = %self.received, %acked, "status update");
+        self.stream.send_status(acked).await?;
+        Ok(())
+    }
+
+    /// Graceful end: hand over what was read, let the publisher finish, report
+    /// the final acknowledged LSN, and close the stream.
+    async fn shut_down(mut self) {
+        let mut leftovers: Vec<Batch> = self.pending.take().into_iter().collect();
+        if !self.current.messages.is_empty() {
+            leftovers.push(std::mem::take(&mut self.current));
+        }
+        let drained = async {
+            for batch in leftovers {
+                if self.tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            drop(self.tx);
+            (&mut self.publishing).await
+        };
+        match tokio::time::timeout(SHUTDOWN_GRACE, drained).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(joined) => {
+                warn!(error = %publisher_outcome(joined.map(|r| r.and(Ok(())))), "publisher failed during shutdown")
+            }
+            Err(_) => {
+                warn!(
+                    "redis did not take the queued messages in time; they will be sent again after restart"
+                );
+                self.publishing.abort();
+            }
+        }
+        let acked = self.acked.get();
+        if let Err(e) = self.stream.send_status(acked).await {
+            warn!(error = %e, "could not send the final status update");
+        }
+        info!(%acked, "replication stopped");
+        self.stream.close().await;
+    }
+}
+
+fn publisher_outcome(joined: Result<Result<(), publish::Error>, tokio::task::JoinError>) -> Error {
+    match joined {
+        Ok(Err(e)) => Error::Publish(e),
+        Ok(Ok(())) | Err(_) => {
+            error!("publisher task ended unexpectedly");
+            Error::PublisherGone
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! walcast: committed Postgres changes in, Redis events out.
+//!
+//! ```text
+//! Postgres ──pgoutput──▶ replication ──▶ pgoutput ──▶ change ──▶ encode ──▶ publish ──▶ Redis
+//!    ▲                    (CopyBoth)     (decode)    (assemble)  (JSON)     (pipeline)
+//!    └──────── standby status: acknowledged LSN ◀───────────────────────────────┘
+//! ```
+//!
+//! | module | job |
+//! |---|---|
+//! | [`replication`] | the walsender conversation: connect, auth, TLS, slot, stream, status updates |
+//! | [`pgoutput`] | bytes in, typed messages out; no I/O |
+//! | [`change`] | relation cache, transaction assembly, the [`change::Change`] record |
+//! | [`catalog`] | what the daemon knows of the database's types |
+//! | [`encode`] | column values and changes → JSON |
+//! | [`bus`] | the Redis contract: channel names, message envelope |
+//! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
+//! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
+//! | [`config`] | settings from file, environment and flags |
+
+pub mod bus;
+pub mod catalog;
+pub mod change;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod encode;
+pub mod lsn;
+pub mod pgoutput;
+pub mod publish;
+pub mod replication;
+pub mod shutdown;

@@ -1,0 +1,116 @@
+//! The daemon's side of the bus: pipelined PUBLISH, and acknowledgement.
+//!
+//! Batches arrive in WAL order over a bounded channel. The publisher sends
+//! whatever has queued up as one Redis pipeline and, only once Redis has
+//! answered for all of it, advances the acknowledged LSN to the highest
+//! commit those batches completed. The replication side reports that LSN to
+//! Postgres; nothing is acknowledged that Redis has not accepted.
+
+mod ack;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc;
+
+pub use ack::Acknowledged;
+
+use crate::lsn::Lsn;
+
+/// How long Redis may take to connect or to answer a pipeline before the
+/// session is restarted.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many queued batches go into one pipeline at most.
+const BATCHES_PER_PIPELINE: usize = 256;
+
+/// One message for one channel.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The Redis channel.
+    pub channel: Arc<str>,
+    /// The serialized message.
+    pub payload: Bytes,
+}
+
+/// Messages in WAL order, and the LSN that may be acknowledged once they
+/// (and everything before them) are published.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Messages to publish, in order.
+    pub messages: Vec<Outgoing>,
+    /// A commit's end LSN, or a keepalive's WAL end when no transaction was
+    /// open.
+    pub ack: Option<Lsn>,
+}
+
+/// Why publishing stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis refused, dropped the connection, or did not answer in time.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl Error {
+    /// Whether reconnecting later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis(e) => !matches!(
+                e.kind(),
+                redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+            ),
+        }
+    }
+}
+
+/// A connection to Redis for publishing.
+pub struct Publisher {
+    conn: MultiplexedConnection,
+}
+
+impl Publisher {
+    /// Connects to Redis and checks it answers.
+    pub async fn connect(url: &str) -> Result<Publisher, Error> {
+        let client = redis::Client::open(url)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(Publisher { conn })
+    }
+
+    /// Publishes batches until the sender side closes, advancing `acked`
+    /// after each pipeline Redis has answered. Returns on the first error,
+    /// leaving `acked` at the last commit Redis accepted.
+    pub async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Batch>,
+        acked: &Acknowledged,
+    ) -> Result<(), Error> {
+        let mut queued = Vec::with_capacity(BATCHES_PER_PIPELINE);
+        loop {
+            queued.clear();
+            if batches.recv_many(&mut queued, BATCHES_PER_PIPELINE).await == 0 {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            let mut count = 0usize;
+            for message in queued.iter().flat_map(|b| &b.messages) {
+                pipe.publish(&*message.channel, message.payload.as_ref());
+                count += 1;
+            }
+            if count > 0 {
+                // Each PUBLISH answers with its receiver count; 0 is success too.
+                pipe.query_async::<Vec<i64>>(&mut self.conn).await?;
+            }
+            if let Some(lsn) = queued.iter().filter_map(|b| b.ack).max() {
+                acked.advance(lsn);
+            }
+        }
+    }
+}

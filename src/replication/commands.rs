@@ -1,0 +1,158 @@
+//! Replication commands: identify the system, check the publication, make
+//! sure the slot exists, start streaming.
+
+use super::{Connection, Error, ReplicationStream};
+use crate::lsn::Lsn;
+
+/// What `IDENTIFY_SYSTEM` says about the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemId {
+    /// The cluster's unique system identifier.
+    pub system_id: String,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Current WAL flush position.
+    pub xlog_pos: Lsn,
+    /// The connected database.
+    pub dbname: Option<String>,
+}
+
+/// Whether [`Connection::ensure_slot`] found the slot or made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotStatus {
+    /// The slot was there already.
+    Existing,
+    /// walcast created it just now.
+    Created,
+}
+
+impl Connection {
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemId, Error> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let xlog_pos = field(2)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no xlogpos".into()))?;
+        Ok(SystemId {
+            system_id: field(0).unwrap_or_default(),
+            timeline: field(1).and_then(|s| s.parse().ok()).unwrap_or_default(),
+            xlog_pos,
+            dbname: field(3),
+        })
+    }
+
+    /// Fails with a fix-it message unless `wal_level` is `logical`.
+    pub async fn check_wal_level(&mut self) -> Result<(), Error> {
+        let rows = self.simple_query("SHOW wal_level").await?;
+        let level = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .unwrap_or_default();
+        if level == "logical" {
+            Ok(())
+        } else {
+            Err(Error::WalLevel(level))
+        }
+    }
+
+    /// Fails with a fix-it message unless the publication exists.
+    pub async fn check_publication(&mut self, publication: &str) -> Result<(), Error> {
+        let sql = format!(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        );
+        if self.simple_query(&sql).await?.is_empty() {
+            Err(Error::PublicationMissing(publication.to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates the permanent pgoutput slot unless it exists; an existing slot
+    /// of another plugin or database is an error.
+    pub async fn ensure_slot(&mut self, slot: &str) -> Result<SlotStatus, Error> {
+        let sql = format!(
+            "SELECT plugin, database FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        );
+        if let Some(row) = self.simple_query(&sql).await?.first() {
+            let plugin = row.first().cloned().flatten().unwrap_or_default();
+            let database = row.get(1).cloned().flatten().unwrap_or_default();
+            let ours = self.parameters.get("database").cloned();
+            if plugin != "pgoutput" {
+                return Err(Error::Protocol(format!(
+                    "replication slot {slot:?} exists with plugin {plugin:?}, not pgoutput; drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another slot name"
+                )));
+            }
+            if let Some(ours) = ours.filter(|ours| *ours != database) {
+                return Err(Error::Protocol(format!(
+                    "replication slot {slot:?} belongs to database {database:?}, not {ours:?}; choose another slot name"
+                )));
+            }
+            return Ok(SlotStatus::Existing);
+        }
+        let create = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        match self.simple_query(&create).await {
+            Ok(_) => Ok(SlotStatus::Created),
+            // Another walcast created it between our check and our create.
+            Err(Error::Db(db)) if db.code == "42710" => Ok(SlotStatus::Existing),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `START_REPLICATION` with pgoutput protocol 1; the server resumes from
+    /// the later of `from` and the slot's confirmed position.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        from: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream, Error> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication)),
+        );
+        match self.start_copy_both(&sql).await {
+            Ok(()) => Ok(ReplicationStream::new(self)),
+            Err(Error::Db(db)) if db.code == "55006" => Err(Error::SlotInUse {
+                slot: slot.to_owned(),
+                detail: db.message,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Quotes an SQL string literal (standard_conforming_strings is always on in
+/// supported versions).
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Quotes an SQL identifier.
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_ident("My \"Pub\""), "\"My \"\"Pub\"\"\"");
+        assert_eq!(
+            quote_literal(&quote_ident("supabase_realtime")),
+            "'\"supabase_realtime\"'"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! walcast integration tests: real Postgres and Redis servers started per
+//! test (see `support`), and the walcast binary as a child process.
+
+mod faults;
+mod firehose;
+mod harness;
+mod startup;
+mod support;

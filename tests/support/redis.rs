@@ -1,0 +1,289 @@
+//! A throw-away `redis-server` per test, as a direct child process.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{free_port, read_log, send_signal, tail, wait_child};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const PORT_ATTEMPTS: usize = 8;
+
+/// A running (or stopped) throw-away Redis on 127.0.0.1 with no persistence.
+///
+/// Besides the TCP port it listens on a unix socket in its temp dir, which
+/// the harness uses for readiness checks (only our server can answer there).
+pub struct TestRedis {
+    child: Option<Child>,
+    port: u16,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+enum StartError {
+    Exited {
+        status: ExitStatus,
+        bind_failed: bool,
+    },
+    TimedOut,
+}
+
+impl TestRedis {
+    /// Starts `redis-server` on a free port; panics with its log on failure.
+    pub fn start() -> TestRedis {
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-redis-")
+            .tempdir()
+            .expect("create temp dir for redis");
+        let mut redis = TestRedis {
+            child: None,
+            port: 0,
+            log_path: dir.path().join("redis.log"),
+            dir,
+        };
+        for attempt in 1..=PORT_ATTEMPTS {
+            redis.port = free_port();
+            match redis.try_start() {
+                Ok(()) => return redis,
+                Err(StartError::Exited {
+                    bind_failed: true, ..
+                }) if attempt < PORT_ATTEMPTS => continue,
+                Err(e) => redis.start_failed(&e),
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    /// Starts the stopped/killed server again on the same port (empty: no
+    /// persistence).
+    pub fn start_again(&mut self) {
+        assert!(!self.is_running(), "start_again: redis is still running");
+        if let Err(e) = self.try_start() {
+            self.start_failed(&e);
+        }
+    }
+
+    /// Starts the stopped server again listening only on its unix socket, so
+    /// a test can reconnect its own subscribers before the daemon (which uses
+    /// TCP) can reach Redis; [`open_tcp`](Self::open_tcp) then opens the port.
+    pub fn start_again_unix_only(&mut self) {
+        assert!(
+            !self.is_running(),
+            "start_again_unix_only: redis is still running"
+        );
+        let port = self.port;
+        self.port = 0;
+        let started = self.try_start();
+        self.port = port;
+        if let Err(e) = started {
+            self.start_failed(&e);
+        }
+    }
+
+    /// Opens the TCP port again after [`start_again_unix_only`](Self::start_again_unix_only).
+    pub fn open_tcp(&self) {
+        let mut stream = UnixStream::connect(self.socket_path()).expect("redis unix socket");
+        let port = self.port.to_string();
+        let command = format!(
+            "*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$4\r\nport\r\n${}\r\n{port}\r\n",
+            port.len()
+        );
+        stream
+            .write_all(command.as_bytes())
+            .expect("CONFIG SET port");
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).expect("CONFIG SET reply");
+        assert!(
+            buf[..n].starts_with(b"+OK"),
+            "CONFIG SET port: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+
+    /// Graceful shutdown (SIGTERM), waits for exit.
+    pub fn stop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        send_signal(child.id(), "TERM");
+        if wait_child(child, STOP_TIMEOUT).is_none() {
+            panic!(
+                "redis did not stop within {STOP_TIMEOUT:?}\n--- log ---\n{}",
+                self.log()
+            );
+        }
+        self.child = None;
+    }
+
+    /// SIGKILL, waits for exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the server process is alive.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The server's pid, if it is running.
+    pub fn pid(&mut self) -> Option<u32> {
+        if self.is_running() {
+            self.child.as_ref().map(Child::id)
+        } else {
+            None
+        }
+    }
+
+    /// TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The unix socket the server also listens on.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// The server's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Contents of the server log (all starts).
+    pub fn log(&self) -> String {
+        read_log(&self.log_path)
+    }
+
+    /// A `redis::Client` for [`url`](Self::url).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("redis client")
+    }
+
+    /// A new multiplexed async connection.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    /// Synchronous `PING` over the unix socket; true on `+PONG`.
+    pub fn ping(&self) -> bool {
+        let Ok(mut stream) = UnixStream::connect(self.socket_path()) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        if stream.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while got < 7 {
+            match stream.read(&mut buf[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        buf[..got].starts_with(b"+PONG\r\n")
+    }
+
+    fn try_start(&mut self) -> Result<(), StartError> {
+        let log_start = fs::metadata(&self.log_path).map_or(0, |m| m.len());
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log_path)
+                .expect("open redis.log")
+        };
+        let _ = fs::remove_file(self.socket_path());
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&self.log_path)
+            .arg("--unixsocket")
+            .arg(self.socket_path())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(open_log())
+            .stderr(open_log())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not run redis-server (is it on PATH?): {e}"));
+        self.child = Some(child);
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                let log = self.log();
+                let new = log.get(log_start as usize..).unwrap_or(&log);
+                return Err(StartError::Exited {
+                    status,
+                    bind_failed: new.contains("Address already in use")
+                        || new.contains("Could not create server TCP listening socket"),
+                });
+            }
+            if self.ping() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StartError::TimedOut);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn start_failed(&mut self, error: &StartError) -> ! {
+        let what = match error {
+            StartError::Exited { status, .. } => format!("exited during startup ({status})"),
+            StartError::TimedOut => {
+                self.kill();
+                format!("did not answer PING within {READY_TIMEOUT:?}")
+            }
+        };
+        panic!(
+            "redis-server on port {} {what}\n--- {} ---\n{}",
+            self.port,
+            self.log_path.display(),
+            self.log()
+        );
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis log ({}), last 30 lines ---\n{}",
+                self.log_path.display(),
+                tail(&self.log(), 30)
+            );
+        }
+        self.kill();
+    }
+}
