@@ -32,7 +32,7 @@ use crate::change::{self, Assembler, Change, Event};
 use crate::config::Settings;
 use crate::lsn::Lsn;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
-use crate::replication::{self, Connection, ReplicationStream, SlotStatus, StreamEvent};
+use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::{bus, encode, pgoutput};
 
 /// Batches the replication task may queue ahead of the publisher.
@@ -124,9 +124,13 @@ async fn session(
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
     conn.check_publication(&settings.publication).await?;
-    if conn.ensure_slot(&settings.slot).await? == SlotStatus::Created {
-        info!(slot = %settings.slot, "created replication slot");
+    let slot = conn.ensure_slot(&settings.slot).await?;
+    if slot.created {
+        info!(slot = %settings.slot, at = %slot.confirmed_flush, "created replication slot");
     }
+    // Status updates start from what the slot already confirmed, so even the
+    // first one never reports a position behind it.
+    acked.advance(slot.confirmed_flush);
     let start = acked.get();
     let stream = conn
         .start_replication(&settings.slot, start, &settings.publication)

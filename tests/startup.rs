@@ -259,3 +259,47 @@ async fn tls_modes_follow_libpq() {
     // Without TLS the server's pg_hba rejects tls_user: a definite error.
     expect_exit(&env_for(&stack, url("127.0.0.1", "disable")), 1, "28000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_a_last_status_update_and_exits_zero() {
+    let stack = Stack::start().await;
+    stack
+        .client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); ALTER PUBLICATION supabase_realtime ADD TABLE t;",
+        )
+        .await
+        .expect("setup");
+    let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
+    // With an hour between periodic updates, only the final one can
+    // acknowledge the insert within this test.
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_STATUS_INTERVAL");
+    env.push(("WALCAST_STATUS_INTERVAL", "1h".into()));
+    let mut daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let before = stack.confirmed_flush("walcast").await.expect("slot");
+    stack
+        .client
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .expect("insert");
+    let after_insert = stack.current_wal().await;
+    firehose.wait_for(1, Duration::from_secs(30), &daemon).await;
+    assert_eq!(
+        stack.confirmed_flush("walcast").await,
+        Some(before),
+        "no periodic update yet"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
+    let confirmed = stack.confirmed_flush("walcast").await.expect("slot");
+    assert!(
+        confirmed >= after_insert,
+        "final update acknowledged {confirmed}, the insert ended at {after_insert}"
+    );
+    assert!(
+        daemon.log().contains("replication stopped"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -17,13 +17,14 @@ pub struct SystemId {
     pub dbname: Option<String>,
 }
 
-/// Whether [`Connection::ensure_slot`] found the slot or made it.
+/// The slot as [`Connection::ensure_slot`] found or made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotStatus {
-    /// The slot was there already.
-    Existing,
+pub struct Slot {
     /// walcast created it just now.
-    Created,
+    pub created: bool,
+    /// Everything before this position was acknowledged by an earlier run
+    /// (the consistent point of a new slot).
+    pub confirmed_flush: Lsn,
 }
 
 impl Connection {
@@ -74,9 +75,9 @@ impl Connection {
 
     /// Creates the permanent pgoutput slot unless it exists; an existing slot
     /// of another plugin or database is an error.
-    pub async fn ensure_slot(&mut self, slot: &str) -> Result<SlotStatus, Error> {
+    pub async fn ensure_slot(&mut self, slot: &str) -> Result<Slot, Error> {
         let sql = format!(
-            "SELECT plugin, database FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT plugin, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             quote_literal(slot)
         );
         if let Some(row) = self.simple_query(&sql).await?.first() {
@@ -93,16 +94,34 @@ impl Connection {
                     "replication slot {slot:?} belongs to database {database:?}, not {ours:?}; choose another slot name"
                 )));
             }
-            return Ok(SlotStatus::Existing);
+            let confirmed_flush = row
+                .get(2)
+                .cloned()
+                .flatten()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(Lsn::ZERO);
+            return Ok(Slot {
+                created: false,
+                confirmed_flush,
+            });
         }
         let create = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
             quote_ident(slot)
         );
         match self.simple_query(&create).await {
-            Ok(_) => Ok(SlotStatus::Created),
-            // Another walcast created it between our check and our create.
-            Err(Error::Db(db)) if db.code == "42710" => Ok(SlotStatus::Existing),
+            // Columns: slot_name, consistent_point, snapshot_name, output_plugin.
+            Ok(rows) => Ok(Slot {
+                created: true,
+                confirmed_flush: rows
+                    .first()
+                    .and_then(|r| r.get(1).cloned().flatten())
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(Lsn::ZERO),
+            }),
+            // Another walcast created it between our check and our create:
+            // look again.
+            Err(Error::Db(db)) if db.code == "42710" => Box::pin(self.ensure_slot(slot)).await,
             Err(e) => Err(e),
         }
     }

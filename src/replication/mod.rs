@@ -17,7 +17,7 @@ mod error;
 mod stream;
 mod tls;
 
-pub use commands::{SlotStatus, SystemId};
+pub use commands::{Slot, SystemId};
 pub use connection::Connection;
 pub use error::{DbError, Error};
 pub use stream::{ReplicationStream, StreamEvent, postgres_now};
