@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod encode;
 pub mod lsn;
 pub mod pgoutput;
+pub mod pool;
 pub mod publish;
 pub mod replication;
 pub mod shutdown;

@@ -15,7 +15,7 @@ mod commands;
 mod connection;
 mod error;
 mod stream;
-mod tls;
+pub(crate) mod tls;
 
 pub use commands::{Slot, SystemId};
 pub use connection::Connection;
