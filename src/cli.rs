@@ -20,6 +20,44 @@ pub struct Cli {
 pub enum Command {
     /// Stream the publication's changes from the replication slot to Redis.
     Run(RunArgs),
+    /// Check that the database, the slot and Redis are ready for walcast (exit 1 if something blocks replication).
+    Check(CheckArgs),
+    /// Apply sql/ to a database as an administrator: the publication, walcast's role, optionally auth helpers.
+    Setup(SetupArgs),
+}
+
+/// Flags of `walcast check`: those of `walcast run`, resolved the same way,
+/// and the output format.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The settings, exactly as `walcast run` takes them.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `walcast setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Database url of a superuser (or the database owner) on the tenant database
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "WALCAST_ADMIN_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub admin_url: String,
+    /// Login role to create for walcast (LOGIN REPLICATION, never a superuser)
+    #[arg(long, value_name = "NAME", default_value = crate::setup::DEFAULT_ROLE)]
+    pub role: String,
+    /// Publication to create (empty) if missing
+    #[arg(long, value_name = "NAME", default_value = "supabase_realtime")]
+    pub publication: String,
+    /// Also create auth.uid(), auth.role() and auth.jwt() where missing (for plain Postgres; existing ones are never replaced)
+    #[arg(long)]
+    pub auth_helpers: bool,
 }
 
 /// Flags of `walcast run`. Each overrides the environment variable and the
@@ -53,6 +91,9 @@ pub struct RunArgs {
     /// Longest pause between reconnection attempts [env: WALCAST_RECONNECT_MAX_DELAY] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub reconnect_max_delay: Option<String>,
+    /// Bytes of record + old_record above which large values are dropped (Error 413) [env: WALCAST_MAX_RECORD_BYTES] [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub max_record_bytes: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -89,6 +130,7 @@ impl RunArgs {
                 &config::RECONNECT_MAX_DELAY,
                 self.reconnect_max_delay.clone(),
             ),
+            (&config::MAX_RECORD_BYTES, self.max_record_bytes.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),
         ]));

@@ -28,18 +28,22 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::change::{self, Assembler, Change, Event};
+use crate::catalog::{self, Catalog};
+use crate::change::{self, Assembler, Change, Described, Event};
 use crate::config::Settings;
+use crate::encode::PayloadEncoder;
 use crate::lsn::Lsn;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
-use crate::{bus, encode, pgoutput};
+use crate::{bus, pgoutput, pool};
 
 /// Batches the replication task may queue ahead of the publisher.
 const QUEUED_BATCHES: usize = 64;
 /// Messages per batch before it is handed over even mid-transaction, so a
 /// huge transaction streams through in bounded memory.
 const MESSAGES_PER_BATCH: usize = 512;
+/// Connections for catalog lookups (rare: on Relation messages).
+const CATALOG_CONNECTIONS: usize = 2;
 /// How long shutdown waits for queued messages to reach Redis.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -58,6 +62,12 @@ pub enum Error {
     /// Publishing to Redis failed.
     #[error("publishing: {0}")]
     Publish(#[from] publish::Error),
+    /// The catalog could not be read.
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    /// The connection pool could not be built.
+    #[error(transparent)]
+    Pool(#[from] pool::Error),
     /// The publisher task ended without saying why (it panicked).
     #[error("the publisher task stopped unexpectedly")]
     PublisherGone,
@@ -69,6 +79,8 @@ impl Error {
         match self {
             Error::Replication(e) => e.is_transient(),
             Error::Publish(e) => e.is_transient(),
+            Error::Catalog(e) => e.is_transient(),
+            Error::Pool(_) => false,
             // Bytes we cannot decode will be the same bytes next time.
             Error::Decode(_) | Error::Assemble(_) | Error::PublisherGone => false,
         }
@@ -78,6 +90,7 @@ impl Error {
 /// Runs sessions until `cancel` fires (`Ok`) or a definite error (`Err`).
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), Error> {
     let acked = Acknowledged::new(Lsn::ZERO);
+    let pool = pool::build(&settings.database_url, CATALOG_CONNECTIONS)?;
     let backoff = backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(settings.reconnect_max_delay)
@@ -86,7 +99,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     let mut delays = backoff.build();
     loop {
         let before = acked.get();
-        let result = session(settings, &acked, &cancel).await;
+        let result = session(settings, &pool, &acked, &cancel).await;
         if cancel.is_cancelled() {
             return Ok(());
         }
@@ -116,6 +129,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
 
 async fn session(
     settings: &Settings,
+    pool: &deadpool_postgres::Pool,
     acked: &Acknowledged,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
@@ -157,6 +171,8 @@ async fn session(
         acked: acked.clone(),
         firehose,
         decoder: pgoutput::Decoder::new(),
+        catalog: Catalog::new(pool.clone()),
+        payload: PayloadEncoder::new(settings.max_record_bytes),
         assembler: Assembler::new(),
         current: Batch::default(),
         pending: None,
@@ -183,6 +199,8 @@ struct StreamLoop {
     acked: Acknowledged,
     firehose: Option<Arc<str>>,
     decoder: pgoutput::Decoder,
+    catalog: Catalog,
+    payload: PayloadEncoder,
     assembler: Assembler,
     /// Messages of the transaction being read.
     current: Batch,
@@ -230,6 +248,13 @@ impl StreamLoop {
                 let message = self.decoder.decode(data)?;
                 match self.assembler.apply(message)? {
                     Event::None => {}
+                    Event::Relation(rel) => {
+                        // A table or one of its types may have changed.
+                        self.catalog.invalidate_all();
+                        let described = describe(&mut self.catalog, &rel).await?;
+                        self.assembler.add_relation(rel, described);
+                    }
+                    Event::Type(oid) => self.catalog.invalidate(oid),
                     Event::Change(change) => self.add(&change),
                     Event::Changes(changes) => changes.iter().for_each(|c| self.add(c)),
                     Event::Commit { end_lsn, .. } => {
@@ -273,8 +298,9 @@ impl StreamLoop {
             return;
         };
         let mut out = Vec::with_capacity(512);
+        let payload = &mut self.payload;
         bus::write_change_event(&mut out, change.commit_lsn, change.seq, change.xid, |out| {
-            encode::write_data(out, change);
+            payload.write_data(out, change);
         });
         self.current.messages.push(Outgoing {
             channel: channel.clone(),
@@ -342,6 +368,16 @@ impl StreamLoop {
         info!(%acked, "replication stopped");
         self.stream.close().await;
     }
+}
+
+/// The catalog's view of a relation: its column types and primary key.
+async fn describe(catalog: &mut Catalog, rel: &pgoutput::Relation) -> Result<Described, Error> {
+    let mut types = Vec::with_capacity(rel.columns.len());
+    for column in &rel.columns {
+        types.push(catalog.type_info(column.type_id).await?);
+    }
+    let primary_key = catalog.primary_key(rel.id).await?;
+    Ok(Described { types, primary_key })
 }
 
 fn publisher_outcome(joined: Result<Result<(), publish::Error>, tokio::task::JoinError>) -> Error {

@@ -17,10 +17,13 @@
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
 //! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
 //! | [`config`] | settings from file, environment and flags |
+//! | [`check`] | `walcast check`: is a database, its slot and Redis ready? findings with fixes |
+//! | [`setup`] | `walcast setup`: applies `sql/` (publication, role, auth helpers) |
 
 pub mod bus;
 pub mod catalog;
 pub mod change;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -30,4 +33,5 @@ pub mod pgoutput;
 pub mod pool;
 pub mod publish;
 pub mod replication;
+pub mod setup;
 pub mod shutdown;

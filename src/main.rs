@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use walcast::cli::{Cli, Command};
+use walcast::cli::{CheckArgs, Cli, Command, SetupArgs};
 use walcast::config::LogFormat;
 
 fn main() -> ExitCode {
@@ -33,6 +33,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check(args) => check(&args),
+        Command::Setup(args) => setup(&args),
     }
 }
 
@@ -58,4 +60,64 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
         LogFormat::Json => builder.json().init(),
     }
     Ok(())
+}
+
+/// `walcast check`: exit 0 when nothing blocks replication, 1 when
+/// something does, 2 for bad settings (as `run`).
+fn check(args: &CheckArgs) -> ExitCode {
+    let settings = match args.run.settings(|name| std::env::var(name).ok()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(walcast::check::run(&settings)),
+        Err(e) => {
+            eprintln!("walcast: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!("{:#}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    ExitCode::from(report.exit_code())
+}
+
+/// `walcast setup`: exit 0 when applied, 1 when the database refused, 2
+/// for bad flags.
+fn setup(args: &SetupArgs) -> ExitCode {
+    use walcast::setup::{Options, apply, render};
+    let options = match Options::new(
+        &args.admin_url,
+        &args.role,
+        &args.publication,
+        args.auth_helpers,
+    ) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(apply(&options)),
+        Err(e) => {
+            eprintln!("walcast: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Ok(applied) => {
+            print!("{}", render(&applied, &options));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+        }
+    }
 }

@@ -40,7 +40,7 @@ pub fn pg_config(url: &DatabaseUrl) -> tokio_postgres::Config {
         .dbname(&url.dbname)
         .application_name(&url.application_name)
         .connect_timeout(url.connect_timeout)
-        .options("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC")
+        .options("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex")
         .ssl_mode(match url.ssl_mode {
             SslMode::Disable => PgSslMode::Disable,
             SslMode::Prefer => PgSslMode::Prefer,

@@ -237,36 +237,24 @@ async fn tables_without_primary_key_and_truncate() {
         )
     };
     let other = r#"{"columns":[{"name":"id","type":"int4"}],"commit_timestamp":"$TS","errors":null,"schema":"public","table":"other""#;
+    // Without a primary key, INSERT and UPDATE carry Supabase's 400 error
+    // instead of the row; DELETE (possible only under FULL) is delivered.
+    let no_pk = |table: &str, kind: &str| {
+        let old = if kind == "UPDATE" {
+            r#","old_record":{}"#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"columns":[],"commit_timestamp":null,"errors":["Error 400: Bad Request, no primary key"],"schema":"public","table":"{table}"{old},"record":{{}},"type":"{kind}"}}"#
+        )
+    };
     assert_eq!(
         raw,
         vec![
-            message(
-                &lsn[0],
-                0,
-                &t1,
-                &format!(
-                    r#"{},"record":{{"at":1,"msg":"x"}},"type":"INSERT"}}"#,
-                    cols("logs")
-                )
-            ),
-            message(
-                &lsn[1],
-                1,
-                &t1,
-                &format!(
-                    r#"{},"record":{{"at":1,"msg":"y"}},"type":"INSERT"}}"#,
-                    cols("audit")
-                )
-            ),
-            message(
-                &lsn[2],
-                0,
-                &t2,
-                &format!(
-                    r#"{},"old_record":{{"at":1,"msg":"y"}},"record":{{"at":1,"msg":"z"}},"type":"UPDATE"}}"#,
-                    cols("audit")
-                )
-            ),
+            message(&lsn[0], 0, &t1, &no_pk("logs", "INSERT")),
+            message(&lsn[1], 1, &t1, &no_pk("audit", "INSERT")),
+            message(&lsn[2], 0, &t2, &no_pk("audit", "UPDATE")),
             message(
                 &lsn[3],
                 1,
@@ -399,4 +387,80 @@ async fn a_hundred_thousand_row_transaction_arrives_whole_and_in_order() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_types_are_looked_up_in_the_catalog() {
+    let (mut stack, firehose, daemon) = start(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+         CREATE TYPE pair AS (a int, b text);
+         CREATE TABLE typed (id posint PRIMARY KEY, m mood, moods mood[], p pair, ps pair[], at timestamptz, f float8, ch char(3));
+         ALTER PUBLICATION supabase_realtime ADD TABLE typed;",
+    )
+    .await;
+    let t = commit(
+        &mut stack.client,
+        r#"INSERT INTO typed VALUES (1, 'happy', '{sad,happy}', '(1,"x y")', ARRAY['(2,)'::pair], '2024-01-02 03:04:05.5+02', 1e20, 'ab')"#,
+    )
+    .await;
+    firehose.wait_for(1, WAIT, &daemon).await;
+    let raw = firehose.raw();
+    let lsn = lsns(&raw);
+    assert_eq!(
+        raw,
+        vec![message(
+            &lsn[0],
+            0,
+            &t,
+            r#"{"columns":[{"name":"id","type":"posint"},{"name":"m","type":"mood"},{"name":"moods","type":"_mood"},{"name":"p","type":"pair"},{"name":"ps","type":"_pair"},{"name":"at","type":"timestamptz"},{"name":"f","type":"float8"},{"name":"ch","type":"bpchar"}],"commit_timestamp":"$TS","errors":null,"schema":"public","table":"typed","record":{"id":1,"m":"happy","moods":["sad","happy"],"p":{"a":1,"b":"x y"},"ps":[{"a":2,"b":null}],"at":"2024-01-02T01:04:05.5+00:00","f":100000000000000000000,"ch":"ab "},"type":"INSERT"}"#
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_keep_only_small_values_and_say_413() {
+    let stack = Stack::start().await;
+    stack
+        .client
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, owner text, body text); ALTER PUBLICATION supabase_realtime ADD TABLE notes;")
+        .await
+        .expect("setup");
+    let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
+    let mut env = stack.env();
+    env.push(("WALCAST_MAX_RECORD_BYTES", "200".into()));
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let mut client = stack.pg.client(crate::support::stack::DB).await;
+    let small = commit(&mut client, "INSERT INTO notes VALUES (1, 'u1', 'short')").await;
+    let large = commit(
+        &mut client,
+        "INSERT INTO notes VALUES (2, 'u1', repeat('x', 300))",
+    )
+    .await;
+    firehose.wait_for(2, WAIT, &daemon).await;
+    let raw = firehose.raw();
+    let lsn = lsns(&raw);
+    let cols = r#"{"columns":[{"name":"id","type":"int4"},{"name":"owner","type":"text"},{"name":"body","type":"text"}],"commit_timestamp":"$TS""#;
+    assert_eq!(
+        raw,
+        vec![
+            message(
+                &lsn[0],
+                0,
+                &small,
+                &format!(
+                    r#"{cols},"errors":null,"schema":"public","table":"notes","record":{{"id":1,"owner":"u1","body":"short"}},"type":"INSERT"}}"#
+                )
+            ),
+            message(
+                &lsn[1],
+                0,
+                &large,
+                &format!(
+                    r#"{cols},"errors":["Error 413: Payload Too Large"],"schema":"public","table":"notes","record":{{"id":2,"owner":"u1"}},"type":"INSERT"}}"#
+                )
+            ),
+        ]
+    );
 }

@@ -7,3 +7,4 @@ mod firehose;
 mod harness;
 mod startup;
 mod support;
+mod values;

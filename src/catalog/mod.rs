@@ -1,31 +1,161 @@
-//! What the daemon knows of the tenant database's catalog.
+//! What the daemon knows of the tenant database's catalog: how each column
+//! type renders as JSON, and each table's primary key.
 //!
-//! For now: the names of built-in types. Types created by users arrive on
-//! the stream as pgoutput `Type` messages; looking up the rest through the
-//! pool comes with exact value encoding.
+//! Built-in types are known statically ([`types::builtin`]); others (enums,
+//! domains, composites, ranges, extension types, arrays of them) are looked
+//! up once through the pool and cached. pgoutput's `Type` and `Relation`
+//! messages invalidate what they describe, since they are sent when a type
+//! or table may have changed.
 
 mod builtin;
+mod types;
 
-/// The `typname` of a built-in type, e.g. `int4` for 23, `_text` for 1009.
-pub fn builtin_type_name(oid: u32) -> Option<&'static str> {
-    builtin::BUILTIN_TYPES
-        .binary_search_by_key(&oid, |(o, _)| *o)
-        .ok()
-        .and_then(|i| builtin::BUILTIN_TYPES.get(i))
-        .map(|(_, name)| *name)
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use tracing::debug;
+
+pub use types::{Encoding, Field, Oid, TypeInfo, builtin};
+
+/// Composite types nest; real ones are shallow, and Postgres forbids cycles.
+const MAX_DEPTH: usize = 32;
+
+/// Why the catalog could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection could be had from the pool.
+    #[error("catalog lookup: no connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A catalog query failed.
+    #[error("catalog lookup: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// Types nest deeper than any real one does.
+    #[error("type {0} nests deeper than {MAX_DEPTH} levels")]
+    TooDeep(Oid),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn knows_common_and_array_types() {
-        assert_eq!(builtin_type_name(16), Some("bool"));
-        assert_eq!(builtin_type_name(23), Some("int4"));
-        assert_eq!(builtin_type_name(1007), Some("_int4"));
-        assert_eq!(builtin_type_name(3802), Some("jsonb"));
-        assert_eq!(builtin_type_name(1184), Some("timestamptz"));
-        assert_eq!(builtin_type_name(16384), None);
+impl Error {
+    /// Whether asking again later may succeed (the database is reachable
+    /// again); a type nesting too deep will not change.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::TooDeep(_))
     }
+}
+
+/// The catalog cache, reading through the pool.
+pub struct Catalog {
+    pool: Pool,
+    types: HashMap<Oid, Arc<TypeInfo>>,
+}
+
+impl Catalog {
+    /// An empty cache over `pool`.
+    pub fn new(pool: Pool) -> Self {
+        Catalog {
+            pool,
+            types: HashMap::new(),
+        }
+    }
+
+    /// Forgets what is cached about `oid` (a `Type` message announced it).
+    pub fn invalidate(&mut self, oid: Oid) {
+        self.types.remove(&oid);
+    }
+
+    /// Forgets every cached non-built-in type (a `Relation` message: a table
+    /// or one of its types may have been altered).
+    pub fn invalidate_all(&mut self) {
+        self.types.clear();
+    }
+
+    /// The type `oid`: built in, cached, or read from the catalog.
+    pub async fn type_info(&mut self, oid: Oid) -> Result<Arc<TypeInfo>, Error> {
+        if let Some(info) = builtin(oid).or_else(|| self.types.get(&oid).cloned()) {
+            return Ok(info);
+        }
+        let client = self.pool.get().await?;
+        let info = Box::pin(resolve(&client, oid, 0)).await?;
+        self.types.insert(oid, info.clone());
+        Ok(info)
+    }
+
+    /// The names of the primary key columns of table `relid` (empty if it
+    /// has none).
+    pub async fn primary_key(&self, relid: Oid) -> Result<Vec<String>, Error> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(include_str!("../../sql/catalog_primary_key.sql"), &[&relid])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+async fn resolve(
+    client: &tokio_postgres::Client,
+    oid: Oid,
+    depth: usize,
+) -> Result<Arc<TypeInfo>, Error> {
+    if let Some(info) = builtin(oid) {
+        return Ok(info);
+    }
+    if depth > MAX_DEPTH {
+        return Err(Error::TooDeep(oid));
+    }
+    let Some(row) = client
+        .query_opt(include_str!("../../sql/catalog_type.sql"), &[&oid])
+        .await?
+    else {
+        // Dropped since the change was made: its text is all we have.
+        debug!(
+            oid,
+            "type no longer in the catalog; rendering values as text"
+        );
+        return Ok(Arc::new(TypeInfo {
+            oid,
+            name: Arc::from(oid.to_string()),
+            delimiter: b',',
+            encoding: Encoding::Text,
+        }));
+    };
+    let name: String = row.get(0);
+    let typtype: String = row.get(1);
+    let delimiter = row.get::<_, String>(2).bytes().next().unwrap_or(b',');
+    let element: Oid = row.get(3);
+    let base: Oid = row.get(4);
+    let relid: Oid = row.get(5);
+    let json_cast: bool = row.get(6);
+    let encoding = if element != 0 {
+        Encoding::Array(Box::pin(resolve(client, element, depth + 1)).await?)
+    } else {
+        match typtype.as_str() {
+            // A domain renders as its base type.
+            "d" => Box::pin(resolve(client, base, depth + 1))
+                .await?
+                .encoding
+                .clone(),
+            "c" => {
+                let rows = client
+                    .query(include_str!("../../sql/catalog_fields.sql"), &[&relid])
+                    .await?;
+                let mut fields = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let field_type: Oid = row.get(1);
+                    fields.push(Field {
+                        name: row.get(0),
+                        ty: Box::pin(resolve(client, field_type, depth + 1)).await?,
+                    });
+                }
+                Encoding::Composite(fields)
+            }
+            _ if json_cast => Encoding::JsonCast,
+            _ => types::scalar_encoding(oid),
+        }
+    };
+    Ok(Arc::new(TypeInfo {
+        oid,
+        name: Arc::from(name),
+        delimiter,
+        encoding,
+    }))
 }

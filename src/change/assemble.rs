@@ -1,15 +1,20 @@
 //! Transaction assembly: pgoutput messages in, change events out.
 
 use crate::lsn::Lsn;
-use crate::pgoutput::{Message, OldTuple, TupleData, Value, Xid};
+use crate::pgoutput::{self, Message, Oid, OldTuple, TupleData, Value, Xid};
 
-use super::{Change, ChangeKind, Datum, OldRow, RelationCache, Row};
+use super::{Change, ChangeKind, Datum, Described, OldRow, RelationCache, Row};
 
 /// What one pgoutput message amounts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Nothing to pass on (relation, type, origin, begin, messages).
+    /// Nothing to pass on (origin, begin, logical messages).
     None,
+    /// A relation to describe from the catalog and hand back with
+    /// [`Assembler::add_relation`] before the next message.
+    Relation(pgoutput::Relation),
+    /// A type was announced: whatever is cached about it may be stale.
+    Type(Oid),
     /// A row change.
     Change(Change),
     /// Several changes from one message (a TRUNCATE of several tables).
@@ -76,6 +81,11 @@ impl Assembler {
         Self::default()
     }
 
+    /// Adds or replaces a relation, described by the catalog.
+    pub fn add_relation(&mut self, rel: pgoutput::Relation, described: Described) {
+        self.relations.add(rel, described);
+    }
+
     /// Whether a transaction is open (between `Begin` and `Commit`).
     pub fn in_transaction(&self) -> bool {
         self.open.is_some()
@@ -105,14 +115,8 @@ impl Assembler {
                     end_lsn: commit.end_lsn,
                 })
             }
-            Message::Relation(rel) => {
-                self.relations.add_relation(rel);
-                Ok(Event::None)
-            }
-            Message::Type(ty) => {
-                self.relations.add_type(&ty);
-                Ok(Event::None)
-            }
+            Message::Relation(rel) => Ok(Event::Relation(rel)),
+            Message::Type(ty) => Ok(Event::Type(ty.id)),
             Message::Origin(_) | Message::Message(_) => Ok(Event::None),
             Message::Insert(insert) => {
                 self.require_open("insert")?;
@@ -227,7 +231,26 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::pgoutput::{self, Begin, Column, Commit, Insert, ReplicaIdentity, Update};
+    use crate::catalog::builtin;
+    use crate::pgoutput::{Begin, Column, Commit, Insert, ReplicaIdentity, Update};
+
+    fn add_relation(a: &mut Assembler) {
+        let Ok(Event::Relation(rel)) = a.apply(relation()) else {
+            panic!("no relation")
+        };
+        let types = rel
+            .columns
+            .iter()
+            .map(|c| builtin(c.type_id).unwrap())
+            .collect();
+        a.add_relation(
+            rel,
+            Described {
+                types,
+                primary_key: vec!["id".into()],
+            },
+        );
+    }
 
     fn relation() -> Message {
         Message::Relation(pgoutput::Relation {
@@ -268,7 +291,7 @@ mod tests {
     #[test]
     fn changes_carry_commit_position_and_sequence() {
         let mut a = Assembler::new();
-        assert_eq!(a.apply(relation()), Ok(Event::None));
+        add_relation(&mut a);
         assert_eq!(a.apply(begin(7)), Ok(Event::None));
         assert!(a.in_transaction());
         let insert = Message::Insert(Insert {
@@ -287,7 +310,7 @@ mod tests {
             (Lsn(0x100), 42, 7, 0)
         );
         assert_eq!(second.seq, 1);
-        assert_eq!(first.relation.columns[0].type_name.as_deref(), Some("int8"));
+        assert_eq!(&*first.relation.columns[0].ty.name, "int8");
         assert_eq!(
             first.kind,
             ChangeKind::Insert {
@@ -316,7 +339,7 @@ mod tests {
     #[test]
     fn unchanged_toast_is_its_own_datum() {
         let mut a = Assembler::new();
-        a.apply(relation()).unwrap();
+        add_relation(&mut a);
         a.apply(begin(1)).unwrap();
         let update = Message::Update(Update {
             xid: None,
@@ -350,7 +373,7 @@ mod tests {
         );
         a.apply(begin(1)).unwrap();
         assert_eq!(a.apply(insert.clone()), Err(Error::UnknownRelation(16384)));
-        a.apply(relation()).unwrap();
+        add_relation(&mut a);
         assert!(matches!(
             a.apply(insert),
             Err(Error::Width {

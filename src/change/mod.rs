@@ -13,4 +13,4 @@ mod relation;
 
 pub use assemble::{Assembler, Error, Event};
 pub use record::{Change, ChangeKind, Datum, OldRow, Row};
-pub use relation::{Column, Relation, RelationCache};
+pub use relation::{Column, Described, Relation, RelationCache};

@@ -1,11 +1,13 @@
-//! The relation cache: what pgoutput told us about each table and type.
+//! The relation cache: each published table as pgoutput last described it,
+//! with its column types and primary key from the catalog.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::catalog::TypeInfo;
 use crate::pgoutput::{self, Oid, ReplicaIdentity};
 
-/// A published table as pgoutput last described it.
+/// A published table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relation {
     /// Relation oid.
@@ -16,6 +18,8 @@ pub struct Relation {
     pub table: String,
     /// Replica identity.
     pub replica_identity: ReplicaIdentity,
+    /// Whether the table has a primary key.
+    pub has_primary_key: bool,
     /// The published columns, in attribute order.
     pub columns: Vec<Column>,
 }
@@ -25,45 +29,44 @@ pub struct Relation {
 pub struct Column {
     /// Column name.
     pub name: String,
-    /// Type oid.
-    pub type_id: Oid,
     /// Type modifier (`atttypmod`), -1 if none.
     pub type_modifier: i32,
-    /// Part of the replica identity key.
+    /// Part of the replica identity (all columns under FULL).
     pub is_key: bool,
-    /// The type's name (`int4`, `_text`, `mood`), as the Supabase payload
-    /// shows it; `None` if the type is neither built in nor announced.
-    pub type_name: Option<Arc<str>>,
+    /// Part of the primary key.
+    pub is_primary_key: bool,
+    /// The column's type.
+    pub ty: Arc<TypeInfo>,
 }
 
-/// Relations and non-built-in types by oid, as announced on the stream.
+/// What the catalog adds to a pgoutput `Relation` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// The type of each column, in order.
+    pub types: Vec<Arc<TypeInfo>>,
+    /// The names of the primary key columns.
+    pub primary_key: Vec<String>,
+}
+
+/// Relations by oid.
 #[derive(Debug, Default)]
 pub struct RelationCache {
     relations: HashMap<Oid, Arc<Relation>>,
-    types: HashMap<Oid, Arc<str>>,
 }
 
 impl RelationCache {
-    /// Remembers a type's name from a `Type` message.
-    pub fn add_type(&mut self, ty: &pgoutput::Type) {
-        self.types.insert(ty.id, Arc::from(ty.name.as_str()));
-    }
-
-    /// Replaces a relation's description from a `Relation` message.
-    pub fn add_relation(&mut self, rel: pgoutput::Relation) {
+    /// Replaces a relation's description.
+    pub fn add(&mut self, rel: pgoutput::Relation, described: Described) {
         let columns = rel
             .columns
             .into_iter()
-            .map(|c| Column {
-                type_name: self
-                    .types
-                    .get(&c.type_id)
-                    .cloned()
-                    .or_else(|| crate::catalog::builtin_type_name(c.type_id).map(Arc::from)),
+            .zip(described.types)
+            .map(|(c, ty)| Column {
+                is_primary_key: described.primary_key.contains(&c.name),
                 name: c.name,
-                type_id: c.type_id,
                 type_modifier: c.type_modifier,
                 is_key: c.is_key,
+                ty,
             })
             .collect();
         let relation = Relation {
@@ -71,12 +74,13 @@ impl RelationCache {
             schema: rel.namespace,
             table: rel.name,
             replica_identity: rel.replica_identity,
+            has_primary_key: !described.primary_key.is_empty(),
             columns,
         };
         self.relations.insert(rel.id, Arc::new(relation));
     }
 
-    /// The relation with this oid, if announced.
+    /// The relation with this oid, if described.
     pub fn get(&self, id: Oid) -> Option<&Arc<Relation>> {
         self.relations.get(&id)
     }

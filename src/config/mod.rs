@@ -40,6 +40,9 @@ pub struct Settings {
     pub status_interval: Duration,
     /// The longest pause between reconnection attempts.
     pub reconnect_max_delay: Duration,
+    /// Above this many bytes of `record` + `old_record` JSON, values over
+    /// 64 bytes are dropped and the payload says `Error 413`.
+    pub max_record_bytes: usize,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
@@ -79,6 +82,7 @@ keys! {
     FIREHOSE: "firehose", "WALCAST_FIREHOSE", "--firehose", Some("false");
     STATUS_INTERVAL: "status_interval", "WALCAST_STATUS_INTERVAL", "--status-interval", Some("1s");
     RECONNECT_MAX_DELAY: "reconnect_max_delay", "WALCAST_RECONNECT_MAX_DELAY", "--reconnect-max-delay", Some("10s");
+    MAX_RECORD_BYTES: "max_record_bytes", "WALCAST_MAX_RECORD_BYTES", "--max-record-bytes", Some("1048576");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
 }
@@ -249,6 +253,7 @@ impl Settings {
                 lookup(&RECONNECT_MAX_DELAY)?,
                 parse_duration,
             )?,
+            max_record_bytes: parse(&MAX_RECORD_BYTES, lookup(&MAX_RECORD_BYTES)?, parse_bytes)?,
             log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
             log: lookup(&LOG)?.0,
         })
@@ -270,6 +275,13 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".to_owned());
     }
     Ok(d)
+}
+
+fn parse_bytes(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a positive number of bytes, got {v:?}")),
+    }
 }
 
 fn parse_log_format(v: &str) -> Result<LogFormat, String> {

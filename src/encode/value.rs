@@ -1,32 +1,64 @@
-//! One column value → JSON.
+//! One column value → JSON, by the column type's [`Encoding`].
 
-use crate::pgoutput::Oid;
+use super::{array, composite, datetime, json, number};
+use crate::catalog::{Encoding, TypeInfo};
 
-const BOOL: Oid = 16;
-const INT8: Oid = 20;
-const INT2: Oid = 21;
-const INT4: Oid = 23;
-const JSON: Oid = 114;
-const FLOAT4: Oid = 700;
-const FLOAT8: Oid = 701;
-const NUMERIC: Oid = 1700;
-const JSONB: Oid = 3802;
+/// Text that does not have the shape its type promises. Postgres wrote it,
+/// so this means a bug or a type whose text output we misjudged; the value
+/// is then sent as a JSON string of its text rather than lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
 
-/// Writes the JSON for a value of type `type_id` given its text output.
-pub fn write_value(out: &mut Vec<u8>, type_id: Oid, text: &[u8]) {
-    match type_id {
-        BOOL => out.extend_from_slice(if text == b"t" { b"true" } else { b"false" }),
-        INT2 | INT4 | INT8 => out.extend_from_slice(text),
-        // to_jsonb writes non-finite numbers as strings: JSON has no NaN.
-        FLOAT4 | FLOAT8 | NUMERIC => match text {
-            b"NaN" | b"Infinity" | b"-Infinity" => write_json_string(out, text),
-            _ => out.extend_from_slice(text),
-        },
-        // Postgres validated both on input; jsonb's output is normalised,
-        // json's is the text as written.
-        JSON | JSONB => out.extend_from_slice(text),
-        _ => write_json_string(out, text),
+/// Writes the JSON for a value of type `ty` given its text output.
+pub fn write_value(out: &mut Vec<u8>, ty: &TypeInfo, text: &[u8]) {
+    let start = out.len();
+    if write_value_checked(out, ty, text).is_err() {
+        out.truncate(start);
+        write_json_string(out, text);
     }
+}
+
+/// As [`write_value`], but reports text that does not parse as its type.
+pub(super) fn write_value_checked(
+    out: &mut Vec<u8>,
+    ty: &TypeInfo,
+    text: &[u8],
+) -> Result<(), Malformed> {
+    match &ty.encoding {
+        Encoding::Bool => match text {
+            b"t" => out.extend_from_slice(b"true"),
+            b"f" => out.extend_from_slice(b"false"),
+            _ => return Err(Malformed),
+        },
+        Encoding::Integer => {
+            if text.is_empty()
+                || !text
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| b.is_ascii_digit() || (i == 0 && *b == b'-'))
+            {
+                return Err(Malformed);
+            }
+            out.extend_from_slice(text);
+        }
+        // JSON has no NaN or infinities: to_jsonb makes them strings.
+        Encoding::Float | Encoding::Numeric => match text {
+            b"NaN" | b"Infinity" | b"-Infinity" => write_json_string(out, text),
+            _ if number::write_normalized(out, text) => {}
+            _ => return Err(Malformed),
+        },
+        Encoding::Json => json::write_normalized(out, text)?,
+        // jsonb's text output is already normalized JSON.
+        Encoding::Jsonb => out.extend_from_slice(text),
+        Encoding::Timestamp => datetime::write_timestamp(out, text),
+        Encoding::TimestampTz => datetime::write_timestamptz(out, text),
+        Encoding::Array(element) => array::write_array(out, element, text)?,
+        Encoding::Vector(element) => array::write_vector(out, element, text)?,
+        Encoding::Composite(fields) => composite::write_composite(out, fields, text)?,
+        // Rendering a json cast needs the server; until then, the text.
+        Encoding::Text | Encoding::JsonCast => write_json_string(out, text),
+    }
+    Ok(())
 }
 
 /// Writes `text` as a JSON string, escaping as Postgres's `escape_json`
@@ -34,9 +66,9 @@ pub fn write_value(out: &mut Vec<u8>, type_id: Oid, text: &[u8]) {
 /// with U+FFFD rather than passed through.
 pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
     let text = String::from_utf8_lossy(text);
-    out.reserve(text.len() + 2);
-    out.push(b'"');
     let bytes = text.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -50,7 +82,7 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
             0x00..=0x1f => b"",
             _ => continue,
         };
-        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
+        out.extend_from_slice(&bytes[start..i]);
         if escape.is_empty() {
             out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
         } else {
@@ -58,48 +90,61 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
         }
         start = i + 1;
     }
-    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
+    out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::builtin;
 
-    fn json(type_id: Oid, text: &str) -> String {
+    fn json(oid: u32, text: &str) -> String {
         let mut out = Vec::new();
-        write_value(&mut out, type_id, text.as_bytes());
+        write_value(&mut out, &builtin(oid).unwrap(), text.as_bytes());
         String::from_utf8(out).unwrap()
     }
 
     #[test]
-    fn numbers_keep_their_digits() {
-        assert_eq!(json(INT8, "-9223372036854775808"), "-9223372036854775808");
-        assert_eq!(json(NUMERIC, "1.50"), "1.50");
+    fn numbers_keep_their_digits_and_floats_lose_exponents() {
+        assert_eq!(json(20, "-9223372036854775808"), "-9223372036854775808");
+        assert_eq!(json(1700, "1.50"), "1.50");
         assert_eq!(
-            json(NUMERIC, "12345678901234567890.123456789"),
+            json(1700, "12345678901234567890.123456789"),
             "12345678901234567890.123456789"
         );
-        assert_eq!(json(FLOAT8, "3.141592653589793"), "3.141592653589793");
-        assert_eq!(json(FLOAT8, "1e+20"), "1e+20");
+        assert_eq!(json(701, "3.141592653589793"), "3.141592653589793");
+        assert_eq!(json(701, "1e+20"), "100000000000000000000");
+        assert_eq!(json(700, "-0"), "0");
     }
 
     #[test]
     fn non_finite_numbers_are_strings() {
-        assert_eq!(json(NUMERIC, "NaN"), "\"NaN\"");
-        assert_eq!(json(FLOAT4, "Infinity"), "\"Infinity\"");
-        assert_eq!(json(FLOAT8, "-Infinity"), "\"-Infinity\"");
+        assert_eq!(json(1700, "NaN"), "\"NaN\"");
+        assert_eq!(json(700, "Infinity"), "\"Infinity\"");
+        assert_eq!(json(701, "-Infinity"), "\"-Infinity\"");
     }
 
     #[test]
-    fn bools_json_and_text() {
-        assert_eq!(json(BOOL, "t"), "true");
-        assert_eq!(json(BOOL, "f"), "false");
-        assert_eq!(json(JSONB, "{\"a\": [1, 2]}"), "{\"a\": [1, 2]}");
+    fn bools_json_text_and_dates() {
+        assert_eq!(json(16, "t"), "true");
+        assert_eq!(json(16, "f"), "false");
+        assert_eq!(json(3802, "{\"a\": [1, 2]}"), "{\"a\": [1, 2]}");
+        assert_eq!(json(114, "{\"b\":1,  \"a\":2}"), "{\"a\":2,\"b\":1}");
         assert_eq!(
             json(25, "say \"hi\"\\\n\t\u{1}é"),
             "\"say \\\"hi\\\"\\\\\\n\\t\\u0001é\""
         );
         assert_eq!(json(25, ""), "\"\"");
+        assert_eq!(json(1082, "0044-03-15 BC"), "\"0044-03-15 BC\"");
+        assert_eq!(json(1114, "2024-01-02 03:04:05"), "\"2024-01-02T03:04:05\"");
+        assert_eq!(json(17, "\\xdeadbeef"), "\"\\\\xdeadbeef\"");
+    }
+
+    #[test]
+    fn text_that_does_not_fit_its_type_is_kept_as_a_string() {
+        assert_eq!(json(23, "12a"), "\"12a\"");
+        assert_eq!(json(1007, "{1,"), "\"{1,\"");
+        assert_eq!(json(16, "maybe"), "\"maybe\"");
     }
 }

@@ -83,6 +83,7 @@ impl Connection {
             ("IntervalStyle", "postgres"),
             ("extra_float_digits", "3"),
             ("TimeZone", "UTC"),
+            ("bytea_output", "hex"),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.write_buf)
             .map_err(Error::io("writing the startup message"))?;

@@ -1,0 +1,132 @@
+"""A throw-away redis-server, and the subscriber process that counts what
+walcast published."""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .procs import BenchError, free_port, spawn, stop, tail
+
+PORT_ATTEMPTS = 8
+HERE = Path(__file__).resolve().parent
+
+
+def ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """redis-server on a free port, nothing on disk, and no output-buffer
+    limit for subscribers (a slow subscriber must not be disconnected
+    mid-run: it is there to count, not to be benchmarked)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log = root / "redis.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise BenchError("redis-server not found; install it (apt-get install redis-server)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            self.proc = spawn(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.root), "--protected-mode", "no",
+                 "--client-output-buffer-limit", "pubsub 0 0 0", "--loglevel", "warning"],
+                log=self.log,
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if ping(self.port):
+                    return
+                time.sleep(0.05)
+            stop(self.proc)
+        raise BenchError(f"redis-server did not start:\n{tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+
+class Subscriber:
+    """`subscriber.py` in its own process (so that counting does not share
+    a core's GIL with the poller that times walcast).
+
+    `expect(n)` blocks until it has counted `n` messages since the last
+    `expect` and returns its report: count, payload bytes, and — for
+    latency runs — commit→receive percentiles.
+    """
+
+    def __init__(self, port: int, channel: str, log: Path, latency: bool = False) -> None:
+        cmd = [sys.executable, "-B", str(HERE / "subscriber.py"), str(port), channel]
+        if latency:
+            cmd.append("--latency")
+        self.proc = spawn(cmd, log=log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.log = log
+        line = self._line(timeout=20)
+        if line.get("ready") is not True:
+            raise BenchError(f"subscriber did not start: {line}")
+
+    def _line(self, timeout: float) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return {}
+        text = self.proc.stdout.readline()
+        if not text:
+            raise BenchError(f"the Redis subscriber exited:\n{tail(self.log)}")
+        return json.loads(text)
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, count: int, timeout: float) -> dict:
+        """The report once `count` messages arrived; raises with the partial
+        count if no new message arrives for `timeout` seconds."""
+        self._send(f"target {count}")
+        last, last_change = -1, time.monotonic()
+        while True:
+            line = self._line(2.0)
+            if line.get("done"):
+                return line
+            progress = line.get("progress", last)
+            if progress > last:
+                last, last_change = progress, time.monotonic()
+            elif time.monotonic() - last_change > timeout:
+                self._send("report")
+                partial: dict = {}
+                for _ in range(5):
+                    partial = self._line(10)
+                    if "count" in partial:
+                        break
+                raise BenchError(
+                    f"the Redis subscriber received {partial.get('count', '?')} of {count} "
+                    f"messages (nothing more for {timeout:.0f}s)"
+                )
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        stop(self.proc, timeout=5)
