@@ -10,6 +10,7 @@ SELECT t.typname::text,
        EXISTS (
          SELECT 1 FROM pg_catalog.pg_cast c
          WHERE c.castsource = t.oid AND c.casttarget = 'pg_catalog.json'::regtype AND c.castmethod = 'f'
-       ) AS json_cast
+       ) AS json_cast,
+       pg_catalog.format_type(t.oid, NULL) AS sql_name
 FROM pg_catalog.pg_type t
 WHERE t.oid = $1

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::catalog::{self, Catalog};
-use crate::change::{self, Assembler, Change, Described, Event};
+use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
 use crate::config::Settings;
 use crate::encode::PayloadEncoder;
 use crate::lsn::Lsn;
@@ -173,6 +173,7 @@ async fn session(
         decoder: pgoutput::Decoder::new(),
         catalog: Catalog::new(pool.clone()),
         payload: PayloadEncoder::new(settings.max_record_bytes),
+        scratch: Vec::with_capacity(4096),
         assembler: Assembler::new(),
         current: Batch::default(),
         pending: None,
@@ -201,6 +202,8 @@ struct StreamLoop {
     decoder: pgoutput::Decoder,
     catalog: Catalog,
     payload: PayloadEncoder,
+    /// Where each message is encoded before it is copied out.
+    scratch: Vec<u8>,
     assembler: Assembler,
     /// Messages of the transaction being read.
     current: Batch,
@@ -255,8 +258,12 @@ impl StreamLoop {
                         self.assembler.add_relation(rel, described);
                     }
                     Event::Type(oid) => self.catalog.invalidate(oid),
-                    Event::Change(change) => self.add(&change),
-                    Event::Changes(changes) => changes.iter().for_each(|c| self.add(c)),
+                    Event::Change(change) => self.add(change).await?,
+                    Event::Changes(changes) => {
+                        for change in changes {
+                            self.add(change).await?;
+                        }
+                    }
                     Event::Commit { end_lsn, .. } => {
                         self.current.ack = Some(end_lsn);
                         self.hand_over();
@@ -293,22 +300,27 @@ impl StreamLoop {
         Ok(())
     }
 
-    fn add(&mut self, change: &Change) {
-        let Some(channel) = &self.firehose else {
-            return;
+    async fn add(&mut self, mut change: Change) -> Result<(), Error> {
+        let Some(channel) = self.firehose.clone() else {
+            return Ok(());
         };
-        let mut out = Vec::with_capacity(512);
+        render_on_server(&self.catalog, &mut change).await?;
+        // Encoded into a reused buffer, then copied once into an allocation
+        // of exactly the message's size.
+        let out = &mut self.scratch;
+        out.clear();
         let payload = &mut self.payload;
-        bus::write_change_event(&mut out, change.commit_lsn, change.seq, change.xid, |out| {
-            payload.write_data(out, change);
+        bus::write_change_event(out, change.commit_lsn, change.seq, change.xid, |out| {
+            payload.write_data(out, &change);
         });
         self.current.messages.push(Outgoing {
-            channel: channel.clone(),
-            payload: Bytes::from(out),
+            channel,
+            payload: Bytes::copy_from_slice(out),
         });
         if self.current.messages.len() >= MESSAGES_PER_BATCH {
             self.hand_over();
         }
+        Ok(())
     }
 
     /// Moves the current batch to `pending`, where the select loop sends it.
@@ -368,6 +380,34 @@ impl StreamLoop {
         info!(%acked, "replication stopped");
         self.stream.close().await;
     }
+}
+
+/// Replaces the values only the server can render (types with a cast to
+/// json) with the server's `to_jsonb`. One query per such value: these
+/// types are rare, and exactness is the bar.
+async fn render_on_server(catalog: &Catalog, change: &mut Change) -> Result<(), Error> {
+    let relation = change.relation.clone();
+    if !relation.columns.iter().any(|c| c.ty.needs_server()) {
+        return Ok(());
+    }
+    let rows: Vec<&mut Row> = match &mut change.kind {
+        ChangeKind::Insert { new } => vec![new],
+        ChangeKind::Update { old, new } => {
+            let mut rows = vec![new];
+            rows.extend(old.as_mut().map(OldRow::row_mut));
+            rows
+        }
+        ChangeKind::Delete { old } => vec![old.row_mut()],
+        ChangeKind::Truncate { .. } => vec![],
+    };
+    for row in rows {
+        for (column, datum) in relation.columns.iter().zip(row.iter_mut()) {
+            if let (true, Datum::Text(text)) = (column.ty.needs_server(), &*datum) {
+                *datum = Datum::Json(catalog.render_json(&column.ty, text).await?);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The catalog's view of a relation: its column types and primary key.

@@ -395,13 +395,16 @@ async fn user_types_are_looked_up_in_the_catalog() {
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
          CREATE DOMAIN posint AS int CHECK (VALUE > 0);
          CREATE TYPE pair AS (a int, b text);
-         CREATE TABLE typed (id posint PRIMARY KEY, m mood, moods mood[], p pair, ps pair[], at timestamptz, f float8, ch char(3));
+         CREATE TYPE weather AS ENUM ('sun', 'rain');
+         CREATE FUNCTION weather_json(weather) RETURNS json LANGUAGE sql IMMUTABLE AS $$ SELECT json_build_object('weather', $1::text) $$;
+         CREATE CAST (weather AS json) WITH FUNCTION weather_json(weather);
+         CREATE TABLE typed (id posint PRIMARY KEY, m mood, moods mood[], p pair, ps pair[], at timestamptz, f float8, ch char(3), w weather);
          ALTER PUBLICATION supabase_realtime ADD TABLE typed;",
     )
     .await;
     let t = commit(
         &mut stack.client,
-        r#"INSERT INTO typed VALUES (1, 'happy', '{sad,happy}', '(1,"x y")', ARRAY['(2,)'::pair], '2024-01-02 03:04:05.5+02', 1e20, 'ab')"#,
+        r#"INSERT INTO typed VALUES (1, 'happy', '{sad,happy}', '(1,"x y")', ARRAY['(2,)'::pair], '2024-01-02 03:04:05.5+02', 1e20, 'ab', 'rain')"#,
     )
     .await;
     firehose.wait_for(1, WAIT, &daemon).await;
@@ -413,7 +416,7 @@ async fn user_types_are_looked_up_in_the_catalog() {
             &lsn[0],
             0,
             &t,
-            r#"{"columns":[{"name":"id","type":"posint"},{"name":"m","type":"mood"},{"name":"moods","type":"_mood"},{"name":"p","type":"pair"},{"name":"ps","type":"_pair"},{"name":"at","type":"timestamptz"},{"name":"f","type":"float8"},{"name":"ch","type":"bpchar"}],"commit_timestamp":"$TS","errors":null,"schema":"public","table":"typed","record":{"id":1,"m":"happy","moods":["sad","happy"],"p":{"a":1,"b":"x y"},"ps":[{"a":2,"b":null}],"at":"2024-01-02T01:04:05.5+00:00","f":100000000000000000000,"ch":"ab "},"type":"INSERT"}"#
+            r#"{"columns":[{"name":"id","type":"posint"},{"name":"m","type":"mood"},{"name":"moods","type":"_mood"},{"name":"p","type":"pair"},{"name":"ps","type":"_pair"},{"name":"at","type":"timestamptz"},{"name":"f","type":"float8"},{"name":"ch","type":"bpchar"},{"name":"w","type":"weather"}],"commit_timestamp":"$TS","errors":null,"schema":"public","table":"typed","record":{"id":1,"m":"happy","moods":["sad","happy"],"p":{"a":1,"b":"x y"},"ps":[{"a":2,"b":null}],"at":"2024-01-02T01:04:05.5+00:00","f":100000000000000000000,"ch":"ab ","w":{"weather": "rain"}},"type":"INSERT"}"#
         )]
     );
 }

@@ -2,6 +2,7 @@
 //! walcast integration tests: real Postgres and Redis servers started per
 //! test (see `support`), and the walcast binary as a child process.
 
+mod check;
 mod faults;
 mod firehose;
 mod harness;

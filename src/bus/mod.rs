@@ -26,12 +26,50 @@ pub fn write_change_event(
     xid: u32,
     write_data: impl FnOnce(&mut Vec<u8>),
 ) {
-    out.extend_from_slice(
-        format!("{{\"v\":{VERSION},\"lsn\":\"{lsn}\",\"seq\":{seq},\"xid\":{xid},\"data\":")
-            .as_bytes(),
-    );
+    // Built by hand: this runs once per change.
+    out.extend_from_slice(b"{\"v\":");
+    push_number(out, u64::from(VERSION));
+    out.extend_from_slice(b",\"lsn\":\"");
+    push_hex(out, lsn.0 >> 32);
+    out.push(b'/');
+    push_hex(out, lsn.0 & 0xFFFF_FFFF);
+    out.extend_from_slice(b"\",\"seq\":");
+    push_number(out, u64::from(seq));
+    out.extend_from_slice(b",\"xid\":");
+    push_number(out, u64::from(xid));
+    out.extend_from_slice(b",\"data\":");
     write_data(out);
     out.push(b'}');
+}
+
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Upper-case hex without leading zeros, as Postgres prints LSN halves.
+fn push_hex(out: &mut Vec<u8>, mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = HEX[(n & 0xF) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]
@@ -49,5 +87,16 @@ mod tests {
             r#"{"v":1,"lsn":"0/16B3748","seq":3,"xid":750,"data":{}}"#
         );
         assert_eq!(firehose_channel("t1"), "walcast:t1:firehose");
+        let mut out = Vec::new();
+        write_change_event(&mut out, Lsn(u64::MAX), u32::MAX, 0, |o| {
+            o.extend_from_slice(b"{}")
+        });
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                r#"{{"v":1,"lsn":"{}","seq":4294967295,"xid":0,"data":{{}}}}"#,
+                Lsn(u64::MAX)
+            )
+        );
     }
 }

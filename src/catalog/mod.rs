@@ -13,6 +13,7 @@ mod types;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use deadpool_postgres::Pool;
 use tracing::debug;
 
@@ -80,6 +81,19 @@ impl Catalog {
         Ok(info)
     }
 
+    /// `to_jsonb(text::ty)` computed by the server, for types whose JSON
+    /// only the server knows (a user type's cast to json, possibly nested
+    /// in an array or composite).
+    pub async fn render_json(&self, ty: &TypeInfo, text: &[u8]) -> Result<Bytes, Error> {
+        let client = self.pool.get().await?;
+        // `sql_name` comes from format_type(): quoted by Postgres itself.
+        let sql = format!("SELECT to_jsonb($1::text::{})::text", ty.sql_name);
+        let statement = client.prepare_cached(&sql).await?;
+        let text = String::from_utf8_lossy(text);
+        let row = client.query_one(&statement, &[&text.as_ref()]).await?;
+        Ok(Bytes::from(row.get::<_, String>(0)))
+    }
+
     /// The names of the primary key columns of table `relid` (empty if it
     /// has none).
     pub async fn primary_key(&self, relid: Oid) -> Result<Vec<String>, Error> {
@@ -114,6 +128,7 @@ async fn resolve(
         return Ok(Arc::new(TypeInfo {
             oid,
             name: Arc::from(oid.to_string()),
+            sql_name: Arc::from("text"),
             delimiter: b',',
             encoding: Encoding::Text,
         }));
@@ -125,6 +140,7 @@ async fn resolve(
     let base: Oid = row.get(4);
     let relid: Oid = row.get(5);
     let json_cast: bool = row.get(6);
+    let sql_name: String = row.get(7);
     let encoding = if element != 0 {
         Encoding::Array(Box::pin(resolve(client, element, depth + 1)).await?)
     } else {
@@ -155,6 +171,7 @@ async fn resolve(
     Ok(Arc::new(TypeInfo {
         oid,
         name: Arc::from(name),
+        sql_name: Arc::from(sql_name),
         delimiter,
         encoding,
     }))

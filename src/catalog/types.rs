@@ -17,6 +17,9 @@ pub struct TypeInfo {
     /// `typname`, as the Supabase `columns` list shows it (`int4`, `_text`,
     /// a domain's or enum's own name).
     pub name: Arc<str>,
+    /// The type as SQL names it (`public.pair`, `integer[]`), quoted by
+    /// Postgres's `format_type`: safe to splice into a cast.
+    pub sql_name: Arc<str>,
     /// The element delimiter when this type is an array element (`,`; `;`
     /// for `box`).
     pub delimiter: u8,
@@ -125,6 +128,7 @@ fn build_builtins() -> HashMap<Oid, Arc<TypeInfo>> {
                 Arc::new(TypeInfo {
                     oid,
                     name: Arc::from(name),
+                    sql_name: Arc::from(name),
                     delimiter,
                     encoding: scalar_encoding(oid),
                 }),
@@ -145,6 +149,7 @@ fn build_builtins() -> HashMap<Oid, Arc<TypeInfo>> {
             Arc::new(TypeInfo {
                 oid,
                 name: Arc::from(name),
+                sql_name: Arc::from(name),
                 delimiter,
                 encoding,
             }),

@@ -18,6 +18,9 @@ pub enum Datum {
     UnchangedToast,
     /// The type's text output, UTF-8.
     Text(Bytes),
+    /// The value already as JSON, rendered by the server (for types whose
+    /// JSON only the server knows: a user type's cast to json).
+    Json(Bytes),
 }
 
 /// A row: one datum per column of the relation, in column order.
@@ -36,6 +39,13 @@ pub enum OldRow {
 impl OldRow {
     /// The datums, whatever the kind.
     pub fn row(&self) -> &Row {
+        match self {
+            OldRow::Key(row) | OldRow::Full(row) => row,
+        }
+    }
+
+    /// The datums, to replace some.
+    pub fn row_mut(&mut self) -> &mut Row {
         match self {
             OldRow::Key(row) | OldRow::Full(row) => row,
         }

@@ -95,6 +95,7 @@ mod tests {
         let inner = Arc::new(TypeInfo {
             oid: 90000,
             name: "pair".into(),
+            sql_name: "pair".into(),
             delimiter: b',',
             encoding: Encoding::Composite(pair.to_vec()),
         });

@@ -202,6 +202,7 @@ fn write_object<'a>(
         let value_start = out.len();
         match datum {
             Datum::Text(text) => write_value(out, &column.ty, text),
+            Datum::Json(json) => out.extend_from_slice(json),
             Datum::Null | Datum::UnchangedToast => out.extend_from_slice(b"null"),
         }
         if out.len() - value_start > value_limit {

@@ -11,13 +11,36 @@ pub fn write_commit_timestamp(out: &mut Vec<u8>, postgres_micros: i64) {
     let millis = unix_micros.rem_euclid(1_000_000) / 1_000;
     let (days, secs_of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
-    let text = format!(
-        "\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z\"",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60
-    );
-    out.extend_from_slice(text.as_bytes());
+    // Written digit by digit: this runs once per change.
+    out.push(b'"');
+    if !(0..=9999).contains(&year) {
+        // Outside what a commit time can be; keep it readable anyway.
+        out.extend_from_slice(year.to_string().as_bytes());
+    } else {
+        push_digits(out, year as u32, 4);
+    }
+    out.push(b'-');
+    push_digits(out, month, 2);
+    out.push(b'-');
+    push_digits(out, day, 2);
+    out.push(b'T');
+    push_digits(out, (secs_of_day / 3600) as u32, 2);
+    out.push(b':');
+    push_digits(out, (secs_of_day / 60 % 60) as u32, 2);
+    out.push(b':');
+    push_digits(out, (secs_of_day % 60) as u32, 2);
+    out.push(b'.');
+    push_digits(out, millis as u32, 3);
+    out.extend_from_slice(b"Z\"");
+}
+
+/// Appends `value` as exactly `width` decimal digits (zero-padded).
+pub(super) fn push_digits(out: &mut Vec<u8>, value: u32, width: u32) {
+    let mut divisor = 10u32.pow(width.saturating_sub(1));
+    while divisor > 0 {
+        out.push(b'0' + (value / divisor % 10) as u8);
+        divisor /= 10;
+    }
 }
 
 /// Proleptic Gregorian date from days since 1970-01-01 (Howard Hinnant's
