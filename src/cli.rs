@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// Longest pause between reconnection attempts [env: WALCAST_RECONNECT_MAX_DELAY] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub reconnect_max_delay: Option<String>,
+    /// Roles subscriptions may use, comma-separated [env: WALCAST_ALLOWED_ROLES] [default: anon,authenticated]
+    #[arg(long, value_name = "ROLES")]
+    pub allowed_roles: Option<String>,
     /// Bytes of record + old_record above which large values are dropped (Error 413) [env: WALCAST_MAX_RECORD_BYTES] [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub max_record_bytes: Option<String>,
@@ -130,6 +133,7 @@ impl RunArgs {
                 &config::RECONNECT_MAX_DELAY,
                 self.reconnect_max_delay.clone(),
             ),
+            (&config::ALLOWED_ROLES, self.allowed_roles.clone()),
             (&config::MAX_RECORD_BYTES, self.max_record_bytes.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),

@@ -19,7 +19,7 @@
 //! does not time the connection out.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use bytes::Bytes;
@@ -28,13 +28,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::bus::Names;
 use crate::catalog::{self, Catalog};
 use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
 use crate::config::Settings;
-use crate::encode::PayloadEncoder;
+use crate::control::{ControlTask, Validator};
+use crate::encode::{PayloadEncoder, View};
 use crate::lsn::Lsn;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
+use crate::subscription::{self, Delivery, Entry, Shared};
 use crate::{bus, pgoutput, pool};
 
 /// Batches the replication task may queue ahead of the publisher.
@@ -42,8 +45,10 @@ const QUEUED_BATCHES: usize = 64;
 /// Messages per batch before it is handed over even mid-transaction, so a
 /// huge transaction streams through in bounded memory.
 const MESSAGES_PER_BATCH: usize = 512;
-/// Connections for catalog lookups (rare: on Relation messages).
-const CATALOG_CONNECTIONS: usize = 2;
+/// How long cached privileges and RLS flags are trusted.
+const CATALOG_REFRESH: Duration = Duration::from_secs(60);
+/// Connections for catalog lookups, server-side filters and RLS checks.
+const POOL_CONNECTIONS: usize = 4;
 /// How long shutdown waits for queued messages to reach Redis.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -65,6 +70,9 @@ pub enum Error {
     /// The catalog could not be read.
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
+    /// Who may see a change could not be decided.
+    #[error(transparent)]
+    Deliver(#[from] subscription::DeliverError),
     /// The connection pool could not be built.
     #[error(transparent)]
     Pool(#[from] pool::Error),
@@ -80,6 +88,7 @@ impl Error {
             Error::Replication(e) => e.is_transient(),
             Error::Publish(e) => e.is_transient(),
             Error::Catalog(e) => e.is_transient(),
+            Error::Deliver(e) => e.is_transient(),
             Error::Pool(_) => false,
             // Bytes we cannot decode will be the same bytes next time.
             Error::Decode(_) | Error::Assemble(_) | Error::PublisherGone => false,
@@ -90,7 +99,35 @@ impl Error {
 /// Runs sessions until `cancel` fires (`Ok`) or a definite error (`Err`).
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), Error> {
     let acked = Acknowledged::new(Lsn::ZERO);
-    let pool = pool::build(&settings.database_url, CATALOG_CONNECTIONS)?;
+    let pool = pool::build(&settings.database_url, POOL_CONNECTIONS)?;
+    let names = Names::new(&settings.tenant);
+    // The registry outlives replication sessions; the control task keeps it.
+    let shared = Arc::new(Shared::default());
+    let control = ControlTask::new(
+        settings.redis_url.clone(),
+        names.clone(),
+        Validator::new(
+            pool.clone(),
+            settings.publication.clone(),
+            settings.allowed_roles.clone(),
+        ),
+        shared.clone(),
+    );
+    let control_cancel = cancel.child_token();
+    let control = tokio::spawn(control.run(control_cancel.clone()));
+    let result = supervise(settings, &pool, &shared, &acked, &cancel).await;
+    control_cancel.cancel();
+    let _ = control.await;
+    result
+}
+
+async fn supervise(
+    settings: &Settings,
+    pool: &deadpool_postgres::Pool,
+    shared: &Arc<Shared>,
+    acked: &Acknowledged,
+    cancel: &CancellationToken,
+) -> Result<(), Error> {
     let backoff = backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(settings.reconnect_max_delay)
@@ -99,7 +136,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     let mut delays = backoff.build();
     loop {
         let before = acked.get();
-        let result = session(settings, &pool, &acked, &cancel).await;
+        let result = session(settings, pool, shared, acked, cancel).await;
         if cancel.is_cancelled() {
             return Ok(());
         }
@@ -130,6 +167,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
 async fn session(
     settings: &Settings,
     pool: &deadpool_postgres::Pool,
+    shared: &Arc<Shared>,
     acked: &Acknowledged,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
@@ -146,6 +184,7 @@ async fn session(
     // first one never reports a position behind it.
     acked.advance(slot.confirmed_flush);
     let start = acked.get();
+    shared.set_position(start);
     let stream = conn
         .start_replication(&settings.slot, start, &settings.publication)
         .await?;
@@ -161,15 +200,19 @@ async fn session(
         let acked = acked.clone();
         async move { publisher.run(rx, &acked).await }
     });
-    let firehose: Option<Arc<str>> = settings
-        .firehose
-        .then(|| Arc::from(bus::firehose_channel(&settings.tenant)));
+    let names = Names::new(&settings.tenant);
+    let firehose: Option<Arc<str>> = settings.firehose.then(|| Arc::from(names.firehose()));
     let mut stream_loop = StreamLoop {
         stream,
         tx,
         publishing,
         acked: acked.clone(),
         firehose,
+        names,
+        shared: shared.clone(),
+        pool: pool.clone(),
+        data: Vec::with_capacity(4096),
+        refreshed: Instant::now(),
         decoder: pgoutput::Decoder::new(),
         catalog: Catalog::new(pool.clone()),
         payload: PayloadEncoder::new(settings.max_record_bytes),
@@ -199,6 +242,15 @@ struct StreamLoop {
     publishing: JoinHandle<Result<(), publish::Error>>,
     acked: Acknowledged,
     firehose: Option<Arc<str>>,
+    names: Names,
+    /// The subscriptions, shared with the control task.
+    shared: Arc<Shared>,
+    /// For filters and visibility checks only the server can decide.
+    pool: deadpool_postgres::Pool,
+    /// One view of the current change's `data` object.
+    data: Vec<u8>,
+    /// When cached privileges and RLS flags were last dropped.
+    refreshed: Instant,
     decoder: pgoutput::Decoder,
     catalog: Catalog,
     payload: PayloadEncoder,
@@ -249,6 +301,15 @@ impl StreamLoop {
             StreamEvent::XLogData { wal_end, data, .. } => {
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data)?;
+                if let pgoutput::Message::Begin(begin) = &message {
+                    self.shared.set_position(begin.final_lsn);
+                    // GRANTs and ALTER TABLE ... ENABLE ROW LEVEL SECURITY
+                    // leave no trace on the stream: re-read them now and then.
+                    if self.refreshed.elapsed() >= CATALOG_REFRESH {
+                        self.catalog.invalidate_all();
+                        self.refreshed = Instant::now();
+                    }
+                }
                 match self.assembler.apply(message)? {
                     Event::None => {}
                     Event::Relation(rel) => {
@@ -301,26 +362,75 @@ impl StreamLoop {
     }
 
     async fn add(&mut self, mut change: Change) -> Result<(), Error> {
-        let Some(channel) = self.firehose.clone() else {
+        let candidates: Vec<Arc<Entry>> = self
+            .shared
+            .read()
+            .candidates(change.relation.id, &change.kind)
+            .cloned()
+            .collect();
+        if self.firehose.is_none() && candidates.is_empty() {
             return Ok(());
+        }
+        // Who sees the change is decided on its text values, before values
+        // only the server can render as JSON are rendered.
+        let deliveries = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            subscription::deliveries(&mut self.catalog, &self.pool, &change, candidates).await?
         };
         render_on_server(&self.catalog, &mut change).await?;
-        // Encoded into a reused buffer, then copied once into an allocation
-        // of exactly the message's size.
-        let out = &mut self.scratch;
-        out.clear();
-        let payload = &mut self.payload;
-        bus::write_change_event(out, change.commit_lsn, change.seq, change.xid, |out| {
-            payload.write_data(out, &change);
-        });
-        self.current.messages.push(Outgoing {
-            channel,
-            payload: Bytes::copy_from_slice(out),
-        });
+        if let Some(channel) = self.firehose.clone() {
+            // Encoded into a reused buffer, then copied once into an
+            // allocation of exactly the message's size.
+            let out = &mut self.scratch;
+            out.clear();
+            let payload = &mut self.payload;
+            bus::write_change_event(out, change.commit_lsn, change.seq, change.xid, |out| {
+                payload.write_data(out, &change);
+            });
+            self.current.messages.push(Outgoing {
+                channel,
+                payload: Bytes::copy_from_slice(out),
+            });
+        }
+        for delivery in &deliveries {
+            self.deliver(&change, delivery);
+        }
         if self.current.messages.len() >= MESSAGES_PER_BATCH {
             self.hand_over();
         }
         Ok(())
+    }
+
+    /// Queues one event per gateway holding subscriptions of `delivery`.
+    fn deliver(&mut self, change: &Change, delivery: &Delivery) {
+        self.data.clear();
+        let view = View {
+            visible: delivery.visible.as_deref(),
+            old_record_primary_key_only: delivery.old_record_primary_key_only,
+        };
+        self.payload.write_view(&mut self.data, change, view);
+        let mut by_gateway: Vec<(&Arc<str>, Vec<&str>)> = Vec::new();
+        for entry in &delivery.entries {
+            match by_gateway.iter_mut().find(|(g, _)| *g == &entry.gateway) {
+                Some((_, ids)) => ids.push(&entry.id),
+                None => by_gateway.push((&entry.gateway, vec![&entry.id])),
+            }
+        }
+        for (gateway, ids) in by_gateway {
+            self.scratch.clear();
+            bus::write_gateway_event(
+                &mut self.scratch,
+                ids,
+                change.commit_lsn,
+                change.seq,
+                &self.data,
+            );
+            self.current.messages.push(Outgoing {
+                channel: Arc::from(self.names.gateway(gateway)),
+                payload: Bytes::copy_from_slice(&self.scratch),
+            });
+        }
     }
 
     /// Moves the current batch to `pending`, where the select loop sends it.

@@ -833,3 +833,34 @@ async fn auth_helpers_never_replace_existing_functions() {
         .get(1);
     assert_eq!(uid, "00000000-0000-0000-0000-000000000001");
 }
+
+#[test]
+fn example_configs_are_valid_settings() {
+    use walcast::config::{Layer, LogFormat, Settings, SslMode};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+
+    let dev = Layer::from_toml_file(&dir.join("dev.toml")).expect("config/dev.toml");
+    let dev = Settings::resolve(&[dev]).expect("dev settings");
+    assert_eq!(
+        dev.database_url.to_string(),
+        "postgres://postgres@127.0.0.1:54329/postgres"
+    );
+    assert_eq!(dev.database_url.ssl_mode, SslMode::Disable);
+    assert_eq!(dev.redis_url, "redis://127.0.0.1:63799");
+    assert!(dev.firehose);
+    assert_eq!(dev.log_format, LogFormat::Text);
+
+    // The sidecar's secrets come from the environment, as documented in it.
+    let sidecar = Layer::from_toml_file(&dir.join("sidecar.toml")).expect("config/sidecar.toml");
+    let env = Layer::from_env(|name| {
+        (name == "WALCAST_DATABASE_URL").then(|| {
+            "postgres://walcast:secret@db.internal:5432/postgres?sslmode=verify-full&sslrootcert=/etc/walcast/db-ca.pem".to_owned()
+        })
+    });
+    let sidecar = Settings::resolve(&[sidecar, env]).expect("sidecar settings");
+    assert_eq!(sidecar.database_url.ssl_mode, SslMode::VerifyFull);
+    assert_eq!(sidecar.database_url.user, "walcast");
+    assert_eq!(sidecar.tenant, "tenant-a");
+    assert!(!sidecar.firehose);
+    assert_eq!(sidecar.log_format, LogFormat::Json);
+}

@@ -4,8 +4,11 @@
 
 mod check;
 mod faults;
+mod filters;
 mod firehose;
 mod harness;
+mod rls;
 mod startup;
+mod subscriptions;
 mod support;
 mod values;

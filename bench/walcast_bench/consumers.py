@@ -56,6 +56,20 @@ def slot_position(client: Client, slot: str) -> tuple[int, int | None]:
     return parse_lsn(lsn or "0/0"), int(pid) if pid else None
 
 
+def drop_slot(client: Client, slot: str) -> None:
+    """Drops `slot` once its consumer's walsender has noticed it is gone."""
+    deadline = time.monotonic() + 30
+    while slot_position(client, slot)[1] is not None:
+        if time.monotonic() > deadline:
+            client.query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                f"WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+            )
+            deadline += 30
+        time.sleep(0.01)
+    client.query(f"SELECT pg_drop_replication_slot('{slot}')")
+
+
 def deadline_for(changes: int) -> float:
     """Generous: no consumer here is slower than 1,000 changes/s."""
     return 120 + changes / 1000
@@ -71,17 +85,20 @@ def pg_recvlogical(cluster: Cluster, slot: str, end_lsn: int, changes: int, logs
     ]
     started = time.perf_counter()
     proc = spawn(cmd, log=log)
-    deadline = started + deadline_for(changes)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
+    try:
+        deadline = started + deadline_for(changes)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"pg_recvlogical did not reach {format_lsn(end_lsn)} in time:\n{tail(log)}")
+            time.sleep(POLL_SECONDS / 5)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if proc.returncode is None:
             stop(proc, signal.SIGKILL)
-            raise BenchError(f"pg_recvlogical did not reach {format_lsn(end_lsn)} in time:\n{tail(log)}")
-        time.sleep(POLL_SECONDS / 5)
-    seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise BenchError(f"pg_recvlogical exited with {proc.returncode}:\n{tail(log)}")
     with cluster.client() as client:
@@ -107,8 +124,12 @@ def postgres_js(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
     proc = spawn(["node", str(HERE / "postgres_js_drain.mjs")], env=env, log=log,
                  stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    code, cpu, rss = wait_with_rusage(proc)
+    try:
+        out = proc.stdout.read().decode()
+        code, cpu, rss = wait_with_rusage(proc)
+    finally:
+        if proc.returncode is None:
+            stop(proc, signal.SIGKILL)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
     if code != 0 or result.get("changes") != changes:
@@ -143,6 +164,8 @@ def walcast(
         WALCAST_STATUS_INTERVAL=status_interval,
         WALCAST_LOG="warn",
     )
+    # RLS scenarios: subscriptions get registered here, before the clock
+    # starts (Workload.prepare_walcast, see workloads.py).
     assert redis.proc is not None
     redis_cpu = cpu_seconds(redis.proc.pid)
     client = cluster.client()

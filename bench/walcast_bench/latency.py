@@ -36,6 +36,8 @@ class Latency:
     max_ms: float
     mean_ms: float
     daemon_cpu: float
+    walsender_cpu: float | None
+    redis_cpu: float
 
 
 def prepare(cluster: Cluster, rates: list[int]) -> None:
@@ -49,7 +51,8 @@ def prepare(cluster: Cluster, rates: list[int]) -> None:
 
 
 def measure(
-    binary: Path, cluster: Cluster, redis: RedisServer, rates: list[int], seconds: int, logs: Path
+    binary: Path, cluster: Cluster, redis: RedisServer, rates: list[int], seconds: int, logs: Path,
+    samples: Path | None = None,
 ) -> list[Latency]:
     with cluster.client() as client:
         client.query(f"SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')")
@@ -73,16 +76,22 @@ def measure(
                 time.sleep(0.05)
             time.sleep(0.5)
             for rate in rates:
-                results.append(_one_rate(cluster, client, redis, daemon, rate, seconds, logs))
+                csv = samples / f"latency-{rate}.csv" if samples else None
+                results.append(_one_rate(cluster, client, redis, daemon, rate, seconds, logs, csv))
         return results
     finally:
         stop(daemon)
 
 
-def _one_rate(cluster, client, redis, daemon, rate: int, seconds: int, logs: Path) -> Latency:
-    subscriber = Subscriber(redis.port, CHANNEL, logs / f"subscriber-latency-{rate}.log", latency=True)
+def _one_rate(cluster, client, redis, daemon, rate: int, seconds: int, logs: Path,
+              samples: Path | None) -> Latency:
+    subscriber = Subscriber(redis.port, CHANNEL, logs / f"subscriber-latency-{rate}.log", latency=True,
+                            samples=samples)
     try:
         cpu_before = cpu_seconds(daemon.pid)
+        walsender = slot_position(client, SLOT)[1]
+        walsender_before = _cpu_or_none(walsender)
+        redis_before = cpu_seconds(redis.proc.pid)
         clients = 2 if rate <= 2000 else 4
         script = (
             f"INSERT INTO lat_{rate} (t_us, note) "
@@ -124,6 +133,21 @@ def _one_rate(cluster, client, redis, daemon, rate: int, seconds: int, logs: Pat
             max_ms=stats["max"] / 1000,
             mean_ms=stats["mean"] / 1000,
             daemon_cpu=cpu_seconds(daemon.pid) - cpu_before,
+            walsender_cpu=_delta(_cpu_or_none(walsender), walsender_before),
+            redis_cpu=cpu_seconds(redis.proc.pid) - redis_before,
         )
     finally:
         subscriber.close()
+
+
+def _cpu_or_none(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return None
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before

@@ -77,10 +77,13 @@ class Subscriber:
     latency runs — commit→receive percentiles.
     """
 
-    def __init__(self, port: int, channel: str, log: Path, latency: bool = False) -> None:
+    def __init__(self, port: int, channel: str, log: Path, latency: bool = False,
+                 samples: Path | None = None) -> None:
         cmd = [sys.executable, "-B", str(HERE / "subscriber.py"), str(port), channel]
         if latency:
             cmd.append("--latency")
+        if samples:
+            cmd += ["--samples", str(samples)]
         self.proc = spawn(cmd, log=log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.log = log
         line = self._line(timeout=20)

@@ -35,7 +35,7 @@ def table(header: list[list[str]], rows: list[list[str]], left: int = 1) -> str:
 
     def line(cells: list[str]) -> str:
         out = []
-        for i, (cell, width) in enumerate(zip(cells, widths)):
+        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
             out.append(cell.ljust(width) if i < left else cell.rjust(width))
         return "  ".join(out).rstrip()
 
@@ -91,10 +91,11 @@ def references(results: list[Result]) -> str:
 
 def latency(results: list[Latency]) -> str:
     header = [["target/s", "achieved/s", "messages", "p50 ms", "p99 ms", "max ms", "mean ms",
-               "walcast CPU s"]]
+               "walcast CPU s", "walsender CPU s", "redis CPU s"]]
     rows = [
         [f"{x.target_rate:,}", f"{x.achieved_rate:,.0f}", f"{x.messages:,}", f"{x.p50_ms:.2f}",
-         f"{x.p99_ms:.2f}", f"{x.max_ms:.2f}", f"{x.mean_ms:.2f}", f"{x.daemon_cpu:.2f}"]
+         f"{x.p99_ms:.2f}", f"{x.max_ms:.2f}", f"{x.mean_ms:.2f}", f"{x.daemon_cpu:.2f}",
+         _opt(x.walsender_cpu), f"{x.redis_cpu:.2f}"]
         for x in results
     ]
     return table(header, rows, left=0)

@@ -1,11 +1,18 @@
 """Counts the messages walcast publishes on a Redis channel (its own process).
 
-Usage: subscriber.py PORT CHANNEL [--latency]
+Usage: subscriber.py PORT CHANNEL [--latency [--samples CSV]]
 
 Talks RESP over a raw socket (no client library) and parses just the push
 frames of one channel: `*3 $7 message $N channel $M payload`, skipping each
 payload by its length. With --latency it also reads the `"t_us":<µs>` that
-the latency writer stores in each row and records receive time minus that.
+the latency writer stores in each row and records receive time minus that;
+--samples writes each (receive µs, latency µs) to a CSV when it reports.
+
+Counting is not what is timed (walcast is timed by its slot's confirmed
+position), so without --latency the subscriber reads lazily: after a short
+read it sleeps a few milliseconds, letting Redis gather more per read. That
+keeps its CPU, which shares the machine's two cores with walcast, the
+walsender and Redis, to a fraction of what one read per message costs.
 
 Protocol with bench/run, one JSON object per line:
   out  {"ready": true}                       subscribed
@@ -29,6 +36,8 @@ import sys
 import time
 
 T_US = re.compile(rb'"t_us":(\d+)')
+LAZY_BELOW = 256 << 10  # bytes: a read shorter than this means Redis had little queued
+LAZY_SLEEP = 0.005  # seconds
 
 
 def emit(obj: dict) -> None:
@@ -44,6 +53,7 @@ def percentile(sorted_values: list[int], q: float) -> int:
 def main() -> int:
     port, channel = int(sys.argv[1]), sys.argv[2].encode()
     latency = "--latency" in sys.argv[3:]
+    samples_csv = sys.argv[sys.argv.index("--samples") + 1] if "--samples" in sys.argv else None
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel))
@@ -65,6 +75,7 @@ def main() -> int:
     nbytes = 0
     first = last = 0.0
     samples: list[int] = []
+    received: list[int] = []
     target: int | None = None
     reported = False
     next_progress = 0.0
@@ -79,6 +90,10 @@ def main() -> int:
             "last": last,
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
         }
+        if samples_csv:
+            with open(samples_csv, "w") as f:
+                f.write("received_us,latency_us\n")
+                f.writelines(f"{r},{v}\n" for r, v in zip(received, samples, strict=True))
         if latency:
             values = sorted(samples)
             out["latency_us"] = (
@@ -127,6 +142,7 @@ def main() -> int:
                         match = T_US.search(buf, crlf + 2, crlf + 2 + size)
                         if match:
                             samples.append(now_us - int(match.group(1)))
+                            received.append(now_us)
                     if count == 0:
                         first = now
                     count += 1
@@ -134,6 +150,8 @@ def main() -> int:
                     pos = stop
                 last = now if pos else last
                 del buf[:pos]
+                if not latency and len(chunk) < LAZY_BELOW:
+                    time.sleep(LAZY_SLEEP)
             else:
                 data = os.read(0, 4096)
                 if not data:

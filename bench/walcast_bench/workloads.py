@@ -5,18 +5,21 @@ consumer can be checked to have drained all of them.
 
 Adding a workload: append a `Workload` to `workloads()`. The RLS scenarios
 (issue 6 asks for them once subscriptions and RLS have landed) go here too:
-their `prepare_walcast` hook will register the subscriptions (e.g. 10,000
-of them, through the control channel) after the daemon starts and before
-it is timed, and their tables will carry policies; the references drain the
-same WAL without any of that, as they would in production.
+tables with policies, and a `prepare_walcast` hook that registers the
+subscriptions (e.g. 10,000 of them) so that the daemon has them before it
+reads the workload's first change. Nothing calls the hook yet: its place is
+`consumers.walcast`, before the clock starts (how depends on how
+subscriptions are registered; if only through a running daemon, start it
+on an empty slot first). The references drain the same WAL without any of
+that, as they would in production.
 """
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .pg import Client, Cluster
 from .procs import BenchError
@@ -64,8 +67,8 @@ class Workload:
     load: Callable[[Cluster, Client], None]
     # Before the slots are made (pre-populating tables); not measured.
     prepare: Callable[[Cluster, Client], None] = lambda cluster, client: None
-    # After walcast starts and before it is timed: registering subscriptions
-    # for the RLS scenarios. None for the firehose-only workloads.
+    # Registers subscriptions for the RLS scenarios before walcast is timed
+    # (see the module doc; not called yet). None for the firehose workloads.
     prepare_walcast: Callable[..., None] | None = None
     notes: list[str] = field(default_factory=list)
 

@@ -1,102 +1,14 @@
-//! The Redis contract between the daemon and its consumers: channel names
-//! and versioned messages, nothing else. `docs/bus.md` is its prose form;
-//! change both together.
+//! The Redis contract between the daemon and the gateways (or any other
+//! consumer): channel and key names, and versioned messages, nothing else.
+//! `docs/bus.md` is its prose form; change both together.
 
-use crate::lsn::Lsn;
+mod control;
+mod event;
+mod names;
+
+pub use control::{Control, ControlOp, Reply, Subscription};
+pub use event::{write_change_event, write_gateway_event};
+pub use names::Names;
 
 /// Version of the message format, the `v` field of every message.
 pub const VERSION: u32 = 1;
-
-/// The channel on which every change of `tenant` is published unfiltered,
-/// for trusted backend consumers: `walcast:{tenant}:firehose`.
-pub fn firehose_channel(tenant: &str) -> String {
-    format!("walcast:{tenant}:firehose")
-}
-
-/// Writes one change event: `{"v":1,"lsn":"0/16B3748","seq":0,"xid":750,"data":{...}}`.
-///
-/// `lsn` is the commit LSN of the change's transaction and `seq` its
-/// position in it: the pair is unique and increases in commit order, so a
-/// consumer drops anything at or below the last pair it processed.
-/// `write_data` writes the Supabase `data` object.
-pub fn write_change_event(
-    out: &mut Vec<u8>,
-    lsn: Lsn,
-    seq: u32,
-    xid: u32,
-    write_data: impl FnOnce(&mut Vec<u8>),
-) {
-    // Built by hand: this runs once per change.
-    out.extend_from_slice(b"{\"v\":");
-    push_number(out, u64::from(VERSION));
-    out.extend_from_slice(b",\"lsn\":\"");
-    push_hex(out, lsn.0 >> 32);
-    out.push(b'/');
-    push_hex(out, lsn.0 & 0xFFFF_FFFF);
-    out.extend_from_slice(b"\",\"seq\":");
-    push_number(out, u64::from(seq));
-    out.extend_from_slice(b",\"xid\":");
-    push_number(out, u64::from(xid));
-    out.extend_from_slice(b",\"data\":");
-    write_data(out);
-    out.push(b'}');
-}
-
-fn push_number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-/// Upper-case hex without leading zeros, as Postgres prints LSN halves.
-fn push_hex(out: &mut Vec<u8>, mut n: u64) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = HEX[(n & 0xF) as usize];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_envelope_wraps_the_data_object() {
-        let mut out = Vec::new();
-        write_change_event(&mut out, Lsn(0x16B3748), 3, 750, |o| {
-            o.extend_from_slice(b"{}")
-        });
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"v":1,"lsn":"0/16B3748","seq":3,"xid":750,"data":{}}"#
-        );
-        assert_eq!(firehose_channel("t1"), "walcast:t1:firehose");
-        let mut out = Vec::new();
-        write_change_event(&mut out, Lsn(u64::MAX), u32::MAX, 0, |o| {
-            o.extend_from_slice(b"{}")
-        });
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            format!(
-                r#"{{"v":1,"lsn":"{}","seq":4294967295,"xid":0,"data":{{}}}}"#,
-                Lsn(u64::MAX)
-            )
-        );
-    }
-}

@@ -48,6 +48,8 @@ impl Error {
 pub struct Catalog {
     pool: Pool,
     types: HashMap<Oid, Arc<TypeInfo>>,
+    row_security: HashMap<Oid, bool>,
+    selectable: HashMap<(Arc<str>, Oid), Arc<[bool]>>,
 }
 
 impl Catalog {
@@ -56,6 +58,8 @@ impl Catalog {
         Catalog {
             pool,
             types: HashMap::new(),
+            row_security: HashMap::new(),
+            selectable: HashMap::new(),
         }
     }
 
@@ -64,10 +68,62 @@ impl Catalog {
         self.types.remove(&oid);
     }
 
-    /// Forgets every cached non-built-in type (a `Relation` message: a table
-    /// or one of its types may have been altered).
+    /// Forgets every cached non-built-in type, RLS flag and privilege (a
+    /// `Relation` message: a table or one of its types may have been
+    /// altered; also run on a timer, since GRANTs leave no trace in the WAL).
     pub fn invalidate_all(&mut self) {
         self.types.clear();
+        self.row_security.clear();
+        self.selectable.clear();
+    }
+
+    /// Whether row level security is enabled on table `relid`
+    /// (`relrowsecurity`; FORCE is not consulted, as Supabase does not).
+    pub async fn row_security(&mut self, relid: Oid) -> Result<bool, Error> {
+        if let Some(enabled) = self.row_security.get(&relid) {
+            return Ok(*enabled);
+        }
+        let client = self.pool.get().await?;
+        let enabled = client
+            .query_opt(
+                "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid = $1",
+                &[&relid],
+            )
+            .await?
+            .is_some_and(|row| row.get(0));
+        self.row_security.insert(relid, enabled);
+        Ok(enabled)
+    }
+
+    /// For each of `columns` (a table's published columns, in order), whether
+    /// `role` may select it. A column the catalog no longer has is not
+    /// selectable.
+    pub async fn selectable(
+        &mut self,
+        role: &Arc<str>,
+        relid: Oid,
+        columns: &[&str],
+    ) -> Result<Arc<[bool]>, Error> {
+        if let Some(cached) = self.selectable.get(&(role.clone(), relid)) {
+            return Ok(cached.clone());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                include_str!("../../sql/subscription_columns.sql"),
+                &[&relid, &role.as_ref()],
+            )
+            .await?;
+        let allowed: Arc<[bool]> = columns
+            .iter()
+            .map(|name| {
+                rows.iter()
+                    .any(|r| r.get::<_, &str>(0) == *name && r.get::<_, bool>(1))
+            })
+            .collect();
+        self.selectable
+            .insert((role.clone(), relid), allowed.clone());
+        Ok(allowed)
     }
 
     /// The type `oid`: built in, cached, or read from the catalog.

@@ -25,7 +25,6 @@ mod slot;
 
 pub use finding::{Finding, Level, describe};
 pub use report::{EXIT_ERROR, EXIT_OK, Report};
-pub use role::SUBSCRIBER_ROLES;
 
 use crate::config::{DatabaseUrl, Settings};
 use crate::pool;

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use super::{Finding, id};
 
 /// The subscriber roles RLS is checked as, as on Supabase.
-pub const SUBSCRIBER_ROLES: [&str; 2] = ["anon", "authenticated"];
+const SUBSCRIBER_ROLES: [&str; 2] = ["anon", "authenticated"];
 
 /// The connecting role's attributes, its name quoted for fixes.
 const ROLE: &str = "

@@ -40,6 +40,8 @@ pub struct Settings {
     pub status_interval: Duration,
     /// The longest pause between reconnection attempts.
     pub reconnect_max_delay: Duration,
+    /// Roles subscriptions may check visibility as.
+    pub allowed_roles: Vec<String>,
     /// Above this many bytes of `record` + `old_record` JSON, values over
     /// 64 bytes are dropped and the payload says `Error 413`.
     pub max_record_bytes: usize,
@@ -82,6 +84,7 @@ keys! {
     FIREHOSE: "firehose", "WALCAST_FIREHOSE", "--firehose", Some("false");
     STATUS_INTERVAL: "status_interval", "WALCAST_STATUS_INTERVAL", "--status-interval", Some("1s");
     RECONNECT_MAX_DELAY: "reconnect_max_delay", "WALCAST_RECONNECT_MAX_DELAY", "--reconnect-max-delay", Some("10s");
+    ALLOWED_ROLES: "allowed_roles", "WALCAST_ALLOWED_ROLES", "--allowed-roles", Some("anon,authenticated");
     MAX_RECORD_BYTES: "max_record_bytes", "WALCAST_MAX_RECORD_BYTES", "--max-record-bytes", Some("1048576");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
@@ -253,6 +256,7 @@ impl Settings {
                 lookup(&RECONNECT_MAX_DELAY)?,
                 parse_duration,
             )?,
+            allowed_roles: parse(&ALLOWED_ROLES, lookup(&ALLOWED_ROLES)?, parse_roles)?,
             max_record_bytes: parse(&MAX_RECORD_BYTES, lookup(&MAX_RECORD_BYTES)?, parse_bytes)?,
             log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
             log: lookup(&LOG)?.0,
@@ -275,6 +279,21 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".to_owned());
     }
     Ok(d)
+}
+
+fn parse_roles(v: &str) -> Result<Vec<String>, String> {
+    let roles: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if roles.is_empty() {
+        return Err(
+            "expected a comma-separated list of role names, e.g. \"anon,authenticated\"".to_owned(),
+        );
+    }
+    Ok(roles)
 }
 
 fn parse_bytes(v: &str) -> Result<usize, String> {

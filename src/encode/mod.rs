@@ -16,6 +16,6 @@ mod payload;
 mod time;
 mod value;
 
-pub use payload::{NO_PRIMARY_KEY, PAYLOAD_TOO_LARGE, PayloadEncoder};
+pub use payload::{NO_PRIMARY_KEY, PAYLOAD_TOO_LARGE, PayloadEncoder, UNAUTHORIZED, View};
 pub use time::write_commit_timestamp;
 pub use value::{Malformed, write_json_string, write_value};

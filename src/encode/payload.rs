@@ -15,6 +15,27 @@ pub const PAYLOAD_TOO_LARGE: &str = "Error 413: Payload Too Large";
 /// In an oversized change, values whose JSON is longer than this are dropped.
 const LARGE_VALUE_BYTES: usize = 64;
 
+/// Supabase's error when a role may not select a table's primary key.
+pub const UNAUTHORIZED: &str = "Error 401: Unauthorized";
+
+/// What one group of subscribers may see of a change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct View<'a> {
+    /// Per column (in relation order): whether it may be sent — the role's
+    /// SELECT privilege and the subscription's `select`. `None`: all.
+    pub visible: Option<&'a [bool]>,
+    /// Send only the primary key as a DELETE's `old_record`: Supabase's
+    /// rule under RLS, which does not check deletes against policies.
+    pub old_record_primary_key_only: bool,
+}
+
+impl View<'_> {
+    fn shows(&self, index: usize) -> bool {
+        self.visible
+            .is_none_or(|v| v.get(index).copied().unwrap_or(false))
+    }
+}
+
 /// Writes `data` objects, reusing its buffers from change to change.
 #[derive(Debug)]
 pub struct PayloadEncoder {
@@ -34,8 +55,13 @@ impl PayloadEncoder {
         }
     }
 
-    /// Writes the `data` object for `change`.
+    /// Writes the `data` object for `change` with every column.
     pub fn write_data(&mut self, out: &mut Vec<u8>, change: &Change) {
+        self.write_view(out, change, View::default());
+    }
+
+    /// Writes the `data` object for `change` as `view` lets its readers see it.
+    pub fn write_view(&mut self, out: &mut Vec<u8>, change: &Change, view: View<'_>) {
         let relation = &change.relation;
         let inserts_or_updates = matches!(
             change.kind,
@@ -44,15 +70,28 @@ impl PayloadEncoder {
         if inserts_or_updates && !relation.has_primary_key {
             return write_error_payload(out, change, NO_PRIMARY_KEY);
         }
-        let too_large = self.records(change, usize::MAX);
+        let key_hidden = relation
+            .columns
+            .iter()
+            .enumerate()
+            .any(|(i, c)| c.is_primary_key && !view.shows(i));
+        if inserts_or_updates && key_hidden {
+            return write_error_payload(out, change, UNAUTHORIZED);
+        }
+        let too_large = self.records(change, usize::MAX, view);
         if too_large {
-            self.records(change, LARGE_VALUE_BYTES);
+            self.records(change, LARGE_VALUE_BYTES, view);
         }
         out.extend_from_slice(b"{\"columns\":[");
+        let mut first = true;
         for (i, column) in relation.columns.iter().enumerate() {
-            if i > 0 {
+            if !view.shows(i) {
+                continue;
+            }
+            if !first {
                 out.push(b',');
             }
+            first = false;
             out.extend_from_slice(b"{\"name\":");
             write_json_string(out, column.name.as_bytes());
             out.extend_from_slice(b",\"type\":");
@@ -85,38 +124,37 @@ impl PayloadEncoder {
     }
 
     /// Renders `old_record` and `record` into the scratch buffers, leaving
-    /// out values longer than `value_limit`; returns whether together they
-    /// exceed `max_record_bytes`.
-    fn records(&mut self, change: &Change, value_limit: usize) -> bool {
+    /// out values longer than `value_limit` and columns `view` hides;
+    /// returns whether together they exceed `max_record_bytes`.
+    fn records(&mut self, change: &Change, value_limit: usize, view: View<'_>) -> bool {
         self.old_record.clear();
         self.record.clear();
-        let columns = &change.relation.columns;
+        let fields = Fields {
+            columns: &change.relation.columns,
+            value_limit,
+            view,
+        };
         match &change.kind {
-            ChangeKind::Insert { new } => {
-                write_record(&mut self.record, columns, new, None, value_limit)
-            }
+            ChangeKind::Insert { new } => fields.record(&mut self.record, new, None),
             ChangeKind::Update { old, new } => {
                 match old {
-                    Some(OldRow::Full(row)) => {
-                        write_record(&mut self.old_record, columns, row, None, value_limit)
-                    }
-                    Some(OldRow::Key(row)) => {
-                        write_key(&mut self.old_record, columns, row, value_limit)
-                    }
+                    Some(OldRow::Full(row)) => fields.record(&mut self.old_record, row, None),
+                    Some(OldRow::Key(row)) => fields.identity(&mut self.old_record, row),
                     // The key did not change: it is in the new row.
-                    None => write_key(&mut self.old_record, columns, new, value_limit),
+                    None => fields.identity(&mut self.old_record, new),
                 }
                 let fallback = match old {
                     Some(OldRow::Full(row)) => Some(row),
                     _ => None,
                 };
-                write_record(&mut self.record, columns, new, fallback, value_limit);
+                fields.record(&mut self.record, new, fallback);
+            }
+            ChangeKind::Delete { old } if view.old_record_primary_key_only => {
+                fields.primary_key(&mut self.old_record, old.row());
             }
             ChangeKind::Delete { old } => match old {
-                OldRow::Full(row) => {
-                    write_record(&mut self.old_record, columns, row, None, value_limit)
-                }
-                OldRow::Key(row) => write_key(&mut self.old_record, columns, row, value_limit),
+                OldRow::Full(row) => fields.record(&mut self.old_record, row, None),
+                OldRow::Key(row) => fields.identity(&mut self.old_record, row),
             },
             ChangeKind::Truncate { .. } => {}
         }
@@ -124,7 +162,7 @@ impl PayloadEncoder {
     }
 }
 
-/// The shape Supabase sends when it cannot check a change: no columns, no
+/// The shape Supabase sends when it cannot show a change: no columns, no
 /// commit time, empty records, one error.
 fn write_error_payload(out: &mut Vec<u8>, change: &Change, error: &str) {
     out.extend_from_slice(b"{\"columns\":[],\"commit_timestamp\":null,\"errors\":[");
@@ -151,67 +189,73 @@ fn write_type(out: &mut Vec<u8>, change: &Change) {
     out.extend_from_slice(b"\"}");
 }
 
-/// All columns of `row`. An unchanged TOAST value is taken from `fallback`
-/// (the old row under REPLICA IDENTITY FULL) or else left out: its value is
-/// unknown, and an absent key is what Supabase clients expect.
-fn write_record(
-    out: &mut Vec<u8>,
-    columns: &[Column],
-    row: &Row,
-    fallback: Option<&Row>,
+/// Writes rows as JSON objects: the columns a view shows, values up to a
+/// size limit.
+struct Fields<'a> {
+    columns: &'a [Column],
     value_limit: usize,
-) {
-    let fields =
-        columns
-            .iter()
-            .zip(row)
-            .enumerate()
-            .filter_map(|(i, (column, datum))| match datum {
-                Datum::UnchangedToast => fallback
-                    .and_then(|old| old.get(i))
-                    .filter(|d| !matches!(d, Datum::UnchangedToast))
-                    .map(|d| (column, d)),
-                _ => Some((column, datum)),
-            });
-    write_object(out, fields, value_limit);
+    view: View<'a>,
 }
 
-/// Only the replica identity key columns of `row`.
-fn write_key(out: &mut Vec<u8>, columns: &[Column], row: &Row, value_limit: usize) {
-    let fields = columns
-        .iter()
-        .zip(row)
-        .filter(|(column, datum)| column.is_key && !matches!(datum, Datum::UnchangedToast));
-    write_object(out, fields, value_limit);
-}
-
-fn write_object<'a>(
-    out: &mut Vec<u8>,
-    fields: impl Iterator<Item = (&'a Column, &'a Datum)>,
-    value_limit: usize,
-) {
-    out.push(b'{');
-    let mut first = true;
-    for (column, datum) in fields {
-        let field_start = out.len();
-        if !first {
-            out.push(b',');
-        }
-        write_json_string(out, column.name.as_bytes());
-        out.push(b':');
-        let value_start = out.len();
-        match datum {
-            Datum::Text(text) => write_value(out, &column.ty, text),
-            Datum::Json(json) => out.extend_from_slice(json),
-            Datum::Null | Datum::UnchangedToast => out.extend_from_slice(b"null"),
-        }
-        if out.len() - value_start > value_limit {
-            out.truncate(field_start);
-        } else {
-            first = false;
-        }
+impl Fields<'_> {
+    /// All shown columns of `row`. An unchanged TOAST value is taken from
+    /// `fallback` (the old row under REPLICA IDENTITY FULL) or else left
+    /// out: its value is unknown, and an absent key is what Supabase
+    /// clients expect.
+    fn record(&self, out: &mut Vec<u8>, row: &Row, fallback: Option<&Row>) {
+        self.object(out, row, |_, _| true, fallback);
     }
-    out.push(b'}');
+
+    /// Only the replica identity key columns of `row`.
+    fn identity(&self, out: &mut Vec<u8>, row: &Row) {
+        self.object(out, row, |column, _| column.is_key, None);
+    }
+
+    /// Only the primary key columns of `row`.
+    fn primary_key(&self, out: &mut Vec<u8>, row: &Row) {
+        self.object(out, row, |column, _| column.is_primary_key, None);
+    }
+
+    fn object(
+        &self,
+        out: &mut Vec<u8>,
+        row: &Row,
+        wanted: impl Fn(&Column, &Datum) -> bool,
+        fallback: Option<&Row>,
+    ) {
+        out.push(b'{');
+        let mut first = true;
+        for (i, (column, datum)) in self.columns.iter().zip(row).enumerate() {
+            if !self.view.shows(i) || !wanted(column, datum) {
+                continue;
+            }
+            let datum = match datum {
+                Datum::UnchangedToast => match fallback.and_then(|old| old.get(i)) {
+                    Some(old) if !matches!(old, Datum::UnchangedToast) => old,
+                    _ => continue,
+                },
+                other => other,
+            };
+            let field_start = out.len();
+            if !first {
+                out.push(b',');
+            }
+            write_json_string(out, column.name.as_bytes());
+            out.push(b':');
+            let value_start = out.len();
+            match datum {
+                Datum::Text(text) => write_value(out, &column.ty, text),
+                Datum::Json(json) => out.extend_from_slice(json),
+                Datum::Null | Datum::UnchangedToast => out.extend_from_slice(b"null"),
+            }
+            if out.len() - value_start > self.value_limit {
+                out.truncate(field_start);
+            } else {
+                first = false;
+            }
+        }
+        out.push(b'}');
+    }
 }
 
 #[cfg(test)]
@@ -380,6 +424,62 @@ mod tests {
             format!(
                 r#"{COLUMNS},"errors":null,{NAMES},"old_record":{{"id":1,"body":"x","meta":null}},"type":"DELETE"}}"#
             )
+        );
+    }
+
+    #[test]
+    fn a_view_hides_columns_and_a_hidden_key_is_401() {
+        let mut out = Vec::new();
+        let change = change_of(
+            ChangeKind::Insert {
+                new: vec![text("1"), text("secret"), text("{}")],
+            },
+            true,
+        );
+        let visible = [true, false, true];
+        let view = View {
+            visible: Some(&visible),
+            old_record_primary_key_only: false,
+        };
+        PayloadEncoder::new(1 << 20).write_view(&mut out, &change, view);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                r#"{{"columns":[{{"name":"id","type":"int8"}},{{"name":"meta","type":"jsonb"}}],"commit_timestamp":"2000-01-01T00:00:00.000Z","errors":null,{NAMES},"record":{{"id":1,"meta":{{}}}},"type":"INSERT"}}"#
+            )
+        );
+        let mut out = Vec::new();
+        let visible = [false, true, true];
+        let view = View {
+            visible: Some(&visible),
+            old_record_primary_key_only: false,
+        };
+        PayloadEncoder::new(1 << 20).write_view(&mut out, &change, view);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                r#"{{"columns":[],"commit_timestamp":null,"errors":["Error 401: Unauthorized"],{NAMES},"record":{{}},"type":"INSERT"}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn under_rls_a_delete_shows_only_the_primary_key() {
+        let mut out = Vec::new();
+        let change = change_of(
+            ChangeKind::Delete {
+                old: OldRow::Full(vec![text("1"), text("gone"), Datum::Null]),
+            },
+            true,
+        );
+        let view = View {
+            visible: None,
+            old_record_primary_key_only: true,
+        };
+        PayloadEncoder::new(1 << 20).write_view(&mut out, &change, view);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(r#"{COLUMNS},"errors":null,{NAMES},"old_record":{{"id":1}},"type":"DELETE"}}"#)
         );
     }
 

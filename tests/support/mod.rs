@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod gateway;
 pub mod json_exact;
 pub mod load;
 pub mod postgres;

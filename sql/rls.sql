@@ -1,0 +1,195 @@
+-- walcast: batched Row Level Security checks.
+--
+-- walcast.visible_keys answers, for one table and many subscriber groups
+-- at once, which candidate rows each group may see: one call per batch of
+-- changes instead of one query per change per subscriber (Supabase's way).
+-- A group is a (role, claims) pair with the primary keys of the rows it is
+-- a candidate for, as text. For each group, in order, the function
+--   1. sets the role and request.jwt.claims transaction-locally, exactly as
+--      a PostgREST request would (set_config(..., true) = SET LOCAL);
+--   2. runs ONE query: which of the candidate keys exist in the table as
+--      that role, so the table's policies decide;
+--   3. puts the role and claims back to what they were before the group.
+-- Each group runs in its own BEGIN ... EXCEPTION block (a subtransaction):
+-- a policy that raises (say, a claim that is not a uuid cast to uuid), a
+-- role that does not exist or that the caller may not SET ROLE to, or a
+-- missing privilege fails that group only, with its SQLSTATE and message;
+-- the subtransaction's rollback also undoes the group's settings. A
+-- statement timeout or cancel is not caught (WHEN OTHERS excludes them):
+-- it ends the whole call, and the caller denies every group.
+--
+-- Security:
+--   * SECURITY INVOKER (the default, spelt out): SET ROLE is checked
+--     against the session user, so the login role (sql/role.sql) must be
+--     a member of every subscriber role; a SECURITY DEFINER function could
+--     not SET ROLE at all.
+--   * No search_path is pinned on the function, on purpose: a SET clause
+--     would also apply to the policies and the functions they call, which
+--     must see the session's search_path as they would for the subscriber.
+--     Everything here is schema-qualified instead.
+--   * Names are never trusted: the table is looked up in pg_class by
+--     schema and name, each key column in pg_attribute, and spliced only
+--     through format('%I'); key types come from format_type() of the
+--     catalog, never from the caller. Roles, claims and key values are data
+--     only: set_config() values and the query's one parameter.
+--   * A NULL role or 'none' is refused: set_config('role', NULL or 'none')
+--     would mean "no role", i.e. the login role's own view of the table.
+--   * Run it in a READ ONLY transaction (walcast does): policies then
+--     cannot write either.
+--
+-- Returns one row per group, in order: group_no (1-based), visible (the
+-- 1-based positions of the visible candidates, in no particular order;
+-- NULL when the group failed), error_code and error_message (NULL unless
+-- it failed).
+--
+-- Idempotent: schema and type are created if missing, the function is
+-- replaced. Executable by the walcast login role (the custom setting
+-- walcast.role, default walcast, as in sql/role.sql) when it exists; not by
+-- PUBLIC.
+
+CREATE SCHEMA IF NOT EXISTS walcast;
+
+-- One subscriber group: its role, its claims (JSON text), and its candidate
+-- keys as a two-dimensional text array, one row per key column and one
+-- column per candidate: keys[k][i] is key column k of candidate i. (A
+-- composite per group lets every group bring its own number of candidates;
+-- slicing one big flat array per group would cost the whole array each time.)
+DO $walcast$
+BEGIN
+  IF NOT EXISTS (
+    SELECT FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname = 'walcast' AND t.typname = 'rls_group'
+  ) THEN
+    CREATE TYPE walcast.rls_group AS (role text, claims text, keys text[]);
+    RAISE NOTICE 'created type walcast.rls_group';
+  ELSE
+    RAISE NOTICE 'type walcast.rls_group exists; left unchanged';
+  END IF;
+END
+$walcast$;
+
+CREATE OR REPLACE FUNCTION walcast.visible_keys(
+  schema_name text,
+  table_name text,
+  key_columns text[],
+  groups walcast.rls_group[]
+) RETURNS TABLE (group_no integer, visible integer[], error_code text, error_message text)
+LANGUAGE plpgsql
+VOLATILE
+SECURITY INVOKER
+AS $function$
+DECLARE
+  rel oid;
+  rel_sql text;                  -- "schema"."table", quoted
+  ncols integer := pg_catalog.cardinality(key_columns);
+  col record;
+  unnest_args text := '';        -- pg_catalog.unnest(($1[1:1])::bigint[]), ...
+  key_names text := '';          -- k1, k2, ...
+  conditions text := '';         -- t."id" = c.k1 AND ...
+  query text;
+  role_before text := pg_catalog.current_setting('role');
+  claims_before text := pg_catalog.current_setting('request.jwt.claims', true);
+  grp walcast.rls_group;
+  n integer;
+BEGIN
+  IF ncols IS NULL OR ncols = 0 THEN
+    RAISE EXCEPTION 'walcast.visible_keys: no key columns' USING ERRCODE = '22023';
+  END IF;
+
+  SELECT c.oid, pg_catalog.format('%I.%I', ns.nspname, c.relname) INTO rel, rel_sql
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
+  WHERE ns.nspname = schema_name AND c.relname = table_name AND c.relkind IN ('r', 'p');
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'walcast.visible_keys: table %.% does not exist',
+      pg_catalog.quote_ident(schema_name), pg_catalog.quote_ident(table_name)
+      USING ERRCODE = '42P01';
+  END IF;
+
+  FOR k IN 1..ncols LOOP
+    SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) AS sql_type INTO col
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = rel AND a.attname = key_columns[k] AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'walcast.visible_keys: column % of % does not exist',
+        pg_catalog.quote_ident(key_columns[k]), rel_sql USING ERRCODE = '42703';
+    END IF;
+    -- Row k of the keys, cast as a whole array: the cast applies to the
+    -- parameter, not to a column, so the join condition below compares
+    -- typed columns with the type's own (leakproof) equality and may be an
+    -- index condition. A cast on the candidate column (t.id = c.k::bigint)
+    -- is not leakproof, so Postgres would have to apply the policies first
+    -- and could never probe the primary key.
+    unnest_args := unnest_args
+      || pg_catalog.format('%spg_catalog.unnest(($1[%s:%s])::%s[])', CASE WHEN k > 1 THEN ', ' END, k, k, col.sql_type);
+    key_names := key_names || pg_catalog.format('k%s, ', k);
+    conditions := conditions
+      || pg_catalog.format('%st.%I = c.k%s', CASE WHEN k > 1 THEN ' AND ' END, col.attname, k);
+  END LOOP;
+  -- The candidates drive a semi-join; with the policies' quals added, the
+  -- planner chooses primary-key probes (few candidates) or a hash of the
+  -- rows the role may see (many).
+  query := pg_catalog.format(
+    'SELECT pg_catalog.array_agg(c.i) FROM ROWS FROM (%s) WITH ORDINALITY AS c(%si) '
+    'WHERE EXISTS (SELECT FROM %s t WHERE %s)',
+    unnest_args, key_names, rel_sql, conditions);
+
+  group_no := 0;
+  FOREACH grp IN ARRAY groups LOOP
+    group_no := group_no + 1;
+    visible := NULL;
+    error_code := NULL;
+    error_message := NULL;
+    BEGIN
+      IF grp.role IS NULL OR grp.role = 'none' THEN
+        RAISE EXCEPTION 'walcast.visible_keys: % is not a subscriber role',
+          coalesce(pg_catalog.quote_literal(grp.role), 'NULL') USING ERRCODE = '22023';
+      END IF;
+      n := coalesce(pg_catalog.array_length(grp.keys, 2), 0);
+      IF n > 0 AND pg_catalog.array_length(grp.keys, 1) <> ncols THEN
+        RAISE EXCEPTION 'walcast.visible_keys: keys have % rows, the table key has % columns',
+          pg_catalog.array_length(grp.keys, 1), ncols USING ERRCODE = '22023';
+      END IF;
+      PERFORM pg_catalog.set_config('role', grp.role, true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', grp.claims, true);
+      IF n > 0 THEN
+        EXECUTE query INTO visible USING grp.keys;
+      END IF;
+      visible := coalesce(visible, '{}');
+      PERFORM pg_catalog.set_config('role', role_before, true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', claims_before, true);
+    EXCEPTION WHEN OTHERS THEN
+      -- The subtransaction is rolled back: role and claims are as before.
+      visible := NULL;
+      GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
+    END;
+    RETURN NEXT;
+  END LOOP;
+
+  -- Belt and braces: never return with a subscriber's role or claims.
+  IF pg_catalog.current_setting('role') IS DISTINCT FROM role_before THEN
+    RAISE EXCEPTION 'walcast.visible_keys: role was not restored' USING ERRCODE = 'XX000';
+  END IF;
+END
+$function$;
+
+COMMENT ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) IS
+  'walcast: which candidate keys each (role, claims) group may see in a table, one query per group, a failing group contained; see sql/rls.sql';
+
+DO $walcast$
+DECLARE
+  role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
+BEGIN
+  REVOKE ALL ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) FROM PUBLIC;
+  IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
+    EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
+    EXECUTE format('GRANT USAGE ON TYPE walcast.rls_group TO %I', role_name);
+    EXECUTE format(
+      'GRANT EXECUTE ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) TO %I',
+      role_name);
+    RAISE NOTICE 'role % may call walcast.visible_keys', quote_ident(role_name);
+  ELSE
+    RAISE NOTICE 'role % does not exist; walcast.visible_keys is not granted to it (run sql/role.sql first)',
+      quote_ident(role_name);
+  END IF;
+END
+$walcast$;

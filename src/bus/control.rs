@@ -1,0 +1,162 @@
+//! Subscription requests (gateway → daemon) and the daemon's replies.
+//!
+//! A gateway writes each subscription into its registry hash
+//! ([`super::Names::subscriptions`]) and then publishes a [`Control`]
+//! message on [`super::Names::control`]; the daemon answers on the
+//! gateway's channel with a [`Reply`]. The hash is what a restarted daemon
+//! reads back, so a subscription survives a daemon restart without the
+//! gateway doing anything.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One subscription: a channel binding of a client, after the gateway has
+/// verified its JWT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Unique within its gateway; events name it in `ids`.
+    pub id: String,
+    /// The client's channel topic (`realtime:room1`), for the gateway's use.
+    #[serde(default)]
+    pub topic: String,
+    /// Schema; `*` for every published schema.
+    pub schema: String,
+    /// Table; `*` for every published table of the schema.
+    pub table: String,
+    /// `INSERT`, `UPDATE`, `DELETE` or `*`.
+    #[serde(default = "all_events")]
+    pub event: String,
+    /// Filter in Supabase's grammar (`owner_id=eq.7`), if any.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Columns to receive (the primary key is always included), if not all.
+    #[serde(default)]
+    pub select: Option<Vec<String>>,
+    /// The verified JWT claims; set as `request.jwt.claims` for RLS.
+    pub claims: Map<String, Value>,
+    /// The database role to check visibility as (the claims' `role`).
+    pub role: String,
+}
+
+fn all_events() -> String {
+    "*".to_owned()
+}
+
+/// A message on the control channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    /// Format version: [`super::VERSION`].
+    pub v: u32,
+    /// The sending gateway's id.
+    pub gateway: String,
+    /// What it asks.
+    #[serde(flatten)]
+    pub op: ControlOp,
+}
+
+/// What a gateway asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlOp {
+    /// Add (or replace, same id) a subscription.
+    Subscribe {
+        /// The subscription, as also stored in the gateway's registry hash.
+        subscription: Subscription,
+    },
+    /// Remove a subscription.
+    Unsubscribe {
+        /// Its id.
+        id: String,
+    },
+    /// The gateway is shutting down: remove all its subscriptions.
+    Leave,
+}
+
+/// The daemon's answer about one subscription, on the gateway's channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The subscription is live: every change committed after `lsn` that
+    /// it may see will be delivered.
+    Subscribed {
+        /// Format version.
+        v: u32,
+        /// The subscription.
+        id: String,
+        /// The WAL position from which it is live.
+        lsn: String,
+    },
+    /// The subscription was refused; `message` is Supabase's text where
+    /// Supabase has one.
+    Rejected {
+        /// Format version.
+        v: u32,
+        /// The subscription.
+        id: String,
+        /// Why.
+        message: String,
+    },
+    /// Visibility of a change could not be decided for these subscriptions
+    /// (their RLS policy raised or timed out); they do not receive it.
+    Error {
+        /// Format version.
+        v: u32,
+        /// The subscriptions concerned.
+        ids: Vec<String>,
+        /// The change's commit LSN.
+        lsn: String,
+        /// The change's position in its transaction.
+        seq: u32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_round_trip_in_the_documented_shape() {
+        let text = r#"{"v":1,"gateway":"g1","op":"subscribe","subscription":{"id":"s1","topic":"realtime:room1","schema":"public","table":"todos","event":"INSERT","filter":"id=eq.1","select":null,"claims":{"role":"authenticated","sub":"u1"},"role":"authenticated"}}"#;
+        let control: Control = serde_json::from_str(text).unwrap();
+        assert_eq!(control.gateway, "g1");
+        let ControlOp::Subscribe { subscription } = &control.op else {
+            panic!("not a subscribe")
+        };
+        assert_eq!(
+            (subscription.id.as_str(), subscription.filter.as_deref()),
+            ("s1", Some("id=eq.1"))
+        );
+        assert_eq!(serde_json::to_string(&control).unwrap(), text);
+        let leave: Control =
+            serde_json::from_str(r#"{"v":1,"gateway":"g1","op":"leave"}"#).unwrap();
+        assert_eq!(leave.op, ControlOp::Leave);
+    }
+
+    #[test]
+    fn replies_are_tagged_by_type() {
+        let reply = Reply::Rejected {
+            v: 1,
+            id: "s1".into(),
+            message: "no".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"type":"rejected","v":1,"id":"s1","message":"no"}"#
+        );
+    }
+
+    #[test]
+    fn malformed_control_messages_are_errors() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"v":1,"gateway":"g","op":"fly"}"#,
+            r#"{"v":1,"gateway":"g","op":"subscribe","subscription":{"id":"s"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Control>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Subscription requests from gateways, validated and answered over the bus.
+//!
+//! ```text
+//! gateway ──HSET subscriptions, PUBLISH control──▶ control task ──validate (pool)──▶ Shared registry
+//!    ▲                                                   │                              │ read per change
+//!    └────────── PUBLISH gateway channel: subscribed {lsn} / rejected {message} ◀───────┘
+//! ```
+//!
+//! The control task is independent of the replication session: it keeps
+//! the registry while replication reconnects. On every (re)connection to
+//! Redis it reads the gateways' registry hashes back, so subscriptions made
+//! while the daemon was down or Redis was away are not lost; a gateway whose
+//! lease key expired has its subscriptions dropped.
+
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use validate::{Validator, Verdict};
+
+use crate::bus::{self, Control, ControlOp, Names, Reply, Subscription};
+use crate::subscription::Shared;
+
+/// How often the leases of known gateways are checked.
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long Redis may take to connect or answer.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the control task lost its connection (it reconnects by itself).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis refused or went away.
+    #[error("control: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The control channel's subscription ended (Redis went away).
+    #[error("control: the control channel subscription ended")]
+    Disconnected,
+}
+
+/// The control task's state.
+pub struct ControlTask {
+    redis_url: String,
+    names: Names,
+    validator: tokio::sync::Mutex<Validator>,
+    shared: Arc<Shared>,
+}
+
+impl ControlTask {
+    /// A control task for `names`' tenant.
+    pub fn new(redis_url: String, names: Names, validator: Validator, shared: Arc<Shared>) -> Self {
+        ControlTask {
+            redis_url,
+            names,
+            validator: tokio::sync::Mutex::new(validator),
+            shared,
+        }
+    }
+
+    /// Serves until `cancel` fires, reconnecting to Redis with backoff.
+    pub async fn run(self, cancel: CancellationToken) {
+        let backoff = backon::ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = backoff.build();
+        loop {
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = self.serve() => result,
+            };
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            warn!(error = %result.err().map_or_else(String::new, |e| e.to_string()), retry_in = ?delay, "control task reconnecting");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn serve(&self) -> Result<(), Error> {
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        // Subscribe before reading the registry back: a request that lands
+        // in between is then both in the hash and on the channel (handled
+        // twice, harmlessly) rather than in neither.
+        pubsub.subscribe(self.names.control()).await?;
+        self.recover(&mut conn).await?;
+        let mut messages = pubsub.on_message();
+        let mut leases = tokio::time::interval(LEASE_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else { return Err(Error::Disconnected) };
+                    let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+                    self.handle(&mut conn, &payload).await?;
+                }
+                _ = leases.tick() => self.expire(&mut conn).await?,
+            }
+        }
+    }
+
+    /// Reads every live gateway's subscriptions back into the registry.
+    async fn recover(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let gateways: Vec<String> = conn.smembers(self.names.gateways()).await?;
+        let mut recovered = 0usize;
+        for gateway in gateways {
+            if !self.lease_alive(conn, &gateway).await? {
+                self.drop_gateway(conn, &gateway).await?;
+                continue;
+            }
+            let stored: Vec<(String, String)> =
+                conn.hgetall(self.names.subscriptions(&gateway)).await?;
+            for (id, json) in stored {
+                match serde_json::from_str::<Subscription>(&json) {
+                    Ok(subscription) => {
+                        self.subscribe(conn, &gateway, &subscription).await?;
+                        recovered += 1;
+                    }
+                    Err(e) => {
+                        warn!(%gateway, %id, error = %e, "unreadable subscription in the registry; rejecting it");
+                        self.reply(
+                            conn,
+                            &gateway,
+                            &Reply::Rejected {
+                                v: bus::VERSION,
+                                id,
+                                message: format!("malformed subscription: {e}"),
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        info!(subscriptions = recovered, "registry read back from redis");
+        Ok(())
+    }
+
+    async fn handle(&self, conn: &mut MultiplexedConnection, payload: &[u8]) -> Result<(), Error> {
+        let control: Control = match serde_json::from_slice(payload) {
+            Ok(control) => control,
+            Err(e) => {
+                warn!(error = %e, "ignoring a malformed control message");
+                return Ok(());
+            }
+        };
+        if control.v != bus::VERSION {
+            warn!(v = control.v, gateway = %control.gateway, "ignoring a control message of another bus version");
+            return Ok(());
+        }
+        let gateway = control.gateway;
+        match control.op {
+            ControlOp::Subscribe { subscription } => {
+                self.subscribe(conn, &gateway, &subscription).await
+            }
+            ControlOp::Unsubscribe { id } => {
+                let removed = self.shared.remove(&gateway, &id);
+                debug!(%gateway, %id, removed, "unsubscribed");
+                Ok(())
+            }
+            ControlOp::Leave => {
+                let removed = self.shared.remove_gateway(&gateway);
+                info!(%gateway, removed, "gateway left");
+                Ok(())
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        subscription: &Subscription,
+    ) -> Result<(), Error> {
+        let id = subscription.id.clone();
+        let verdict = self
+            .validator
+            .lock()
+            .await
+            .validate(gateway, subscription)
+            .await;
+        let reply = match verdict {
+            Ok(Verdict::Accepted { entry, tables }) => {
+                let lsn = self.shared.add(entry, tables);
+                debug!(%gateway, %id, %lsn, "subscribed");
+                Reply::Subscribed {
+                    v: bus::VERSION,
+                    id,
+                    lsn: lsn.to_string(),
+                }
+            }
+            Ok(Verdict::Rejected(message)) => {
+                debug!(%gateway, %id, %message, "subscription rejected");
+                Reply::Rejected {
+                    v: bus::VERSION,
+                    id,
+                    message,
+                }
+            }
+            Err(e) => {
+                warn!(%gateway, %id, error = %e, "could not validate a subscription");
+                Reply::Rejected {
+                    v: bus::VERSION,
+                    id,
+                    message: format!("{{:error, \"{e}\"}}"),
+                }
+            }
+        };
+        self.reply(conn, gateway, &reply).await
+    }
+
+    /// Drops the subscriptions of gateways whose lease expired.
+    async fn expire(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let gateways = self.shared.read().gateways();
+        for gateway in gateways {
+            if !self.lease_alive(conn, &gateway).await? {
+                self.drop_gateway(conn, &gateway).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn lease_alive(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+    ) -> Result<bool, Error> {
+        Ok(conn.exists(self.names.lease(gateway)).await?)
+    }
+
+    async fn drop_gateway(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+    ) -> Result<(), Error> {
+        let removed = self.shared.remove_gateway(gateway);
+        let _: () = conn.del(self.names.subscriptions(gateway)).await?;
+        let _: () = conn.srem(self.names.gateways(), gateway).await?;
+        info!(%gateway, removed, "gateway lease expired; its subscriptions are gone");
+        Ok(())
+    }
+
+    async fn reply(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        reply: &Reply,
+    ) -> Result<(), Error> {
+        let text = serde_json::to_string(reply).unwrap_or_default();
+        let _: i64 = conn.publish(self.names.gateway(gateway), text).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+//! One batched check: every (role, claims) group of one table, one call of
+//! `walcast.visible_keys` in one read-only transaction.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::Error;
+use super::param::{Groups, WireGroup};
+
+/// How much longer than the server's `statement_timeout` the client waits
+/// before giving up on the connection itself (a server that does not answer
+/// at all: network gone, machine frozen).
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
+
+/// The table a check is about, and its key columns (the primary key, or the
+/// replica identity index) by name. Their types are not needed: the
+/// function reads them from the catalog, so they can be neither stale nor
+/// spliced from outside.
+#[derive(Debug, Clone, Copy)]
+pub struct TableRef<'a> {
+    /// Schema name, as in the catalog (not quoted).
+    pub schema: &'a str,
+    /// Table name, as in the catalog (not quoted).
+    pub name: &'a str,
+    /// Key column names, in key order.
+    pub key_columns: &'a [&'a str],
+}
+
+/// Subscribers sharing a role and claims, and the rows they are candidates
+/// for.
+#[derive(Debug, Clone)]
+pub struct Group<'a> {
+    /// The role to check as (`SET ROLE`); the login role must be a member.
+    pub role: &'a str,
+    /// The JWT claims, set as `request.jwt.claims` (its JSON text).
+    pub claims: &'a serde_json::Value,
+    /// Candidate keys: one tuple per row, one text value per key column
+    /// (the column's text output, as pgoutput sends it).
+    pub keys: Vec<Vec<Option<&'a str>>>,
+}
+
+/// What Postgres answered for one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// One flag per candidate, in the group's order: whether the role, with
+    /// these claims, sees that row now.
+    Visible(Vec<bool>),
+    /// The group's check raised (a policy error, a role that does not exist
+    /// or may not be assumed, a missing privilege): deny the whole group.
+    Failed {
+        /// SQLSTATE, e.g. `22P02` for a claim that is not a valid uuid.
+        code: String,
+        /// Postgres's message.
+        message: String,
+    },
+}
+
+impl GroupOutcome {
+    /// Whether candidate `index` may be delivered: `false` for a failed
+    /// group and for an index out of range.
+    pub fn is_visible(&self, index: usize) -> bool {
+        match self {
+            GroupOutcome::Visible(flags) => flags.get(index).copied().unwrap_or(false),
+            GroupOutcome::Failed { .. } => false,
+        }
+    }
+}
+
+/// Which candidates of each group are visible in `table`, asked in one call.
+///
+/// One pooled connection, one `READ ONLY` transaction with
+/// `statement_timeout` = `timeout`, one call of `walcast.visible_keys`;
+/// the answer has one [`GroupOutcome`] per group, in order. A group whose
+/// check raises is [`GroupOutcome::Failed`] and does not affect the others.
+/// An `Err` means nothing is known: deny every group. If the server does
+/// not answer within `timeout` plus a grace period, the connection is
+/// closed rather than returned to the pool.
+pub async fn check(
+    pool: &Pool,
+    table: &TableRef<'_>,
+    groups: &[Group<'_>],
+    timeout: Duration,
+) -> Result<Vec<GroupOutcome>, Error> {
+    if groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wire = wire_groups(table, groups)?;
+    let deadline = timeout + CLIENT_GRACE;
+    // The pool wait counts against the deadline too.
+    let mut client = tokio::time::timeout(deadline, pool.get())
+        .await
+        .map_err(|_| Error::Timeout(timeout))??;
+    match tokio::time::timeout(deadline, ask(&mut client, table, &wire, timeout)).await {
+        Ok(answer) => {
+            let rows = answer.map_err(|e| classify(e, table, timeout))?;
+            outcomes(groups, rows)
+        }
+        Err(_) => {
+            // The transaction's drop queued a ROLLBACK, but a server this
+            // slow may still be running our statement: close the connection.
+            drop(Object::take(client));
+            Err(Error::Timeout(timeout))
+        }
+    }
+}
+
+/// Checks the shape of the input and puts it in wire form.
+fn wire_groups<'a>(table: &TableRef<'_>, groups: &'a [Group<'a>]) -> Result<Groups<'a>, Error> {
+    let want = table.key_columns.len();
+    if want == 0 {
+        return Err(Error::NoSuchColumn("(none given)".into()));
+    }
+    if i32::try_from(groups.len()).is_err() {
+        return Err(Error::TooLarge("more groups than an array holds"));
+    }
+    let mut wire = Vec::with_capacity(groups.len());
+    for (g, group) in groups.iter().enumerate() {
+        if i32::try_from(group.keys.len().saturating_mul(want)).is_err() {
+            return Err(Error::TooLarge("more candidate keys than an array holds"));
+        }
+        if let Some((candidate, tuple)) =
+            group.keys.iter().enumerate().find(|(_, t)| t.len() != want)
+        {
+            return Err(Error::KeyArity {
+                group: g,
+                candidate,
+                got: tuple.len(),
+                want,
+            });
+        }
+        wire.push(WireGroup {
+            role: group.role,
+            claims: group.claims.to_string(),
+            keys: &group.keys,
+        });
+    }
+    Ok(Groups {
+        groups: wire,
+        columns: want,
+    })
+}
+
+/// The rows of `walcast.visible_keys`: (group_no, visible, code, message).
+type Row = (i32, Option<Vec<i32>>, Option<String>, Option<String>);
+
+async fn ask(
+    client: &mut Object,
+    table: &TableRef<'_>,
+    groups: &Groups<'_>,
+    timeout: Duration,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let (set_timeout, visible_keys) = tokio::try_join!(
+        tx.prepare_cached(include_str!("../../sql/rls_timeout.sql")),
+        tx.prepare_cached(include_str!("../../sql/rls_check.sql")),
+    )?;
+    let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
+    let key_columns: Vec<&str> = table.key_columns.to_vec();
+    // Pipelined: the timeout is in force before the call starts.
+    let timeout_params: [&(dyn ToSql + Sync); 1] = [&millis];
+    let check_params: [&(dyn ToSql + Sync); 4] = [&table.schema, &table.name, &key_columns, groups];
+    let (_, rows) = tokio::try_join!(
+        tx.execute(&set_timeout, &timeout_params),
+        tx.query(&visible_keys, &check_params),
+    )?;
+    // Read only: nothing to keep. Ending the transaction also ends every
+    // transaction-local setting, should any have survived.
+    tx.rollback().await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect())
+}
+
+/// Turns the server's whole-call errors into what they mean for walcast.
+fn classify(error: tokio_postgres::Error, table: &TableRef<'_>, timeout: Duration) -> Error {
+    let Some(db) = error.as_db_error() else {
+        return Error::Query(error);
+    };
+    let code = db.code();
+    if *code == SqlState::QUERY_CANCELED {
+        Error::Timeout(timeout)
+    } else if [
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::INVALID_SCHEMA_NAME,
+        SqlState::UNDEFINED_OBJECT,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ]
+    .contains(code)
+    {
+        Error::NotInstalled(db.message().to_owned())
+    } else if *code == SqlState::UNDEFINED_TABLE {
+        Error::NoSuchTable {
+            schema: table.schema.to_owned(),
+            name: table.name.to_owned(),
+        }
+    } else if *code == SqlState::UNDEFINED_COLUMN {
+        Error::NoSuchColumn(db.message().to_owned())
+    } else {
+        Error::Query(error)
+    }
+}
+
+/// One outcome per group, checked against what was asked.
+fn outcomes(groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<GroupOutcome>, Error> {
+    if rows.len() != groups.len() {
+        return Err(Error::Answer(format!(
+            "{} rows for {} groups",
+            rows.len(),
+            groups.len()
+        )));
+    }
+    groups
+        .iter()
+        .zip(rows)
+        .enumerate()
+        .map(|(g, (group, (number, visible, code, message)))| {
+            if usize::try_from(number).ok() != Some(g + 1) {
+                return Err(Error::Answer(format!(
+                    "group {number} where {} was due",
+                    g + 1
+                )));
+            }
+            match (visible, code) {
+                (_, Some(code)) => Ok(GroupOutcome::Failed {
+                    code,
+                    message: message.unwrap_or_default(),
+                }),
+                (Some(positions), None) => {
+                    let mut flags = vec![false; group.keys.len()];
+                    for position in positions {
+                        let slot = usize::try_from(position)
+                            .ok()
+                            .and_then(|p| p.checked_sub(1))
+                            .and_then(|i| flags.get_mut(i))
+                            .ok_or_else(|| {
+                                Error::Answer(format!("group {number}: position {position}"))
+                            })?;
+                        *slot = true;
+                    }
+                    Ok(GroupOutcome::Visible(flags))
+                }
+                (None, None) => Err(Error::Answer(format!(
+                    "group {number}: neither rows nor error"
+                ))),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn group<'a>(claims: &'a serde_json::Value, keys: Vec<Vec<Option<&'a str>>>) -> Group<'a> {
+        Group {
+            role: "authenticated",
+            claims,
+            keys,
+        }
+    }
+
+    #[test]
+    fn positions_become_flags_and_errors_deny() {
+        let claims = serde_json::json!({});
+        let groups = [
+            group(
+                &claims,
+                vec![vec![Some("1")], vec![Some("2")], vec![Some("3")]],
+            ),
+            group(&claims, vec![vec![Some("4")]]),
+            group(&claims, vec![]),
+        ];
+        let rows = vec![
+            (1, Some(vec![1, 3]), None, None),
+            (
+                2,
+                None,
+                Some("22P02".into()),
+                Some("invalid input syntax for type uuid".into()),
+            ),
+            (3, Some(vec![]), None, None),
+        ];
+        let out = outcomes(&groups, rows).unwrap();
+        assert_eq!(out[0], GroupOutcome::Visible(vec![true, false, true]));
+        assert!(!out[1].is_visible(0));
+        assert_eq!(out[2], GroupOutcome::Visible(vec![]));
+        assert!(!out[0].is_visible(7));
+    }
+
+    #[test]
+    fn an_answer_that_does_not_fit_the_question_is_an_error() {
+        let claims = serde_json::json!({});
+        let groups = [group(&claims, vec![vec![Some("1")]])];
+        for rows in [
+            vec![],
+            vec![(2, Some(vec![]), None, None)],
+            vec![(1, Some(vec![2]), None, None)],
+            vec![(1, Some(vec![0]), None, None)],
+            vec![(1, None, None, None)],
+        ] {
+            assert!(matches!(outcomes(&groups, rows), Err(Error::Answer(_))));
+        }
+    }
+
+    #[test]
+    fn key_tuples_must_match_the_key_columns() {
+        let claims = serde_json::json!({});
+        let groups = [group(
+            &claims,
+            vec![vec![Some("1")], vec![Some("2"), Some("x")]],
+        )];
+        let table = TableRef {
+            schema: "public",
+            name: "t",
+            key_columns: &["id"],
+        };
+        assert!(matches!(
+            wire_groups(&table, &groups),
+            Err(Error::KeyArity {
+                group: 0,
+                candidate: 1,
+                got: 2,
+                want: 1
+            })
+        ));
+        let no_key = TableRef {
+            key_columns: &[],
+            ..table
+        };
+        assert!(matches!(
+            wire_groups(&no_key, &groups),
+            Err(Error::NoSuchColumn(_))
+        ));
+    }
+}

@@ -1,0 +1,157 @@
+//! Who may see which rows: batched Row Level Security checks over the pool.
+//!
+//! For a table with RLS enabled, the candidate (subscriber, row) pairs of a
+//! batch are grouped by (role, claims). [`check`] asks Postgres about all
+//! groups of one table in **one call** of the server-side function
+//! `walcast.visible_keys` (`sql/rls.sql`), which per group sets the role
+//! and `request.jwt.claims` transaction-locally, runs one query for all of
+//! the group's candidate keys, and puts role and claims back:
+//!
+//! ```text
+//! daemon ── BEGIN READ ONLY; statement_timeout ─────────────────────────────▶ Postgres
+//!        ── walcast.visible_keys(table, key columns, [group, group, …]) ───▶   for each group:
+//!                                                                               SET LOCAL ROLE, claims
+//!                                                                               SELECT candidates that exist  (policies apply)
+//!                                                                               reset; an error fails this group only
+//!        ◀── one row per group: visible positions, or SQLSTATE + message ────
+//! ```
+//!
+//! Supabase asks once per change per subscriber; round trips and planning
+//! then dominate. Here a batch costs one round trip and one planned query
+//! per group (measurements in `docs/rls.md`).
+//!
+//! What never changes per change is cached in [`Cache`]: whether a table
+//! has RLS enabled, whether a role bypasses it (superuser, `BYPASSRLS`, or
+//! the table's owner unless `FORCE`), and the columns a role may select.
+//!
+//! A check that fails or times out **denies**: [`check`] returns an
+//! [`Error`] for the whole call (deny every group), or
+//! [`GroupOutcome::Failed`] for one group (deny that group); neither ever
+//! reads as visible.
+
+mod cache;
+mod check;
+mod param;
+
+pub use cache::{Access, Cache, Column, TableName};
+pub use check::{Group, GroupOutcome, TableRef, check};
+
+use std::time::Duration;
+
+/// `sql/rls.sql`: the `walcast` schema, the `walcast.rls_group` type and
+/// the `walcast.visible_keys` function, granted to the role named by the
+/// setting `walcast.role` (default `walcast`). Idempotent; apply it as an
+/// administrator, after `sql/role.sql`.
+pub const INSTALL_SQL: &str = include_str!("../../sql/rls.sql");
+
+/// Why an RLS check or a cache lookup could not be answered. Every variant
+/// means "deny": nothing is known to be visible.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection could be had from the pool.
+    #[error("rls: no connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A query failed (connection lost, server error).
+    #[error("rls: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// The check took longer than its timeout (server-side
+    /// `statement_timeout`, or the client-side backstop).
+    #[error("rls check timed out after {0:?}")]
+    Timeout(Duration),
+    /// `walcast.visible_keys` is missing or the login role may not call it.
+    #[error(
+        "walcast.visible_keys is not installed or not callable ({0}); apply sql/rls.sql with walcast setup"
+    )]
+    NotInstalled(String),
+    /// The table is not in the catalog (dropped or renamed since).
+    #[error("table {schema}.{name} does not exist")]
+    NoSuchTable {
+        /// Schema name.
+        schema: String,
+        /// Table name.
+        name: String,
+    },
+    /// A key column is not in the table (the key changed since).
+    #[error("key column {0} does not exist")]
+    NoSuchColumn(String),
+    /// The role is not in the catalog.
+    #[error("role {0} does not exist")]
+    NoSuchRole(String),
+    /// A candidate key has the wrong number of values for the table's key.
+    #[error("group {group}, candidate {candidate}: {got} key values, the key has {want} columns")]
+    KeyArity {
+        /// Position of the group (0-based).
+        group: usize,
+        /// Position of the candidate in its group (0-based).
+        candidate: usize,
+        /// Values given.
+        got: usize,
+        /// Key columns of the table.
+        want: usize,
+    },
+    /// More groups or candidates than Postgres arrays hold.
+    #[error("rls check too large: {0}")]
+    TooLarge(&'static str),
+    /// `walcast.visible_keys` answered something it never should.
+    #[error("unexpected answer from walcast.visible_keys: {0}")]
+    Answer(String),
+}
+
+impl Error {
+    /// Whether asking again later may succeed: the database was unreachable,
+    /// busy or slow. `false` when something must change first (the function
+    /// is missing, the table or role is gone, the input is malformed).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Pool(_) | Error::Timeout(_) => true,
+            Error::Query(e) => e
+                .as_db_error()
+                .is_none_or(|db| transient_sqlstate(db.code().code())),
+            Error::NotInstalled(_)
+            | Error::NoSuchTable { .. }
+            | Error::NoSuchColumn(_)
+            | Error::NoSuchRole(_)
+            | Error::KeyArity { .. }
+            | Error::TooLarge(_)
+            | Error::Answer(_) => false,
+        }
+    }
+}
+
+/// SQLSTATE classes of a server going away, restarting or overloaded, and
+/// of transactions rolled back by conflicts: worth retrying.
+fn transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code.get(..2),
+        Some(
+            "08" /* connection */ | "40" /* rollback */ | "53" /* resources */ | "57" /* operator intervention */ | "58" /* system */
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_and_pool_errors_are_transient_bad_input_is_not() {
+        assert!(Error::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(Error::Pool(deadpool_postgres::PoolError::Closed).is_transient());
+        assert!(!Error::NotInstalled("x".into()).is_transient());
+        assert!(!Error::NoSuchRole("x".into()).is_transient());
+        assert!(
+            !Error::KeyArity {
+                group: 0,
+                candidate: 0,
+                got: 1,
+                want: 2
+            }
+            .is_transient()
+        );
+        assert!(transient_sqlstate("08006"));
+        assert!(transient_sqlstate("57P01"));
+        assert!(transient_sqlstate("40001"));
+        assert!(!transient_sqlstate("42501"));
+        assert!(!transient_sqlstate("42883"));
+    }
+}

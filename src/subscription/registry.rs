@@ -1,0 +1,267 @@
+//! The registry of live subscriptions, indexed by table so that matching a
+//! change costs what its table's subscriptions cost, not what all cost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use super::CompiledFilter;
+use crate::change::ChangeKind;
+use crate::lsn::Lsn;
+use crate::pgoutput::Oid;
+
+/// Which change kinds a subscription wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    /// `*`: inserts, updates and deletes.
+    All,
+    /// `INSERT`.
+    Insert,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+}
+
+impl Events {
+    /// Supabase's rule: `*` stays, the rest is upper-cased, and anything
+    /// that is not INSERT, UPDATE or DELETE means `*`.
+    pub fn parse(event: &str) -> Events {
+        match event.to_ascii_uppercase().as_str() {
+            "INSERT" => Events::Insert,
+            "UPDATE" => Events::Update,
+            "DELETE" => Events::Delete,
+            _ => Events::All,
+        }
+    }
+
+    /// Whether a change of `kind` is wanted. TRUNCATE never is (Supabase
+    /// never delivers it).
+    pub fn wants(self, kind: &ChangeKind) -> bool {
+        matches!(
+            (self, kind),
+            (Events::All | Events::Insert, ChangeKind::Insert { .. })
+                | (Events::All | Events::Update, ChangeKind::Update { .. })
+                | (Events::All | Events::Delete, ChangeKind::Delete { .. })
+        )
+    }
+}
+
+/// One accepted subscription, ready to match.
+#[derive(Debug)]
+pub struct Entry {
+    /// The owning gateway.
+    pub gateway: Arc<str>,
+    /// The subscription id (unique within the gateway).
+    pub id: Arc<str>,
+    /// Which kinds of change it wants.
+    pub events: Events,
+    /// The role to check visibility as.
+    pub role: Arc<str>,
+    /// The claims as JSON text, for `request.jwt.claims`.
+    pub claims: Arc<str>,
+    /// Columns to send besides the primary key; `None` for all.
+    pub select: Option<Vec<String>>,
+    /// Its filters (ANDed), compiled for each table it covers.
+    pub filters: Vec<(Oid, Vec<CompiledFilter>)>,
+}
+
+impl Entry {
+    /// The filters that apply in `table` (none: every row passes).
+    pub fn filters_for(&self, table: Oid) -> &[CompiledFilter] {
+        self.filters
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map_or(&[], |(_, filters)| filters.as_slice())
+    }
+}
+
+/// Live subscriptions by table.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_table: HashMap<Oid, Vec<Arc<Entry>>>,
+    tables_of: HashMap<(Arc<str>, Arc<str>), Vec<Oid>>,
+}
+
+impl Registry {
+    /// Adds `entry` for `tables`, replacing a subscription with the same
+    /// gateway and id.
+    pub fn add(&mut self, entry: Arc<Entry>, tables: Vec<Oid>) {
+        self.remove(&entry.gateway, &entry.id);
+        for table in &tables {
+            self.by_table.entry(*table).or_default().push(entry.clone());
+        }
+        self.tables_of
+            .insert((entry.gateway.clone(), entry.id.clone()), tables);
+    }
+
+    /// Removes one subscription; whether it existed.
+    pub fn remove(&mut self, gateway: &str, id: &str) -> bool {
+        let key: (Arc<str>, Arc<str>) = (Arc::from(gateway), Arc::from(id));
+        let Some(tables) = self.tables_of.remove(&key) else {
+            return false;
+        };
+        for table in tables {
+            if let Some(entries) = self.by_table.get_mut(&table) {
+                entries.retain(|e| !(&*e.gateway == gateway && &*e.id == id));
+                if entries.is_empty() {
+                    self.by_table.remove(&table);
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes every subscription of `gateway`; how many there were.
+    pub fn remove_gateway(&mut self, gateway: &str) -> usize {
+        let ids: Vec<Arc<str>> = self
+            .tables_of
+            .keys()
+            .filter(|(g, _)| &**g == gateway)
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.iter().filter(|id| self.remove(gateway, id)).count()
+    }
+
+    /// The subscriptions of `table` that want a change of `kind`.
+    pub fn candidates<'a>(
+        &'a self,
+        table: Oid,
+        kind: &'a ChangeKind,
+    ) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
+        self.by_table
+            .get(&table)
+            .into_iter()
+            .flatten()
+            .filter(move |e| e.events.wants(kind))
+    }
+
+    /// The gateways that hold subscriptions.
+    pub fn gateways(&self) -> Vec<Arc<str>> {
+        let mut gateways: Vec<Arc<str>> = self.tables_of.keys().map(|(g, _)| g.clone()).collect();
+        gateways.sort();
+        gateways.dedup();
+        gateways
+    }
+
+    /// How many subscriptions are live.
+    pub fn len(&self) -> usize {
+        self.tables_of.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.tables_of.is_empty()
+    }
+}
+
+/// The registry as the control task (writer) and the replication loop
+/// (reader) share it, with the loop's position in the stream.
+///
+/// The position is the commit LSN of the transaction the loop is reading.
+/// A subscription added at some instant is matched against every change
+/// read after that instant, so every transaction committed after the
+/// position read at that instant reaches it whole: that position is what
+/// "live from" means.
+#[derive(Debug, Default)]
+pub struct Shared {
+    registry: RwLock<Registry>,
+    position: AtomicU64,
+}
+
+impl Shared {
+    /// Adds a subscription; returns the position from which it is live.
+    pub fn add(&self, entry: Arc<Entry>, tables: Vec<Oid>) -> Lsn {
+        let mut registry = self
+            .registry
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        registry.add(entry, tables);
+        Lsn(self.position.load(Ordering::SeqCst))
+    }
+
+    /// Removes one subscription; whether it existed.
+    pub fn remove(&self, gateway: &str, id: &str) -> bool {
+        self.write().remove(gateway, id)
+    }
+
+    /// Removes every subscription of a gateway; how many there were.
+    pub fn remove_gateway(&self, gateway: &str) -> usize {
+        self.write().remove_gateway(gateway)
+    }
+
+    /// Read access for matching. Never held across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The loop entered the transaction that commits at `lsn`.
+    pub fn set_position(&self, lsn: Lsn) {
+        self.position.store(lsn.0, Ordering::SeqCst);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.registry
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(gateway: &str, id: &str, events: Events) -> Arc<Entry> {
+        Arc::new(Entry {
+            gateway: gateway.into(),
+            id: id.into(),
+            events,
+            role: "anon".into(),
+            claims: "{}".into(),
+            select: None,
+            filters: Vec::new(),
+        })
+    }
+
+    fn ids<'a>(it: impl Iterator<Item = &'a Arc<Entry>>) -> Vec<String> {
+        it.map(|e| format!("{}/{}", e.gateway, e.id)).collect()
+    }
+
+    #[test]
+    fn matches_by_table_and_event_and_forgets_removed_ones() {
+        let mut r = Registry::default();
+        r.add(entry("g1", "a", Events::All), vec![1, 2]);
+        r.add(entry("g1", "b", Events::Delete), vec![1]);
+        r.add(entry("g2", "a", Events::Insert), vec![2]);
+        let insert = ChangeKind::Insert { new: vec![] };
+        let delete = ChangeKind::Delete {
+            old: crate::change::OldRow::Key(vec![]),
+        };
+        assert_eq!(ids(r.candidates(1, &insert)), ["g1/a"]);
+        assert_eq!(ids(r.candidates(1, &delete)), ["g1/a", "g1/b"]);
+        assert_eq!(ids(r.candidates(2, &insert)), ["g1/a", "g2/a"]);
+        assert_eq!(ids(r.candidates(3, &insert)), Vec::<String>::new());
+        // Same id again replaces.
+        r.add(entry("g1", "a", Events::Delete), vec![2]);
+        assert_eq!(ids(r.candidates(1, &insert)), Vec::<String>::new());
+        assert_eq!(r.len(), 3);
+        assert!(r.remove("g2", "a"));
+        assert!(!r.remove("g2", "a"));
+        assert_eq!(r.remove_gateway("g1"), 2);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn event_names_follow_supabase() {
+        assert_eq!(Events::parse("insert"), Events::Insert);
+        assert_eq!(Events::parse("*"), Events::All);
+        assert_eq!(Events::parse("TRUNCATE"), Events::All);
+        let truncate = ChangeKind::Truncate {
+            cascade: false,
+            restart_identity: false,
+        };
+        assert!(!Events::All.wants(&truncate));
+    }
+}

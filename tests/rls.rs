@@ -1,0 +1,1148 @@
+//! Batched RLS checks (`walcast::rls`) against a real Postgres: every answer
+//! equals what a direct `SELECT` as the subscriber's role with its claims
+//! sees; a raising policy fails its group only; no role or claims survive a
+//! check on a pooled connection; hostile names and claims stay data.
+//!
+//! The pool logs in as `walcast` (LOGIN NOINHERIT, not a superuser, member
+//! of `anon`, `authenticated` and `service_role`), as `sql/role.sql` makes
+//! it; the oracle is a separate connection as `postgres`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+use walcast::config::DatabaseUrl;
+use walcast::rls::{self, Access, Cache, Group, GroupOutcome, TableName, TableRef};
+
+use crate::support::TestPostgres;
+use crate::support::postgres::quote_ident;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Roles and the walcast function; run as `postgres`.
+const ROLES: &str = r#"
+CREATE ROLE anon NOLOGIN NOINHERIT;
+CREATE ROLE authenticated NOLOGIN NOINHERIT;
+CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS;
+CREATE ROLE outsider NOLOGIN;
+CREATE ROLE walcast LOGIN NOINHERIT;
+GRANT anon, authenticated, service_role TO walcast;
+"#;
+
+/// Three kinds of policy: owner = the claim's `sub`; team membership
+/// through a subquery (with a two-column key); a public flag OR owner.
+const SCHEMA: &str = r#"
+CREATE TABLE members (team_id uuid NOT NULL, user_id uuid NOT NULL, PRIMARY KEY (team_id, user_id));
+GRANT SELECT ON members TO anon, authenticated;
+
+CREATE TABLE owned (id bigint PRIMARY KEY, owner uuid NOT NULL, body text);
+CREATE INDEX ON owned (owner);
+ALTER TABLE owned ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owned_by_sub ON owned FOR SELECT TO authenticated
+  USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid);
+GRANT SELECT ON owned TO anon, authenticated, service_role;
+
+CREATE TABLE team_docs (team_id uuid NOT NULL, doc_no integer NOT NULL, body text, PRIMARY KEY (team_id, doc_no));
+ALTER TABLE team_docs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY team_member ON team_docs FOR SELECT TO authenticated
+  USING (EXISTS (SELECT 1 FROM members m WHERE m.team_id = team_docs.team_id
+                 AND m.user_id = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid));
+GRANT SELECT ON team_docs TO anon, authenticated, service_role;
+
+CREATE TABLE posts (id bigint PRIMARY KEY, owner uuid NOT NULL, public boolean NOT NULL);
+ALTER TABLE posts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY public_posts ON posts FOR SELECT TO anon USING (public);
+CREATE POLICY public_or_own ON posts FOR SELECT TO authenticated
+  USING (public OR owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid);
+GRANT SELECT ON posts TO anon, authenticated, service_role;
+"#;
+
+/// A small deterministic PRNG (xorshift64*), seeded from `WALCAST_RLS_SEED`
+/// or a fixed default so that a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env() -> Rng {
+        let seed = std::env::var("WALCAST_RLS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_c0ff_ee00);
+        println!("rls random seed: {seed} (set WALCAST_RLS_SEED to replay)");
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// A cluster with the roles, `sql/rls.sql` and the schema in database
+/// `db`; the admin client (as `postgres`) and a pool as `walcast`.
+async fn setup(pg: &TestPostgres, db: &str, pool_size: usize) -> (Client, Pool) {
+    pg.create_database(db).await;
+    let admin = pg.client(db).await;
+    admin.batch_execute(ROLES).await.expect("roles");
+    admin
+        .batch_execute("SET walcast.role = 'walcast'")
+        .await
+        .expect("walcast.role");
+    admin
+        .batch_execute(rls::INSTALL_SQL)
+        .await
+        .expect("sql/rls.sql");
+    // Idempotent: a second run changes nothing and fails on nothing.
+    admin
+        .batch_execute(rls::INSTALL_SQL)
+        .await
+        .expect("sql/rls.sql again");
+    admin.batch_execute(SCHEMA).await.expect("schema");
+    let url = DatabaseUrl::parse(&pg.url("walcast", db)).expect("url");
+    let pool = walcast::pool::build(&url, pool_size).expect("pool");
+    (admin, pool)
+}
+
+/// Every key `role` with `claims` sees in `table`: a direct `SELECT`, with
+/// `SET LOCAL ROLE` and `set_config`, on the admin connection. `Err` with
+/// the server's message when the policy raises.
+async fn oracle(
+    admin: &mut Client,
+    role: &str,
+    claims: &Value,
+    table: &str,
+    key_sql: &str,
+) -> Result<HashSet<Vec<String>>, String> {
+    let tx = admin.transaction().await.expect("begin");
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
+        .await
+        .expect("set role");
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        &[&claims.to_string()],
+    )
+    .await
+    .expect("claims");
+    let result = tx
+        .query(&format!("SELECT {key_sql} FROM {table}"), &[])
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|row| (0..row.len()).map(|i| row.get::<_, String>(i)).collect())
+                .collect()
+        })
+        .map_err(|e| {
+            e.as_db_error()
+                .map_or(e.to_string(), |db| db.message().to_owned())
+        });
+    tx.rollback().await.expect("rollback");
+    result
+}
+
+/// What a pooled connection looks like after a check: (current_user,
+/// request.jwt.claims, role).
+async fn session_state(pool: &Pool) -> (String, Option<String>, String) {
+    let client = pool.get().await.expect("pool");
+    let row = client
+        .query_one(
+            "SELECT current_user::text, current_setting('request.jwt.claims', true), current_setting('role')",
+            &[],
+        )
+        .await
+        .expect("state");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+fn assert_clean(state: (String, Option<String>, String)) {
+    assert_eq!(state.0, "walcast", "back to the login role");
+    assert!(
+        state.1.as_deref().unwrap_or("").is_empty(),
+        "claims left behind: {:?}",
+        state.1
+    );
+    assert_eq!(state.2, "none", "a role left set");
+}
+
+/// One table of the differential test.
+struct Subject {
+    table: &'static str,
+    key_columns: &'static [&'static str],
+    key_sql: &'static str,
+}
+
+const SUBJECTS: [Subject; 3] = [
+    Subject {
+        table: "owned",
+        key_columns: &["id"],
+        key_sql: "id::text",
+    },
+    Subject {
+        table: "team_docs",
+        key_columns: &["team_id", "doc_no"],
+        key_sql: "team_id::text, doc_no::text",
+    },
+    Subject {
+        table: "posts",
+        key_columns: &["id"],
+        key_sql: "id::text",
+    },
+];
+
+/// Random inserts, updates (key changes included) and deletes on every
+/// table, and membership changes.
+async fn mutate(admin: &Client, rng: &mut Rng, users: &[String], teams: &[String]) {
+    for _ in 0..60 {
+        let id = (1 + rng.below(300)) as i64;
+        let owner = rng.pick(users).as_str();
+        match rng.below(3) {
+            0 => admin
+                .execute(
+                    "INSERT INTO owned VALUES ($1, $2::text::uuid, 'x') \
+                     ON CONFLICT (id) DO UPDATE SET owner = excluded.owner",
+                    &[&id, &owner],
+                )
+                .await
+                .map(drop),
+            1 => admin
+                .execute(
+                    "UPDATE owned SET owner = $2::text::uuid WHERE id = $1",
+                    &[&id, &owner],
+                )
+                .await
+                .map(drop),
+            _ => admin
+                .execute("DELETE FROM owned WHERE id = $1", &[&id])
+                .await
+                .map(drop),
+        }
+        .expect("owned");
+
+        let public = rng.chance(30);
+        match rng.below(3) {
+            0 => admin
+                .execute(
+                    "INSERT INTO posts VALUES ($1, $2::text::uuid, $3) \
+                     ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, public = excluded.public",
+                    &[&id, &owner, &public],
+                )
+                .await
+                .map(drop),
+            1 => admin
+                .execute("UPDATE posts SET public = $2 WHERE id = $1", &[&id, &public])
+                .await
+                .map(drop),
+            _ => admin
+                .execute("DELETE FROM posts WHERE id = $1", &[&id])
+                .await
+                .map(drop),
+        }
+        .expect("posts");
+
+        let team = rng.pick(teams).as_str();
+        let doc = (1 + rng.below(60)) as i32;
+        match rng.below(3) {
+            0 => admin
+                .execute(
+                    "INSERT INTO team_docs VALUES ($1::text::uuid, $2, 'x') ON CONFLICT DO NOTHING",
+                    &[&team, &doc],
+                )
+                .await
+                .map(drop),
+            1 => {
+                // Moves a document to another team: its key changes.
+                let to = rng.pick(teams).as_str();
+                admin
+                    .execute(
+                        "UPDATE team_docs SET team_id = $3::text::uuid \
+                         WHERE team_id = $1::text::uuid AND doc_no = $2 \
+                         AND NOT EXISTS (SELECT 1 FROM team_docs WHERE team_id = $3::text::uuid AND doc_no = $2)",
+                        &[&team, &doc, &to],
+                    )
+                    .await
+                    .map(drop)
+            }
+            _ => admin
+                .execute(
+                    "DELETE FROM team_docs WHERE team_id = $1::text::uuid AND doc_no = $2",
+                    &[&team, &doc],
+                )
+                .await
+                .map(drop),
+        }
+        .expect("team_docs");
+    }
+    for _ in 0..5 {
+        let (team, user) = (rng.pick(teams).as_str(), rng.pick(users).as_str());
+        let sql = if rng.chance(50) {
+            "INSERT INTO members VALUES ($1::text::uuid, $2::text::uuid) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM members WHERE team_id = $1::text::uuid AND user_id = $2::text::uuid"
+        };
+        admin.execute(sql, &[&team, &user]).await.expect("members");
+    }
+}
+
+/// Random candidate keys of `subject`: existing, deleted and never-seen
+/// keys alike.
+fn candidates(rng: &mut Rng, subject: &Subject, teams: &[String]) -> Vec<Vec<String>> {
+    let n = 1 + rng.below(80);
+    (0..n)
+        .map(|_| {
+            if subject.key_columns.len() == 2 {
+                vec![rng.pick(teams).clone(), (1 + rng.below(60)).to_string()]
+            } else {
+                vec![(1 + rng.below(320)).to_string()]
+            }
+        })
+        .collect()
+}
+
+/// Random subscriber groups: authenticated users, users without `sub`,
+/// anon, and a role that bypasses RLS; claims are distinct per group.
+fn subscribers(rng: &mut Rng, users: &[String]) -> Vec<(&'static str, Value)> {
+    (0..14)
+        .map(|session| match rng.below(10) {
+            0 => ("anon", json!({"role": "anon", "session": session})),
+            1 => (
+                "service_role",
+                json!({"role": "service_role", "session": session}),
+            ),
+            2 => (
+                "authenticated",
+                json!({"role": "authenticated", "session": session}),
+            ),
+            _ => (
+                "authenticated",
+                json!({"sub": rng.pick(users), "role": "authenticated", "session": session}),
+            ),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
+    let pg = TestPostgres::start();
+    let (mut admin, pool) = setup(&pg, "rls_diff", 2).await;
+    let mut rng = Rng::from_env();
+    let users: Vec<String> = (0..12)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+        .collect();
+    let teams: Vec<String> = (0..4)
+        .map(|i| format!("10000000-0000-4000-8000-{i:012}"))
+        .collect();
+
+    let (mut pairs, mut visible, mut failed_groups) = (0usize, 0usize, 0usize);
+    let (mut leaks, mut misses) = (Vec::new(), Vec::new());
+    for round in 0..12 {
+        mutate(&admin, &mut rng, &users, &teams).await;
+        for subject in &SUBJECTS {
+            let subs = subscribers(&mut rng, &users);
+            let keys: Vec<Vec<Vec<String>>> = subs
+                .iter()
+                .map(|_| candidates(&mut rng, subject, &teams))
+                .collect();
+            let groups: Vec<Group<'_>> = subs
+                .iter()
+                .zip(&keys)
+                .map(|((role, claims), keys)| Group {
+                    role,
+                    claims,
+                    keys: keys
+                        .iter()
+                        .map(|k| k.iter().map(|v| Some(v.as_str())).collect())
+                        .collect(),
+                })
+                .collect();
+            let table = TableRef {
+                schema: "public",
+                name: subject.table,
+                key_columns: subject.key_columns,
+            };
+            let outcomes = rls::check(&pool, &table, &groups, TIMEOUT)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, {}: {e}", subject.table));
+            assert_eq!(outcomes.len(), groups.len());
+            for (((role, claims), keys), outcome) in subs.iter().zip(&keys).zip(&outcomes) {
+                let expected =
+                    oracle(&mut admin, role, claims, subject.table, subject.key_sql).await;
+                let seen = match (outcome, expected) {
+                    (GroupOutcome::Visible(flags), Ok(seen)) => {
+                        assert_eq!(flags.len(), keys.len());
+                        seen
+                    }
+                    (GroupOutcome::Failed { message, .. }, Err(oracle_message)) => {
+                        assert_eq!(*message, oracle_message);
+                        failed_groups += 1;
+                        continue;
+                    }
+                    (outcome, expected) => panic!(
+                        "{} as {role} {claims}: check gave {outcome:?}, direct SELECT {expected:?}",
+                        subject.table
+                    ),
+                };
+                for (i, key) in keys.iter().enumerate() {
+                    pairs += 1;
+                    let ours = outcome.is_visible(i);
+                    let theirs = seen.contains(key);
+                    visible += usize::from(ours);
+                    let what = format!("{}{key:?} as {role} {claims}", subject.table);
+                    match (ours, theirs) {
+                        (true, false) => leaks.push(what),
+                        (false, true) => misses.push(what),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "rls differential: {pairs} (subscriber, row) pairs, {visible} visible, {} hidden, \
+         {failed_groups} failed groups, {} leaks, {} misses",
+        pairs - visible,
+        leaks.len(),
+        misses.len()
+    );
+    assert!(pairs >= 10_000, "only {pairs} pairs");
+    assert!(
+        visible > pairs / 20 && visible < pairs * 19 / 20,
+        "too one-sided: {visible} of {pairs}"
+    );
+    assert!(
+        leaks.is_empty(),
+        "{} leaks, e.g. {:?}",
+        leaks.len(),
+        &leaks[..leaks.len().min(5)]
+    );
+    assert!(
+        misses.is_empty(),
+        "{} misses, e.g. {:?}",
+        misses.len(),
+        &misses[..misses.len().min(5)]
+    );
+    assert_clean(session_state(&pool).await);
+}
+
+/// Users A and B each own rows 1..=3 and 4..=6 of `owned`.
+async fn two_owners(admin: &Client) -> (String, String) {
+    let (a, b) = (
+        "00000000-0000-4000-8000-00000000000a".to_owned(),
+        "00000000-0000-4000-8000-00000000000b".to_owned(),
+    );
+    admin
+        .execute(
+            "INSERT INTO owned SELECT g, CASE WHEN g <= 3 THEN $1::text::uuid ELSE $2::text::uuid END, 'x' \
+             FROM generate_series(1, 6) g",
+            &[&a, &b],
+        )
+        .await
+        .expect("rows");
+    (a, b)
+}
+
+fn ids(keys: &[&'static str]) -> Vec<Vec<Option<&'static str>>> {
+    keys.iter().map(|k| vec![Some(*k)]).collect()
+}
+
+const OWNED: TableRef<'static> = TableRef {
+    schema: "public",
+    name: "owned",
+    key_columns: &["id"],
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raising_policy_fails_its_group_only() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_isolation", 1).await;
+    let (a, b) = two_owners(&admin).await;
+    let claims_a = json!({"sub": a});
+    let not_uuid = json!({"sub": "not-a-uuid"});
+    let claims_b = json!({"sub": b});
+    let injection = json!({"sub": "'; DROP TABLE owned; --"});
+    let candidates = ["1", "2", "4", "5", "99"];
+    let groups = [
+        Group {
+            role: "authenticated",
+            claims: &claims_a,
+            keys: ids(&candidates),
+        },
+        Group {
+            role: "authenticated",
+            claims: &not_uuid,
+            keys: ids(&candidates),
+        },
+        Group {
+            role: "authenticated",
+            claims: &claims_b,
+            keys: ids(&candidates),
+        },
+        Group {
+            role: "authenticated",
+            claims: &injection,
+            keys: ids(&candidates),
+        },
+        Group {
+            role: "service_role",
+            claims: &not_uuid,
+            keys: ids(&candidates),
+        },
+        Group {
+            role: "anon",
+            claims: &claims_a,
+            keys: ids(&candidates),
+        },
+    ];
+    let out = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+        .await
+        .expect("check");
+    let flags = |v: &[bool]| GroupOutcome::Visible(v.to_vec());
+    assert_eq!(out[0], flags(&[true, true, false, false, false]));
+    assert_eq!(out[2], flags(&[false, false, true, true, false]));
+    for failed in [&out[1], &out[3]] {
+        let GroupOutcome::Failed { code, message } = failed else {
+            panic!("expected a failed group, got {failed:?}");
+        };
+        assert_eq!(code, "22P02");
+        assert!(
+            message.starts_with("invalid input syntax for type uuid"),
+            "{message}"
+        );
+    }
+    // service_role bypasses RLS: the policy (and its cast) never runs.
+    assert_eq!(out[4], flags(&[true, true, true, true, false]));
+    // anon has the privilege but no policy: nothing.
+    assert_eq!(out[5], flags(&[false; 5]));
+    let count: i64 = admin
+        .query_one("SELECT count(*) FROM owned", &[])
+        .await
+        .expect("table still there")
+        .get(0);
+    assert_eq!(count, 6);
+    assert_clean(session_state(&pool).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_roles_fail_their_group_and_execute_nothing() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_hostile", 1).await;
+    let (a, _) = two_owners(&admin).await;
+    let claims_a = json!({"sub": a});
+    let quoted =
+        json!({"sub": a, "note": "it's \"quoted\"; DROP TABLE owned; --", "role": "postgres"});
+    let cases: [(&str, &str, &str); 7] = [
+        ("nobody", "22023", "role \"nobody\" does not exist"),
+        (
+            "authenticated\"; DROP TABLE owned; --",
+            "22023",
+            "does not exist",
+        ),
+        ("x'); DROP TABLE owned; --", "22023", "does not exist"),
+        // The login role is not a member: SET ROLE is refused.
+        (
+            "outsider",
+            "42501",
+            "permission denied to set role \"outsider\"",
+        ),
+        // Claims naming a superuser change nothing; the role itself is refused.
+        (
+            "postgres",
+            "42501",
+            "permission denied to set role \"postgres\"",
+        ),
+        // "none" and "" would mean "no role": the login role's own view.
+        ("none", "22023", "is not a subscriber role"),
+        ("", "22023", "does not exist"),
+    ];
+    let mut groups = vec![Group {
+        role: "authenticated",
+        claims: &quoted,
+        keys: ids(&["1", "4"]),
+    }];
+    groups.extend(cases.iter().map(|(role, _, _)| Group {
+        role,
+        claims: &claims_a,
+        keys: ids(&["1", "4"]),
+    }));
+    groups.push(Group {
+        role: "authenticated",
+        claims: &claims_a,
+        keys: ids(&["1", "4"]),
+    });
+    let out = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+        .await
+        .expect("check");
+    assert_eq!(
+        out[0],
+        GroupOutcome::Visible(vec![true, false]),
+        "quotes in claims are data"
+    );
+    for ((role, code, message), outcome) in cases.iter().zip(&out[1..]) {
+        match outcome {
+            GroupOutcome::Failed {
+                code: c,
+                message: m,
+            } => {
+                assert_eq!(c, code, "{role:?}: {m}");
+                assert!(m.contains(message), "{role:?}: {m}");
+            }
+            other => panic!("{role:?}: expected a failure, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        *out.last().expect("last"),
+        GroupOutcome::Visible(vec![true, false])
+    );
+
+    // Hostile table and column names are looked up, never spliced.
+    let bad_table = TableRef {
+        name: "owned\"; DROP TABLE owned; --",
+        ..OWNED
+    };
+    let err = rls::check(&pool, &bad_table, &groups[..1], TIMEOUT)
+        .await
+        .expect_err("no such table");
+    assert!(matches!(err, rls::Error::NoSuchTable { .. }), "{err}");
+    assert!(!err.is_transient());
+    let bad_column = TableRef {
+        key_columns: &["id\" = id OR true; --"],
+        ..OWNED
+    };
+    let err = rls::check(&pool, &bad_column, &groups[..1], TIMEOUT)
+        .await
+        .expect_err("no such column");
+    assert!(matches!(err, rls::Error::NoSuchColumn(_)), "{err}");
+    // Key values are data too: a value that is not a bigint fails its group.
+    let bad_key = [Group {
+        role: "authenticated",
+        claims: &claims_a,
+        keys: ids(&["1) OR (true"]),
+    }];
+    let out = rls::check(&pool, &OWNED, &bad_key, TIMEOUT)
+        .await
+        .expect("check");
+    assert!(
+        matches!(&out[0], GroupOutcome::Failed { code, .. } if code == "22P02"),
+        "{out:?}"
+    );
+
+    let count: i64 = admin
+        .query_one("SELECT count(*) FROM owned", &[])
+        .await
+        .expect("table still there")
+        .get(0);
+    assert_eq!(count, 6);
+    assert_clean(session_state(&pool).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
+    let pg = TestPostgres::start();
+    // One connection: every check and every probe shares it.
+    let (admin, pool) = setup(&pg, "rls_leak", 1).await;
+    let (a, _) = two_owners(&admin).await;
+    let claims_a = json!({"sub": a});
+    let bad = json!({"sub": "nope"});
+    let groups = [
+        Group {
+            role: "authenticated",
+            claims: &claims_a,
+            keys: ids(&["1"]),
+        },
+        Group {
+            role: "authenticated",
+            claims: &bad,
+            keys: ids(&["1"]),
+        },
+    ];
+
+    // After a check whose last group succeeded, and one whose last failed.
+    rls::check(&pool, &OWNED, &groups, TIMEOUT)
+        .await
+        .expect("check");
+    assert_clean(session_state(&pool).await);
+    rls::check(&pool, &OWNED, &groups[..1], TIMEOUT)
+        .await
+        .expect("check");
+    assert_clean(session_state(&pool).await);
+
+    // A policy slow enough to hit the statement timeout while the role and
+    // claims are set: the whole call is denied, and the connection is clean.
+    admin
+        .batch_execute(
+            "CREATE TABLE slow (id bigint PRIMARY KEY);
+             INSERT INTO slow SELECT generate_series(1, 50);
+             ALTER TABLE slow ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY sleepy ON slow FOR SELECT TO authenticated USING (pg_sleep(0.05) IS NOT NULL);
+             GRANT SELECT ON slow TO authenticated;",
+        )
+        .await
+        .expect("slow table");
+    let slow = TableRef {
+        name: "slow",
+        ..OWNED
+    };
+    let many: Vec<&'static str> = vec!["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    let slow_groups = [Group {
+        role: "authenticated",
+        claims: &claims_a,
+        keys: ids(&many),
+    }];
+    let started = Instant::now();
+    let err = rls::check(&pool, &slow, &slow_groups, Duration::from_millis(150))
+        .await
+        .expect_err("timeout");
+    assert!(matches!(err, rls::Error::Timeout(_)), "{err}");
+    assert!(err.is_transient());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_clean(session_state(&pool).await);
+
+    // A check dropped half-way (its caller gave up): the transaction is
+    // rolled back and the pool's Clean recycling resets the session.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        rls::check(&pool, &slow, &slow_groups, Duration::from_secs(5)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the check should still have been running");
+    assert_clean(session_state(&pool).await);
+    rls::check(&pool, &OWNED, &groups[..1], TIMEOUT)
+        .await
+        .expect("pool still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_knows_rls_flags_bypass_and_column_privileges() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_cache", 2).await;
+    admin
+        .batch_execute(
+            "CREATE ROLE table_owner NOLOGIN;
+             GRANT table_owner TO walcast;
+             CREATE TABLE open_table (id bigint PRIMARY KEY, secret text);
+             GRANT SELECT (id) ON open_table TO anon;
+             GRANT SELECT ON open_table TO authenticated;
+             ALTER TABLE owned OWNER TO table_owner;",
+        )
+        .await
+        .expect("setup");
+    let mut cache = Cache::new(pool.clone());
+    let owned = TableName::new("public", "owned");
+    let open = TableName::new("public", "open_table");
+
+    assert!(cache.rls_enabled(&owned).await.expect("flags"));
+    assert!(!cache.rls_enabled(&open).await.expect("flags"));
+    assert_eq!(
+        cache.access("authenticated", &open).await.expect("access"),
+        Access::RlsDisabled
+    );
+    assert_eq!(
+        cache.access("authenticated", &owned).await.expect("access"),
+        Access::Policies
+    );
+    assert_eq!(
+        cache.access("anon", &owned).await.expect("access"),
+        Access::Policies
+    );
+    assert_eq!(
+        cache.access("service_role", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    assert_eq!(
+        cache.access("table_owner", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    assert_eq!(
+        cache.access("postgres", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    assert!(matches!(
+        cache.access("nobody", &owned).await,
+        Err(rls::Error::NoSuchRole(_))
+    ));
+    assert!(matches!(
+        cache
+            .access("anon", &TableName::new("public", "missing"))
+            .await,
+        Err(rls::Error::NoSuchTable { .. })
+    ));
+
+    let selectable = |columns: &[rls::Column]| {
+        columns
+            .iter()
+            .map(|c| (c.name.clone(), c.selectable))
+            .collect::<Vec<_>>()
+    };
+    let anon = cache.columns("anon", &open).await.expect("columns");
+    assert_eq!(
+        selectable(&anon),
+        [("id".into(), true), ("secret".into(), false)]
+    );
+    let authenticated = cache
+        .columns("authenticated", &open)
+        .await
+        .expect("columns");
+    assert_eq!(
+        selectable(&authenticated),
+        [("id".into(), true), ("secret".into(), true)]
+    );
+
+    // Cached until invalidated.
+    admin
+        .batch_execute(
+            "ALTER TABLE owned FORCE ROW LEVEL SECURITY;
+             GRANT SELECT (secret) ON open_table TO anon;
+             ALTER TABLE open_table ENABLE ROW LEVEL SECURITY;",
+        )
+        .await
+        .expect("changes");
+    assert_eq!(
+        cache.access("table_owner", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    assert!(!selectable(&cache.columns("anon", &open).await.expect("columns"))[1].1);
+    cache.invalidate_table(&owned);
+    cache.invalidate_table(&open);
+    assert_eq!(
+        cache.access("table_owner", &owned).await.expect("access"),
+        Access::Policies
+    );
+    assert_eq!(
+        cache.access("postgres", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    assert_eq!(
+        cache.access("anon", &open).await.expect("access"),
+        Access::Policies
+    );
+    assert!(selectable(&cache.columns("anon", &open).await.expect("columns"))[1].1);
+
+    // Role attributes change without a Relation message: the timer's job.
+    admin
+        .batch_execute("ALTER ROLE service_role NOBYPASSRLS")
+        .await
+        .expect("alter role");
+    assert_eq!(
+        cache.access("service_role", &owned).await.expect("access"),
+        Access::Bypass
+    );
+    cache.invalidate_all();
+    assert_eq!(
+        cache.access("service_role", &owned).await.expect("access"),
+        Access::Policies
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_function_is_a_definite_error() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_missing", 1).await;
+    admin
+        .batch_execute("DROP SCHEMA walcast CASCADE")
+        .await
+        .expect("drop");
+    let claims = json!({});
+    let groups = [Group {
+        role: "anon",
+        claims: &claims,
+        keys: ids(&["1"]),
+    }];
+    let err = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+        .await
+        .expect_err("missing");
+    assert!(matches!(err, rls::Error::NotInstalled(_)), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("walcast setup"), "{err}");
+}
+
+/// One measured approach: seconds, and whether extrapolated from a sample.
+fn cell(seconds: f64, extrapolated: bool) -> String {
+    format!("{}{seconds:.3} s", if extrapolated { "~" } else { "" })
+}
+
+type Boxed<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// The reference's client-side shape: one transaction per group
+/// (`BEGIN`, role and claims, one `= ANY` lookup, `ROLLBACK`), every group
+/// pipelined on one connection.
+async fn pipelined_per_group(pool: &Pool, groups: &[(String, String, Vec<i64>)]) -> usize {
+    let client = pool.get().await.expect("pool");
+    let begin = client.prepare("BEGIN READ ONLY").await.expect("prepare");
+    let set = client
+        .prepare("SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true)")
+        .await
+        .expect("prepare");
+    let lookup = client
+        .prepare("SELECT id FROM items WHERE id = ANY($1::bigint[])")
+        .await
+        .expect("prepare");
+    let rollback = client.prepare("ROLLBACK").await.expect("prepare");
+    let visible = std::sync::atomic::AtomicUsize::new(0);
+    let mut futures: Vec<Boxed<'_>> = Vec::new();
+    for (role, claims, ids) in groups {
+        futures.push(Box::pin(async {
+            client.execute(&begin, &[]).await.expect("begin");
+        }));
+        futures.push(Box::pin(async {
+            client.execute(&set, &[role, claims]).await.expect("set");
+        }));
+        let visible = &visible;
+        let lookup = &lookup;
+        let client = &client;
+        futures.push(Box::pin(async move {
+            let rows = client.query(lookup, &[ids]).await.expect("lookup");
+            visible.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
+        }));
+        futures.push(Box::pin(async {
+            client.execute(&rollback, &[]).await.expect("rollback");
+        }));
+    }
+    futures_util::future::join_all(futures).await;
+    visible.into_inner()
+}
+
+/// Supabase's shape: per change, per subscriber, role and claims then
+/// `SELECT EXISTS (... WHERE pk = value)`; one pipelined transaction per
+/// change. `pairs[c]` lists the (role, claims) of the subscribers change `c`
+/// is checked for.
+async fn naive_per_change(pool: &Pool, changes: &[(i64, Vec<(String, String)>)]) -> usize {
+    let client = pool.get().await.expect("pool");
+    let begin = client.prepare("BEGIN READ ONLY").await.expect("prepare");
+    let set = client
+        .prepare("SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true)")
+        .await
+        .expect("prepare");
+    let exists = client
+        .prepare("SELECT EXISTS (SELECT 1 FROM items WHERE id = $1)")
+        .await
+        .expect("prepare");
+    let rollback = client.prepare("ROLLBACK").await.expect("prepare");
+    let mut visible = 0;
+    for (id, subscribers) in changes {
+        let mut futures: Vec<
+            std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>,
+        > = Vec::new();
+        futures.push(Box::pin(async {
+            client.execute(&begin, &[]).await.expect("begin") > 0
+        }));
+        for (role, claims) in subscribers {
+            futures.push(Box::pin(async {
+                client.execute(&set, &[role, claims]).await.expect("set");
+                false
+            }));
+            futures.push(Box::pin(async {
+                client
+                    .query_one(&exists, &[id])
+                    .await
+                    .expect("exists")
+                    .get::<_, bool>(0)
+            }));
+        }
+        futures.push(Box::pin(async {
+            client.execute(&rollback, &[]).await.expect("rollback");
+            false
+        }));
+        let results = futures_util::future::join_all(futures).await;
+        visible += results[1..results.len() - 1].iter().filter(|v| **v).count();
+    }
+    visible
+}
+
+/// Not a test: prints how long one batch of 1,000 changed rows takes to
+/// check for 1, 10, 100 and 1,000 subscriber groups on a 100k-row table with
+/// an `owner = claims.sub` policy, batched (one function call; two calls
+/// over two connections), pipelined per group, and naive per change per
+/// subscriber. `cargo test --release --test main rls::measure -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test: run it by name"]
+async fn measure_batched_rls_against_naive() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_measure", 4).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE users AS SELECT g AS n, gen_random_uuid() AS id FROM generate_series(0, 99) g;
+             CREATE TABLE items (id bigint PRIMARY KEY, owner uuid NOT NULL, body text);
+             INSERT INTO items SELECT g, (SELECT id FROM users WHERE n = g % 100), 'x' FROM generate_series(1, 100000) g;
+             CREATE INDEX ON items (owner);
+             ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON items FOR SELECT TO authenticated
+               USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid);
+             GRANT SELECT ON items TO authenticated;",
+        )
+        .await
+        .expect("data");
+    admin
+        .batch_execute("VACUUM ANALYZE items")
+        .await
+        .expect("vacuum");
+    let users: Vec<String> = admin
+        .query("SELECT id::text FROM users ORDER BY n", &[])
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut rng = Rng(0x5eed);
+    // A batch: 1,000 changed rows. 1,000 subscribers: 10 sessions per user,
+    // so each owns ~1% of the rows.
+    let mut changed: Vec<i64> = Vec::new();
+    while changed.len() < 1000 {
+        let id = 1 + rng.below(100_000) as i64;
+        if !changed.contains(&id) {
+            changed.push(id);
+        }
+    }
+    let owner_of = |id: i64| users[(id % 100) as usize].as_str();
+    let changed_text: Vec<String> = changed.iter().map(i64::to_string).collect();
+    let subscribers: Vec<(String, Value)> = (0..1000)
+        .map(|s| {
+            let sub = &users[s % 100];
+            (
+                "authenticated".to_owned(),
+                json!({"sub": sub, "session": s}),
+            )
+        })
+        .collect();
+    let table = TableRef {
+        schema: "public",
+        name: "items",
+        key_columns: &["id"],
+    };
+    let all_keys: Vec<Vec<Option<&str>>> = changed_text
+        .iter()
+        .map(|k| vec![Some(k.as_str())])
+        .collect();
+    let own_keys = |sub: &str| -> Vec<Vec<Option<&str>>> {
+        changed_text
+            .iter()
+            .zip(&changed)
+            .filter(|(_, id)| owner_of(**id) == sub)
+            .map(|(k, _)| vec![Some(k.as_str())])
+            .collect()
+    };
+    let groups_for = |n: usize, filtered: bool| -> Vec<Group<'_>> {
+        subscribers[..n]
+            .iter()
+            .map(|(role, claims)| Group {
+                role,
+                claims,
+                keys: if filtered {
+                    own_keys(claims["sub"].as_str().expect("sub"))
+                } else {
+                    all_keys.clone()
+                },
+            })
+            .collect()
+    };
+    let long = Duration::from_secs(120);
+    // Warm up caches and the connections.
+    rls::check(&pool, &table, &groups_for(10, false), long)
+        .await
+        .expect("warm-up");
+
+    println!();
+    println!(
+        "rls check of one batch of 1,000 changed rows (100k-row table, owner = claims.sub, 100 users x 10 sessions)"
+    );
+    println!(
+        "| groups | candidates | batched: 1 call | batched: 2 calls, 2 connections | pipelined txn per group | naive per change per subscriber | visible |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for filtered in [false, true] {
+        for n in [1usize, 10, 100, 1000] {
+            let groups = groups_for(n, filtered);
+            let candidates: usize = groups.iter().map(|g| g.keys.len()).sum();
+
+            let started = Instant::now();
+            let outcomes = rls::check(&pool, &table, &groups, long)
+                .await
+                .expect("check");
+            let batched = started.elapsed().as_secs_f64();
+            let visible: usize = outcomes
+                .iter()
+                .map(|o| match o {
+                    GroupOutcome::Visible(flags) => flags.iter().filter(|v| **v).count(),
+                    GroupOutcome::Failed { message, .. } => panic!("{message}"),
+                })
+                .sum();
+
+            let split = if n >= 2 {
+                let (left, right) = groups.split_at(n / 2);
+                let started = Instant::now();
+                let (a, b) = tokio::join!(
+                    rls::check(&pool, &table, left, long),
+                    rls::check(&pool, &table, right, long)
+                );
+                a.expect("left");
+                b.expect("right");
+                cell(started.elapsed().as_secs_f64(), false)
+            } else {
+                "-".to_owned()
+            };
+
+            let per_group: Vec<(String, String, Vec<i64>)> = groups
+                .iter()
+                .map(|g| {
+                    let ids = g
+                        .keys
+                        .iter()
+                        .map(|k| k[0].expect("key").parse().expect("id"))
+                        .collect();
+                    (g.role.to_owned(), g.claims.to_string(), ids)
+                })
+                .collect();
+            let started = Instant::now();
+            let pipelined_visible = pipelined_per_group(&pool, &per_group).await;
+            let pipelined = started.elapsed().as_secs_f64();
+            assert_eq!(pipelined_visible, visible, "pipelined disagrees");
+
+            // Naive: per change, the subscribers it is a candidate for.
+            let mut changes: Vec<(i64, Vec<(String, String)>)> =
+                changed.iter().map(|id| (*id, Vec::new())).collect();
+            for (role, claims, ids) in &per_group {
+                for (change, id) in changes.iter_mut().zip(&changed) {
+                    if !filtered || ids.contains(id) {
+                        change.1.push((role.clone(), claims.clone()));
+                    }
+                }
+            }
+            // Sample at most ~20,000 pairs and scale up.
+            let sample = (20_000 / n.max(1)).clamp(10, changes.len());
+            let sample = if filtered { changes.len() } else { sample };
+            let started = Instant::now();
+            let naive_visible = naive_per_change(&pool, &changes[..sample]).await;
+            let scale = changes.len() as f64 / sample as f64;
+            let naive = cell(
+                started.elapsed().as_secs_f64() * scale,
+                sample < changes.len(),
+            );
+            if sample == changes.len() {
+                assert_eq!(naive_visible, visible, "naive disagrees");
+            }
+
+            println!(
+                "| {n}{} | {candidates} | {} | {split} | {} | {naive} | {visible} |",
+                if filtered { " (filtered)" } else { "" },
+                cell(batched, false),
+                cell(pipelined, false),
+            );
+        }
+    }
+}

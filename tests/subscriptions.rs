@@ -1,0 +1,484 @@
+//! Subscriptions over the bus: gateways register them, the daemon
+//! validates, answers, matches changes by table and event, and sends each
+//! gateway the events its subscriptions may see.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::gateway::BusGateway;
+use crate::support::stack::Stack;
+use crate::support::{Daemon, eventually};
+
+const SETUP: &str = "
+    CREATE ROLE anon NOLOGIN;
+    CREATE ROLE authenticated NOLOGIN;
+    CREATE TABLE todos (id int PRIMARY KEY, task text, secret text);
+    CREATE TABLE notes (id int PRIMARY KEY, body text);
+    CREATE TABLE private (id int PRIMARY KEY, owner text);
+    ALTER TABLE private ENABLE ROW LEVEL SECURITY;
+    CREATE TABLE unpublished (id int PRIMARY KEY);
+    GRANT SELECT ON todos, notes, private TO anon, authenticated;
+    REVOKE SELECT ON todos FROM anon;
+    GRANT SELECT (id, task) ON todos TO anon;
+    ALTER PUBLICATION supabase_realtime ADD TABLE todos, notes, private;
+";
+
+fn subscription(id: &str, role: &str, schema: &str, table: &str, event: &str) -> Value {
+    json!({
+        "id": id, "topic": format!("realtime:{id}"), "schema": schema, "table": table, "event": event,
+        "filter": null, "select": null, "claims": {"sub": "u1", "role": role}, "role": role,
+    })
+}
+
+/// A streaming daemon (no firehose) and a gateway on its bus.
+async fn start() -> (Stack, Daemon, BusGateway) {
+    let stack = Stack::start().await;
+    stack.client.batch_execute(SETUP).await.expect("setup");
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    (stack, daemon, gateway)
+}
+
+fn summary(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let ids: Vec<&str> = e["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|i| i.as_str().expect("id"))
+                .collect();
+            format!(
+                "{} {} {}",
+                ids.join("+"),
+                e["data"]["table"].as_str().unwrap_or("?"),
+                e["data"]["type"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_receive_their_tables_and_events_only() {
+    let (stack, daemon, mut gateway) = start().await;
+    gateway
+        .subscribe(subscription(
+            "all-notes",
+            "authenticated",
+            "public",
+            "notes",
+            "*",
+        ))
+        .await;
+    gateway
+        .subscribe(subscription(
+            "note-inserts",
+            "authenticated",
+            "public",
+            "notes",
+            "insert",
+        ))
+        .await;
+    gateway
+        .subscribe(subscription(
+            "everything",
+            "authenticated",
+            "public",
+            "*",
+            "DELETE",
+        ))
+        .await;
+    for id in ["all-notes", "note-inserts", "everything"] {
+        let reply = gateway.reply(id, 0).await;
+        assert_eq!(reply["type"], "subscribed", "{reply}\n{}", daemon.log());
+        assert!(
+            reply["lsn"]
+                .as_str()
+                .expect("lsn")
+                .parse::<walcast::lsn::Lsn>()
+                .is_ok()
+        );
+    }
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO notes VALUES (1, 'a'); UPDATE notes SET body = 'b'; DELETE FROM notes;
+             INSERT INTO unpublished VALUES (1);
+             INSERT INTO todos VALUES (1, 't', 's'); DELETE FROM todos;",
+        )
+        .await
+        .expect("writes");
+    let events = gateway.wait_events(4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events_after = gateway.events();
+    assert_eq!(events_after.len(), events.len(), "no further events");
+    assert_eq!(
+        summary(&events),
+        [
+            "all-notes+note-inserts notes INSERT",
+            "all-notes notes UPDATE",
+            "all-notes+everything notes DELETE",
+            "everything todos DELETE"
+        ]
+    );
+    // One event per gateway carries the whole Supabase data object.
+    let first = &events[0];
+    assert_eq!(first["v"], 1);
+    assert_eq!(first["seq"], 0);
+    assert_eq!(first["data"]["record"], json!({"id": 1, "body": "a"}));
+    assert_eq!(
+        first["data"]["columns"],
+        json!([{"name": "id", "type": "int4"}, {"name": "body", "type": "text"}])
+    );
+    assert_eq!(events[2]["data"]["old_record"], json!({"id": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_privileges_shape_what_each_role_sees() {
+    let (stack, daemon, mut gateway) = start().await;
+    gateway
+        .subscribe(subscription("anon", "anon", "public", "todos", "*"))
+        .await;
+    gateway
+        .subscribe(subscription(
+            "auth",
+            "authenticated",
+            "public",
+            "todos",
+            "*",
+        ))
+        .await;
+    let mut selective = subscription("auth-select", "authenticated", "public", "todos", "INSERT");
+    selective["select"] = json!(["task"]);
+    gateway.subscribe(selective).await;
+    for id in ["anon", "auth", "auth-select"] {
+        assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
+    }
+    stack
+        .client
+        .batch_execute("INSERT INTO todos VALUES (1, 'task', 'hush')")
+        .await
+        .expect("insert");
+    // Subscriptions that see the change alike share one event per gateway.
+    let mut events = gateway.wait_events(2).await;
+    events.sort_by_key(|e| e["ids"].to_string());
+    let records: Vec<(Value, Value)> = events
+        .iter()
+        .map(|e| (e["ids"].clone(), e["data"]["record"].clone()))
+        .collect();
+    assert_eq!(
+        records,
+        vec![
+            (
+                json!(["anon", "auth-select"]),
+                json!({"id": 1, "task": "task"})
+            ),
+            (
+                json!(["auth"]),
+                json!({"id": 1, "task": "task", "secret": "hush"})
+            ),
+        ],
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        events[0]["data"]["columns"],
+        json!([{"name": "id", "type": "int4"}, {"name": "task", "type": "text"}])
+    );
+    // Without SELECT on the primary key a role gets Supabase's 401 shape.
+    stack
+        .client
+        .batch_execute("REVOKE SELECT (id) ON todos FROM anon")
+        .await
+        .expect("revoke");
+    // Privileges are cached (for a minute at most); a Relation message,
+    // sent after an ALTER TABLE, refreshes them at once.
+    stack
+        .client
+        .batch_execute(
+            "ALTER TABLE todos ADD COLUMN extra int; INSERT INTO todos VALUES (3, 'x', 'y');",
+        )
+        .await
+        .expect("alter");
+    eventually("the event for row 3", Duration::from_secs(30), || async {
+        gateway.events().iter().any(|e| {
+            e["ids"] == json!(["anon"])
+                && e["data"]["errors"] == json!(["Error 401: Unauthorized"])
+                && e["data"]["record"] == json!({})
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_tables_deliver_deletes_as_keys_and_never_unchecked_rows() {
+    let (stack, _daemon, mut gateway) = start().await;
+    gateway
+        .subscribe(subscription("p", "authenticated", "public", "private", "*"))
+        .await;
+    assert_eq!(gateway.reply("p", 0).await["type"], "subscribed");
+    stack
+        .client
+        .batch_execute("ALTER TABLE private REPLICA IDENTITY FULL; INSERT INTO private VALUES (1, 'u1'); UPDATE private SET owner = 'u2'; DELETE FROM private;")
+        .await
+        .expect("writes");
+    let events = gateway.wait_events(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gateway.events().len(),
+        1,
+        "inserts and updates of an RLS table are not delivered unchecked"
+    );
+    assert_eq!(events[0]["data"]["type"], "DELETE");
+    assert_eq!(
+        events[0]["data"]["old_record"],
+        json!({"id": 1}),
+        "under RLS a delete shows only the key, even with REPLICA IDENTITY FULL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_subscriptions_are_rejected_with_a_reason() {
+    let (_stack, daemon, mut gateway) = start().await;
+    let cases = [
+        (
+            subscription("nope", "authenticated", "public", "doesnotexist", "*"),
+            "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [event: *, schema: public, table: doesnotexist, filters: [], select: nil]",
+        ),
+        (
+            subscription("unpub", "authenticated", "public", "unpublished", "*"),
+            "Unable to subscribe to changes with given parameters.",
+        ),
+        (
+            subscription("root", "postgres", "public", "notes", "*"),
+            "role \"postgres\" may not subscribe (allowed roles: anon, authenticated)",
+        ),
+        (
+            {
+                let mut s = subscription("liar", "authenticated", "public", "notes", "*");
+                s["claims"]["role"] = json!("service_role");
+                s
+            },
+            "role \"authenticated\" is not the claims' role \"service_role\"",
+        ),
+        (
+            {
+                let mut s = subscription("wild-select", "authenticated", "public", "*", "*");
+                s["select"] = json!(["id"]);
+                s
+            },
+            "Column selection is not supported for wildcard subscriptions",
+        ),
+        (
+            {
+                let mut s = subscription("bad-col", "anon", "public", "todos", "*");
+                s["select"] = json!(["secret"]);
+                s
+            },
+            "invalid column for select secret",
+        ),
+        (
+            subscription(
+                "sql",
+                "authenticated",
+                "public",
+                "notes; DROP TABLE notes; --",
+                "*",
+            ),
+            "Unable to subscribe",
+        ),
+    ];
+    // Garbage on the control channel is ignored; the daemon keeps serving.
+    gateway.control_raw("not json").await;
+    gateway
+        .control_raw(r#"{"v":1,"gateway":"g1","op":"explode"}"#)
+        .await;
+    for (s, _) in &cases {
+        gateway.subscribe(s.clone()).await;
+    }
+    for (s, expected) in &cases {
+        let id = s["id"].as_str().expect("id");
+        let reply = gateway.reply(id, 0).await;
+        assert_eq!(reply["type"], "rejected", "{id}: {reply}");
+        let message = reply["message"].as_str().expect("message");
+        assert!(
+            message.starts_with(expected),
+            "{id}: {message:?} does not start with {expected:?}"
+        );
+    }
+    assert!(!daemon.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_reads_the_registry_back_and_expired_gateways_are_dropped() {
+    let (stack, mut daemon, mut gateway) = start().await;
+    gateway
+        .subscribe(subscription("s", "authenticated", "public", "notes", "*"))
+        .await;
+    assert_eq!(gateway.reply("s", 0).await["type"], "subscribed");
+    daemon.kill();
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+    let daemon = Daemon::spawn(&["run"], &env);
+    // Without the gateway doing anything, the subscription is live again.
+    assert_eq!(
+        gateway.reply("s", 1).await["type"],
+        "subscribed",
+        "{}",
+        daemon.log()
+    );
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (1, 'after restart')")
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(1).await;
+    assert_eq!(events[0]["data"]["record"]["body"], "after restart");
+    // A gateway whose lease expires loses its subscriptions.
+    gateway.drop_lease().await;
+    eventually(
+        "the daemon drops the expired gateway",
+        Duration::from_secs(30),
+        || async { daemon.log().contains("gateway lease expired") },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (2, 'nobody listens')")
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gateway.events().len(), 1);
+    // Unsubscribe works too (for a fresh gateway).
+    let mut other = BusGateway::start(&stack.redis.url(), "default", "g2").await;
+    other
+        .subscribe(subscription("t", "anon", "public", "notes", "*"))
+        .await;
+    assert_eq!(other.reply("t", 0).await["type"], "subscribed");
+    other.unsubscribe("t").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (3, 'x')")
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(other.events().is_empty());
+}
+
+fn filtered(id: &str, table: &str, event: &str, filter: &str) -> Value {
+    let mut s = subscription(id, "authenticated", "public", table, event);
+    s["filter"] = json!(filter);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_decide_per_row_in_process_or_on_the_server() {
+    let (stack, daemon, mut gateway) = start().await;
+    stack
+        .client
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, owner int, label text, price numeric); GRANT SELECT ON items TO authenticated; ALTER PUBLICATION supabase_realtime ADD TABLE items;")
+        .await
+        .expect("table");
+    gateway
+        .subscribe(filtered("owner7", "items", "*", "owner=eq.7"))
+        .await;
+    gateway
+        .subscribe(filtered(
+            "labels",
+            "items",
+            "INSERT",
+            r#"label=in.(a,"b,c")"#,
+        ))
+        .await;
+    gateway
+        .subscribe(filtered(
+            "like",
+            "items",
+            "*",
+            "label=like.x%,price=gte.1.50",
+        ))
+        .await;
+    gateway
+        .subscribe(filtered("not-null", "items", "DELETE", "label=not.is.null"))
+        .await;
+    for id in ["owner7", "labels", "like", "not-null"] {
+        assert_eq!(
+            gateway.reply(id, 0).await["type"],
+            "subscribed",
+            "{id}\n{}",
+            daemon.log()
+        );
+    }
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO items VALUES (1, 7, 'a', 1), (2, 8, 'b,c', 2), (3, 7, 'xy', 1.5), (4, 9, 'xz', 1.49);
+             UPDATE items SET owner = 7 WHERE id = 2;
+             UPDATE items SET owner = 8 WHERE id = 1;
+             DELETE FROM items WHERE id = 3;",
+        )
+        .await
+        .expect("writes");
+    let events = gateway.wait_events(4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gateway.events().len(),
+        events.len(),
+        "{:?}",
+        gateway.events()
+    );
+    let got: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["ids"],
+                e["data"]["type"].as_str().unwrap_or("?"),
+                e["data"]["record"]["id"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            r#"["owner7","labels"] INSERT 1"#,
+            r#"["labels"] INSERT 2"#,
+            r#"["owner7","like"] INSERT 3"#,
+            // UPDATE is filtered on the new row: row 2 now belongs to owner 7;
+            // row 1 no longer does and sends nothing, as in Supabase. The
+            // DELETE carries only the key (REPLICA IDENTITY DEFAULT): filters
+            // on other columns, even `not.is.null`, do not hold.
+            r#"["owner7"] UPDATE 2"#,
+        ]
+    );
+    // Invalid filters are refused when the subscription is made.
+    gateway
+        .subscribe(filtered("bad-col", "items", "*", "nope=eq.1"))
+        .await;
+    gateway
+        .subscribe(filtered("bad-cast", "items", "*", "owner=eq.x"))
+        .await;
+    gateway
+        .subscribe(filtered("bad-op", "items", "*", "owner=foo.1"))
+        .await;
+    assert_eq!(
+        gateway.reply("bad-col", 0).await["message"],
+        "invalid column for filter nope"
+    );
+    assert_eq!(
+        gateway.reply("bad-cast", 0).await["message"],
+        "invalid input syntax for type integer: \"x\""
+    );
+    assert!(
+        gateway.reply("bad-op", 0).await["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("Error parsing `filter` params")
+    );
+}
