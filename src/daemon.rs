@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::bus::Names;
+use crate::bus::{Names, Reply};
 use crate::catalog::{self, Catalog};
 use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
 use crate::config::Settings;
@@ -37,7 +37,7 @@ use crate::encode::{PayloadEncoder, View};
 use crate::lsn::Lsn;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
-use crate::subscription::{self, Delivery, Entry, Shared};
+use crate::subscription::{self, Delivery, Denial, Entry, Shared};
 use crate::{bus, pgoutput, pool};
 
 /// Batches the replication task may queue ahead of the publisher.
@@ -327,7 +327,14 @@ impl StreamLoop {
                     }
                     Event::Commit { end_lsn, .. } => {
                         self.current.ack = Some(end_lsn);
-                        self.hand_over();
+                        // Small transactions in a burst travel together: the
+                        // batch is handed over once nothing more is buffered
+                        // (or it is full), not after every commit.
+                        if !self.stream.has_buffered_event()
+                            || self.current.messages.len() >= MESSAGES_PER_BATCH
+                        {
+                            self.hand_over();
+                        }
                     }
                 }
             }
@@ -339,7 +346,7 @@ impl StreamLoop {
                 // Outside a transaction everything up to wal_end has been
                 // sent; queued behind earlier batches, this acknowledges it
                 // once they are published, so a quiet slot does not retain WAL.
-                if !self.assembler.in_transaction() && self.current.messages.is_empty() {
+                if !self.assembler.in_transaction() {
                     self.current.ack = Some(wal_end);
                     self.hand_over();
                 }
@@ -373,11 +380,14 @@ impl StreamLoop {
         }
         // Who sees the change is decided on its text values, before values
         // only the server can render as JSON are rendered.
-        let deliveries = if candidates.is_empty() {
-            Vec::new()
+        let (deliveries, denials) = if candidates.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             subscription::deliveries(&mut self.catalog, &self.pool, &change, candidates).await?
         };
+        for denial in &denials {
+            self.deny(&change, denial);
+        }
         render_on_server(&self.catalog, &mut change).await?;
         if let Some(channel) = self.firehose.clone() {
             // Encoded into a reused buffer, then copied once into an
@@ -400,6 +410,34 @@ impl StreamLoop {
             self.hand_over();
         }
         Ok(())
+    }
+
+    /// Tells each gateway which of its subscriptions were denied the change
+    /// because their visibility could not be decided.
+    fn deny(&mut self, change: &Change, denial: &Denial) {
+        let mut by_gateway: Vec<(&Arc<str>, Vec<String>)> = Vec::new();
+        for entry in &denial.entries {
+            match by_gateway.iter_mut().find(|(g, _)| *g == &entry.gateway) {
+                Some((_, ids)) => ids.push(entry.id.to_string()),
+                None => by_gateway.push((&entry.gateway, vec![entry.id.to_string()])),
+            }
+        }
+        for (gateway, ids) in by_gateway {
+            let reply = Reply::Error {
+                v: bus::VERSION,
+                ids,
+                lsn: change.commit_lsn.to_string(),
+                seq: change.seq,
+                message: denial.message.clone(),
+            };
+            let Ok(text) = serde_json::to_vec(&reply) else {
+                continue;
+            };
+            self.current.messages.push(Outgoing {
+                channel: Arc::from(self.names.gateway(gateway)),
+                payload: Bytes::from(text),
+            });
+        }
     }
 
     /// Queues one event per gateway holding subscriptions of `delivery`.
@@ -459,7 +497,7 @@ impl StreamLoop {
     /// the final acknowledged LSN, and close the stream.
     async fn shut_down(mut self) {
         let mut leftovers: Vec<Batch> = self.pending.take().into_iter().collect();
-        if !self.current.messages.is_empty() {
+        if !self.current.messages.is_empty() || self.current.ack.is_some() {
             leftovers.push(std::mem::take(&mut self.current));
         }
         let drained = async {

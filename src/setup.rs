@@ -121,6 +121,7 @@ fn files(options: &Options) -> Vec<(&'static str, &'static str)> {
     let mut files = vec![
         ("sql/publication.sql", PUBLICATION_SQL),
         ("sql/role.sql", ROLE_SQL),
+        ("sql/rls.sql", crate::rls::INSTALL_SQL),
     ];
     if options.auth_helpers {
         files.push(("sql/auth_helpers.sql", AUTH_HELPERS_SQL));
@@ -251,13 +252,17 @@ mod tests {
         let mut options =
             Options::new("postgres://h/d", "walcast", "supabase_realtime", false).unwrap();
         let names = |o: &Options| files(o).iter().map(|(f, _)| *f).collect::<Vec<_>>();
-        assert_eq!(names(&options), ["sql/publication.sql", "sql/role.sql"]);
+        assert_eq!(
+            names(&options),
+            ["sql/publication.sql", "sql/role.sql", "sql/rls.sql"]
+        );
         options.auth_helpers = true;
         assert_eq!(
             names(&options),
             [
                 "sql/publication.sql",
                 "sql/role.sql",
+                "sql/rls.sql",
                 "sql/auth_helpers.sql"
             ]
         );

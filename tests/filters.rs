@@ -635,7 +635,15 @@ async fn every_operator_agrees_with_postgres() {
                                 .iter()
                                 .map(|v| oracle_sql(col, &case, v.as_deref()))
                                 .collect();
-                            if oracle(&client, &exprs).await.iter().all(Result::is_ok) {
+                            // A LIKE pattern ending in the escape character
+                            // errors only for values that match up to its end,
+                            // which the random values rarely do; refusing it up
+                            // front is the point (it would fail at change time).
+                            let fails_for_some_value =
+                                e.to_string().contains("must not end with escape character");
+                            if !fails_for_some_value
+                                && oracle(&client, &exprs).await.iter().all(Result::is_ok)
+                            {
                                 failures.push(format!(
                                     "{} ({}) {}: walcast refuses ({e}), Postgres accepts",
                                     col.name, col.sql_type, case.text

@@ -17,11 +17,15 @@ const SETUP: &str = "
     CREATE TABLE notes (id int PRIMARY KEY, body text);
     CREATE TABLE private (id int PRIMARY KEY, owner text);
     ALTER TABLE private ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY own ON private FOR SELECT USING (owner = current_setting('request.jwt.claims', true)::jsonb->>'sub');
+    CREATE TABLE secure (id int PRIMARY KEY, owner_id uuid);
+    ALTER TABLE secure ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY own ON secure FOR SELECT USING (owner_id = (current_setting('request.jwt.claims', true)::jsonb->>'sub')::uuid);
     CREATE TABLE unpublished (id int PRIMARY KEY);
-    GRANT SELECT ON todos, notes, private TO anon, authenticated;
+    GRANT SELECT ON todos, notes, private, secure TO anon, authenticated;
     REVOKE SELECT ON todos FROM anon;
     GRANT SELECT (id, task) ON todos TO anon;
-    ALTER PUBLICATION supabase_realtime ADD TABLE todos, notes, private;
+    ALTER PUBLICATION supabase_realtime ADD TABLE todos, notes, private, secure;
 ";
 
 fn subscription(id: &str, role: &str, schema: &str, table: &str, event: &str) -> Value {
@@ -35,6 +39,11 @@ fn subscription(id: &str, role: &str, schema: &str, table: &str, event: &str) ->
 async fn start() -> (Stack, Daemon, BusGateway) {
     let stack = Stack::start().await;
     stack.client.batch_execute(SETUP).await.expect("setup");
+    stack
+        .client
+        .batch_execute(walcast::rls::INSTALL_SQL)
+        .await
+        .expect("install sql/rls.sql");
     let mut env = stack.env();
     env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
     let daemon = Daemon::spawn(&["run"], &env);
@@ -215,30 +224,118 @@ async fn column_privileges_shape_what_each_role_sees() {
     .await;
 }
 
+fn as_user(id: &str, sub: &str, table: &str) -> Value {
+    let mut s = subscription(id, "authenticated", "public", table, "*");
+    s["claims"]["sub"] = json!(sub);
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rls_tables_deliver_deletes_as_keys_and_never_unchecked_rows() {
-    let (stack, _daemon, mut gateway) = start().await;
-    gateway
-        .subscribe(subscription("p", "authenticated", "public", "private", "*"))
-        .await;
-    assert_eq!(gateway.reply("p", 0).await["type"], "subscribed");
-    stack
-        .client
-        .batch_execute("ALTER TABLE private REPLICA IDENTITY FULL; INSERT INTO private VALUES (1, 'u1'); UPDATE private SET owner = 'u2'; DELETE FROM private;")
+async fn rls_decides_each_subscribers_rows_and_deletes_show_only_keys() {
+    let (stack, daemon, mut gateway) = start().await;
+    gateway.subscribe(as_user("u1", "u1", "private")).await;
+    gateway.subscribe(as_user("u2", "u2", "private")).await;
+    for id in ["u1", "u2"] {
+        assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
+    }
+    let write = |sql: &'static str| stack.client.batch_execute(sql);
+    write("ALTER TABLE private REPLICA IDENTITY FULL; INSERT INTO private VALUES (1, 'u1')")
         .await
-        .expect("writes");
+        .expect("insert");
     let events = gateway.wait_events(1).await;
+    assert_eq!(
+        (
+            events[0]["ids"].clone(),
+            events[0]["data"]["record"].clone()
+        ),
+        (json!(["u1"]), json!({"id": 1, "owner": "u1"})),
+        "{}",
+        daemon.log()
+    );
+    write("INSERT INTO private VALUES (2, 'u2')")
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(2).await;
+    assert_eq!(events[1]["ids"], json!(["u2"]));
+    write("UPDATE private SET owner = 'u2' WHERE id = 1")
+        .await
+        .expect("update");
+    let events = gateway.wait_events(3).await;
+    assert_eq!(
+        (events[2]["ids"].clone(), events[2]["data"]["type"].clone()),
+        (json!(["u2"]), json!("UPDATE"))
+    );
+    // Deletes are not checked against policies (Supabase's rule), so both
+    // receive them, and under RLS `old_record` is only the key even with
+    // REPLICA IDENTITY FULL.
+    write("DELETE FROM private WHERE id = 1")
+        .await
+        .expect("delete");
+    let events = gateway.wait_events(4).await;
+    assert_eq!(events[3]["ids"], json!(["u1", "u2"]));
+    assert_eq!(events[3]["data"]["old_record"], json!({"id": 1}));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         gateway.events().len(),
-        1,
-        "inserts and updates of an RLS table are not delivered unchecked"
+        4,
+        "nothing else: {:?}",
+        gateway.events()
     );
-    assert_eq!(events[0]["data"]["type"], "DELETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raising_policy_denies_only_its_subscriber_and_says_so() {
+    let (stack, daemon, mut gateway) = start().await;
+    let owner = "8d0c1b6e-2f4a-4c2e-9f0e-0a1b2c3d4e5f";
+    gateway.subscribe(as_user("good", owner, "secure")).await;
+    gateway
+        .subscribe(as_user("bad", "not-a-uuid", "secure"))
+        .await;
+    for id in ["good", "bad"] {
+        assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
+    }
+    stack
+        .client
+        .batch_execute(&format!(
+            "INSERT INTO secure VALUES (1, '{owner}'), (2, '{owner}')"
+        ))
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(2).await;
     assert_eq!(
-        events[0]["data"]["old_record"],
-        json!({"id": 1}),
-        "under RLS a delete shows only the key, even with REPLICA IDENTITY FULL"
+        events.iter().map(|e| e["ids"].clone()).collect::<Vec<_>>(),
+        [json!(["good"]), json!(["good"])],
+        "{}",
+        daemon.log()
+    );
+    eventually(
+        "two error events for the raising policy",
+        Duration::from_secs(30),
+        || async {
+            gateway
+                .received()
+                .iter()
+                .filter(|m| m["type"] == "error")
+                .count()
+                == 2
+        },
+    )
+    .await;
+    let errors: Vec<Value> = gateway
+        .received()
+        .into_iter()
+        .filter(|m| m["type"] == "error")
+        .collect();
+    assert_eq!(errors[0]["ids"], json!(["bad"]));
+    assert_eq!(
+        (errors[0]["seq"].clone(), errors[1]["seq"].clone()),
+        (json!(0), json!(1))
+    );
+    let message = errors[0]["message"].as_str().expect("message");
+    assert!(
+        message
+            .starts_with("RLS policy evaluation failed: 22P02: invalid input syntax for type uuid"),
+        "{message}"
     );
 }
 

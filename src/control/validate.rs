@@ -183,7 +183,7 @@ impl Validator {
             id: Arc::from(s.id.as_str()),
             events: Events::parse(&s.event),
             role: Arc::from(s.role.as_str()),
-            claims: Arc::from(serde_json::Value::Object(s.claims.clone()).to_string()),
+            claims: serde_json::Value::Object(s.claims.clone()),
             select: s.select.clone(),
             filters,
         };

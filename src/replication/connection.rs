@@ -268,6 +268,14 @@ impl Connection {
         }
     }
 
+    /// Whether a whole message is already buffered: reading it will not wait.
+    pub(crate) fn has_buffered_message(&self) -> bool {
+        self.read_buf.get(1..5).is_some_and(|len| {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            self.read_buf.len() > len
+        })
+    }
+
     fn parse_buffered(&mut self) -> Result<Option<Backend>, Error> {
         let Some(header) = self.read_buf.get(..5) else {
             return Ok(None);

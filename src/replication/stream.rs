@@ -75,6 +75,12 @@ impl ReplicationStream {
         }
     }
 
+    /// Whether the next event is already buffered (more WAL is on its way
+    /// without waiting for the network).
+    pub fn has_buffered_event(&self) -> bool {
+        self.conn.has_buffered_message()
+    }
+
     /// Sends a standby status update acknowledging `acked` as written,
     /// flushed and applied: it becomes the slot's `confirmed_flush_lsn`.
     ///

@@ -94,10 +94,7 @@ pub async fn check(
         .await
         .map_err(|_| Error::Timeout(timeout))??;
     match tokio::time::timeout(deadline, ask(&mut client, table, &wire, timeout)).await {
-        Ok(answer) => {
-            let rows = answer.map_err(|e| classify(e, table, timeout))?;
-            outcomes(groups, rows)
-        }
+        Ok(answer) => outcomes(groups, answer?),
         Err(_) => {
             // The transaction's drop queued a ROLLBACK, but a server this
             // slow may still be running our statement: close the connection.
@@ -151,12 +148,26 @@ async fn ask(
     table: &TableRef<'_>,
     groups: &Groups<'_>,
     timeout: Duration,
-) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let tx = client.build_transaction().read_only(true).start().await?;
+) -> Result<Vec<Row>, Error> {
+    let server = |e| classify(e, table, timeout);
+    let tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(server)?;
     let (set_timeout, visible_keys) = tokio::try_join!(
         tx.prepare_cached(include_str!("../../sql/rls_timeout.sql")),
         tx.prepare_cached(include_str!("../../sql/rls_check.sql")),
-    )?;
+    )
+    .map_err(server)?;
+    // An older or foreign walcast.rls_group would fail to encode: say so
+    // rather than retry forever.
+    if !visible_keys.params().get(3).is_some_and(Groups::fits) {
+        return Err(Error::NotInstalled(
+            "walcast.rls_group is not (role text, claims text, keys text[])".into(),
+        ));
+    }
     let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
     let key_columns: Vec<&str> = table.key_columns.to_vec();
     // Pipelined: the timeout is in force before the call starts.
@@ -165,14 +176,22 @@ async fn ask(
     let (_, rows) = tokio::try_join!(
         tx.execute(&set_timeout, &timeout_params),
         tx.query(&visible_keys, &check_params),
-    )?;
+    )
+    .map_err(server)?;
     // Read only: nothing to keep. Ending the transaction also ends every
     // transaction-local setting, should any have survived.
-    tx.rollback().await?;
-    Ok(rows
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
-        .collect())
+    tx.rollback().await.map_err(server)?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ))
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(|e| Error::Answer(e.to_string()))
 }
 
 /// Turns the server's whole-call errors into what they mean for walcast.

@@ -35,25 +35,32 @@ pub(crate) struct Groups<'a> {
     pub columns: usize,
 }
 
-impl ToSql for Groups<'_> {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+impl Groups<'_> {
+    /// Whether `ty` is an array of `(role text, claims text, keys text[])`:
+    /// the shape this encoder writes.
+    pub(crate) fn fits(ty: &Type) -> bool {
         let Kind::Array(member) = ty.kind() else {
-            return Err(format!("expected walcast.rls_group[], got {ty}").into());
+            return false;
         };
         let Kind::Composite(fields) = member.kind() else {
-            return Err(format!("expected a composite element type, got {member}").into());
+            return false;
         };
         let shape: Vec<(&str, &Type)> = fields.iter().map(|f| (f.name(), f.type_())).collect();
-        let expected = [
-            ("role", &Type::TEXT),
-            ("claims", &Type::TEXT),
-            ("keys", &Type::TEXT_ARRAY),
-        ];
-        if shape != expected {
-            return Err(
-                format!("walcast.rls_group has fields {shape:?}, expected {expected:?}").into(),
-            );
-        }
+        shape
+            == [
+                ("role", &Type::TEXT),
+                ("claims", &Type::TEXT),
+                ("keys", &Type::TEXT_ARRAY),
+            ]
+    }
+}
+
+impl ToSql for Groups<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        let member = match ty.kind() {
+            Kind::Array(member) if Self::fits(ty) => member,
+            _ => return Err(format!("expected walcast.rls_group[], got {ty}").into()),
+        };
         array_to_sql(
             [dimension(self.groups.len())?],
             member.oid(),
@@ -269,5 +276,7 @@ mod tests {
             "walcast".into(),
         );
         assert!(groups.to_sql(&wrong, &mut buf).is_err());
+        assert!(!Groups::fits(&wrong) && !Groups::fits(&Type::TEXT_ARRAY));
+        assert!(Groups::fits(&group_type()));
     }
 }

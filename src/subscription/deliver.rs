@@ -6,19 +6,22 @@
 //! the payload Supabase's `Error 401`. On a table with row level security,
 //! a DELETE is not checked against policies (Supabase's rule) and shows
 //! only the primary key. Rows of INSERT/UPDATE on such a table are checked
-//! against the policies by [`crate::rls`]; until that check is wired into
-//! delivery, they are delivered to no one — denying, never allowing.
+//! against the policies by [`crate::rls`], all subscribers of a change in
+//! one call, grouped by (role, claims); a group whose check fails is denied
+//! and told so, the others go on.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{CompiledFilter, Entry, Verdict, evaluate_all, evaluate_on_server};
 use crate::catalog::{self, Catalog};
 use crate::change::{Change, ChangeKind, Datum, OldRow, Row};
+use crate::rls::{self, Group, GroupOutcome, TableRef};
 
 /// Why visibility could not be decided (the database is unreachable); the
 /// session restarts and the change is decided again.
@@ -45,6 +48,19 @@ impl Error {
     }
 }
 
+/// How long one RLS check may take before its groups are denied.
+const RLS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Subscriptions that may not see a change because their visibility could
+/// not be decided (a policy raised, the check timed out).
+#[derive(Debug)]
+pub struct Denial {
+    /// The subscriptions.
+    pub entries: Vec<Arc<Entry>>,
+    /// Why, for the error event and the log.
+    pub message: String,
+}
+
 /// A group of subscriptions that see a change the same way.
 #[derive(Debug)]
 pub struct Delivery {
@@ -64,21 +80,25 @@ pub async fn deliveries(
     pool: &Pool,
     change: &Change,
     candidates: Vec<Arc<Entry>>,
-) -> Result<Vec<Delivery>, Error> {
+) -> Result<(Vec<Delivery>, Vec<Denial>), Error> {
     let relation = &change.relation;
     let candidates = passing_filters(pool, change, candidates).await?;
     if candidates.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let row_security = catalog.row_security(relation.id).await?;
-    if row_security
+    let mut denials = Vec::new();
+    let checks_rows = row_security
+        && relation.has_primary_key
         && matches!(
             change.kind,
             ChangeKind::Insert { .. } | ChangeKind::Update { .. }
-        )
-    {
-        return Ok(Vec::new());
-    }
+        );
+    let candidates = if checks_rows {
+        visible_rows(pool, change, candidates, &mut denials).await
+    } else {
+        candidates
+    };
     let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
     let mut groups: HashMap<Arc<[bool]>, Vec<Arc<Entry>>> = HashMap::new();
     let mut order: Vec<Arc<[bool]>> = Vec::new();
@@ -100,7 +120,7 @@ pub async fn deliveries(
         }
         groups.entry(visible).or_default().push(entry);
     }
-    Ok(order
+    let deliveries = order
         .into_iter()
         .filter_map(|visible| {
             let entries = groups.remove(&visible)?;
@@ -111,7 +131,89 @@ pub async fn deliveries(
                 entries,
             })
         })
-        .collect())
+        .collect();
+    Ok((deliveries, denials))
+}
+
+/// The candidates whose role, with their claims, sees the change's new row
+/// in the table now (Supabase's rule: a lookup by primary key as the
+/// subscriber). One call for all of them, grouped by (role, claims).
+async fn visible_rows(
+    pool: &Pool,
+    change: &Change,
+    candidates: Vec<Arc<Entry>>,
+    denials: &mut Vec<Denial>,
+) -> Vec<Arc<Entry>> {
+    let relation = &change.relation;
+    let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
+        return candidates;
+    };
+    let key_columns: Vec<&str> = relation
+        .columns
+        .iter()
+        .filter(|c| c.is_primary_key)
+        .map(|c| c.name.as_str())
+        .collect();
+    let key: Vec<Option<&str>> = relation
+        .columns
+        .iter()
+        .zip(new)
+        .filter(|(c, _)| c.is_primary_key)
+        .map(|(_, datum)| match datum {
+            Datum::Text(text) => std::str::from_utf8(text).ok(),
+            _ => None,
+        })
+        .collect();
+    let mut groups: Vec<(&str, &serde_json::Value, Vec<Arc<Entry>>)> = Vec::new();
+    for entry in &candidates {
+        match groups
+            .iter_mut()
+            .find(|(role, claims, _)| *role == &*entry.role && **claims == entry.claims)
+        {
+            Some((_, _, entries)) => entries.push(entry.clone()),
+            None => groups.push((&entry.role, &entry.claims, vec![entry.clone()])),
+        }
+    }
+    let asked: Vec<Group<'_>> = groups
+        .iter()
+        .map(|(role, claims, _)| Group {
+            role,
+            claims,
+            keys: vec![key.clone()],
+        })
+        .collect();
+    let table = TableRef {
+        schema: &relation.schema,
+        name: &relation.table,
+        key_columns: &key_columns,
+    };
+    let outcomes = match rls::check(pool, &table, &asked, RLS_TIMEOUT).await {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            warn!(schema = %relation.schema, table = %relation.table, error = %e, "rls check failed; denying the change to its subscribers");
+            let message = format!("RLS policy evaluation failed: {e}");
+            denials.push(Denial {
+                entries: candidates,
+                message,
+            });
+            return Vec::new();
+        }
+    };
+    let mut visible = Vec::new();
+    for ((_, _, entries), outcome) in groups.into_iter().zip(outcomes) {
+        match outcome {
+            GroupOutcome::Visible(flags) if flags.first() == Some(&true) => visible.extend(entries),
+            GroupOutcome::Visible(_) => {}
+            GroupOutcome::Failed { code, message } => {
+                debug!(%code, %message, "rls policy raised for a group; denied");
+                denials.push(Denial {
+                    entries,
+                    message: format!("RLS policy evaluation failed: {code}: {message}"),
+                });
+            }
+        }
+    }
+    visible
 }
 
 /// The row filters are evaluated on: the new row of an INSERT or UPDATE

@@ -58,8 +58,8 @@ pub struct Entry {
     pub events: Events,
     /// The role to check visibility as.
     pub role: Arc<str>,
-    /// The claims as JSON text, for `request.jwt.claims`.
-    pub claims: Arc<str>,
+    /// The verified JWT claims, set as `request.jwt.claims` for RLS.
+    pub claims: serde_json::Value,
     /// Columns to send besides the primary key; `None` for all.
     pub select: Option<Vec<String>>,
     /// Its filters (ANDed), compiled for each table it covers.
@@ -219,7 +219,7 @@ mod tests {
             id: id.into(),
             events,
             role: "anon".into(),
-            claims: "{}".into(),
+            claims: serde_json::json!({}),
             select: None,
             filters: Vec::new(),
         })
