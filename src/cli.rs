@@ -97,6 +97,12 @@ pub struct RunArgs {
     /// Bytes of record + old_record above which large values are dropped (Error 413) [env: WALCAST_MAX_RECORD_BYTES] [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub max_record_bytes: Option<String>,
+    /// Address of the admin server: /metrics, /health, /ready [env: WALCAST_ADMIN_ADDR] [default: 127.0.0.1:9187]
+    #[arg(long, value_name = "ADDR")]
+    pub admin_addr: Option<String>,
+    /// Warn when the slot retains more WAL than this many bytes [env: WALCAST_RETAINED_WAL_WARN_BYTES] [default: 1073741824]
+    #[arg(long, value_name = "BYTES")]
+    pub retained_wal_warn_bytes: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -135,6 +141,11 @@ impl RunArgs {
             ),
             (&config::ALLOWED_ROLES, self.allowed_roles.clone()),
             (&config::MAX_RECORD_BYTES, self.max_record_bytes.clone()),
+            (&config::ADMIN_ADDR, self.admin_addr.clone()),
+            (
+                &config::RETAINED_WAL_WARN_BYTES,
+                self.retained_wal_warn_bytes.clone(),
+            ),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),
         ]));

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::{self, Admin, Readiness};
 use crate::bus::{Names, Reply};
 use crate::catalog::{self, Catalog};
 use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
@@ -35,6 +36,7 @@ use crate::config::Settings;
 use crate::control::{ControlTask, Validator};
 use crate::encode::{PayloadEncoder, View};
 use crate::lsn::Lsn;
+use crate::metrics;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::subscription::{self, Delivery, Denial, Entry, Shared};
@@ -79,6 +81,9 @@ pub enum Error {
     /// The publisher task ended without saying why (it panicked).
     #[error("the publisher task stopped unexpectedly")]
     PublisherGone,
+    /// The admin server (metrics, health) could not be set up.
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
 }
 
 impl Error {
@@ -89,7 +94,7 @@ impl Error {
             Error::Publish(e) => e.is_transient(),
             Error::Catalog(e) => e.is_transient(),
             Error::Deliver(e) => e.is_transient(),
-            Error::Pool(_) => false,
+            Error::Pool(_) | Error::Admin(_) => false,
             // Bytes we cannot decode will be the same bytes next time.
             Error::Decode(_) | Error::Assemble(_) | Error::PublisherGone => false,
         }
@@ -100,6 +105,8 @@ impl Error {
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), Error> {
     let acked = Acknowledged::new(Lsn::ZERO);
     let pool = pool::build(&settings.database_url, POOL_CONNECTIONS)?;
+    // Served until this function returns (dropping it aborts the server).
+    let admin = Admin::start(settings, &pool, &cancel)?;
     let names = Names::new(&settings.tenant);
     // The registry outlives replication sessions; the control task keeps it.
     let shared = Arc::new(Shared::default());
@@ -115,7 +122,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     );
     let control_cancel = cancel.child_token();
     let control = tokio::spawn(control.run(control_cancel.clone()));
-    let result = supervise(settings, &pool, &shared, &acked, &cancel).await;
+    let result = supervise(settings, &pool, &shared, &acked, admin.readiness(), &cancel).await;
     control_cancel.cancel();
     let _ = control.await;
     result
@@ -126,6 +133,7 @@ async fn supervise(
     pool: &deadpool_postgres::Pool,
     shared: &Arc<Shared>,
     acked: &Acknowledged,
+    readiness: &Readiness,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
     let backoff = backon::ExponentialBuilder::new()
@@ -136,7 +144,8 @@ async fn supervise(
     let mut delays = backoff.build();
     loop {
         let before = acked.get();
-        let result = session(settings, pool, shared, acked, cancel).await;
+        let result = session(settings, pool, shared, acked, readiness, cancel).await;
+        readiness.set_streaming(false);
         if cancel.is_cancelled() {
             return Ok(());
         }
@@ -145,6 +154,13 @@ async fn supervise(
             Err(err) if err.is_transient() => err,
             Err(err) => return Err(err),
         };
+        if let Error::Publish(_) = &err {
+            readiness.set_redis(false);
+            metrics::counter!(metrics::REDIS_ERRORS, metrics::TASK => metrics::TASK_PUBLISHER)
+                .increment(1);
+            metrics::counter!(metrics::REDIS_RECONNECTS, metrics::TASK => metrics::TASK_PUBLISHER)
+                .increment(1);
+        }
         if acked.get() > before {
             delays = backoff.build();
         }
@@ -169,6 +185,7 @@ async fn session(
     pool: &deadpool_postgres::Pool,
     shared: &Arc<Shared>,
     acked: &Acknowledged,
+    readiness: &Readiness,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
     let publisher = Publisher::connect(&settings.redis_url).await?;
@@ -188,6 +205,7 @@ async fn session(
     let stream = conn
         .start_replication(&settings.slot, start, &settings.publication)
         .await?;
+    readiness.set_streaming(true);
     info!(
         slot = %settings.slot,
         publication = %settings.publication,
@@ -326,6 +344,7 @@ impl StreamLoop {
                         }
                     }
                     Event::Commit { end_lsn, .. } => {
+                        metrics::counter!(metrics::TRANSACTIONS).increment(1);
                         self.current.ack = Some(end_lsn);
                         // Small transactions in a burst travel together: the
                         // batch is handed over once nothing more is buffered
@@ -369,6 +388,8 @@ impl StreamLoop {
     }
 
     async fn add(&mut self, mut change: Change) -> Result<(), Error> {
+        metrics::counter!(metrics::CHANGES_RECEIVED, metrics::KIND => change.kind.name())
+            .increment(1);
         let candidates: Vec<Arc<Entry>> = self
             .shared
             .read()
@@ -388,6 +409,7 @@ impl StreamLoop {
         for denial in &denials {
             self.deny(&change, denial);
         }
+        let queued = self.current.messages.len();
         render_on_server(&self.catalog, &mut change).await?;
         if let Some(channel) = self.firehose.clone() {
             // Encoded into a reused buffer, then copied once into an
@@ -406,6 +428,9 @@ impl StreamLoop {
         for delivery in &deliveries {
             self.deliver(&change, delivery);
         }
+        if self.current.messages.len() > queued {
+            self.current.count_change(change.commit_time);
+        }
         if self.current.messages.len() >= MESSAGES_PER_BATCH {
             self.hand_over();
         }
@@ -415,6 +440,7 @@ impl StreamLoop {
     /// Tells each gateway which of its subscriptions were denied the change
     /// because their visibility could not be decided.
     fn deny(&mut self, change: &Change, denial: &Denial) {
+        metrics::counter!(metrics::RLS_ERRORS).increment(denial.entries.len() as u64);
         let mut by_gateway: Vec<(&Arc<str>, Vec<String>)> = Vec::new();
         for entry in &denial.entries {
             match by_gateway.iter_mut().find(|(g, _)| *g == &entry.gateway) {
@@ -489,6 +515,9 @@ impl StreamLoop {
     async fn send_status(&mut self) -> Result<(), Error> {
         let acked = self.acked.get();
         debug!(received = %self.received, %acked, "status update");
+        metrics::gauge!(metrics::ACKNOWLEDGED_LSN).set(acked.0 as f64);
+        metrics::gauge!(metrics::RECEIVED_LSN).set(self.received.0 as f64);
+        metrics::gauge!(metrics::LAG_BYTES).set(self.received.0.saturating_sub(acked.0) as f64);
         self.stream.send_status(acked).await?;
         Ok(())
     }

@@ -16,10 +16,13 @@
 //! | [`bus`] | the Redis contract: channel names, message envelope |
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
 //! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
+//! | [`metrics`](crate::metrics) | metric names, the Prometheus recorder, the slot's retained WAL |
+//! | [`admin`] | the admin HTTP server: `/metrics`, `/health`, `/ready` |
 //! | [`config`] | settings from file, environment and flags |
 //! | [`check`] | `walcast check`: is a database, its slot and Redis ready? findings with fixes |
 //! | [`setup`] | `walcast setup`: applies `sql/` (publication, role, auth helpers) |
 
+pub mod admin;
 pub mod bus;
 pub mod catalog;
 pub mod change;
@@ -30,6 +33,7 @@ pub mod control;
 pub mod daemon;
 pub mod encode;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod pool;
 pub mod publish;

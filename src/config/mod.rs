@@ -7,6 +7,7 @@
 mod database_url;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ pub struct Settings {
     /// Above this many bytes of `record` + `old_record` JSON, values over
     /// 64 bytes are dropped and the payload says `Error 413`.
     pub max_record_bytes: usize,
+    /// Where the admin server (`/metrics`, `/health`, `/ready`) listens.
+    pub admin_addr: SocketAddr,
+    /// Above this many bytes of WAL retained by the slot, a warning is logged.
+    pub retained_wal_warn_bytes: u64,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
@@ -86,6 +91,8 @@ keys! {
     RECONNECT_MAX_DELAY: "reconnect_max_delay", "WALCAST_RECONNECT_MAX_DELAY", "--reconnect-max-delay", Some("10s");
     ALLOWED_ROLES: "allowed_roles", "WALCAST_ALLOWED_ROLES", "--allowed-roles", Some("anon,authenticated");
     MAX_RECORD_BYTES: "max_record_bytes", "WALCAST_MAX_RECORD_BYTES", "--max-record-bytes", Some("1048576");
+    ADMIN_ADDR: "admin_addr", "WALCAST_ADMIN_ADDR", "--admin-addr", Some("127.0.0.1:9187");
+    RETAINED_WAL_WARN_BYTES: "retained_wal_warn_bytes", "WALCAST_RETAINED_WAL_WARN_BYTES", "--retained-wal-warn-bytes", Some("1073741824");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
 }
@@ -258,6 +265,12 @@ impl Settings {
             )?,
             allowed_roles: parse(&ALLOWED_ROLES, lookup(&ALLOWED_ROLES)?, parse_roles)?,
             max_record_bytes: parse(&MAX_RECORD_BYTES, lookup(&MAX_RECORD_BYTES)?, parse_bytes)?,
+            admin_addr: parse(&ADMIN_ADDR, lookup(&ADMIN_ADDR)?, parse_socket_addr)?,
+            retained_wal_warn_bytes: parse(
+                &RETAINED_WAL_WARN_BYTES,
+                lookup(&RETAINED_WAL_WARN_BYTES)?,
+                |v| parse_bytes(v).map(|n| n as u64),
+            )?,
             log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
             log: lookup(&LOG)?.0,
         })
@@ -301,6 +314,14 @@ fn parse_bytes(v: &str) -> Result<usize, String> {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("expected a positive number of bytes, got {v:?}")),
     }
+}
+
+fn parse_socket_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse().map_err(|_| {
+        format!(
+            "expected an ip address and port like \"127.0.0.1:9187\" or \"[::]:9187\", got {v:?}"
+        )
+    })
 }
 
 fn parse_log_format(v: &str) -> Result<LogFormat, String> {
@@ -382,6 +403,23 @@ mod tests {
         assert!(!s.firehose);
         assert_eq!(s.status_interval, Duration::from_secs(1));
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.admin_addr, SocketAddr::from(([127, 0, 0, 1], 9187)));
+        assert_eq!(s.retained_wal_warn_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn admin_addr_must_be_an_ip_and_port() {
+        let err = Settings::resolve(&[env(&[
+            ("WALCAST_DATABASE_URL", "postgres://h/d"),
+            ("WALCAST_ADMIN_ADDR", "localhost"),
+        ])])
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "invalid value for `admin_addr` (from environment variable WALCAST_ADMIN_ADDR): expected an ip address and port"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

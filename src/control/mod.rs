@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 pub use validate::{Validator, Verdict};
 
 use crate::bus::{self, Control, ControlOp, Names, Reply, Subscription};
+use crate::metrics;
 use crate::subscription::Shared;
 
 /// How often the leases of known gateways are checked.
@@ -78,6 +79,10 @@ impl ControlTask {
                 result = self.serve() => result,
             };
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            metrics::counter!(metrics::REDIS_ERRORS, metrics::TASK => metrics::TASK_CONTROL)
+                .increment(1);
+            metrics::counter!(metrics::REDIS_RECONNECTS, metrics::TASK => metrics::TASK_CONTROL)
+                .increment(1);
             warn!(error = %result.err().map_or_else(String::new, |e| e.to_string()), retry_in = ?delay, "control task reconnecting");
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -170,11 +175,13 @@ impl ControlTask {
             }
             ControlOp::Unsubscribe { id } => {
                 let removed = self.shared.remove(&gateway, &id);
+                self.count_subscriptions();
                 debug!(%gateway, %id, removed, "unsubscribed");
                 Ok(())
             }
             ControlOp::Leave => {
                 let removed = self.shared.remove_gateway(&gateway);
+                self.count_subscriptions();
                 info!(%gateway, removed, "gateway left");
                 Ok(())
             }
@@ -197,6 +204,7 @@ impl ControlTask {
         let reply = match verdict {
             Ok(Verdict::Accepted { entry, tables }) => {
                 let lsn = self.shared.add(entry, tables);
+                self.count_subscriptions();
                 debug!(%gateway, %id, %lsn, "subscribed");
                 Reply::Subscribed {
                     v: bus::VERSION,
@@ -249,10 +257,16 @@ impl ControlTask {
         gateway: &str,
     ) -> Result<(), Error> {
         let removed = self.shared.remove_gateway(gateway);
+        self.count_subscriptions();
         let _: () = conn.del(self.names.subscriptions(gateway)).await?;
         let _: () = conn.srem(self.names.gateways(), gateway).await?;
         info!(%gateway, removed, "gateway lease expired; its subscriptions are gone");
         Ok(())
+    }
+
+    /// Sets the subscriptions gauge from the registry.
+    fn count_subscriptions(&self) {
+        metrics::gauge!(metrics::SUBSCRIPTIONS).set(self.shared.read().len() as f64);
     }
 
     async fn reply(

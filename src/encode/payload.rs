@@ -5,8 +5,12 @@
 //! `errors`, `schema`, `table`, `old_record`, `record`, `type`); `record`
 //! and `old_record` list columns in table order.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use super::{write_commit_timestamp, write_json_string, write_value};
-use crate::change::{Change, ChangeKind, Column, Datum, OldRow, Row};
+use crate::change::{Change, ChangeKind, Column, Datum, OldRow, Relation, Row};
+use crate::pgoutput::Oid;
 
 /// Supabase's error for INSERT/UPDATE on a table without a primary key.
 pub const NO_PRIMARY_KEY: &str = "Error 400: Bad Request, no primary key";
@@ -36,12 +40,71 @@ impl View<'_> {
     }
 }
 
+/// What every change of a relation writes the same way, rendered once per
+/// relation description: each column's `"name":` key and its `columns`
+/// entry, the whole `columns` array, and the schema and table names.
+#[derive(Debug)]
+struct Rendered {
+    /// The description these were rendered from.
+    relation: Arc<Relation>,
+    /// Per column: `"name":`.
+    keys: Vec<Vec<u8>>,
+    /// Per column: `{"name":…,"type":…}`.
+    entries: Vec<Vec<u8>>,
+    /// `[` + all entries + `]`.
+    all_columns: Vec<u8>,
+    /// `,"schema":…,"table":…`.
+    names: Vec<u8>,
+}
+
+impl Rendered {
+    fn new(relation: &Arc<Relation>) -> Self {
+        let keys = relation
+            .columns
+            .iter()
+            .map(|c| {
+                let mut key = Vec::with_capacity(c.name.len() + 3);
+                write_json_string(&mut key, c.name.as_bytes());
+                key.push(b':');
+                key
+            })
+            .collect();
+        let entries: Vec<Vec<u8>> = relation
+            .columns
+            .iter()
+            .map(|c| {
+                let mut entry = b"{\"name\":".to_vec();
+                write_json_string(&mut entry, c.name.as_bytes());
+                entry.extend_from_slice(b",\"type\":");
+                write_json_string(&mut entry, c.ty.name.as_bytes());
+                entry.push(b'}');
+                entry
+            })
+            .collect();
+        let mut all_columns = vec![b'['];
+        all_columns.extend_from_slice(&entries.join(&b',')[..]);
+        all_columns.push(b']');
+        let mut names = b",\"schema\":".to_vec();
+        write_json_string(&mut names, relation.schema.as_bytes());
+        names.extend_from_slice(b",\"table\":");
+        write_json_string(&mut names, relation.table.as_bytes());
+        Rendered {
+            relation: relation.clone(),
+            keys,
+            entries,
+            all_columns,
+            names,
+        }
+    }
+}
+
 /// Writes `data` objects, reusing its buffers from change to change.
 #[derive(Debug)]
 pub struct PayloadEncoder {
     max_record_bytes: usize,
     old_record: Vec<u8>,
     record: Vec<u8>,
+    rendered: HashMap<Oid, Rendered>,
 }
 
 impl PayloadEncoder {
@@ -52,6 +115,7 @@ impl PayloadEncoder {
             max_record_bytes,
             old_record: Vec::new(),
             record: Vec::new(),
+            rendered: HashMap::new(),
         }
     }
 
@@ -78,27 +142,39 @@ impl PayloadEncoder {
         if inserts_or_updates && key_hidden {
             return write_error_payload(out, change, UNAUTHORIZED);
         }
+        let stale = self
+            .rendered
+            .get(&relation.id)
+            .is_none_or(|r| !Arc::ptr_eq(&r.relation, relation));
+        if stale {
+            self.rendered.insert(relation.id, Rendered::new(relation));
+        }
         let too_large = self.records(change, usize::MAX, view);
         if too_large {
             self.records(change, LARGE_VALUE_BYTES, view);
         }
-        out.extend_from_slice(b"{\"columns\":[");
-        let mut first = true;
-        for (i, column) in relation.columns.iter().enumerate() {
-            if !view.shows(i) {
-                continue;
+        let Some(rendered) = self.rendered.get(&relation.id) else {
+            return;
+        };
+        out.extend_from_slice(b"{\"columns\":");
+        if view.visible.is_none() {
+            out.extend_from_slice(&rendered.all_columns);
+        } else {
+            out.push(b'[');
+            let shown = rendered
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| view.shows(*i));
+            for (n, (_, entry)) in shown.enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(entry);
             }
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(b"{\"name\":");
-            write_json_string(out, column.name.as_bytes());
-            out.extend_from_slice(b",\"type\":");
-            write_json_string(out, column.ty.name.as_bytes());
-            out.push(b'}');
+            out.push(b']');
         }
-        out.extend_from_slice(b"],\"commit_timestamp\":");
+        out.extend_from_slice(b",\"commit_timestamp\":");
         write_commit_timestamp(out, change.commit_time);
         out.extend_from_slice(b",\"errors\":");
         if too_large {
@@ -108,7 +184,7 @@ impl PayloadEncoder {
         } else {
             out.extend_from_slice(b"null");
         }
-        write_names(out, change);
+        out.extend_from_slice(&rendered.names);
         if matches!(
             change.kind,
             ChangeKind::Update { .. } | ChangeKind::Delete { .. }
@@ -129,8 +205,12 @@ impl PayloadEncoder {
     fn records(&mut self, change: &Change, value_limit: usize, view: View<'_>) -> bool {
         self.old_record.clear();
         self.record.clear();
+        let Some(rendered) = self.rendered.get(&change.relation.id) else {
+            return false;
+        };
         let fields = Fields {
             columns: &change.relation.columns,
+            keys: &rendered.keys,
             value_limit,
             view,
         };
@@ -193,6 +273,8 @@ fn write_type(out: &mut Vec<u8>, change: &Change) {
 /// size limit.
 struct Fields<'a> {
     columns: &'a [Column],
+    /// Per column: `"name":`, already rendered.
+    keys: &'a [Vec<u8>],
     value_limit: usize,
     view: View<'a>,
 }
@@ -240,8 +322,13 @@ impl Fields<'_> {
             if !first {
                 out.push(b',');
             }
-            write_json_string(out, column.name.as_bytes());
-            out.push(b':');
+            match self.keys.get(i) {
+                Some(key) => out.extend_from_slice(key),
+                None => {
+                    write_json_string(out, column.name.as_bytes());
+                    out.push(b':');
+                }
+            }
             let value_start = out.len();
             match datum {
                 Datum::Text(text) => write_value(out, &column.ty, text),

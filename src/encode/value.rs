@@ -65,28 +65,39 @@ pub(super) fn write_value_checked(
 /// does. Invalid UTF-8 (never sent with client_encoding UTF8) is replaced
 /// with U+FFFD rather than passed through.
 pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
-    let text = String::from_utf8_lossy(text);
-    let bytes = text.as_bytes();
+    // ASCII (most values) needs no UTF-8 check; anything else is checked
+    // once, and only invalid text pays for a lossy copy.
+    if text.is_ascii() || std::str::from_utf8(text).is_ok() {
+        write_escaped(out, text);
+    } else {
+        write_escaped(out, String::from_utf8_lossy(text).as_bytes());
+    }
+}
+
+/// Writes valid UTF-8 `bytes` as a JSON string.
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
         out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-        } else {
-            out.extend_from_slice(escape);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xF)]);
+            }
         }
         start = i + 1;
     }

@@ -9,7 +9,7 @@
 mod ack;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 pub use ack::Acknowledged;
 
 use crate::lsn::Lsn;
+use crate::metrics;
 
 /// How long Redis may take to connect or to answer a pipeline before the
 /// session is restarted.
@@ -43,6 +44,19 @@ pub struct Batch {
     /// A commit's end LSN, or a keepalive's WAL end when no transaction was
     /// open.
     pub ack: Option<Lsn>,
+    /// How many changes have messages in this batch (for metrics).
+    pub changes: u64,
+    /// Commit time of the last of those changes, microseconds since
+    /// 2000-01-01 UTC (for the replication lag in seconds).
+    pub commit_time: Option<i64>,
+}
+
+impl Batch {
+    /// Notes that a change committed at `commit_time` has messages here.
+    pub fn count_change(&mut self, commit_time: i64) {
+        self.changes += 1;
+        self.commit_time = Some(commit_time);
+    }
 }
 
 /// Why publishing stopped.
@@ -100,13 +114,24 @@ impl Publisher {
             }
             let mut pipe = redis::pipe();
             let mut count = 0usize;
+            let mut bytes = 0usize;
             for message in queued.iter().flat_map(|b| &b.messages) {
                 pipe.publish(&*message.channel, message.payload.as_ref());
                 count += 1;
+                bytes += message.payload.len();
             }
             if count > 0 {
+                let started = Instant::now();
                 // Each PUBLISH answers with its receiver count; 0 is success too.
                 pipe.query_async::<Vec<i64>>(&mut self.conn).await?;
+                metrics::histogram!(metrics::PUBLISH_SECONDS).record(started.elapsed());
+                metrics::counter!(metrics::MESSAGES_PUBLISHED).increment(count as u64);
+                metrics::counter!(metrics::PUBLISHED_BYTES).increment(bytes as u64);
+                let changes = queued.iter().map(|b| b.changes).sum();
+                metrics::counter!(metrics::CHANGES_PUBLISHED).increment(changes);
+                if let Some(time) = queued.iter().filter_map(|b| b.commit_time).max() {
+                    metrics::gauge!(metrics::LAG_SECONDS).set(metrics::seconds_since_commit(time));
+                }
             }
             if let Some(lsn) = queued.iter().filter_map(|b| b.ack).max() {
                 acked.advance(lsn);

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tracing::{debug, warn};
@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 use super::{CompiledFilter, Entry, Verdict, evaluate_all, evaluate_on_server};
 use crate::catalog::{self, Catalog};
 use crate::change::{Change, ChangeKind, Datum, OldRow, Row};
+use crate::metrics;
 use crate::rls::{self, Group, GroupOutcome, TableRef};
 
 /// Why visibility could not be decided (the database is unreachable); the
@@ -187,7 +188,11 @@ async fn visible_rows(
         name: &relation.table,
         key_columns: &key_columns,
     };
-    let outcomes = match rls::check(pool, &table, &asked, RLS_TIMEOUT).await {
+    let started = Instant::now();
+    let checked = rls::check(pool, &table, &asked, RLS_TIMEOUT).await;
+    metrics::counter!(metrics::RLS_CHECKS).increment(1);
+    metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
+    let outcomes = match checked {
         Ok(outcomes) => outcomes,
         Err(e) => {
             warn!(schema = %relation.schema, table = %relation.table, error = %e, "rls check failed; denying the change to its subscribers");
@@ -203,7 +208,9 @@ async fn visible_rows(
     for ((_, _, entries), outcome) in groups.into_iter().zip(outcomes) {
         match outcome {
             GroupOutcome::Visible(flags) if flags.first() == Some(&true) => visible.extend(entries),
-            GroupOutcome::Visible(_) => {}
+            GroupOutcome::Visible(_) => {
+                metrics::counter!(metrics::RLS_DENIED).increment(entries.len() as u64);
+            }
             GroupOutcome::Failed { code, message } => {
                 debug!(%code, %message, "rls policy raised for a group; denied");
                 denials.push(Denial {
