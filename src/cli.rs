@@ -24,6 +24,67 @@ pub enum Command {
     Check(CheckArgs),
     /// Apply sql/ to a database as an administrator: the publication, walcast's role, optionally auth helpers.
     Setup(SetupArgs),
+    /// Serve Supabase Realtime clients over WebSocket (Postgres Changes), through the Redis bus.
+    Gateway(GatewayArgs),
+}
+
+/// Flags of `walcast gateway`. Each overrides the environment variable and
+/// the config file key of the same name.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// TOML config file [env: WALCAST_CONFIG].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Redis url [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Tenant id used in bus channel names [env: WALCAST_TENANT] [default: default]
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Address the WebSocket server listens on [env: WALCAST_GATEWAY_ADDR] [default: 0.0.0.0:4000]
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_addr: Option<String>,
+    /// HMAC secret of client JWTs; prefer the environment, flags show in `ps` [env: WALCAST_JWT_SECRET]
+    #[arg(long, value_name = "SECRET")]
+    pub jwt_secret: Option<String>,
+    /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port]
+    #[arg(long, value_name = "ID")]
+    pub gateway_id: Option<String>,
+    /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or walcast=debug [env: WALCAST_LOG] [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+impl GatewayArgs {
+    /// Resolves the gateway's settings: config file, then environment
+    /// (read through `env`), then these flags.
+    pub fn settings(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<config::GatewaySettings, config::Error> {
+        let mut layers = Vec::with_capacity(3);
+        if let Some(path) = self
+            .config
+            .clone()
+            .or_else(|| env("WALCAST_CONFIG").map(PathBuf::from))
+        {
+            layers.push(Layer::from_toml_file(&path)?);
+        }
+        layers.push(Layer::from_env(env));
+        layers.push(Layer::from_flags([
+            (&config::REDIS_URL, self.redis_url.clone()),
+            (&config::TENANT, self.tenant.clone()),
+            (&config::GATEWAY_ADDR, self.gateway_addr.clone()),
+            (&config::JWT_SECRET, self.jwt_secret.clone()),
+            (&config::GATEWAY_ID, self.gateway_id.clone()),
+            (&config::LOG_FORMAT, self.log_format.clone()),
+            (&config::LOG, self.log.clone()),
+        ]));
+        config::GatewaySettings::resolve(&layers)
+    }
 }
 
 /// Flags of `walcast check`: those of `walcast run`, resolved the same way,

@@ -18,6 +18,7 @@
 //! stops reading WAL, but it keeps sending status updates so the walsender
 //! does not time the connection out.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,9 @@ const MESSAGES_PER_BATCH: usize = 512;
 const CATALOG_REFRESH: Duration = Duration::from_secs(60);
 /// Connections for catalog lookups, server-side filters and RLS checks.
 const POOL_CONNECTIONS: usize = 4;
+/// Changes whose visibility is decided together at most (one RLS call per
+/// table for all of them). Fewer when the stream has nothing more buffered.
+const AUTHORIZE_BATCH: usize = 256;
 /// How long shutdown waits for queued messages to reach Redis.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -237,7 +241,9 @@ async fn session(
         scratch: Vec::with_capacity(4096),
         assembler: Assembler::new(),
         current: Batch::default(),
-        pending: None,
+        pending: VecDeque::new(),
+        held: Vec::new(),
+        held_ack: None,
         received: start,
     };
     let result = stream_loop.run(settings.status_interval, cancel).await;
@@ -277,9 +283,15 @@ struct StreamLoop {
     assembler: Assembler,
     /// Messages of the transaction being read.
     current: Batch,
-    /// A batch the publisher's queue has no room for yet; while it waits,
+    /// Batches the publisher's queue has no room for yet; while any waits,
     /// no WAL is read.
-    pending: Option<Batch>,
+    pending: VecDeque<Batch>,
+    /// Changes whose visibility is decided together (one RLS call per
+    /// table for the lot), released in order.
+    held: Vec<(Change, Vec<Arc<Entry>>)>,
+    /// The end of the last commit whose changes are all in `held` (or
+    /// already queued): acknowledged with them.
+    held_ack: Option<Lsn>,
     /// The furthest WAL position the server reported.
     received: Lsn,
 }
@@ -298,14 +310,14 @@ impl StreamLoop {
                 () = cancel.cancelled() => return Ok(()),
                 joined = &mut self.publishing => return Err(publisher_outcome(joined)),
                 _ = tick.tick() => None,
-                permit = self.tx.reserve(), if self.pending.is_some() => {
+                permit = self.tx.reserve(), if !self.pending.is_empty() => {
                     let Ok(permit) = permit else { return Err(Error::PublisherGone) };
-                    if let Some(batch) = self.pending.take() {
+                    if let Some(batch) = self.pending.pop_front() {
                         permit.send(batch);
                     }
                     continue;
                 }
-                event = self.stream.next(), if self.pending.is_none() => Some(event?),
+                event = self.stream.next(), if self.pending.is_empty() => Some(event?),
             };
             match event {
                 Some(event) => self.handle(event).await?,
@@ -345,13 +357,16 @@ impl StreamLoop {
                     }
                     Event::Commit { end_lsn, .. } => {
                         metrics::counter!(metrics::TRANSACTIONS).increment(1);
-                        self.current.ack = Some(end_lsn);
-                        // Small transactions in a burst travel together: the
-                        // batch is handed over once nothing more is buffered
-                        // (or it is full), not after every commit.
+                        self.held_ack = Some(end_lsn);
+                        // Small transactions in a burst travel together: their
+                        // visibility is decided and the batch handed over once
+                        // nothing more is buffered (or enough has gathered),
+                        // not after every commit.
                         if !self.stream.has_buffered_event()
+                            || self.held.len() >= AUTHORIZE_BATCH
                             || self.current.messages.len() >= MESSAGES_PER_BATCH
                         {
+                            self.release().await?;
                             self.hand_over();
                         }
                     }
@@ -366,6 +381,7 @@ impl StreamLoop {
                 // sent; queued behind earlier batches, this acknowledges it
                 // once they are published, so a quiet slot does not retain WAL.
                 if !self.assembler.in_transaction() {
+                    self.release().await?;
                     self.current.ack = Some(wal_end);
                     self.hand_over();
                 }
@@ -387,7 +403,7 @@ impl StreamLoop {
         Ok(())
     }
 
-    async fn add(&mut self, mut change: Change) -> Result<(), Error> {
+    async fn add(&mut self, change: Change) -> Result<(), Error> {
         metrics::counter!(metrics::CHANGES_RECEIVED, metrics::KIND => change.kind.name())
             .increment(1);
         let candidates: Vec<Arc<Entry>> = self
@@ -399,14 +415,50 @@ impl StreamLoop {
         if self.firehose.is_none() && candidates.is_empty() {
             return Ok(());
         }
-        // Who sees the change is decided on its text values, before values
-        // only the server can render as JSON are rendered.
-        let (deliveries, denials) = if candidates.is_empty() {
-            (Vec::new(), Vec::new())
+        self.held.push((change, candidates));
+        if self.held.len() >= AUTHORIZE_BATCH {
+            self.release().await?;
+        }
+        Ok(())
+    }
+
+    /// Decides who sees the held changes (together), queues their messages
+    /// in WAL order, and with them the acknowledgement of the last commit
+    /// they complete.
+    async fn release(&mut self) -> Result<(), Error> {
+        let held = std::mem::take(&mut self.held);
+        if held.iter().any(|(_, candidates)| !candidates.is_empty()) {
+            let batch: Vec<(&Change, Vec<Arc<Entry>>)> = held
+                .iter()
+                .map(|(change, candidates)| (change, candidates.clone()))
+                .collect();
+            // Who sees a change is decided on its text values, before values
+            // only the server can render as JSON are rendered.
+            let decided = subscription::authorize(&mut self.catalog, &self.pool, &batch).await?;
+            drop(batch);
+            for ((change, _), (deliveries, denials)) in held.into_iter().zip(decided) {
+                self.queue(change, &deliveries, &denials).await?;
+            }
         } else {
-            subscription::deliveries(&mut self.catalog, &self.pool, &change, candidates).await?
-        };
-        for denial in &denials {
+            for (change, _) in held {
+                self.queue(change, &[], &[]).await?;
+            }
+        }
+        if let Some(ack) = self.held_ack.take() {
+            self.current.ack = Some(ack);
+        }
+        Ok(())
+    }
+
+    /// Queues one change's messages: the firehose event, error events for
+    /// denied subscriptions, one event per view and gateway.
+    async fn queue(
+        &mut self,
+        mut change: Change,
+        deliveries: &[Delivery],
+        denials: &[Denial],
+    ) -> Result<(), Error> {
+        for denial in denials {
             self.deny(&change, denial);
         }
         let queued = self.current.messages.len();
@@ -425,7 +477,7 @@ impl StreamLoop {
                 payload: Bytes::copy_from_slice(out),
             });
         }
-        for delivery in &deliveries {
+        for delivery in deliveries {
             self.deliver(&change, delivery);
         }
         if self.current.messages.len() > queued {
@@ -497,18 +549,19 @@ impl StreamLoop {
         }
     }
 
-    /// Moves the current batch to `pending`, where the select loop sends it.
+    /// Hands the current batch to the publisher, or parks it in `pending`
+    /// (in order) when the publisher's queue is full.
     fn hand_over(&mut self) {
         let batch = std::mem::take(&mut self.current);
-        debug_assert!(self.pending.is_none());
-        // Try the fast path first; only a full queue parks the batch.
+        if !self.pending.is_empty() {
+            self.pending.push_back(batch);
+            return;
+        }
         match self.tx.try_send(batch) {
             Ok(()) => {}
             Err(
                 mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
-            ) => {
-                self.pending = Some(batch);
-            }
+            ) => self.pending.push_back(batch),
         }
     }
 
@@ -525,7 +578,10 @@ impl StreamLoop {
     /// Graceful end: hand over what was read, let the publisher finish, report
     /// the final acknowledged LSN, and close the stream.
     async fn shut_down(mut self) {
-        let mut leftovers: Vec<Batch> = self.pending.take().into_iter().collect();
+        if let Err(e) = self.release().await {
+            warn!(error = %e, "could not decide the last changes' visibility; they will be sent after restart");
+        }
+        let mut leftovers: Vec<Batch> = self.pending.drain(..).collect();
         if !self.current.messages.is_empty() || self.current.ack.is_some() {
             leftovers.push(std::mem::take(&mut self.current));
         }

@@ -17,6 +17,7 @@
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
 //! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
 //! | [`metrics`](crate::metrics) | metric names, the Prometheus recorder, the slot's retained WAL |
+//! | [`gateway`] | `walcast gateway`: Phoenix Channels over WebSocket for Supabase clients; talks to the bus only |
 //! | [`admin`] | the admin HTTP server: `/metrics`, `/health`, `/ready` |
 //! | [`config`] | settings from file, environment and flags |
 //! | [`check`] | `walcast check`: is a database, its slot and Redis ready? findings with fixes |
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod encode;
+pub mod gateway;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;

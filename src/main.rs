@@ -35,6 +35,40 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => check(&args),
         Command::Setup(args) => setup(&args),
+        Command::Gateway(args) => gateway(&args),
+    }
+}
+
+/// `walcast gateway`: exit 0 after a clean shutdown, 1 when it could not
+/// serve, 2 for bad settings (as `run`).
+fn gateway(args: &walcast::cli::GatewayArgs) -> ExitCode {
+    let settings = match args.settings(|name| std::env::var(name).ok()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = init_logging(settings.log_format, &settings.log) {
+        eprintln!("walcast: invalid value for `log`: {e}");
+        return ExitCode::from(2);
+    }
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let cancel = CancellationToken::new();
+                walcast::shutdown::cancel_on_signal(cancel.clone())?;
+                walcast::gateway::run(&settings, cancel).await?;
+                Ok(())
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "walcast gateway stopped");
+            ExitCode::FAILURE
+        }
     }
 }
 

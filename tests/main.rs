@@ -2,10 +2,12 @@
 //! walcast integration tests: real Postgres and Redis servers started per
 //! test (see `support`), and the walcast binary as a child process.
 
+mod admin;
 mod check;
 mod faults;
 mod filters;
 mod firehose;
+mod gateway;
 mod harness;
 mod rls;
 mod startup;

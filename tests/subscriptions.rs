@@ -579,3 +579,82 @@ async fn filters_decide_per_row_in_process_or_on_the_server() {
             .starts_with("Error parsing `filter` params")
     );
 }
+
+/// The value of a metric on the admin endpoint.
+async fn metric(port: u16, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin port");
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.expect("response");
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_for_a_batch_of_changes_is_one_call_and_keeps_wal_order() {
+    let stack = Stack::start().await;
+    stack.client.batch_execute(SETUP).await.expect("setup");
+    stack
+        .client
+        .batch_execute(walcast::rls::INSTALL_SQL)
+        .await
+        .expect("install sql/rls.sql");
+    let admin = crate::support::free_port();
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+    env.push(("WALCAST_ADMIN_ADDR", format!("127.0.0.1:{admin}")));
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let mut gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    gateway.subscribe(as_user("u1", "u1", "private")).await;
+    gateway.subscribe(as_user("u2", "u2", "private")).await;
+    for id in ["u1", "u2"] {
+        assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
+    }
+    eventually("admin endpoint", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+    })
+    .await;
+    let checks_before = metric(admin, "walcast_rls_checks_total").await;
+    // 100 rows in one transaction, owners alternating.
+    stack
+        .client
+        .batch_execute("INSERT INTO private SELECT i, CASE WHEN i % 2 = 0 THEN 'u2' ELSE 'u1' END FROM generate_series(1, 100) i")
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(100).await;
+    let order: Vec<(i64, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["record"]["id"].as_i64().expect("id"),
+                e["ids"][0].as_str().expect("id").to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(i64, String)> = (1..=100)
+        .map(|i| (i, if i % 2 == 0 { "u2" } else { "u1" }.to_owned()))
+        .collect();
+    assert_eq!(order, expected, "each row to its owner only, in WAL order");
+    let checks = metric(admin, "walcast_rls_checks_total").await - checks_before;
+    assert!(
+        (1.0..=2.0).contains(&checks),
+        "{checks} RLS calls for 100 changes: they are batched\n{}",
+        daemon.log()
+    );
+}

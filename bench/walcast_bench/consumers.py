@@ -164,8 +164,6 @@ def walcast(
         WALCAST_STATUS_INTERVAL=status_interval,
         WALCAST_LOG="warn",
     )
-    # RLS scenarios: subscriptions get registered here, before the clock
-    # starts (Workload.prepare_walcast, see workloads.py).
     assert redis.proc is not None
     redis_cpu = cpu_seconds(redis.proc.pid)
     client = cluster.client()

@@ -3,15 +3,10 @@
 Every workload knows exactly how many change events it produces, so each
 consumer can be checked to have drained all of them.
 
-Adding a workload: append a `Workload` to `workloads()`. The RLS scenarios
-(issue 6 asks for them once subscriptions and RLS have landed) go here too:
-tables with policies, and a `prepare_walcast` hook that registers the
-subscriptions (e.g. 10,000 of them) so that the daemon has them before it
-reads the workload's first change. Nothing calls the hook yet: its place is
-`consumers.walcast`, before the clock starts (how depends on how
-subscriptions are registered; if only through a running daemon, start it
-on an empty slot first). The references drain the same WAL without any of
-that, as they would in production.
+Adding a workload: append a `Workload` to `workloads()`. The subscription
+scenarios of issue 4 (RLS, filters, events to gateways) are not firehose
+workloads and have no references to drain the same WAL: they live in
+`subscriptions.py` and run with `bench/run --only rls`.
 """
 
 from __future__ import annotations
@@ -67,9 +62,6 @@ class Workload:
     load: Callable[[Cluster, Client], None]
     # Before the slots are made (pre-populating tables); not measured.
     prepare: Callable[[Cluster, Client], None] = lambda cluster, client: None
-    # Registers subscriptions for the RLS scenarios before walcast is timed
-    # (see the module doc; not called yet). None for the firehose workloads.
-    prepare_walcast: Callable[..., None] | None = None
     notes: list[str] = field(default_factory=list)
 
 

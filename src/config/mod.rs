@@ -95,6 +95,9 @@ keys! {
     RETAINED_WAL_WARN_BYTES: "retained_wal_warn_bytes", "WALCAST_RETAINED_WAL_WARN_BYTES", "--retained-wal-warn-bytes", Some("1073741824");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
+    GATEWAY_ADDR: "gateway_addr", "WALCAST_GATEWAY_ADDR", "--gateway-addr", Some("0.0.0.0:4000");
+    JWT_SECRET: "jwt_secret", "WALCAST_JWT_SECRET", "--jwt-secret", None;
+    GATEWAY_ID: "gateway_id", "WALCAST_GATEWAY_ID", "--gateway-id", None;
 }
 
 /// Why settings could not be resolved.
@@ -277,6 +280,96 @@ impl Settings {
     }
 }
 
+/// The gateway's resolved settings (`walcast gateway`): it needs Redis and
+/// the JWT secret, never the database.
+#[derive(Clone)]
+pub struct GatewaySettings {
+    /// The Redis bus.
+    pub redis_url: String,
+    /// Tenant id used in bus channel names.
+    pub tenant: String,
+    /// Where the WebSocket server listens.
+    pub gateway_addr: SocketAddr,
+    /// The HMAC secret client JWTs are signed with (kept out of `Debug`).
+    pub jwt_secret: String,
+    /// The gateway's id on the bus, if configured (else `hostname:port`).
+    pub gateway_id: Option<String>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter (`tracing_subscriber::EnvFilter` syntax).
+    pub log: String,
+}
+
+impl std::fmt::Debug for GatewaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewaySettings")
+            .field("redis_url", &self.redis_url)
+            .field("tenant", &self.tenant)
+            .field("gateway_addr", &self.gateway_addr)
+            .field("jwt_secret", &"<redacted>")
+            .field("gateway_id", &self.gateway_id)
+            .field("log_format", &self.log_format)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl GatewaySettings {
+    /// Resolves the gateway's settings from layers given lowest precedence first.
+    pub fn resolve(layers: &[Layer]) -> Result<GatewaySettings, Error> {
+        let lookup = |key: &'static Key| -> Option<(String, String)> {
+            layers
+                .iter()
+                .rev()
+                .find_map(|layer| layer.values.get(key.toml).cloned())
+                .or_else(|| key.default.map(|d| (d.to_owned(), "default".to_owned())))
+        };
+        let required = |key: &'static Key| {
+            lookup(key).ok_or(Error::Missing {
+                key: key.toml,
+                env: key.env,
+                flag: key.flag,
+            })
+        };
+        let parse = |key: &'static Key,
+                     f: &dyn Fn(&str) -> Result<String, String>|
+         -> Result<String, Error> {
+            let (value, origin) = required(key)?;
+            f(&value).map_err(|reason| Error::Invalid {
+                key: key.toml,
+                origin,
+                reason,
+            })
+        };
+        let (addr, addr_origin) = required(&GATEWAY_ADDR)?;
+        let (format, format_origin) = required(&LOG_FORMAT)?;
+        let invalid = |key: &'static Key, origin: String| {
+            move |reason: String| Error::Invalid {
+                key: key.toml,
+                origin,
+                reason,
+            }
+        };
+        Ok(GatewaySettings {
+            redis_url: parse(&REDIS_URL, &parse_redis_url)?,
+            tenant: parse(&TENANT, &parse_tenant)?,
+            gateway_addr: parse_socket_addr(&addr).map_err(invalid(&GATEWAY_ADDR, addr_origin))?,
+            jwt_secret: parse(&JWT_SECRET, &|v| {
+                if v.is_empty() {
+                    Err("the JWT secret must not be empty".to_owned())
+                } else {
+                    Ok(v.to_owned())
+                }
+            })?,
+            gateway_id: lookup(&GATEWAY_ID)
+                .map(|(v, origin)| parse_gateway_id(&v).map_err(invalid(&GATEWAY_ID, origin)))
+                .transpose()?,
+            log_format: parse_log_format(&format).map_err(invalid(&LOG_FORMAT, format_origin))?,
+            log: required(&LOG)?.0,
+        })
+    }
+}
+
 fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -350,6 +443,20 @@ fn parse_tenant(v: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "{v:?} is not a tenant id: use 1 to 64 of A-Z a-z 0-9 - _ . (it becomes part of Redis channel names)"
+        ))
+    }
+}
+
+fn parse_gateway_id(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "{v:?} is not a gateway id: use 1 to 128 of A-Z a-z 0-9 - _ . : (it becomes part of Redis channel names)"
         ))
     }
 }
@@ -466,6 +573,37 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "`database_url` is required: set WALCAST_DATABASE_URL, pass --database-url, or put `database_url = ...` in the config file"
+        );
+    }
+
+    #[test]
+    fn the_gateway_needs_a_jwt_secret_but_no_database() {
+        let err = GatewaySettings::resolve(&[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`jwt_secret` is required: set WALCAST_JWT_SECRET, pass --jwt-secret, or put `jwt_secret = ...` in the config file"
+        );
+        let s = GatewaySettings::resolve(&[env(&[("WALCAST_JWT_SECRET", "hush")])]).unwrap();
+        assert_eq!(s.gateway_addr, SocketAddr::from(([0, 0, 0, 0], 4000)));
+        assert_eq!(
+            (s.tenant.as_str(), s.gateway_id.as_deref()),
+            ("default", None)
+        );
+        assert!(!format!("{s:?}").contains("hush"));
+        let err = GatewaySettings::resolve(&[env(&[
+            ("WALCAST_JWT_SECRET", "hush"),
+            ("WALCAST_GATEWAY_ID", "a b"),
+        ])])
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    key: "gateway_id",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 

@@ -41,8 +41,8 @@ pub const MESSAGES_PUBLISHED: &str = "walcast_messages_published_total";
 pub const PUBLISHED_BYTES: &str = "walcast_published_bytes_total";
 /// Transactions (commits) read from the replication stream.
 pub const TRANSACTIONS: &str = "walcast_transactions_total";
-/// Row level security checks: one batched query per change on a table with
-/// RLS that has subscribers, whatever the number of (role, claims) groups.
+/// Row level security checks: one query per table per batch of changes,
+/// whatever the number of (role, claims) groups and rows.
 pub const RLS_CHECKS: &str = "walcast_rls_checks_total";
 /// How long one RLS check took, pool wait included.
 pub const RLS_CHECK_SECONDS: &str = "walcast_rls_check_duration_seconds";
@@ -260,7 +260,7 @@ static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
 /// Installs the Prometheus recorder for this process (once; later calls
 /// return the same handle), describes every metric and registers the
-/// counters at zero so a first scrape lists them.
+/// counters and histograms, so a first scrape lists them at zero.
 pub fn install() -> Result<PrometheusHandle, Error> {
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = installed.as_ref() {
@@ -302,6 +302,10 @@ fn describe() {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!(SUBSCRIPTIONS).set(0.0);
+    for name in [RLS_CHECK_SECONDS, PUBLISH_SECONDS] {
+        // Registered, so that they are listed (empty) before the first sample.
+        let _ = metrics::histogram!(name);
+    }
 }
 
 /// Folds histogram samples into their buckets every few seconds, so memory
@@ -376,6 +380,10 @@ mod tests {
         metrics::histogram!(PUBLISH_SECONDS).record(Duration::from_millis(2));
         second.run_upkeep();
         let text = first.render();
+        assert!(
+            text.contains("# TYPE walcast_rls_check_duration_seconds histogram"),
+            "{text}"
+        );
         assert!(
             text.contains("# TYPE walcast_transactions_total counter"),
             "{text}"

@@ -73,37 +73,82 @@ pub struct Delivery {
     pub entries: Vec<Arc<Entry>>,
 }
 
-/// Groups `candidates` (the subscriptions matching the change's table and
-/// kind) by what they may see of `change`; those that may see nothing are
-/// left out.
-pub async fn deliveries(
+/// Decides, for a batch of changes in WAL order with the subscriptions
+/// matching each one's table and kind, who may see what: filters per
+/// change, then the RLS checks of the whole batch — one call per table,
+/// every (role, claims) group with the keys of all its candidate rows —
+/// then the views. Returns, per change and in order, its deliveries and
+/// its denials. Batching changes the number of round trips, never the
+/// order of events.
+pub async fn authorize(
     catalog: &mut Catalog,
     pool: &Pool,
-    change: &Change,
-    candidates: Vec<Arc<Entry>>,
-) -> Result<(Vec<Delivery>, Vec<Denial>), Error> {
-    let relation = &change.relation;
-    let candidates = passing_filters(pool, change, candidates).await?;
-    if candidates.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+    batch: &[(&Change, Vec<Arc<Entry>>)],
+) -> Result<Vec<(Vec<Delivery>, Vec<Denial>)>, Error> {
+    let mut passing = Vec::with_capacity(batch.len());
+    let mut row_security = Vec::with_capacity(batch.len());
+    for (change, candidates) in batch {
+        let entries = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            passing_filters(pool, change, candidates.clone()).await?
+        };
+        let secured = !entries.is_empty() && catalog.row_security(change.relation.id).await?;
+        row_security.push(secured);
+        passing.push(entries);
     }
-    let row_security = catalog.row_security(relation.id).await?;
-    let mut denials = Vec::new();
-    let checks_rows = row_security
-        && relation.has_primary_key
-        && matches!(
-            change.kind,
-            ChangeKind::Insert { .. } | ChangeKind::Update { .. }
-        );
-    let candidates = if checks_rows {
-        visible_rows(pool, change, candidates, &mut denials).await
-    } else {
-        candidates
-    };
+    let mut denials: Vec<Vec<Denial>> = batch.iter().map(|_| Vec::new()).collect();
+    let checked: Vec<usize> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, (change, _))| {
+            row_security[*i]
+                && change.relation.has_primary_key
+                && matches!(
+                    change.kind,
+                    ChangeKind::Insert { .. } | ChangeKind::Update { .. }
+                )
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let mut tables: Vec<u32> = checked.iter().map(|&i| batch[i].0.relation.id).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    for table in tables {
+        let rows: Vec<usize> = checked
+            .iter()
+            .copied()
+            .filter(|&i| batch[i].0.relation.id == table)
+            .collect();
+        visible_rows(pool, batch, &rows, &mut passing, &mut denials).await;
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    for (((change, _), entries), (secured, denied)) in batch
+        .iter()
+        .zip(passing)
+        .zip(row_security.into_iter().zip(denials))
+    {
+        out.push((views(catalog, change, entries, secured).await?, denied));
+    }
+    Ok(out)
+}
+
+/// Groups `entries` (allowed to see `change`) by what they may see of it:
+/// the columns their role may select and their `select`.
+async fn views(
+    catalog: &mut Catalog,
+    change: &Change,
+    entries: Vec<Arc<Entry>>,
+    row_security: bool,
+) -> Result<Vec<Delivery>, Error> {
+    let relation = &change.relation;
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
     let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
     let mut groups: HashMap<Arc<[bool]>, Vec<Arc<Entry>>> = HashMap::new();
     let mut order: Vec<Arc<[bool]>> = Vec::new();
-    for entry in candidates {
+    for entry in entries {
         let selectable = catalog.selectable(&entry.role, relation.id, &names).await?;
         let visible: Arc<[bool]> = match &entry.select {
             None => selectable,
@@ -121,7 +166,7 @@ pub async fn deliveries(
         }
         groups.entry(visible).or_default().push(entry);
     }
-    let deliveries = order
+    Ok(order
         .into_iter()
         .filter_map(|visible| {
             let entries = groups.remove(&visible)?;
@@ -132,55 +177,88 @@ pub async fn deliveries(
                 entries,
             })
         })
-        .collect();
-    Ok((deliveries, denials))
+        .collect())
 }
 
-/// The candidates whose role, with their claims, sees the change's new row
-/// in the table now (Supabase's rule: a lookup by primary key as the
-/// subscriber). One call for all of them, grouped by (role, claims).
+/// Keeps, for each of `rows` (indexes into `batch`, all of one table), the
+/// candidates whose role, with their claims, sees the change's new row in
+/// the table now (Supabase's rule: a lookup by primary key as the
+/// subscriber). One call for all of them: one group per (role, claims),
+/// holding the keys of every row that group is a candidate for.
 async fn visible_rows(
     pool: &Pool,
-    change: &Change,
-    candidates: Vec<Arc<Entry>>,
-    denials: &mut Vec<Denial>,
-) -> Vec<Arc<Entry>> {
-    let relation = &change.relation;
-    let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
-        return candidates;
-    };
+    batch: &[(&Change, Vec<Arc<Entry>>)],
+    rows: &[usize],
+    passing: &mut [Vec<Arc<Entry>>],
+    denials: &mut [Vec<Denial>],
+) {
+    let Some(&first) = rows.first() else { return };
+    let relation = &batch[first].0.relation;
     let key_columns: Vec<&str> = relation
         .columns
         .iter()
         .filter(|c| c.is_primary_key)
         .map(|c| c.name.as_str())
         .collect();
-    let key: Vec<Option<&str>> = relation
-        .columns
-        .iter()
-        .zip(new)
-        .filter(|(c, _)| c.is_primary_key)
-        .map(|(_, datum)| match datum {
-            Datum::Text(text) => std::str::from_utf8(text).ok(),
-            _ => None,
-        })
-        .collect();
-    let mut groups: Vec<(&str, &serde_json::Value, Vec<Arc<Entry>>)> = Vec::new();
-    for entry in &candidates {
-        match groups
-            .iter_mut()
-            .find(|(role, claims, _)| *role == &*entry.role && **claims == entry.claims)
-        {
-            Some((_, _, entries)) => entries.push(entry.clone()),
-            None => groups.push((&entry.role, &entry.claims, vec![entry.clone()])),
+    // (role, claims) → (the rows asked, and per row the entries asking).
+    struct Asking<'a> {
+        role: Arc<str>,
+        claims: serde_json::Value,
+        keys: Vec<Vec<Option<&'a str>>>,
+        askers: Vec<(usize, Vec<Arc<Entry>>)>,
+    }
+    let mut asking: Vec<Asking<'_>> = Vec::new();
+    for &row in rows {
+        let (change, _) = &batch[row];
+        let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
+            continue;
+        };
+        // A table's description may change within a batch; keys follow
+        // this change's own columns.
+        let key: Vec<Option<&str>> = change
+            .relation
+            .columns
+            .iter()
+            .zip(new)
+            .filter(|(c, _)| c.is_primary_key)
+            .map(|(_, datum)| match datum {
+                Datum::Text(text) => std::str::from_utf8(text).ok(),
+                _ => None,
+            })
+            .collect();
+        for entry in std::mem::take(&mut passing[row]) {
+            let group = match asking
+                .iter()
+                .position(|a| a.role == entry.role && a.claims == entry.claims)
+            {
+                Some(g) => g,
+                None => {
+                    asking.push(Asking {
+                        role: entry.role.clone(),
+                        claims: entry.claims.clone(),
+                        keys: Vec::new(),
+                        askers: Vec::new(),
+                    });
+                    asking.len() - 1
+                }
+            };
+            let a = &mut asking[group];
+            if a.askers.last().is_some_and(|(r, _)| *r == row) {
+                if let Some((_, entries)) = a.askers.last_mut() {
+                    entries.push(entry);
+                }
+            } else {
+                a.keys.push(key.clone());
+                a.askers.push((row, vec![entry]));
+            }
         }
     }
-    let asked: Vec<Group<'_>> = groups
+    let groups: Vec<Group<'_>> = asking
         .iter()
-        .map(|(role, claims, _)| Group {
-            role,
-            claims,
-            keys: vec![key.clone()],
+        .map(|a| Group {
+            role: &a.role,
+            claims: &a.claims,
+            keys: a.keys.clone(),
         })
         .collect();
     let table = TableRef {
@@ -189,38 +267,51 @@ async fn visible_rows(
         key_columns: &key_columns,
     };
     let started = Instant::now();
-    let checked = rls::check(pool, &table, &asked, RLS_TIMEOUT).await;
+    let checked = rls::check(pool, &table, &groups, RLS_TIMEOUT).await;
     metrics::counter!(metrics::RLS_CHECKS).increment(1);
     metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
+    drop(groups);
     let outcomes = match checked {
         Ok(outcomes) => outcomes,
         Err(e) => {
-            warn!(schema = %relation.schema, table = %relation.table, error = %e, "rls check failed; denying the change to its subscribers");
+            warn!(schema = %relation.schema, table = %relation.table, error = %e, "rls check failed; denying these changes to their subscribers");
             let message = format!("RLS policy evaluation failed: {e}");
-            denials.push(Denial {
-                entries: candidates,
-                message,
-            });
-            return Vec::new();
+            for a in asking {
+                for (row, entries) in a.askers {
+                    denials[row].push(Denial {
+                        entries,
+                        message: message.clone(),
+                    });
+                }
+            }
+            return;
         }
     };
-    let mut visible = Vec::new();
-    for ((_, _, entries), outcome) in groups.into_iter().zip(outcomes) {
+    for (a, outcome) in asking.into_iter().zip(outcomes) {
         match outcome {
-            GroupOutcome::Visible(flags) if flags.first() == Some(&true) => visible.extend(entries),
             GroupOutcome::Visible(_) => {
-                metrics::counter!(metrics::RLS_DENIED).increment(entries.len() as u64);
+                for (n, (row, entries)) in a.askers.into_iter().enumerate() {
+                    if outcome.is_visible(n) {
+                        passing[row].extend(entries);
+                    } else {
+                        metrics::counter!(metrics::RLS_DENIED).increment(entries.len() as u64);
+                    }
+                }
             }
             GroupOutcome::Failed { code, message } => {
                 debug!(%code, %message, "rls policy raised for a group; denied");
-                denials.push(Denial {
-                    entries,
-                    message: format!("RLS policy evaluation failed: {code}: {message}"),
-                });
+                let message = format!("RLS policy evaluation failed: {code}: {message}");
+                for (row, entries) in a.askers {
+                    denials[row].push(Denial {
+                        entries,
+                        message: message.clone(),
+                    });
+                }
             }
         }
     }
-    visible
+    // Entries come back grouped, not in registry order; order within a
+    // change does not matter to anyone (ids of one event).
 }
 
 /// The row filters are evaluated on: the new row of an INSERT or UPDATE

@@ -11,7 +11,7 @@ mod registry;
 mod server;
 
 pub use compile::{Column, CompileError, compile};
-pub use deliver::{Delivery, Denial, Error as DeliverError, deliveries};
+pub use deliver::{Delivery, Denial, Error as DeliverError, authorize};
 pub use evaluate::{Canonical, CompiledFilter, EqualityKey, Verdict, evaluate, evaluate_all};
 pub use filter::{Filter, FilterError, IsTarget, Op, Operand};
 pub use registry::{Entry, Events, Registry, Shared};

@@ -1,0 +1,414 @@
+//! The gateway's side of the bus (`docs/bus.md`): one Redis task per
+//! gateway. It holds the lease, writes subscriptions to the registry hash
+//! and announces them on the control channel, and routes what the daemon
+//! sends on the gateway's channel to the sockets by subscription id.
+//!
+//! ```text
+//! sockets ──register/unregister──▶ Bus (routes) ──commands──▶ bus task ──HSET, PUBLISH control──▶ Redis
+//!    ▲                                                          │
+//!    └──try_send Delivery (full: the socket is kicked) ◀── route ◀── SUBSCRIBE walcast:{tenant}:gateway:{id}
+//! ```
+//!
+//! Routing never waits on a socket: a socket whose queue is full is too
+//! slow and is closed, so one slow client cannot delay the others.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::bus::{self, Control, ControlOp, Names, Subscription};
+
+/// Lease lifetime: the daemon drops the gateway's subscriptions this long
+/// after the gateway stops refreshing it.
+const LEASE_SECS: u64 = 30;
+/// How often the lease is refreshed, well within its lifetime.
+const LEASE_REFRESH: Duration = Duration::from_secs(10);
+/// How long Redis may take to connect or answer.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause between reconnection attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// What the daemon said that concerns one socket.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// The subscription is live.
+    Subscribed(String),
+    /// The subscription was refused, with Supabase's message.
+    Rejected(String, String),
+    /// These subscriptions were denied a change whose visibility could not
+    /// be decided.
+    Error(Vec<String>, String),
+    /// A change these subscriptions may see, `data` as JSON text.
+    Change(Vec<String>, Arc<str>),
+}
+
+/// Where a socket receives its deliveries.
+#[derive(Debug, Clone)]
+pub struct SocketHandle {
+    /// Unique within the gateway.
+    pub id: u64,
+    /// The socket's bounded queue.
+    pub deliveries: mpsc::Sender<Delivery>,
+    /// Cancelled when the socket falls behind (its queue is full).
+    pub kick: CancellationToken,
+}
+
+struct Route {
+    socket: SocketHandle,
+    json: String,
+}
+
+enum Command {
+    Subscribe { id: String, json: String },
+    Unsubscribe { id: String },
+}
+
+/// Why the bus task lost Redis (it reconnects by itself).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis refused or went away.
+    #[error("gateway bus: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The subscription to the gateway's channel ended.
+    #[error("gateway bus: the gateway channel subscription ended")]
+    Disconnected,
+}
+
+/// A cheap handle for sockets: register and unregister subscriptions.
+#[derive(Clone)]
+pub struct Bus {
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// The bus task, to be run once: [`BusTask::run`].
+pub struct BusTask {
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    redis_url: String,
+    names: Names,
+    gateway: String,
+}
+
+/// A handle and its task for gateway `gateway` of the tenant of `names`.
+///
+/// Commands are queued unbounded so a socket never waits on Redis; their
+/// number is bounded by the sockets' joins.
+pub fn new(redis_url: String, names: Names, gateway: String) -> (Bus, BusTask) {
+    let routes = Arc::new(Mutex::new(HashMap::new()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Bus {
+            routes: routes.clone(),
+            commands: tx,
+        },
+        BusTask {
+            routes,
+            commands: rx,
+            redis_url,
+            names,
+            gateway,
+        },
+    )
+}
+
+fn lock(routes: &Mutex<HashMap<String, Route>>) -> MutexGuard<'_, HashMap<String, Route>> {
+    routes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Bus {
+    /// Registers (or registers again, same ids) `subscriptions` for `socket`.
+    pub fn register(&self, socket: &SocketHandle, subscriptions: &[Subscription]) {
+        let mut routes = lock(&self.routes);
+        for subscription in subscriptions {
+            let json = match serde_json::to_string(subscription) {
+                Ok(json) => json,
+                Err(e) => {
+                    warn!(id = %subscription.id, error = %e, "cannot serialize a subscription; skipping it");
+                    continue;
+                }
+            };
+            routes.insert(
+                subscription.id.clone(),
+                Route {
+                    socket: socket.clone(),
+                    json: json.clone(),
+                },
+            );
+            let _ = self.commands.send(Command::Subscribe {
+                id: subscription.id.clone(),
+                json,
+            });
+        }
+    }
+
+    /// Removes subscriptions by id.
+    pub fn unregister<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut routes = lock(&self.routes);
+        for id in ids {
+            if routes.remove(id).is_some() {
+                let _ = self
+                    .commands
+                    .send(Command::Unsubscribe { id: id.to_owned() });
+            }
+        }
+    }
+}
+
+/// A message on the gateway's channel; `data` stays raw JSON.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    v: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+impl BusTask {
+    /// Serves until `cancel` fires, then leaves the bus (deletes the
+    /// registry, the lease and the set entry, publishes `leave`).
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let result = self.serve(&cancel).await;
+            match result {
+                Ok(()) => return,
+                Err(e) => warn!(error = %e, retry_in = ?delay, "gateway bus reconnecting"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    async fn serve(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(self.names.gateway(&self.gateway)).await?;
+        self.refresh_lease(&mut conn).await?;
+        self.resync(&mut conn).await?;
+        info!(gateway = %self.gateway, "gateway registered on the bus");
+        let mut messages = pubsub.on_message();
+        let mut lease = tokio::time::interval(LEASE_REFRESH);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    self.leave(&mut conn).await?;
+                    return Ok(());
+                }
+                message = messages.next() => {
+                    let Some(message) = message else { return Err(Error::Disconnected) };
+                    self.route(message.get_payload_bytes());
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { continue };
+                    self.execute(&mut conn, command).await?;
+                }
+                _ = lease.tick() => self.refresh_lease(&mut conn).await?,
+            }
+        }
+    }
+
+    async fn refresh_lease(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let _: () = conn
+            .set_ex(self.names.lease(&self.gateway), "1", LEASE_SECS)
+            .await?;
+        let _: () = conn.sadd(self.names.gateways(), &self.gateway).await?;
+        Ok(())
+    }
+
+    /// Writes every current subscription again (Redis may have restarted
+    /// empty) and announces each; the daemon answers `subscribed` again.
+    /// Commands still queued run after this: duplicates are harmless.
+    async fn resync(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let current: Vec<(String, String)> = lock(&self.routes)
+            .iter()
+            .map(|(id, route)| (id.clone(), route.json.clone()))
+            .collect();
+        // A leave first: the daemon forgets whatever an earlier process
+        // with this id (or this one before Redis went away) registered.
+        redis::pipe()
+            .del(self.names.subscriptions(&self.gateway))
+            .ignore()
+            .publish(self.names.control(), self.control(ControlOp::Leave))
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+        for (id, json) in current {
+            self.execute(conn, Command::Subscribe { id, json }).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        conn: &mut MultiplexedConnection,
+        command: Command,
+    ) -> Result<(), Error> {
+        let hash = self.names.subscriptions(&self.gateway);
+        match command {
+            Command::Subscribe { id, json } => {
+                let subscription: Subscription = match serde_json::from_str(&json) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%id, error = %e, "unreadable subscription; not registered");
+                        return Ok(());
+                    }
+                };
+                let control = self.control(ControlOp::Subscribe { subscription });
+                redis::pipe()
+                    .hset(&hash, &id, &json)
+                    .ignore()
+                    .publish(self.names.control(), control)
+                    .ignore()
+                    .query_async::<()>(conn)
+                    .await?;
+                debug!(%id, "subscription registered");
+            }
+            Command::Unsubscribe { id } => {
+                let control = self.control(ControlOp::Unsubscribe { id: id.clone() });
+                redis::pipe()
+                    .hdel(&hash, &id)
+                    .ignore()
+                    .publish(self.names.control(), control)
+                    .ignore()
+                    .query_async::<()>(conn)
+                    .await?;
+                debug!(%id, "subscription removed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        redis::pipe()
+            .del(self.names.subscriptions(&self.gateway))
+            .ignore()
+            .del(self.names.lease(&self.gateway))
+            .ignore()
+            .srem(self.names.gateways(), &self.gateway)
+            .ignore()
+            .publish(self.names.control(), self.control(ControlOp::Leave))
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+        info!(gateway = %self.gateway, "gateway left the bus");
+        Ok(())
+    }
+
+    fn control(&self, op: ControlOp) -> String {
+        let control = Control {
+            v: bus::VERSION,
+            gateway: self.gateway.clone(),
+            op,
+        };
+        serde_json::to_string(&control).unwrap_or_default()
+    }
+
+    /// Hands one daemon message to the sockets it concerns.
+    fn route(&self, payload: &[u8]) {
+        let envelope: Envelope<'_> = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "ignoring a malformed message on the gateway channel");
+                return;
+            }
+        };
+        if envelope.v != bus::VERSION {
+            warn!(
+                v = envelope.v,
+                "ignoring a gateway message of another bus version"
+            );
+            return;
+        }
+        let message = envelope.message.unwrap_or_default();
+        let routes = lock(&self.routes);
+        match (envelope.kind, envelope.id) {
+            ("subscribed", Some(id)) => {
+                if let Some(route) = routes.get(&id) {
+                    deliver(&route.socket, Delivery::Subscribed(id));
+                }
+            }
+            ("rejected", Some(id)) => {
+                if let Some(route) = routes.get(&id) {
+                    deliver(&route.socket, Delivery::Rejected(id, message));
+                }
+            }
+            ("error", _) => {
+                for (socket, ids) in by_socket(&routes, envelope.ids) {
+                    deliver(&socket, Delivery::Error(ids, message.clone()));
+                }
+            }
+            ("change", _) => {
+                let Some(data) = envelope.data else {
+                    warn!("ignoring a change without data");
+                    return;
+                };
+                let data: Arc<str> = Arc::from(data.get());
+                for (socket, ids) in by_socket(&routes, envelope.ids) {
+                    deliver(&socket, Delivery::Change(ids, data.clone()));
+                }
+            }
+            (kind, _) => debug!(%kind, "ignoring an unknown gateway message"),
+        }
+    }
+}
+
+/// Groups subscription ids by the socket that holds them.
+fn by_socket(
+    routes: &HashMap<String, Route>,
+    ids: Vec<String>,
+) -> Vec<(SocketHandle, Vec<String>)> {
+    let mut sockets: HashMap<u64, (SocketHandle, Vec<String>)> = HashMap::new();
+    for id in ids {
+        if let Some(route) = routes.get(&id) {
+            sockets
+                .entry(route.socket.id)
+                .or_insert_with(|| (route.socket.clone(), Vec::new()))
+                .1
+                .push(id);
+        }
+    }
+    sockets.into_values().collect()
+}
+
+/// Queues `delivery` without waiting; a full queue kicks the socket.
+fn deliver(socket: &SocketHandle, delivery: Delivery) {
+    match socket.deliveries.try_send(delivery) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            if !socket.kick.is_cancelled() {
+                warn!(
+                    socket = socket.id,
+                    "socket falls behind: its send queue is full; closing it"
+                );
+                socket.kick.cancel();
+            }
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}

@@ -1,0 +1,483 @@
+//! One joined channel and its `postgres_changes` bindings, without I/O:
+//! the join payload in, bus subscriptions and client payloads out.
+//!
+//! Each binding becomes one bus subscription (id `<prefix>:<index>`,
+//! unique within the gateway) and gets an integer id for the client, a
+//! hash of the binding so a rejoin gets the same number. The `system`
+//! "Subscribed to PostgreSQL" message is due only once the daemon has
+//! answered `subscribed` for every binding.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::auth::{AuthError, Verified, Verifier};
+use crate::bus::Subscription;
+
+/// The payload of `phx_join`; other keys are ignored.
+#[derive(Debug, Deserialize)]
+struct JoinPayload<'a> {
+    #[serde(default, borrow)]
+    config: Option<JoinConfig<'a>>,
+    #[serde(default)]
+    access_token: Option<Value>,
+    #[serde(default)]
+    user_token: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JoinConfig<'a> {
+    #[serde(default, borrow)]
+    postgres_changes: Option<Vec<&'a RawValue>>,
+}
+
+/// The fields of a binding walcast reads.
+#[derive(Debug, Deserialize)]
+struct BindingFields {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    schema: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    filter: Option<String>,
+    #[serde(default)]
+    select: Option<Select>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Select {
+    List(Vec<String>),
+    Text(String),
+}
+
+/// Why a join was refused; [`reason`](JoinError::reason) goes to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The topic is `realtime:` alone.
+    #[error("TopicNameRequired: You must provide a topic name")]
+    TopicNameRequired,
+    /// The payload is not what a join carries.
+    #[error("InvalidJoinPayload: {0}")]
+    InvalidPayload(String),
+    /// The token was refused.
+    #[error("{}", .0.reason())]
+    Auth(#[from] AuthError),
+}
+
+impl JoinError {
+    /// The `reason` of the error reply.
+    pub fn reason(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// One binding of a joined channel.
+#[derive(Debug)]
+pub struct Binding {
+    /// The client's integer id for it.
+    pub id: u32,
+    /// The bus subscription.
+    pub subscription: Subscription,
+    /// The binding as received with `id` added: the join reply's entry.
+    echo: String,
+    confirmed: bool,
+}
+
+/// A joined channel.
+#[derive(Debug)]
+pub struct Channel {
+    /// `realtime:<name>`.
+    pub topic: String,
+    /// The join's `join_ref` (`null` when the client sent none).
+    pub join_ref: Value,
+    /// The token the channel runs with.
+    token: String,
+    /// The bindings, in request order.
+    pub bindings: Vec<Binding>,
+    /// A binding was rejected: the channel will not report itself live.
+    failed: bool,
+    /// "Subscribed to PostgreSQL" was sent for the current registration.
+    live: bool,
+}
+
+/// Which token authorizes a join: `access_token` when a string not
+/// starting with `sb_`, else `user_token`, else the socket's.
+fn join_token<'a>(payload: &'a JoinPayload<'_>, socket_token: &'a str) -> &'a str {
+    let usable = |v: &'a Option<Value>| match v {
+        Some(Value::String(s)) if !s.starts_with("sb_") => Some(s.as_str()),
+        _ => None,
+    };
+    usable(&payload.access_token)
+        .or_else(|| usable(&payload.user_token))
+        .unwrap_or(socket_token)
+}
+
+impl Channel {
+    /// Joins `topic` with `payload`; subscription ids are `<prefix>:<i>`.
+    pub fn join(
+        topic: &str,
+        join_ref: Value,
+        payload: &RawValue,
+        socket_token: &str,
+        verifier: &Verifier,
+        prefix: &str,
+    ) -> Result<Channel, JoinError> {
+        if topic.strip_prefix("realtime:").is_some_and(str::is_empty) {
+            return Err(JoinError::TopicNameRequired);
+        }
+        let parsed: JoinPayload<'_> = if payload.get() == "null" {
+            JoinPayload {
+                config: None,
+                access_token: None,
+                user_token: None,
+            }
+        } else if payload.get().starts_with('{') {
+            serde_json::from_str(payload.get())
+                .map_err(|e| JoinError::InvalidPayload(format!("join payload: {e}")))?
+        } else {
+            return Err(JoinError::InvalidPayload(
+                "the join payload must be an object".to_owned(),
+            ));
+        };
+        let token = join_token(&parsed, socket_token).to_owned();
+        let verified = verifier.verify(&token)?;
+        let raw = parsed
+            .config
+            .and_then(|c| c.postgres_changes)
+            .unwrap_or_default();
+        let mut bindings = Vec::with_capacity(raw.len());
+        for (index, binding) in raw.into_iter().enumerate() {
+            bindings.push(binding_of(
+                topic,
+                binding,
+                &verified,
+                &format!("{prefix}:{index}"),
+            )?);
+        }
+        Ok(Channel {
+            topic: topic.to_owned(),
+            join_ref,
+            token,
+            bindings,
+            failed: false,
+            live: false,
+        })
+    }
+
+    /// The sub-topic: the topic without `realtime:`.
+    pub fn name(&self) -> &str {
+        self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
+    }
+
+    /// The join reply's payload: every binding as received, plus its id.
+    pub fn reply_payload(&self) -> String {
+        let mut out = String::from(r#"{"status":"ok","response":{"postgres_changes":["#);
+        for (i, b) in self.bindings.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&b.echo);
+        }
+        out.push_str("]}}");
+        out
+    }
+
+    /// The daemon confirmed `subscription_id`. Returns the `system` payload
+    /// to send when that completes the channel.
+    pub fn confirm(&mut self, subscription_id: &str) -> Option<String> {
+        let binding = self
+            .bindings
+            .iter_mut()
+            .find(|b| b.subscription.id == subscription_id)?;
+        binding.confirmed = true;
+        if self.failed || self.live || !self.bindings.iter().all(|b| b.confirmed) {
+            return None;
+        }
+        self.live = true;
+        Some(self.postgres_system("ok", "Subscribed to PostgreSQL"))
+    }
+
+    /// The daemon rejected `subscription_id`: the `system` error payload.
+    pub fn reject(&mut self, subscription_id: &str, message: &str) -> Option<String> {
+        self.bindings
+            .iter()
+            .any(|b| b.subscription.id == subscription_id)
+            .then(|| {
+                self.failed = true;
+                self.postgres_system("error", message)
+            })
+    }
+
+    /// Whether `subscription_id` is one of this channel's.
+    pub fn owns(&self, subscription_id: &str) -> bool {
+        self.bindings
+            .iter()
+            .any(|b| b.subscription.id == subscription_id)
+    }
+
+    /// A `postgres_changes` payload for the bindings among
+    /// `subscription_ids`, or `None` if none is this channel's.
+    pub fn change_payload(&self, subscription_ids: &[String], data: &str) -> Option<String> {
+        let ids: Vec<u32> = self
+            .bindings
+            .iter()
+            .filter(|b| subscription_ids.contains(&b.subscription.id))
+            .map(|b| b.id)
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        Some(format!(r#"{{"ids":[{ids}],"data":{data}}}"#))
+    }
+
+    /// A `postgres_changes` `system` error for the bindings among
+    /// `subscription_ids` (their visibility could not be decided).
+    pub fn error_payload(&self, subscription_ids: &[String], message: &str) -> Option<String> {
+        self.bindings
+            .iter()
+            .any(|b| subscription_ids.contains(&b.subscription.id))
+            .then(|| self.postgres_system("error", message))
+    }
+
+    /// `access_token`: `Ok(None)` when the value is to be ignored (not a
+    /// string, `sb_`-prefixed or the current token); `Ok(Some(subs))`
+    /// with the subscriptions to register again under the new claims.
+    pub fn refresh(
+        &mut self,
+        token: &Value,
+        verifier: &Verifier,
+    ) -> Result<Option<Vec<Subscription>>, AuthError> {
+        let Some(token) = token.as_str() else {
+            return Ok(None);
+        };
+        if token.starts_with("sb_") || token == self.token {
+            return Ok(None);
+        }
+        let verified = verifier.verify(token)?;
+        self.token = token.to_owned();
+        self.live = false;
+        self.failed = false;
+        for b in &mut self.bindings {
+            b.confirmed = false;
+            b.subscription.claims = verified.claims.clone();
+            b.subscription.role = verified.role.clone();
+        }
+        Ok(Some(
+            self.bindings
+                .iter()
+                .map(|b| b.subscription.clone())
+                .collect(),
+        ))
+    }
+
+    /// The channel's token, re-verified now (its expiry is re-checked).
+    pub fn check_token(&self, verifier: &Verifier) -> Result<(), AuthError> {
+        verifier.verify(&self.token).map(|_| ())
+    }
+
+    /// A channel-level `system` error (always followed by `phx_close`).
+    pub fn system_error(&self, message: &str) -> String {
+        json!({"channel": self.name(), "extension": "system", "message": message, "status": "error"})
+            .to_string()
+    }
+
+    fn postgres_system(&self, status: &str, message: &str) -> String {
+        json!({"channel": self.name(), "extension": "postgres_changes", "message": message, "status": status})
+            .to_string()
+    }
+}
+
+fn binding_of(
+    topic: &str,
+    raw: &RawValue,
+    verified: &Verified,
+    subscription_id: &str,
+) -> Result<Binding, JoinError> {
+    let text = raw.get();
+    let fields: BindingFields = serde_json::from_str(text).map_err(|e| {
+        JoinError::InvalidPayload(format!(
+            "a postgres_changes binding must be an object of event, schema, table, filter: {e}"
+        ))
+    })?;
+    let id = binding_id(text);
+    let echo = match text.strip_suffix('}') {
+        Some(open) if open.trim_end().ends_with('{') => format!("{open}\"id\":{id}}}"),
+        Some(open) => format!("{open},\"id\":{id}}}"),
+        None => {
+            return Err(JoinError::InvalidPayload(
+                "a postgres_changes binding must be an object".to_owned(),
+            ));
+        }
+    };
+    let select = fields.select.map(|s| match s {
+        Select::List(list) => list,
+        Select::Text(text) => text
+            .split(',')
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect(),
+    });
+    Ok(Binding {
+        id,
+        subscription: Subscription {
+            id: subscription_id.to_owned(),
+            topic: topic.to_owned(),
+            schema: fields.schema.unwrap_or_else(|| "public".to_owned()),
+            table: fields.table.unwrap_or_else(|| "*".to_owned()),
+            event: fields.event.unwrap_or_else(|| "*".to_owned()),
+            filter: fields.filter,
+            select,
+            claims: verified.claims.clone(),
+            role: verified.role.clone(),
+        },
+        echo,
+        confirmed: false,
+    })
+}
+
+/// A binding's client id: FNV-1a of its JSON text, in `[1, 2^27)` like
+/// Supabase's `phash2`, so the same binding gets the same id on a rejoin.
+fn binding_id(text: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in text.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % ((1 << 27) - 1)) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+    fn token(role: &str) -> String {
+        let claims = json!({"role": role, "exp": 4_000_000_000_i64, "sub": "u1"});
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap()
+    }
+
+    fn join(payload: &str) -> Result<Channel, JoinError> {
+        let raw = RawValue::from_string(payload.to_owned()).unwrap();
+        Channel::join(
+            "realtime:room1",
+            json!("6"),
+            &raw,
+            &token("anon"),
+            &Verifier::new(b"s"),
+            "x:1",
+        )
+    }
+
+    #[test]
+    fn the_reply_echoes_bindings_byte_for_byte_with_integer_ids() {
+        let c = join(r#"{"config":{"broadcast":{"self":false},"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos","filter":"owner_id=eq.\u00e9"},{ "table" : "t" },{}]}}"#).unwrap();
+        let reply: Value = serde_json::from_str(&c.reply_payload()).unwrap();
+        let ids: Vec<u32> = c.bindings.iter().map(|b| b.id).collect();
+        assert!(ids.iter().all(|id| *id > 0 && *id < 1 << 27));
+        assert_eq!(
+            c.reply_payload(),
+            format!(
+                r#"{{"status":"ok","response":{{"postgres_changes":[{{"event":"INSERT","schema":"public","table":"todos","filter":"owner_id=eq.\u00e9","id":{}}},{{ "table" : "t" ,"id":{}}},{{"id":{}}}]}}}}"#,
+                ids[0], ids[1], ids[2]
+            )
+        );
+        assert_eq!(reply["response"]["postgres_changes"][1]["table"], "t");
+        let s = &c.bindings[0].subscription;
+        assert_eq!(
+            (s.id.as_str(), s.role.as_str(), s.event.as_str()),
+            ("x:1:0", "anon", "INSERT")
+        );
+        assert_eq!(c.bindings[1].subscription.schema, "public");
+    }
+
+    #[test]
+    fn system_ok_only_after_every_binding_is_confirmed() {
+        let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
+        assert_eq!(c.confirm("x:1:0"), None);
+        assert_eq!(c.confirm("nope"), None);
+        assert_eq!(
+            c.confirm("x:1:1").as_deref(),
+            Some(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#
+            )
+        );
+        assert_eq!(c.confirm("x:1:1"), None, "a duplicate reply is harmless");
+        let change = c
+            .change_payload(&["x:1:1".into(), "other".into()], "{}")
+            .unwrap();
+        assert_eq!(
+            change,
+            format!(r#"{{"ids":[{}],"data":{{}}}}"#, c.bindings[1].id)
+        );
+        assert_eq!(c.change_payload(&["other".into()], "{}"), None);
+    }
+
+    #[test]
+    fn a_rejection_is_a_postgres_changes_error_and_no_ok_follows() {
+        let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
+        assert_eq!(
+            c.reject("x:1:0", "no such table").as_deref(),
+            Some(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"no such table","status":"error"}"#
+            )
+        );
+        assert_eq!(c.confirm("x:1:1"), None);
+    }
+
+    #[test]
+    fn token_precedence_and_refusals() {
+        let v = Verifier::new(b"s");
+        let raw = RawValue::from_string(format!(
+            r#"{{"access_token":"{}"}}"#,
+            token("authenticated")
+        ))
+        .unwrap();
+        let c = Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap();
+        assert_eq!(c.token, token("authenticated"));
+        let raw = RawValue::from_string(r#"{"access_token":null}"#.to_owned()).unwrap();
+        let c = Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap();
+        assert_eq!(c.token, token("anon"));
+        let raw = RawValue::from_string(r#"{"access_token":"garbage"}"#.to_owned()).unwrap();
+        let e =
+            Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap_err();
+        assert_eq!(
+            e.reason(),
+            "MalformedJWT: The token provided is not a valid JWT"
+        );
+        let e = Channel::join("realtime:", Value::Null, &raw, &token("anon"), &v, "p").unwrap_err();
+        assert!(e.reason().starts_with("TopicNameRequired"));
+        assert!(join(r#"{"config":{"postgres_changes":[1]}}"#).is_err());
+        assert!(join(r#"[]"#).is_err());
+        assert!(join("null").is_ok());
+    }
+
+    #[test]
+    fn refresh_ignores_the_same_token_and_re_registers_on_a_new_one() {
+        let v = Verifier::new(b"s");
+        let mut c = join(
+            r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.refresh(&json!(token("anon")), &v), Ok(None));
+        assert_eq!(c.refresh(&Value::Null, &v), Ok(None));
+        assert_eq!(c.refresh(&json!("sb_publishable_x"), &v), Ok(None));
+        let again = c
+            .refresh(&json!(token("authenticated")), &v)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (again[0].id.as_str(), again[0].role.as_str()),
+            ("x:1:0", "authenticated")
+        );
+        assert!(c.refresh(&json!("bad"), &v).is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! `walcast gateway`: Phoenix Channels over WebSocket, as Supabase
+//! Realtime's clients speak them, for Postgres Changes. It talks to Redis
+//! only (never to Postgres) and keeps no state a restart would lose, so a
+//! deployment scales by running more of them.
+//!
+//! ```text
+//! client ──ws──▶ socket (one select! per session) ──register──▶ bus ──HSET, PUBLISH control──▶ Redis ──▶ daemon
+//!    ▲                 │ frame (v1 objects, v2 arrays)              │
+//!    └──phx_reply, system, postgres_changes ◀── channel ◀── Delivery ◀── SUBSCRIBE gateway channel
+//! ```
+//!
+//! | module | job |
+//! |---|---|
+//! | [`frame`] | Phoenix frames ↔ text, no I/O |
+//! | [`auth`] | JWT verification with Supabase's error codes |
+//! | [`channel`] | a joined channel: bindings, ids, echo, readiness |
+//! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
+//! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing |
+
+pub mod auth;
+pub mod bus;
+pub mod channel;
+pub mod frame;
+pub mod socket;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use self::auth::{AuthError, Verifier};
+use self::frame::Vsn;
+use crate::bus::Names;
+use crate::config::GatewaySettings;
+
+/// Supabase accepts frames up to this many bytes.
+const MAX_FRAME_BYTES: usize = 5_000_000;
+/// How long open sockets get to close on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listening address is taken or not ours.
+    #[error(
+        "cannot listen on {addr}: {source}; set gateway_addr (WALCAST_GATEWAY_ADDR) to a free address"
+    )]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("gateway server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What every session shares.
+pub struct Context {
+    /// Verifies client tokens.
+    pub verifier: Verifier,
+    /// The bus handle.
+    pub bus: bus::Bus,
+    sockets: AtomicU64,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Serves until `cancel` fires; then closes every socket (1001) and leaves
+/// the bus.
+pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(settings.gateway_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: settings.gateway_addr,
+            source,
+        })?;
+    let gateway = settings
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| default_id(settings.gateway_addr.port()));
+    let (bus, bus_task) = bus::new(
+        settings.redis_url.clone(),
+        Names::new(&settings.tenant),
+        gateway.clone(),
+    );
+    let bus_cancel = CancellationToken::new();
+    let bus_handle = tokio::spawn(bus_task.run(bus_cancel.clone()));
+    let ctx = Arc::new(Context {
+        verifier: Verifier::new(settings.jwt_secret.as_bytes()),
+        bus,
+        sockets: AtomicU64::new(0),
+        tracker: TaskTracker::new(),
+        cancel: cancel.clone(),
+    });
+    info!(addr = %settings.gateway_addr, %gateway, tenant = %settings.tenant, "gateway listening");
+    let served = axum::serve(listener, router(ctx.clone()))
+        .with_graceful_shutdown(cancel.clone().cancelled_owned())
+        .await
+        .map_err(Error::Serve);
+    ctx.tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("sockets still open after the shutdown grace period");
+    }
+    bus_cancel.cancel();
+    let _ = bus_handle.await;
+    info!("gateway stopped");
+    served
+}
+
+/// The WebSocket routes.
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/socket/websocket", get(upgrade))
+        .route("/realtime/v1/websocket", get(upgrade))
+        .with_state(ctx)
+}
+
+/// `hostname:port`, or a random id when the hostname is unknown.
+fn default_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    match host {
+        Some(host) => format!("{host}:{port}"),
+        None => format!("{:016x}", RandomState::new().hash_one(port)),
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn upgrade(
+    State(ctx): State<Arc<Context>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Unsupported serializer version: use vsn=1.0.0 or vsn=2.0.0",
+        );
+    };
+    let token = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| params.get("apikey").map(String::as_str))
+        .unwrap_or_default()
+        .to_owned();
+    if let Err(e) = ctx.verifier.verify(&token) {
+        let status = match e {
+            AuthError::Missing | AuthError::Expired(_) => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        return refuse(status, &e.to_string());
+    }
+    let id = ctx.sockets.fetch_add(1, Ordering::Relaxed) + 1;
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| {
+            let cancel = ctx.cancel.clone();
+            let tracker = ctx.tracker.clone();
+            tracker.track_future(socket::serve(socket, ctx, id, vsn, token, cancel))
+        })
+}

@@ -1,0 +1,348 @@
+//! One WebSocket session: a `select!` over shutdown, the socket, the
+//! deliveries the bus routes to it, and a housekeeping tick.
+//!
+//! Frames to the client are queued and written before the next input is
+//! read. The bus never waits on a session: it `try_send`s into the bounded
+//! delivery queue and kicks the session when that is full, so a client
+//! that stops reading is closed (1013) instead of slowing anyone down.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Context;
+use super::bus::{Delivery, SocketHandle};
+use super::channel::Channel;
+use super::frame::{self, Inbound, Outbound, Vsn};
+
+/// Deliveries a session may have queued before it counts as too slow.
+pub const DELIVERY_QUEUE: usize = 1024;
+/// Phoenix closes a socket that sent nothing (not even a heartbeat) this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idleness and channel tokens' expiry are checked.
+const TICK: Duration = Duration::from_secs(5);
+/// How long a close frame may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Close code for a client that fell behind ("try again later").
+const CLOSE_TOO_SLOW: u16 = 1013;
+/// Close code on shutdown ("going away").
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for an idle socket.
+const CLOSE_NORMAL: u16 = 1000;
+
+/// The state of one session.
+struct Session {
+    ctx: Arc<Context>,
+    vsn: Vsn,
+    token: String,
+    handle: SocketHandle,
+    channels: HashMap<String, Channel>,
+    joins: u64,
+    out: VecDeque<Message>,
+}
+
+/// Serves one upgraded socket until it closes, falls behind or `cancel`
+/// fires; its subscriptions are removed from the bus at the end.
+pub async fn serve(
+    mut ws: WebSocket,
+    ctx: Arc<Context>,
+    id: u64,
+    vsn: Vsn,
+    token: String,
+    cancel: CancellationToken,
+) {
+    let (tx, mut deliveries) = mpsc::channel(DELIVERY_QUEUE);
+    let kick = CancellationToken::new();
+    let mut session = Session {
+        ctx,
+        vsn,
+        token,
+        handle: SocketHandle {
+            id,
+            deliveries: tx,
+            kick: kick.clone(),
+        },
+        channels: HashMap::new(),
+        joins: 0,
+        out: VecDeque::new(),
+    };
+    debug!(socket = id, ?vsn, "socket connected");
+    let mut last_seen = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    let close = loop {
+        while let Some(message) = session.out.pop_front() {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                () = kick.cancelled() => break,
+                sent = ws.send(message) => if sent.is_err() { session.out.clear(); break },
+            }
+        }
+        if cancel.is_cancelled() {
+            break Some((CLOSE_GOING_AWAY, "server shutting down"));
+        }
+        if kick.is_cancelled() {
+            warn!(socket = id, "closing a socket that fell behind");
+            break Some((CLOSE_TOO_SLOW, "too slow: send queue full"));
+        }
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {}
+            () = kick.cancelled() => {}
+            received = ws.recv() => match received {
+                Some(Ok(message)) => {
+                    last_seen = Instant::now();
+                    match message {
+                        Message::Text(text) => session.on_text(text.as_str()),
+                        Message::Binary(bytes) => session.on_binary(&bytes),
+                        Message::Close(_) => break None,
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(socket = id, error = %e, "socket read failed");
+                    break None;
+                }
+                None => break None,
+            },
+            delivery = deliveries.recv() => {
+                if let Some(delivery) = delivery {
+                    session.on_delivery(delivery);
+                }
+            }
+            _ = tick.tick() => {
+                if last_seen.elapsed() > IDLE_TIMEOUT {
+                    info!(socket = id, "closing an idle socket (no heartbeat for 60 s)");
+                    break Some((CLOSE_NORMAL, "heartbeat timeout"));
+                }
+                session.check_tokens();
+            }
+        }
+    };
+    let ids: Vec<String> = session
+        .channels
+        .values()
+        .flat_map(|c| c.bindings.iter().map(|b| b.subscription.id.clone()))
+        .collect();
+    session.ctx.bus.unregister(ids.iter().map(String::as_str));
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(frame)).await;
+    }
+    debug!(socket = id, "socket closed");
+}
+
+impl Session {
+    fn push(
+        &mut self,
+        join_ref: &Value,
+        reference: &Value,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) {
+        let text = frame::encode(
+            self.vsn,
+            Outbound {
+                join_ref,
+                reference,
+                topic,
+                event,
+                payload,
+            },
+        );
+        self.out.push_back(Message::Text(text.into()));
+    }
+
+    fn reply_error(&mut self, join_ref: &Value, reference: &Value, topic: &str, reason: &str) {
+        let payload = format!(
+            r#"{{"status":"error","response":{{"reason":{}}}}}"#,
+            Value::from(reason)
+        );
+        self.push(join_ref, reference, topic, "phx_reply", &payload);
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match frame::decode(self.vsn, text) {
+            Ok(inbound) => self.on_frame(inbound),
+            Err(malformed) => {
+                debug!(socket = self.handle.id, error = %malformed, "malformed frame");
+                if let Some(reference) = &malformed.reference {
+                    let join_ref = malformed.join_ref.clone().unwrap_or(Value::Null);
+                    let topic = malformed.topic.as_deref().unwrap_or("phoenix");
+                    self.reply_error(&join_ref, reference, topic, &malformed.to_string());
+                }
+            }
+        }
+    }
+
+    fn on_binary(&mut self, bytes: &[u8]) {
+        match frame::decode_binary(bytes) {
+            Ok(push) => {
+                debug!(socket = self.handle.id, topic = %push.topic, event = %push.event, "ignoring a binary broadcast push (broadcast is not supported yet)")
+            }
+            Err(e) => debug!(socket = self.handle.id, error = %e, "ignoring a binary frame"),
+        }
+    }
+
+    fn on_frame(&mut self, f: Inbound) {
+        match (f.topic.as_str(), f.event.as_str()) {
+            ("phoenix", "heartbeat") => {
+                let ok = r#"{"status":"ok","response":{}}"#;
+                self.push(&Value::Null, &f.reference, "phoenix", "phx_reply", ok);
+            }
+            (_, "phx_join") => self.join(f),
+            (topic, _) if !self.channels.contains_key(topic) => {
+                self.reply_error(&f.join_ref, &f.reference, &f.topic, "unmatched topic");
+            }
+            (_, "phx_leave") => self.leave(f),
+            (_, "access_token") => self.refresh(f),
+            (topic, event) => {
+                debug!(socket = self.handle.id, %topic, %event, "ignoring an unsupported event")
+            }
+        }
+    }
+
+    fn join(&mut self, f: Inbound) {
+        if let Some(old) = self.channels.remove(&f.topic) {
+            self.close_channel(old);
+        }
+        self.joins += 1;
+        let prefix = format!("{}:{}", self.handle.id, self.joins);
+        let joined = Channel::join(
+            &f.topic,
+            f.join_ref.clone(),
+            &f.payload,
+            &self.token,
+            &self.ctx.verifier,
+            &prefix,
+        );
+        match joined {
+            Ok(channel) => {
+                let subscriptions: Vec<_> = channel
+                    .bindings
+                    .iter()
+                    .map(|b| b.subscription.clone())
+                    .collect();
+                self.ctx.bus.register(&self.handle, &subscriptions);
+                let reply = channel.reply_payload();
+                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
+                debug!(socket = self.handle.id, topic = %f.topic, bindings = subscriptions.len(), "joined");
+                self.channels.insert(f.topic, channel);
+            }
+            Err(e) => {
+                debug!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused");
+                self.reply_error(&f.join_ref, &f.reference, &f.topic, &e.reason());
+            }
+        }
+    }
+
+    fn leave(&mut self, f: Inbound) {
+        let Some(channel) = self.channels.remove(&f.topic) else {
+            return;
+        };
+        let ok = r#"{"status":"ok","response":{}}"#;
+        self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", ok);
+        self.close_channel(channel);
+    }
+
+    /// Removes `channel`'s subscriptions and tells the client it is closed.
+    fn close_channel(&mut self, channel: Channel) {
+        self.ctx
+            .bus
+            .unregister(channel.bindings.iter().map(|b| b.subscription.id.as_str()));
+        let join_ref = channel.join_ref.clone();
+        self.push(&join_ref, &join_ref, &channel.topic, "phx_close", "{}");
+    }
+
+    /// A channel whose token failed: `system` error, then `phx_close`.
+    fn fail_channel(&mut self, topic: &str, message: &str) {
+        let Some(channel) = self.channels.remove(topic) else {
+            return;
+        };
+        let payload = channel.system_error(message);
+        let join_ref = channel.join_ref.clone();
+        self.push(&join_ref, &Value::Null, topic, "system", &payload);
+        self.close_channel(channel);
+    }
+
+    fn refresh(&mut self, f: Inbound) {
+        let token = serde_json::from_str::<Value>(f.payload.get())
+            .ok()
+            .and_then(|p| p.get("access_token").cloned())
+            .unwrap_or(Value::Null);
+        let Some(channel) = self.channels.get_mut(&f.topic) else {
+            return;
+        };
+        match channel.refresh(&token, &self.ctx.verifier) {
+            Ok(None) => {}
+            Ok(Some(subscriptions)) => {
+                self.ctx.bus.register(&self.handle, &subscriptions);
+                debug!(socket = self.handle.id, topic = %f.topic, "token refreshed");
+            }
+            Err(e) => self.fail_channel(&f.topic, &e.to_string()),
+        }
+    }
+
+    fn check_tokens(&mut self) {
+        let failed: Vec<(String, String)> = self
+            .channels
+            .values()
+            .filter_map(|c| {
+                c.check_token(&self.ctx.verifier)
+                    .err()
+                    .map(|e| (c.topic.clone(), e.to_string()))
+            })
+            .collect();
+        for (topic, message) in failed {
+            self.fail_channel(&topic, &message);
+        }
+    }
+
+    fn on_delivery(&mut self, delivery: Delivery) {
+        let mut frames: Vec<(Value, String, &'static str, String)> = Vec::new();
+        match &delivery {
+            Delivery::Subscribed(id) => {
+                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id))
+                    && let Some(payload) = c.confirm(id)
+                {
+                    frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                }
+            }
+            Delivery::Rejected(id, message) => {
+                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id))
+                    && let Some(payload) = c.reject(id, message)
+                {
+                    frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                }
+            }
+            Delivery::Error(ids, message) => {
+                for c in self.channels.values() {
+                    if let Some(payload) = c.error_payload(ids, message) {
+                        frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                    }
+                }
+            }
+            Delivery::Change(ids, data) => {
+                for c in self.channels.values() {
+                    if let Some(payload) = c.change_payload(ids, data) {
+                        frames.push((Value::Null, c.topic.clone(), "postgres_changes", payload));
+                    }
+                }
+            }
+        }
+        for (join_ref, topic, event, payload) in frames {
+            self.push(&join_ref, &Value::Null, &topic, event, &payload);
+        }
+    }
+}
