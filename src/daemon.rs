@@ -406,12 +406,7 @@ impl StreamLoop {
     async fn add(&mut self, change: Change) -> Result<(), Error> {
         metrics::counter!(metrics::CHANGES_RECEIVED, metrics::KIND => change.kind.name())
             .increment(1);
-        let candidates: Vec<Arc<Entry>> = self
-            .shared
-            .read()
-            .candidates(change.relation.id, &change.kind)
-            .cloned()
-            .collect();
+        let candidates: Vec<Arc<Entry>> = self.shared.read().candidates(&change);
         if self.firehose.is_none() && candidates.is_empty() {
             return Ok(());
         }

@@ -2,8 +2,9 @@
 //! changes flow, `/health` answers while the process runs, `/ready`
 //! follows the replication stream and Redis.
 
+use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,7 +13,7 @@ use walcast::lsn::Lsn;
 
 use crate::support::gateway::BusGateway;
 use crate::support::stack::{Firehose, Stack};
-use crate::support::{Daemon, eventually, free_port, tail};
+use crate::support::{Daemon, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// How long one HTTP request may take.
@@ -86,22 +87,40 @@ async fn start_with(setup: &str, firehose: bool) -> (Stack, Daemon, u16) {
     (stack, daemon, port)
 }
 
+/// Polls `f` every 50 ms until it returns `true`; panics after [`WAIT`]
+/// with `what` and the daemon's log as it is then, without its status
+/// update lines.
+async fn until<F, Fut>(what: &str, daemon: &Daemon, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !f().await {
+        if Instant::now() >= deadline {
+            let log = daemon.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("status update"))
+                .collect();
+            panic!(
+                "timed out after {WAIT:?} waiting for: {what}\n--- daemon log, without status updates ---\n{}",
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `/ready` answers `status`; returns its body.
 async fn wait_ready(port: u16, status: u16, daemon: &Daemon) -> String {
     let last = Mutex::new(None);
-    eventually(
-        &format!(
-            "/ready answers {status}\n--- daemon log ---\n{}",
-            tail(&daemon.log(), 40)
-        ),
-        WAIT,
-        || async {
-            let answer = get(port, "/ready").await;
-            let done = matches!(&answer, Some((s, _)) if *s == status);
-            *last.lock().expect("lock") = answer;
-            done
-        },
-    )
+    until(&format!("/ready answers {status}"), daemon, || async {
+        let answer = get(port, "/ready").await;
+        let done = matches!(&answer, Some((s, _)) if *s == status);
+        *last.lock().expect("lock") = answer;
+        done
+    })
     .await;
     let last = last.into_inner().expect("lock");
     last.map(|(_, body)| body).unwrap_or_default()
@@ -116,7 +135,7 @@ async fn metrics_move_as_changes_flow() {
     let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
     wait_ready(port, 200, &daemon).await;
     // The first status update sets the acknowledged position.
-    eventually("an acknowledged lsn", WAIT, || async {
+    until("an acknowledged lsn", &daemon, || async {
         value(&scrape(port).await, "walcast_acknowledged_lsn").is_some()
     })
     .await;
@@ -151,9 +170,9 @@ async fn metrics_move_as_changes_flow() {
     firehose.wait_for(ROWS as usize, WAIT, &daemon).await;
 
     let grew = |after: &str, series: &str| must(after, series) - must(&before, series);
-    eventually(
+    until(
         &format!("{ROWS} more changes published and the inserts acknowledged"),
-        WAIT,
+        &daemon,
         || async {
             let after = scrape(port).await;
             let acked = Lsn(must(&after, "walcast_acknowledged_lsn") as u64);
@@ -193,7 +212,7 @@ async fn metrics_move_as_changes_flow() {
     assert_eq!(grew(&after, "walcast_rls_checks_total"), 0.0);
     // Read through the pool every 10 s, the first time at start (perhaps
     // before the slot existed).
-    eventually("the slot's retained wal", WAIT, || async {
+    until("the slot's retained wal", &daemon, || async {
         value(&scrape(port).await, "walcast_slot_retained_wal_bytes").is_some_and(|b| b >= 0.0)
     })
     .await;
@@ -212,7 +231,7 @@ async fn ready_turns_503_while_redis_is_down_and_health_stays_200() {
     assert!(body.contains("redis does not answer"), "{body}");
     assert_eq!(get(port, "/health").await.map(|(s, _)| s), Some(200));
     // The control task lost its subscription to the control channel.
-    eventually("a redis error counted", WAIT, || async {
+    until("a redis error counted", &daemon, || async {
         value(
             &scrape(port).await,
             "walcast_redis_errors_total{task=\"control\"}",
@@ -238,16 +257,14 @@ async fn a_taken_admin_port_is_retried_while_replication_goes_on() {
     env.push(("WALCAST_ADMIN_ADDR", format!("127.0.0.1:{port}")));
     let mut daemon = Daemon::spawn(&["run"], &env);
     stack.wait_streaming("walcast", &daemon).await;
-    eventually("the daemon says the port is taken", WAIT, || async {
+    until("the daemon says the port is taken", &daemon, || async {
         daemon.log().contains("admin server cannot listen")
     })
     .await;
     drop(taken);
-    eventually(
-        &format!("/health once the port is free\n{}", tail(&daemon.log(), 40)),
-        WAIT,
-        || async { get(port, "/health").await.is_some_and(|(s, _)| s == 200) },
-    )
+    until("/health once the port is free", &daemon, || async {
+        get(port, "/health").await.is_some_and(|(s, _)| s == 200)
+    })
     .await;
     assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
 }
@@ -300,10 +317,13 @@ async fn rls_checks_denials_errors_and_subscriptions_are_counted() {
             .batch_execute(&format!("INSERT INTO secure VALUES ({id}, '{OWNER}')"))
             .await
             .expect("insert");
-        gateway.wait_events(id).await;
+        until(&format!("change event {id}"), &daemon, || async {
+            gateway.events().len() >= id
+        })
+        .await;
     }
     let grew = |after: &str, series: &str| must(after, series) - must(&before, series);
-    eventually("two changes published", WAIT, || async {
+    until("two changes published", &daemon, || async {
         grew(&scrape(port).await, "walcast_changes_published_total") >= 2.0
     })
     .await;
@@ -321,9 +341,9 @@ async fn rls_checks_denials_errors_and_subscriptions_are_counted() {
     assert_eq!(grew(&after, "walcast_messages_published_total"), 4.0);
 
     gateway.unsubscribe("stranger").await;
-    eventually(
+    until(
         "the subscriptions gauge follows an unsubscribe",
-        WAIT,
+        &daemon,
         || async { value(&scrape(port).await, "walcast_subscriptions") == Some(2.0) },
     )
     .await;

@@ -658,3 +658,64 @@ async fn rls_for_a_batch_of_changes_is_one_call_and_keeps_wal_order() {
         daemon.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexed_equality_filters_find_exactly_their_subscribers() {
+    let (stack, _daemon, mut gateway) = start().await;
+    stack
+        .client
+        .batch_execute("CREATE TABLE owned (id int PRIMARY KEY, owner numeric); GRANT SELECT ON owned TO authenticated; ALTER PUBLICATION supabase_realtime ADD TABLE owned;")
+        .await
+        .expect("table");
+    const SUBSCRIBERS: usize = 200;
+    for i in 0..SUBSCRIBERS {
+        // `eq` on a numeric: 7 and 7.0 are the same value; the index must agree.
+        gateway
+            .subscribe(filtered(
+                &format!("o{i}"),
+                "owned",
+                "*",
+                &format!("owner=eq.{i}.0"),
+            ))
+            .await;
+    }
+    gateway
+        .subscribe(filtered("pair", "owned", "INSERT", "owner=in.(3,5)"))
+        .await;
+    for i in 0..SUBSCRIBERS {
+        assert_eq!(
+            gateway.reply(&format!("o{i}"), 0).await["type"],
+            "subscribed"
+        );
+    }
+    assert_eq!(gateway.reply("pair", 0).await["type"], "subscribed");
+    stack
+        .client
+        .batch_execute("INSERT INTO owned SELECT i, i % 10 FROM generate_series(1, 30) i; INSERT INTO owned VALUES (100, 1000), (101, NULL);")
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(30).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gateway.events().len(),
+        30,
+        "rows 100 and 101 match no subscriber"
+    );
+    for event in &events {
+        let id = event["data"]["record"]["id"].as_i64().expect("id");
+        let owner = id % 10;
+        let mut expected = vec![format!("o{owner}")];
+        if owner == 3 || owner == 5 {
+            expected.push("pair".to_owned());
+        }
+        let mut got: Vec<String> = event["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_str().expect("id").to_owned())
+            .collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "row {id}");
+    }
+}

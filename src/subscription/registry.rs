@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use super::CompiledFilter;
-use crate::change::ChangeKind;
+use super::{CompiledFilter, EqualityKey};
+use crate::change::{Change, ChangeKind, OldRow};
 use crate::lsn::Lsn;
 use crate::pgoutput::Oid;
 
@@ -79,8 +79,77 @@ impl Entry {
 /// Live subscriptions by table.
 #[derive(Debug, Default)]
 pub struct Registry {
-    by_table: HashMap<Oid, Vec<Arc<Entry>>>,
+    by_table: HashMap<Oid, TableEntries>,
     tables_of: HashMap<(Arc<str>, Arc<str>), Vec<Oid>>,
+}
+
+/// One table's subscriptions: those with an `eq`/`in` filter decided
+/// in-process are indexed by the value it needs, so a change finds them
+/// with one hash lookup per indexed column; the rest are scanned.
+#[derive(Debug, Default)]
+struct TableEntries {
+    scan: Vec<Arc<Entry>>,
+    columns: Vec<ColumnIndex>,
+}
+
+/// Subscriptions keyed by the value of one column their filter requires.
+#[derive(Debug)]
+struct ColumnIndex {
+    column: usize,
+    /// A filter on this column, to turn a row's value into a key.
+    probe: CompiledFilter,
+    by_key: HashMap<EqualityKey, Vec<Arc<Entry>>>,
+}
+
+impl TableEntries {
+    fn add(&mut self, entry: Arc<Entry>, table: Oid) {
+        let indexable = entry.filters_for(table).iter().find_map(|f| {
+            f.equality_keys()
+                .filter(|k| !k.is_empty())
+                .map(|keys| (f, keys))
+        });
+        let Some((filter, keys)) = indexable else {
+            self.scan.push(entry);
+            return;
+        };
+        let column = filter.column_index();
+        let index = match self.columns.iter().position(|c| c.column == column) {
+            Some(i) => i,
+            None => {
+                self.columns.push(ColumnIndex {
+                    column,
+                    probe: filter.clone(),
+                    by_key: HashMap::new(),
+                });
+                self.columns.len() - 1
+            }
+        };
+        let mut keys = keys;
+        keys.dedup();
+        for key in keys {
+            self.columns[index]
+                .by_key
+                .entry(key)
+                .or_default()
+                .push(entry.clone());
+        }
+    }
+
+    fn remove(&mut self, gateway: &str, id: &str) {
+        let other = |e: &Arc<Entry>| !(&*e.gateway == gateway && &*e.id == id);
+        self.scan.retain(other);
+        for index in &mut self.columns {
+            index.by_key.retain(|_, entries| {
+                entries.retain(other);
+                !entries.is_empty()
+            });
+        }
+        self.columns.retain(|c| !c.by_key.is_empty());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.scan.is_empty() && self.columns.is_empty()
+    }
 }
 
 impl Registry {
@@ -89,7 +158,10 @@ impl Registry {
     pub fn add(&mut self, entry: Arc<Entry>, tables: Vec<Oid>) {
         self.remove(&entry.gateway, &entry.id);
         for table in &tables {
-            self.by_table.entry(*table).or_default().push(entry.clone());
+            self.by_table
+                .entry(*table)
+                .or_default()
+                .add(entry.clone(), *table);
         }
         self.tables_of
             .insert((entry.gateway.clone(), entry.id.clone()), tables);
@@ -103,7 +175,7 @@ impl Registry {
         };
         for table in tables {
             if let Some(entries) = self.by_table.get_mut(&table) {
-                entries.retain(|e| !(&*e.gateway == gateway && &*e.id == id));
+                entries.remove(gateway, id);
                 if entries.is_empty() {
                     self.by_table.remove(&table);
                 }
@@ -123,17 +195,46 @@ impl Registry {
         ids.iter().filter(|id| self.remove(gateway, id)).count()
     }
 
-    /// The subscriptions of `table` that want a change of `kind`.
-    pub fn candidates<'a>(
-        &'a self,
-        table: Oid,
-        kind: &'a ChangeKind,
-    ) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
-        self.by_table
-            .get(&table)
-            .into_iter()
-            .flatten()
-            .filter(move |e| e.events.wants(kind))
+    /// The subscriptions that may want `change`: those of its table that
+    /// want its kind, except indexed ones whose required value the row does
+    /// not have. Their filters still decide (exactly) afterwards.
+    pub fn candidates(&self, change: &Change) -> Vec<Arc<Entry>> {
+        let Some(table) = self.by_table.get(&change.relation.id) else {
+            return Vec::new();
+        };
+        let kind = &change.kind;
+        let mut out: Vec<Arc<Entry>> = table
+            .scan
+            .iter()
+            .filter(|e| e.events.wants(kind))
+            .cloned()
+            .collect();
+        if table.columns.is_empty() {
+            return out;
+        }
+        // The row filters look at: the new one, or a DELETE's identity (in
+        // which only key columns are present).
+        let (row, key_only) = match kind {
+            ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => (new, false),
+            ChangeKind::Delete { old } => (old.row(), matches!(old, OldRow::Key(_))),
+            ChangeKind::Truncate { .. } => return out,
+        };
+        for index in &table.columns {
+            let present = !key_only
+                || change
+                    .relation
+                    .columns
+                    .get(index.column)
+                    .is_some_and(|c| c.is_key);
+            let key = row
+                .get(index.column)
+                .filter(|_| present)
+                .and_then(|datum| index.probe.equality_key_of(datum));
+            if let Some(entries) = key.and_then(|key| index.by_key.get(&key)) {
+                out.extend(entries.iter().filter(|e| e.events.wants(kind)).cloned());
+            }
+        }
+        out
     }
 
     /// The gateways that hold subscriptions.
@@ -225,8 +326,29 @@ mod tests {
         })
     }
 
-    fn ids<'a>(it: impl Iterator<Item = &'a Arc<Entry>>) -> Vec<String> {
-        it.map(|e| format!("{}/{}", e.gateway, e.id)).collect()
+    fn ids(entries: Vec<Arc<Entry>>) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| format!("{}/{}", e.gateway, e.id))
+            .collect()
+    }
+
+    fn change(table: Oid, kind: ChangeKind) -> crate::change::Change {
+        crate::change::Change {
+            commit_lsn: crate::lsn::Lsn(1),
+            commit_time: 0,
+            seq: 0,
+            xid: 1,
+            relation: Arc::new(crate::change::Relation {
+                id: table,
+                schema: "public".into(),
+                table: "t".into(),
+                replica_identity: crate::pgoutput::ReplicaIdentity::Default,
+                has_primary_key: true,
+                columns: vec![],
+            }),
+            kind,
+        }
     }
 
     #[test]
@@ -235,17 +357,22 @@ mod tests {
         r.add(entry("g1", "a", Events::All), vec![1, 2]);
         r.add(entry("g1", "b", Events::Delete), vec![1]);
         r.add(entry("g2", "a", Events::Insert), vec![2]);
-        let insert = ChangeKind::Insert { new: vec![] };
-        let delete = ChangeKind::Delete {
-            old: crate::change::OldRow::Key(vec![]),
+        let insert = |t| change(t, ChangeKind::Insert { new: vec![] });
+        let delete = |t| {
+            change(
+                t,
+                ChangeKind::Delete {
+                    old: OldRow::Key(vec![]),
+                },
+            )
         };
-        assert_eq!(ids(r.candidates(1, &insert)), ["g1/a"]);
-        assert_eq!(ids(r.candidates(1, &delete)), ["g1/a", "g1/b"]);
-        assert_eq!(ids(r.candidates(2, &insert)), ["g1/a", "g2/a"]);
-        assert_eq!(ids(r.candidates(3, &insert)), Vec::<String>::new());
+        assert_eq!(ids(r.candidates(&insert(1))), ["g1/a"]);
+        assert_eq!(ids(r.candidates(&delete(1))), ["g1/a", "g1/b"]);
+        assert_eq!(ids(r.candidates(&insert(2))), ["g1/a", "g2/a"]);
+        assert_eq!(ids(r.candidates(&insert(3))), Vec::<String>::new());
         // Same id again replaces.
         r.add(entry("g1", "a", Events::Delete), vec![2]);
-        assert_eq!(ids(r.candidates(1, &insert)), Vec::<String>::new());
+        assert_eq!(ids(r.candidates(&insert(1))), Vec::<String>::new());
         assert_eq!(r.len(), 3);
         assert!(r.remove("g2", "a"));
         assert!(!r.remove("g2", "a"));
