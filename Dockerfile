@@ -25,8 +25,12 @@ RUN apt-get update \
         --home-dir /nonexistent --shell /usr/sbin/nologin walcast
 COPY --from=builder /src/target/release/walcast /usr/local/bin/walcast
 # For reference and for psql -f; `walcast setup` has them built in.
-COPY sql/publication.sql sql/role.sql sql/auth_helpers.sql /usr/share/walcast/sql/
+COPY sql/publication.sql sql/role.sql sql/rls.sql sql/auth_helpers.sql /usr/share/walcast/sql/
 COPY config/walcast.toml config/sidecar.toml /usr/share/walcast/config/
+# In a container the admin endpoints must be reachable from outside it.
+ENV WALCAST_ADMIN_ADDR=0.0.0.0:9187
+# 9187: /metrics, /health, /ready of `walcast run`; 4000: `walcast gateway`.
+EXPOSE 9187 4000
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # walcast keeps no state on disk: the slot in Postgres holds its position.

@@ -191,6 +191,15 @@ async fn streams_as(stack: &Stack, url: String) {
     let messages = firehose.wait_for(1, Duration::from_secs(30), &daemon).await;
     assert_eq!(messages[0]["data"]["record"]["id"], 7);
     assert_eq!(daemon.terminate().code(), Some(0));
+    // The walsender exits a moment after its client: wait until the slot is
+    // released before dropping it for the next case.
+    eventually("the slot is released", Duration::from_secs(30), || async {
+        matches!(
+            stack.client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = 'walcast'", &[]).await,
+            Ok(Some(row)) if !row.get::<_, bool>(0)
+        )
+    })
+    .await;
     stack
         .client
         .execute("SELECT pg_drop_replication_slot('walcast')", &[])

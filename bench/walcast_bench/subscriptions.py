@@ -371,11 +371,11 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"walcast did not start streaming and listening:\n{tail(daemon_log)}")
             time.sleep(0.05)
-        log(f"{s.title}, {s.subscribers:,} subscribers: registering through the bus "
+        log(f"{s.title}, {_n(s.subscribers)}: registering through the bus "
             f"({len({x['gateway'] for x in subscriptions})} gateway ids)")
         gateway = Gateway(redis, tenant, subscriptions, logs, s.key)
         reg = gateway.registered(daemon, daemon_log, timeout=120 + s.subscribers / 10)
-        log(f"{s.title}, {s.subscribers:,} subscribers: all subscribed in {reg['seconds']:.1f}s "
+        log(f"{s.title}, {_n(s.subscribers)}: all subscribed in {reg['seconds']:.1f}s "
             f"(live from {reg['lsn_min']} … {reg['lsn_max']})")
         expected: dict[str, int] = {i: 0 for i in user_of}
         for shape, rows_per_tx, changes in shapes:
@@ -398,7 +398,7 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
             cpu0 = cpu_seconds(daemon.pid)
             pg0 = _postgres_cpu(cluster)
             redis0 = cpu_seconds(redis.proc.pid)
-            log(f"{s.title}, {s.subscribers:,} subscribers, {shape}: {changes:,} changes loaded in "
+            log(f"{s.title}, {_n(s.subscribers)}, {shape}: {changes:,} changes loaded in "
                 f"{loaded:.1f}s, {(end - start) / 1e6:.1f} MB of WAL; draining")
             started = time.perf_counter()
             os.kill(daemon.pid, signal.SIGCONT)
@@ -453,7 +453,7 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
                        "load_seconds": loaded, "expected_deliveries": total},
             )
             phases.append(phase)
-            log(f"{s.title}, {s.subscribers:,} subscribers, {shape}: {seconds:.2f}s, "
+            log(f"{s.title}, {_n(s.subscribers)}, {shape}: {seconds:.2f}s, "
                 f"{phase.rate:,.0f} changes/s, {phase.deliveries:,} deliveries in {phase.messages:,} events")
         stop(daemon)
         if daemon.returncode != 0:
@@ -468,6 +468,10 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
         with contextlib.suppress(BenchError, OSError):
             drop_slot(client, slot)
         client.close()
+
+
+def _n(subscribers: int) -> str:
+    return f"{subscribers:,} subscriber" + ("" if subscribers == 1 else "s")
 
 
 def _check(s: Scenario, shape: str, got: dict, expected: dict[str, int], user_of: dict[str, str]) -> None:
@@ -488,7 +492,7 @@ def _check(s: Scenario, shape: str, got: dict, expected: dict[str, int], user_of
     if got["other"]:
         problems.append(f"{got['other']} unexpected messages on the gateway channels")
     if problems:
-        raise BenchError(f"{s.title}, {s.subscribers:,} subscribers, {shape}: " + "; ".join(problems))
+        raise BenchError(f"{s.title}, {_n(s.subscribers)}, {shape}: " + "; ".join(problems))
 
 
 def run(binary: Path, cluster: Cluster, redis: RedisServer, logs: Path, scenario_list: list[Scenario],
@@ -540,9 +544,9 @@ def targets_table(phases: list[Phase]) -> str:
         rows.append([
             p.title, f"{p.subscribers:,}", p.shape.split()[0], f"{p.rate:,.0f}",
             f"≥ {target:,}" if target else "-",
-            ("met" if p.rate >= target else f"NOT MET ({p.rate / target:.2f}×)") if target else "",
+            ("met" if p.rate >= target else f"NOT MET ({p.rate / target:.2g}× of it)") if target else "",
             f"{supabase:,}" if supabase else "-",
-            f"{p.rate / supabase:.1f}×" if supabase else "-",
+            f"{p.rate / supabase:.2f}×" if supabase else "-",
         ])
     return _table(header, rows)
 

@@ -63,18 +63,12 @@ pub(super) async fn check(
 
 fn version(server: &Server) -> Finding {
     let version = &server.version;
-    if server.version_num < 100_000 {
+    if server.version_num < 140_000 {
         Finding::error(
             id::SERVER_VERSION,
-            format!("PostgreSQL {version} has no pgoutput; walcast needs PostgreSQL 10 or later"),
+            format!("PostgreSQL {version} is too old: walcast needs PostgreSQL 14 or later (its catalog queries read pg_type.typsubscript; it is tested on 15)"),
         )
-        .fix("upgrade PostgreSQL (13 or later)")
-    } else if server.version_num < 130_000 {
-        Finding::warning(
-            id::SERVER_VERSION,
-            format!("PostgreSQL {version} is older than 13, the oldest version walcast is tested on; slot details (wal_status) are unavailable"),
-        )
-        .fix("upgrade PostgreSQL (13 or later)")
+        .fix("upgrade PostgreSQL (14 or later)")
     } else {
         Finding::ok(id::SERVER_VERSION, format!("PostgreSQL {version}"))
     }

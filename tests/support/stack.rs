@@ -54,6 +54,12 @@ impl Stack {
             ("WALCAST_STATUS_INTERVAL", "100ms".into()),
             ("WALCAST_RECONNECT_MAX_DELAY", "1s".into()),
             ("WALCAST_LOG", "walcast=debug".into()),
+            // Each daemon its own admin port, so parallel tests do not
+            // compete for the default one.
+            (
+                "WALCAST_ADMIN_ADDR",
+                format!("127.0.0.1:{}", super::free_port()),
+            ),
         ]
     }
 
