@@ -42,6 +42,7 @@ import selectors
 import socket
 import sys
 import time
+from pathlib import Path
 
 OWNER = re.compile(rb'"owner":"([^"]*)"')
 LAZY_BELOW = 256 << 10
@@ -104,7 +105,7 @@ class Commands:
 
 def main() -> int:
     port = int(sys.argv[1])
-    spec = json.loads(open(sys.argv[2]).read())
+    spec = json.loads(Path(sys.argv[2]).read_text())
     tenant = spec["tenant"]
     ttl = int(spec.get("lease_ttl", 30))
     subs = spec["subscriptions"]

@@ -50,7 +50,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -60,7 +59,7 @@ from .consumers import drop_slot, slot_position
 from .pg import Cluster, format_lsn, parse_lsn
 from .procs import BenchError, cpu_seconds, free_port, peak_rss_bytes, spawn, stop, tail
 from .redis import RedisServer
-from .workloads import ITEMS_COLUMNS, ITEMS_VALUES
+from .workloads import ITEMS_COLUMNS, ITEMS_VALUES, pgbench
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -191,20 +190,6 @@ def prepare(cluster: Cluster, rls_users: int, filtered_users: int) -> None:
         client.query((ROOT / "sql" / "rls.sql").read_text())
 
 
-def _pgbench(cluster: Cluster, script: str, clients: int, transactions: int) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
-        f.write(script)
-        f.flush()
-        done = subprocess.run(
-            [cluster.tool("pgbench"), "-n", "-h", "127.0.0.1", "-p", str(cluster.port),
-             "-U", "postgres", "-c", str(clients), "-j", str(clients),
-             "-t", str(transactions // clients), "-f", f.name, "bench"],
-            capture_output=True, text=True,
-        )
-    if done.returncode != 0:
-        raise BenchError(f"pgbench failed while loading:\n{done.stdout}\n{done.stderr}")
-
-
 def load(cluster: Cluster, table: str, users: int, rows_per_tx: int, changes: int) -> int:
     """Inserts `changes` rows in transactions of `rows_per_tx`; returns the transactions."""
     if rows_per_tx == 1:
@@ -214,7 +199,7 @@ def load(cluster: Cluster, table: str, users: int, rows_per_tx: int, changes: in
             f"INSERT INTO {table} (owner, {ITEMS_COLUMNS}) "
             f"VALUES ('user-' || (:g % {users}), {ITEMS_VALUES.format(g=':g')});\n"
         )
-        _pgbench(cluster, script, clients, changes)
+        pgbench(cluster, script, clients, changes)
         return changes
     transactions = max(1, changes // rows_per_tx)
     script = (
@@ -223,7 +208,7 @@ def load(cluster: Cluster, table: str, users: int, rows_per_tx: int, changes: in
         f"SELECT 'user-' || (g % {users}), {ITEMS_VALUES.format(g='g')} "
         f"FROM generate_series(:b, :b + {rows_per_tx - 1}) g;\n"
     )
-    _pgbench(cluster, script, 1, transactions)
+    pgbench(cluster, script, 1, transactions)
     return transactions
 
 
@@ -260,7 +245,7 @@ def _metrics(port: int) -> dict[str, float]:
     out = {}
     for name in ("walcast_rls_checks_total", "walcast_rls_check_duration_seconds_sum",
                  "walcast_rls_denied_total", "walcast_rls_errors_total"):
-        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE)
         if m:
             out[name] = float(m.group(1))
     return out
@@ -496,11 +481,11 @@ def _check(s: Scenario, shape: str, got: dict, expected: dict[str, int], user_of
 
 
 def run(binary: Path, cluster: Cluster, redis: RedisServer, logs: Path, scenario_list: list[Scenario],
-        rls_changes: int, filtered_changes: int, log) -> list[Phase]:
+        rls_changes: int, rls_batched_changes: int, filtered_changes: int, log) -> list[Phase]:
     out = []
     for s in scenario_list:
-        changes = filtered_changes if s.filtered else rls_changes
-        shapes = [("1-row transactions", 1, changes), ("100-row transactions", 100, max(100, changes // 100 * 100))]
+        single, batched = (filtered_changes, filtered_changes) if s.filtered else (rls_changes, rls_batched_changes)
+        shapes = [("1-row transactions", 1, single), ("100-row transactions", 100, max(100, batched // 100 * 100))]
         out += run_scenario(s, binary, cluster, redis, logs, shapes, log)
     return out
 
