@@ -362,7 +362,7 @@ impl StreamLoop {
                         // visibility is decided and the batch handed over once
                         // nothing more is buffered (or enough has gathered),
                         // not after every commit.
-                        if !self.stream.has_buffered_event()
+                        if !self.stream.event_ready().await
                             || self.held.len() >= AUTHORIZE_BATCH
                             || self.current.messages.len() >= MESSAGES_PER_BATCH
                         {

@@ -184,6 +184,7 @@ impl Validator {
             events: Events::parse(&s.event),
             role: Arc::from(s.role.as_str()),
             claims: serde_json::Value::Object(s.claims.clone()),
+            claims_text: Arc::from(serde_json::Value::Object(s.claims.clone()).to_string()),
             select: s.select.clone(),
             filters,
         };

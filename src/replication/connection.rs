@@ -276,6 +276,23 @@ impl Connection {
         })
     }
 
+    /// Whether a whole message can be read without waiting: what is
+    /// buffered, plus whatever the socket already holds (one read attempt
+    /// that never waits). Cancel-safe, like [`read`](Self::read).
+    pub(crate) async fn message_ready(&mut self) -> bool {
+        if self.has_buffered_message() {
+            return true;
+        }
+        // A zero timeout still polls the read once: it takes what the
+        // kernel has and gives up instead of waiting for more.
+        let filled = tokio::time::timeout(
+            std::time::Duration::ZERO,
+            self.socket.read_buf(&mut self.read_buf),
+        )
+        .await;
+        matches!(filled, Ok(Ok(n)) if n > 0) && self.has_buffered_message()
+    }
+
     fn parse_buffered(&mut self) -> Result<Option<Backend>, Error> {
         let Some(header) = self.read_buf.get(..5) else {
             return Ok(None);

@@ -75,10 +75,10 @@ impl ReplicationStream {
         }
     }
 
-    /// Whether the next event is already buffered (more WAL is on its way
-    /// without waiting for the network).
-    pub fn has_buffered_event(&self) -> bool {
-        self.conn.has_buffered_message()
+    /// Whether the next event can be read without waiting for the network
+    /// (more WAL has already arrived).
+    pub async fn event_ready(&mut self) -> bool {
+        self.conn.message_ready().await
     }
 
     /// Sends a standby status update acknowledging `acked` as written,

@@ -208,6 +208,9 @@ async fn visible_rows(
         askers: Vec<(usize, Vec<Arc<Entry>>)>,
     }
     let mut asking: Vec<Asking<'_>> = Vec::new();
+    // (role, claims text) → index in `asking`: grouping costs one hash
+    // lookup per candidate, however many subscribers there are.
+    let mut group_of: HashMap<(Arc<str>, Arc<str>), usize> = HashMap::new();
     for &row in rows {
         let (change, _) = &batch[row];
         let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
@@ -227,12 +230,9 @@ async fn visible_rows(
             })
             .collect();
         for entry in std::mem::take(&mut passing[row]) {
-            let group = match asking
-                .iter()
-                .position(|a| a.role == entry.role && a.claims == entry.claims)
-            {
-                Some(g) => g,
-                None => {
+            let group = *group_of
+                .entry((entry.role.clone(), entry.claims_text.clone()))
+                .or_insert_with(|| {
                     asking.push(Asking {
                         role: entry.role.clone(),
                         claims: entry.claims.clone(),
@@ -240,8 +240,7 @@ async fn visible_rows(
                         askers: Vec::new(),
                     });
                     asking.len() - 1
-                }
-            };
+                });
             let a = &mut asking[group];
             if a.askers.last().is_some_and(|(r, _)| *r == row) {
                 if let Some((_, entries)) = a.askers.last_mut() {

@@ -60,6 +60,8 @@ pub struct Entry {
     pub role: Arc<str>,
     /// The verified JWT claims, set as `request.jwt.claims` for RLS.
     pub claims: serde_json::Value,
+    /// The claims as JSON text: with `role`, what RLS checks group by.
+    pub claims_text: Arc<str>,
     /// Columns to send besides the primary key; `None` for all.
     pub select: Option<Vec<String>>,
     /// Its filters (ANDed), compiled for each table it covers.
@@ -321,6 +323,7 @@ mod tests {
             events,
             role: "anon".into(),
             claims: serde_json::json!({}),
+            claims_text: "{}".into(),
             select: None,
             filters: Vec::new(),
         })
