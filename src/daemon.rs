@@ -52,6 +52,10 @@ const MESSAGES_PER_BATCH: usize = 512;
 const CATALOG_REFRESH: Duration = Duration::from_secs(60);
 /// Connections for catalog lookups, server-side filters and RLS checks.
 const POOL_CONNECTIONS: usize = 4;
+/// How long changes that need RLS checks wait for more to check together.
+/// Latency against throughput: one check costs about as much for one row as
+/// for hundreds.
+const AUTHORIZE_WAIT: Duration = Duration::from_millis(20);
 /// Changes whose visibility is decided together at most (one RLS call per
 /// table for all of them). Fewer when the stream has nothing more buffered.
 const AUTHORIZE_BATCH: usize = 256;
@@ -244,6 +248,7 @@ async fn session(
         pending: VecDeque::new(),
         held: Vec::new(),
         held_ack: None,
+        release_at: None,
         received: start,
     };
     let result = stream_loop.run(settings.status_interval, cancel).await;
@@ -292,6 +297,8 @@ struct StreamLoop {
     /// The end of the last commit whose changes are all in `held` (or
     /// already queued): acknowledged with them.
     held_ack: Option<Lsn>,
+    /// When held changes waiting for RLS checks are released at the latest.
+    release_at: Option<tokio::time::Instant>,
     /// The furthest WAL position the server reported.
     received: Lsn,
 }
@@ -309,7 +316,8 @@ impl StreamLoop {
                 biased;
                 () = cancel.cancelled() => return Ok(()),
                 joined = &mut self.publishing => return Err(publisher_outcome(joined)),
-                _ = tick.tick() => None,
+                _ = tick.tick() => Step::Status,
+                () = sleep_until_or_never(self.release_at), if self.release_at.is_some() && self.pending.is_empty() => Step::Release,
                 permit = self.tx.reserve(), if !self.pending.is_empty() => {
                     let Ok(permit) = permit else { return Err(Error::PublisherGone) };
                     if let Some(batch) = self.pending.pop_front() {
@@ -317,11 +325,16 @@ impl StreamLoop {
                     }
                     continue;
                 }
-                event = self.stream.next(), if self.pending.is_empty() => Some(event?),
+                event = self.stream.next(), if self.pending.is_empty() => Step::Event(event?),
             };
             match event {
-                Some(event) => self.handle(event).await?,
-                None => self.send_status().await?,
+                Step::Event(event) => self.handle(event).await?,
+                Step::Status => self.send_status().await?,
+                Step::Release => {
+                    self.release_at = None;
+                    self.release().await?;
+                    self.hand_over();
+                }
             }
         }
     }
@@ -358,16 +371,23 @@ impl StreamLoop {
                     Event::Commit { end_lsn, .. } => {
                         metrics::counter!(metrics::TRANSACTIONS).increment(1);
                         self.held_ack = Some(end_lsn);
-                        // Small transactions in a burst travel together: their
-                        // visibility is decided and the batch handed over once
-                        // nothing more is buffered (or enough has gathered),
-                        // not after every commit.
-                        if !self.stream.event_ready().await
-                            || self.held.len() >= AUTHORIZE_BATCH
-                            || self.current.messages.len() >= MESSAGES_PER_BATCH
-                        {
+                        // Small transactions in a burst travel together, not
+                        // one batch per commit: once enough has gathered, or
+                        // nothing more has arrived — and when RLS checks are
+                        // due, after waiting up to AUTHORIZE_WAIT for more, so
+                        // that one check covers many changes.
+                        let full = self.held.len() >= AUTHORIZE_BATCH
+                            || self.current.messages.len() >= MESSAGES_PER_BATCH;
+                        let checks_due = self
+                            .held
+                            .iter()
+                            .any(|(_, candidates)| !candidates.is_empty());
+                        if full || (!checks_due && !self.stream.event_ready().await) {
                             self.release().await?;
                             self.hand_over();
+                            self.release_at = None;
+                        } else if checks_due && self.release_at.is_none() {
+                            self.release_at = Some(tokio::time::Instant::now() + AUTHORIZE_WAIT);
                         }
                     }
                 }
@@ -381,6 +401,7 @@ impl StreamLoop {
                 // sent; queued behind earlier batches, this acknowledges it
                 // once they are published, so a quiet slot does not retain WAL.
                 if !self.assembler.in_transaction() {
+                    self.release_at = None;
                     self.release().await?;
                     self.current.ack = Some(wal_end);
                     self.hand_over();
@@ -646,6 +667,25 @@ async fn describe(catalog: &mut Catalog, rel: &pgoutput::Relation) -> Result<Des
     }
     let primary_key = catalog.primary_key(rel.id).await?;
     Ok(Described { types, primary_key })
+}
+
+/// What the replication loop does next.
+enum Step {
+    /// Handle what the server sent.
+    Event(StreamEvent),
+    /// Send a periodic status update.
+    Status,
+    /// Held changes waited long enough: decide and queue them.
+    Release,
+}
+
+/// Sleeps until `at`, or forever without one (the select branch is then
+/// disabled anyway).
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn publisher_outcome(joined: Result<Result<(), publish::Error>, tokio::task::JoinError>) -> Error {
