@@ -400,8 +400,10 @@ impl StreamLoop {
                 // Outside a transaction everything up to wal_end has been
                 // sent; queued behind earlier batches, this acknowledges it
                 // once they are published, so a quiet slot does not retain WAL.
-                if !self.assembler.in_transaction() {
-                    self.release_at = None;
+                // Changes waiting to be checked together keep waiting (their
+                // release acknowledges them); otherwise everything up to
+                // wal_end is acknowledged once what came before is published.
+                if !self.assembler.in_transaction() && self.release_at.is_none() {
                     self.release().await?;
                     self.current.ack = Some(wal_end);
                     self.hand_over();
