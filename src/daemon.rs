@@ -444,21 +444,21 @@ impl StreamLoop {
     /// in WAL order, and with them the acknowledgement of the last commit
     /// they complete.
     async fn release(&mut self) -> Result<(), Error> {
-        let held = std::mem::take(&mut self.held);
-        if held.iter().any(|(_, candidates)| !candidates.is_empty()) {
-            let batch: Vec<(&Change, Vec<Arc<Entry>>)> = held
-                .iter()
-                .map(|(change, candidates)| (change, candidates.clone()))
-                .collect();
+        let (changes, candidates): (Vec<Change>, Vec<Vec<Arc<Entry>>>) =
+            std::mem::take(&mut self.held).into_iter().unzip();
+        if candidates.iter().any(|c| !c.is_empty()) {
+            let mut batch: Vec<(&Change, Vec<Arc<Entry>>)> =
+                changes.iter().zip(candidates).collect();
             // Who sees a change is decided on its text values, before values
             // only the server can render as JSON are rendered.
-            let decided = subscription::authorize(&mut self.catalog, &self.pool, &batch).await?;
+            let decided =
+                subscription::authorize(&mut self.catalog, &self.pool, &mut batch).await?;
             drop(batch);
-            for ((change, _), (deliveries, denials)) in held.into_iter().zip(decided) {
+            for (change, (deliveries, denials)) in changes.into_iter().zip(decided) {
                 self.queue(change, &deliveries, &denials).await?;
             }
         } else {
-            for (change, _) in held {
+            for change in changes {
                 self.queue(change, &[], &[]).await?;
             }
         }

@@ -83,15 +83,17 @@ pub struct Delivery {
 pub async fn authorize(
     catalog: &mut Catalog,
     pool: &Pool,
-    batch: &[(&Change, Vec<Arc<Entry>>)],
+    batch: &mut [(&Change, Vec<Arc<Entry>>)],
 ) -> Result<Vec<(Vec<Delivery>, Vec<Denial>)>, Error> {
     let mut passing = Vec::with_capacity(batch.len());
     let mut row_security = Vec::with_capacity(batch.len());
-    for (change, candidates) in batch {
+    // The candidates move on into `passing`; `batch` keeps the changes.
+    for (change, candidates) in batch.iter_mut() {
+        let candidates = std::mem::take(candidates);
         let entries = if candidates.is_empty() {
             Vec::new()
         } else {
-            passing_filters(pool, change, candidates.clone()).await?
+            passing_filters(pool, change, candidates).await?
         };
         let secured = !entries.is_empty() && catalog.row_security(change.relation.id).await?;
         row_security.push(secured);
