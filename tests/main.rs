@@ -4,6 +4,7 @@
 
 mod admin;
 mod check;
+mod clients;
 mod faults;
 mod filters;
 mod firehose;

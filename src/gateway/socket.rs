@@ -37,6 +37,23 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for an idle socket.
 const CLOSE_NORMAL: u16 = 1000;
 
+/// How a session ends, and what its socket still owes the client.
+enum End {
+    /// The server closes: a close frame with this code and reason goes out.
+    Close(u16, &'static str),
+    /// The client sent a close frame: the answering one is still to go out.
+    ///
+    /// tungstenite queues that answer when it reads the client's frame but
+    /// writes it only on a later read, write or flush, so the socket must
+    /// be read on until its stream ends. Dropped at once, it cut the
+    /// connection without the answer: clients saw 1006 (abnormal closure)
+    /// instead of a clean close, and realtime-py took its own `close()` for
+    /// a lost connection and started to reconnect.
+    ClosedByClient,
+    /// The connection is gone or failed: nothing more can be sent.
+    Gone,
+}
+
 /// The state of one session.
 struct Session {
     ctx: Arc<Context>,
@@ -76,7 +93,7 @@ pub async fn serve(
     debug!(socket = id, ?vsn, "socket connected");
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(TICK);
-    let close = loop {
+    let end = loop {
         while let Some(message) = session.out.pop_front() {
             tokio::select! {
                 biased;
@@ -86,11 +103,11 @@ pub async fn serve(
             }
         }
         if cancel.is_cancelled() {
-            break Some((CLOSE_GOING_AWAY, "server shutting down"));
+            break End::Close(CLOSE_GOING_AWAY, "server shutting down");
         }
         if kick.is_cancelled() {
             warn!(socket = id, "closing a socket that fell behind");
-            break Some((CLOSE_TOO_SLOW, "too slow: send queue full"));
+            break End::Close(CLOSE_TOO_SLOW, "too slow: send queue full");
         }
         tokio::select! {
             biased;
@@ -102,15 +119,15 @@ pub async fn serve(
                     match message {
                         Message::Text(text) => session.on_text(text.as_str()),
                         Message::Binary(bytes) => session.on_binary(&bytes),
-                        Message::Close(_) => break None,
+                        Message::Close(_) => break End::ClosedByClient,
                         Message::Ping(_) | Message::Pong(_) => {}
                     }
                 }
                 Some(Err(e)) => {
                     debug!(socket = id, error = %e, "socket read failed");
-                    break None;
+                    break End::Gone;
                 }
-                None => break None,
+                None => break End::Gone,
             },
             delivery = deliveries.recv() => {
                 if let Some(delivery) = delivery {
@@ -120,7 +137,7 @@ pub async fn serve(
             _ = tick.tick() => {
                 if last_seen.elapsed() > IDLE_TIMEOUT {
                     info!(socket = id, "closing an idle socket (no heartbeat for 60 s)");
-                    break Some((CLOSE_NORMAL, "heartbeat timeout"));
+                    break End::Close(CLOSE_NORMAL, "heartbeat timeout");
                 }
                 session.check_tokens();
             }
@@ -132,12 +149,22 @@ pub async fn serve(
         .flat_map(|c| c.bindings.iter().map(|b| b.subscription.id.clone()))
         .collect();
     session.ctx.bus.unregister(ids.iter().map(String::as_str));
-    if let Some((code, reason)) = close {
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        }));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(frame)).await;
+    match end {
+        End::Close(code, reason) => {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }));
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(frame)).await;
+        }
+        // Reading on sends the answering close frame (see `End::ClosedByClient`).
+        End::ClosedByClient => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while let Some(Ok(_)) = ws.recv().await {}
+            })
+            .await;
+        }
+        End::Gone => {}
     }
     debug!(socket = id, "socket closed");
 }

@@ -8,8 +8,10 @@ pub mod gateway;
 pub mod json_exact;
 pub mod load;
 pub mod postgres;
+pub mod real_client;
 pub mod redis;
 pub mod stack;
+pub mod ws_gateway;
 
 #[allow(unused_imports)] // not every test module uses every type
 pub use self::daemon::Daemon;
