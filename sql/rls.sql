@@ -3,12 +3,15 @@
 -- walcast.visible_keys answers, for one table and many subscriber groups
 -- at once, which candidate rows each group may see: one call per batch of
 -- changes instead of one query per change per subscriber (Supabase's way).
--- A group is a (role, claims) pair with the primary keys of the rows it is
--- a candidate for, as text. For each group, in order, the function
+-- The call carries the candidate rows' primary keys once (as text, one row
+-- of the array per key column), and the groups: a (role, claims) pair and
+-- which of those rows it is a candidate for (NULL: all of them — every
+-- unfiltered subscriber of the table — so the keys are neither sent nor
+-- parsed once per group). For each group, in order, the function
 --   1. sets the role and request.jwt.claims transaction-locally, exactly as
 --      a PostgREST request would (set_config(..., true) = SET LOCAL);
---   2. runs ONE query: which of the candidate keys exist in the table as
---      that role, so the table's policies decide;
+--   2. runs ONE query: which of the group's candidate keys exist in the
+--      table as that role, so the table's policies decide;
 --   3. puts the role and claims back to what they were before the group.
 -- Each group runs in its own BEGIN ... EXCEPTION block (a subtransaction):
 -- a policy that raises (say, a claim that is not a uuid cast to uuid), a
@@ -18,12 +21,18 @@
 -- statement timeout or cancel is not caught (WHEN OTHERS excludes them):
 -- it ends the whole call, and the caller denies every group.
 --
+-- The keys are cast to the key column's type once per call (a one-column
+-- key, the usual case), not once per group: walcast.visible_keys_as is
+-- polymorphic so the typed array can be held between groups.
+--
 -- Security:
 --   * SECURITY INVOKER (the default, spelt out): SET ROLE is checked
 --     against the session user, so the login role (sql/role.sql) must be
 --     a member of every subscriber role; a SECURITY DEFINER function could
---     not SET ROLE at all.
---   * No search_path is pinned on the function, on purpose: a SET clause
+--     not SET ROLE at all. For the same reason walcast.visible_keys_as,
+--     which runs the query text it is given, grants nothing its caller
+--     could not do with that text directly.
+--   * No search_path is pinned on the functions, on purpose: a SET clause
 --     would also apply to the policies and the functions they call, which
 --     must see the session's search_path as they would for the subscriber.
 --     Everything here is schema-qualified instead.
@@ -31,48 +40,114 @@
 --     schema and name, each key column in pg_attribute, and spliced only
 --     through format('%I'); key types come from format_type() of the
 --     catalog, never from the caller. Roles, claims and key values are data
---     only: set_config() values and the query's one parameter.
+--     only: set_config() values and the queries' parameters.
 --   * A NULL role or 'none' is refused: set_config('role', NULL or 'none')
 --     would mean "no role", i.e. the login role's own view of the table.
 --   * Run it in a READ ONLY transaction (walcast does): policies then
 --     cannot write either.
 --
 -- Returns one row per group, in order: group_no (1-based), visible (the
--- 1-based positions of the visible candidates, in no particular order;
--- NULL when the group failed), error_code and error_message (NULL unless
--- it failed).
+-- 1-based positions, among the group's candidates, of those it may see, in
+-- no particular order; NULL when the group failed), error_code and
+-- error_message (NULL unless it failed).
 --
--- Idempotent: schema and type are created if missing, the function is
--- replaced. Executable by the walcast login role (the custom setting
--- walcast.role, default walcast, as in sql/role.sql) when it exists; not by
--- PUBLIC.
+-- Idempotent: the schema and type are created if missing, the functions
+-- replaced; the previous version's walcast.rls_group type and its
+-- visible_keys overload are dropped. Executable by the walcast login role
+-- (the custom setting walcast.role, default walcast, as in sql/role.sql)
+-- when it exists; not by PUBLIC.
 
 CREATE SCHEMA IF NOT EXISTS walcast;
 
--- One subscriber group: its role, its claims (JSON text), and its candidate
--- keys as a two-dimensional text array, one row per key column and one
--- column per candidate: keys[k][i] is key column k of candidate i. (A
--- composite per group lets every group bring its own number of candidates;
--- slicing one big flat array per group would cost the whole array each time.)
+-- The previous version's shape (every group carried its own keys): its
+-- type, and with it that version's function, go.
+DO $walcast$
+BEGIN
+  IF EXISTS (
+    SELECT FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname = 'walcast' AND t.typname = 'rls_group'
+  ) THEN
+    DROP TYPE walcast.rls_group CASCADE;
+    RAISE NOTICE 'dropped the previous walcast.visible_keys and its type walcast.rls_group';
+  END IF;
+END
+$walcast$;
+
+-- One subscriber group: its role, its claims (JSON text), and the 1-based
+-- positions of its candidates among the call's keys, NULL for all of them.
 DO $walcast$
 BEGIN
   IF NOT EXISTS (
     SELECT FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-    WHERE n.nspname = 'walcast' AND t.typname = 'rls_group'
+    WHERE n.nspname = 'walcast' AND t.typname = 'rls_subject'
   ) THEN
-    CREATE TYPE walcast.rls_group AS (role text, claims text, keys text[]);
-    RAISE NOTICE 'created type walcast.rls_group';
+    CREATE TYPE walcast.rls_subject AS (role text, claims text, candidates integer[]);
+    RAISE NOTICE 'created type walcast.rls_subject';
   ELSE
-    RAISE NOTICE 'type walcast.rls_group exists; left unchanged';
+    RAISE NOTICE 'type walcast.rls_subject exists; left unchanged';
   END IF;
 END
 $walcast$;
+
+-- The loop over the groups. keys: the call's candidate keys, typed (a
+-- one-dimensional array of the key column's type) or, for a key of several
+-- columns, as text (key column × candidate). all_query answers for every
+-- candidate ($1: keys), some_query for the positions $2.
+CREATE OR REPLACE FUNCTION walcast.visible_keys_as(
+  keys anyarray,
+  all_query text,
+  some_query text,
+  groups walcast.rls_subject[]
+) RETURNS TABLE (group_no integer, visible integer[], error_code text, error_message text)
+LANGUAGE plpgsql
+VOLATILE
+SECURITY INVOKER
+AS $function$
+DECLARE
+  role_before text := pg_catalog.current_setting('role');
+  claims_before text := pg_catalog.current_setting('request.jwt.claims', true);
+  grp walcast.rls_subject;
+BEGIN
+  group_no := 0;
+  FOREACH grp IN ARRAY groups LOOP
+    group_no := group_no + 1;
+    visible := NULL;
+    error_code := NULL;
+    error_message := NULL;
+    BEGIN
+      IF grp.role IS NULL OR grp.role = 'none' THEN
+        RAISE EXCEPTION 'walcast.visible_keys: % is not a subscriber role',
+          coalesce(pg_catalog.quote_literal(grp.role), 'NULL') USING ERRCODE = '22023';
+      END IF;
+      PERFORM pg_catalog.set_config('role', grp.role, true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', grp.claims, true);
+      IF grp.candidates IS NULL THEN
+        EXECUTE all_query INTO visible USING keys;
+      ELSIF pg_catalog.cardinality(grp.candidates) > 0 THEN
+        EXECUTE some_query INTO visible USING keys, grp.candidates;
+      END IF;
+      visible := coalesce(visible, '{}');
+      PERFORM pg_catalog.set_config('role', role_before, true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', claims_before, true);
+    EXCEPTION WHEN OTHERS THEN
+      -- The subtransaction is rolled back: role and claims are as before.
+      visible := NULL;
+      GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
+    END;
+    RETURN NEXT;
+  END LOOP;
+END
+$function$;
+
+COMMENT ON FUNCTION walcast.visible_keys_as(anyarray, text, text, walcast.rls_subject[]) IS
+  'walcast: the per-group loop of walcast.visible_keys (internal; see sql/rls.sql)';
 
 CREATE OR REPLACE FUNCTION walcast.visible_keys(
   schema_name text,
   table_name text,
   key_columns text[],
-  groups walcast.rls_group[]
+  keys text[],
+  groups walcast.rls_subject[]
 ) RETURNS TABLE (group_no integer, visible integer[], error_code text, error_message text)
 LANGUAGE plpgsql
 VOLATILE
@@ -82,18 +157,23 @@ DECLARE
   rel oid;
   rel_sql text;                  -- "schema"."table", quoted
   ncols integer := pg_catalog.cardinality(key_columns);
+  n integer := coalesce(pg_catalog.array_length(keys, 2), 0);
   col record;
+  key_type text;                 -- the one key column's type
   unnest_args text := '';        -- pg_catalog.unnest(($1[1:1])::bigint[]), ...
   key_names text := '';          -- k1, k2, ...
-  conditions text := '';         -- t."id" = c.k1 AND ...
-  query text;
+  all_conditions text := '';     -- t."id" = c.k1 AND ...
+  some_conditions text := '';    -- t."id" = ($1[1][s.p])::bigint AND ...
+  all_query text;
+  some_query text;
   role_before text := pg_catalog.current_setting('role');
-  claims_before text := pg_catalog.current_setting('request.jwt.claims', true);
-  grp walcast.rls_group;
-  n integer;
 BEGIN
   IF ncols IS NULL OR ncols = 0 THEN
     RAISE EXCEPTION 'walcast.visible_keys: no key columns' USING ERRCODE = '22023';
+  END IF;
+  IF n > 0 AND pg_catalog.array_length(keys, 1) <> ncols THEN
+    RAISE EXCEPTION 'walcast.visible_keys: keys have % rows, the table key has % columns',
+      pg_catalog.array_length(keys, 1), ncols USING ERRCODE = '22023';
   END IF;
 
   SELECT c.oid, pg_catalog.format('%I.%I', ns.nspname, c.relname) INTO rel, rel_sql
@@ -113,57 +193,48 @@ BEGIN
       RAISE EXCEPTION 'walcast.visible_keys: column % of % does not exist',
         pg_catalog.quote_ident(key_columns[k]), rel_sql USING ERRCODE = '42703';
     END IF;
-    -- Row k of the keys, cast as a whole array: the cast applies to the
-    -- parameter, not to a column, so the join condition below compares
-    -- typed columns with the type's own (leakproof) equality and may be an
-    -- index condition. A cast on the candidate column (t.id = c.k::bigint)
-    -- is not leakproof, so Postgres would have to apply the policies first
-    -- and could never probe the primary key.
+    -- Casts apply to the candidates, never to the table's column: the
+    -- conditions compare typed columns with the type's own (leakproof)
+    -- equality, so they may be index or hash conditions. A cast on the
+    -- column (t.id::text = ...) is not leakproof: Postgres would have to
+    -- apply the policies first and could never probe the primary key.
+    key_type := col.sql_type;
     unnest_args := unnest_args
       || pg_catalog.format('%spg_catalog.unnest(($1[%s:%s])::%s[])', CASE WHEN k > 1 THEN ', ' END, k, k, col.sql_type);
     key_names := key_names || pg_catalog.format('k%s, ', k);
-    conditions := conditions
+    all_conditions := all_conditions
       || pg_catalog.format('%st.%I = c.k%s', CASE WHEN k > 1 THEN ' AND ' END, col.attname, k);
+    some_conditions := some_conditions
+      || pg_catalog.format('%st.%I = ($1[%s][s.p])::%s', CASE WHEN k > 1 THEN ' AND ' END, col.attname, k, col.sql_type);
   END LOOP;
+
   -- The candidates drive a semi-join; with the policies' quals added, the
   -- planner chooses primary-key probes (few candidates) or a hash of the
   -- rows the role may see (many).
-  query := pg_catalog.format(
-    'SELECT pg_catalog.array_agg(c.i) FROM ROWS FROM (%s) WITH ORDINALITY AS c(%si) '
-    'WHERE EXISTS (SELECT FROM %s t WHERE %s)',
-    unnest_args, key_names, rel_sql, conditions);
-
-  group_no := 0;
-  FOREACH grp IN ARRAY groups LOOP
-    group_no := group_no + 1;
-    visible := NULL;
-    error_code := NULL;
-    error_message := NULL;
-    BEGIN
-      IF grp.role IS NULL OR grp.role = 'none' THEN
-        RAISE EXCEPTION 'walcast.visible_keys: % is not a subscriber role',
-          coalesce(pg_catalog.quote_literal(grp.role), 'NULL') USING ERRCODE = '22023';
-      END IF;
-      n := coalesce(pg_catalog.array_length(grp.keys, 2), 0);
-      IF n > 0 AND pg_catalog.array_length(grp.keys, 1) <> ncols THEN
-        RAISE EXCEPTION 'walcast.visible_keys: keys have % rows, the table key has % columns',
-          pg_catalog.array_length(grp.keys, 1), ncols USING ERRCODE = '22023';
-      END IF;
-      PERFORM pg_catalog.set_config('role', grp.role, true);
-      PERFORM pg_catalog.set_config('request.jwt.claims', grp.claims, true);
-      IF n > 0 THEN
-        EXECUTE query INTO visible USING grp.keys;
-      END IF;
-      visible := coalesce(visible, '{}');
-      PERFORM pg_catalog.set_config('role', role_before, true);
-      PERFORM pg_catalog.set_config('request.jwt.claims', claims_before, true);
-    EXCEPTION WHEN OTHERS THEN
-      -- The subtransaction is rolled back: role and claims are as before.
-      visible := NULL;
-      GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
-    END;
-    RETURN NEXT;
-  END LOOP;
+  IF ncols = 1 THEN
+    -- Typed once for all groups: $1 is key_type[].
+    all_query := pg_catalog.format(
+      'SELECT pg_catalog.array_agg(c.i) FROM pg_catalog.unnest($1) WITH ORDINALITY AS c(k1, i) '
+      'WHERE EXISTS (SELECT FROM %s t WHERE %s)', rel_sql, all_conditions);
+    some_query := pg_catalog.format(
+      'SELECT pg_catalog.array_agg(s.i) FROM pg_catalog.unnest($2) WITH ORDINALITY AS s(p, i) '
+      'WHERE EXISTS (SELECT FROM %s t WHERE t.%I = $1[s.p])', rel_sql, key_columns[1]);
+    -- keys[1:1] is still two-dimensional (1 × n), and $1[p] needs one
+    -- dimension: flattened and cast here, once.
+    RETURN QUERY EXECUTE pg_catalog.format(
+      'SELECT * FROM walcast.visible_keys_as(ARRAY(SELECT pg_catalog.unnest($1[1:1]))::%s[], $2, $3, $4)',
+      key_type)
+      USING keys, all_query, some_query, groups;
+  ELSE
+    all_query := pg_catalog.format(
+      'SELECT pg_catalog.array_agg(c.i) FROM ROWS FROM (%s) WITH ORDINALITY AS c(%si) '
+      'WHERE EXISTS (SELECT FROM %s t WHERE %s)',
+      unnest_args, key_names, rel_sql, all_conditions);
+    some_query := pg_catalog.format(
+      'SELECT pg_catalog.array_agg(s.i) FROM pg_catalog.unnest($2) WITH ORDINALITY AS s(p, i) '
+      'WHERE EXISTS (SELECT FROM %s t WHERE %s)', rel_sql, some_conditions);
+    RETURN QUERY SELECT * FROM walcast.visible_keys_as(keys, all_query, some_query, groups);
+  END IF;
 
   -- Belt and braces: never return with a subscriber's role or claims.
   IF pg_catalog.current_setting('role') IS DISTINCT FROM role_before THEN
@@ -172,19 +243,23 @@ BEGIN
 END
 $function$;
 
-COMMENT ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) IS
+COMMENT ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) IS
   'walcast: which candidate keys each (role, claims) group may see in a table, one query per group, a failing group contained; see sql/rls.sql';
 
 DO $walcast$
 DECLARE
   role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
 BEGIN
-  REVOKE ALL ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_keys_as(anyarray, text, text, walcast.rls_subject[]) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
-    EXECUTE format('GRANT USAGE ON TYPE walcast.rls_group TO %I', role_name);
+    EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
     EXECUTE format(
-      'GRANT EXECUTE ON FUNCTION walcast.visible_keys(text, text, text[], walcast.rls_group[]) TO %I',
+      'GRANT EXECUTE ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) TO %I',
+      role_name);
+    EXECUTE format(
+      'GRANT EXECUTE ON FUNCTION walcast.visible_keys_as(anyarray, text, text, walcast.rls_subject[]) TO %I',
       role_name);
     RAISE NOTICE 'role % may call walcast.visible_keys', quote_ident(role_name);
   ELSE

@@ -164,6 +164,18 @@ pub struct RunArgs {
     /// Warn when the slot retains more WAL than this many bytes [env: WALCAST_RETAINED_WAL_WARN_BYTES] [default: 1073741824]
     #[arg(long, value_name = "BYTES")]
     pub retained_wal_warn_bytes: Option<String>,
+    /// Changes whose RLS checks are batched together at most [env: WALCAST_RLS_BATCH_SIZE] [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub rls_batch_size: Option<String>,
+    /// Longest wait for more changes to check together [env: WALCAST_RLS_BATCH_WAIT] [default: 20ms]
+    #[arg(long, value_name = "DURATION")]
+    pub rls_batch_wait: Option<String>,
+    /// Longest one RLS check statement may run before its subscribers are denied [env: WALCAST_RLS_TIMEOUT] [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub rls_timeout: Option<String>,
+    /// Pooled connections one batch's RLS checks run on at once [env: WALCAST_RLS_CONNECTIONS] [default: 2]
+    #[arg(long, value_name = "N")]
+    pub rls_connections: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -207,6 +219,10 @@ impl RunArgs {
                 &config::RETAINED_WAL_WARN_BYTES,
                 self.retained_wal_warn_bytes.clone(),
             ),
+            (&config::RLS_BATCH_SIZE, self.rls_batch_size.clone()),
+            (&config::RLS_BATCH_WAIT, self.rls_batch_wait.clone()),
+            (&config::RLS_TIMEOUT, self.rls_timeout.clone()),
+            (&config::RLS_CONNECTIONS, self.rls_connections.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),
         ]));

@@ -33,14 +33,14 @@ use crate::admin::{self, Admin, Readiness};
 use crate::bus::{Names, Reply};
 use crate::catalog::{self, Catalog};
 use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
-use crate::config::Settings;
+use crate::config::{RlsSettings, Settings};
 use crate::control::{ControlTask, Validator};
 use crate::encode::{PayloadEncoder, View};
 use crate::lsn::Lsn;
 use crate::metrics;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
-use crate::subscription::{self, Delivery, Denial, Entry, Shared};
+use crate::subscription::{self, Candidates, Delivery, Denial, Shared};
 use crate::{bus, pgoutput, pool};
 
 /// Batches the replication task may queue ahead of the publisher.
@@ -50,15 +50,9 @@ const QUEUED_BATCHES: usize = 64;
 const MESSAGES_PER_BATCH: usize = 512;
 /// How long cached privileges and RLS flags are trusted.
 const CATALOG_REFRESH: Duration = Duration::from_secs(60);
-/// Connections for catalog lookups, server-side filters and RLS checks.
-const POOL_CONNECTIONS: usize = 4;
-/// How long changes that need RLS checks wait for more to check together.
-/// Latency against throughput: one check costs about as much for one row as
-/// for hundreds.
-const AUTHORIZE_WAIT: Duration = Duration::from_millis(20);
-/// Changes whose visibility is decided together at most (one RLS call per
-/// table for all of them). Fewer when the stream has nothing more buffered.
-const AUTHORIZE_BATCH: usize = 256;
+/// Connections for catalog lookups and server-side filters, besides those
+/// RLS checks run on (`rls_connections`).
+const POOL_CONNECTIONS: usize = 2;
 /// How long shutdown waits for queued messages to reach Redis.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -112,7 +106,10 @@ impl Error {
 /// Runs sessions until `cancel` fires (`Ok`) or a definite error (`Err`).
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), Error> {
     let acked = Acknowledged::new(Lsn::ZERO);
-    let pool = pool::build(&settings.database_url, POOL_CONNECTIONS)?;
+    let pool = pool::build(
+        &settings.database_url,
+        POOL_CONNECTIONS + settings.rls.connections,
+    )?;
     // Served until this function returns (dropping it aborts the server).
     let admin = Admin::start(settings, &pool, &cancel)?;
     let names = Names::new(&settings.tenant);
@@ -247,8 +244,10 @@ async fn session(
         current: Batch::default(),
         pending: VecDeque::new(),
         held: Vec::new(),
+        held_with_candidates: 0,
         held_ack: None,
         release_at: None,
+        rls: settings.rls,
         received: start,
     };
     let result = stream_loop.run(settings.status_interval, cancel).await;
@@ -293,12 +292,17 @@ struct StreamLoop {
     pending: VecDeque<Batch>,
     /// Changes whose visibility is decided together (one RLS call per
     /// table for the lot), released in order.
-    held: Vec<(Change, Vec<Arc<Entry>>)>,
+    held: Vec<(Change, Candidates)>,
+    /// How many of `held` have candidates (visibility to decide).
+    held_with_candidates: usize,
     /// The end of the last commit whose changes are all in `held` (or
     /// already queued): acknowledged with them.
     held_ack: Option<Lsn>,
     /// When held changes waiting for RLS checks are released at the latest.
     release_at: Option<tokio::time::Instant>,
+    /// How RLS checks are batched (`rls_batch_size`, `rls_batch_wait`) and
+    /// run.
+    rls: RlsSettings,
     /// The furthest WAL position the server reported.
     received: Lsn,
 }
@@ -374,20 +378,18 @@ impl StreamLoop {
                         // Small transactions in a burst travel together, not
                         // one batch per commit: once enough has gathered, or
                         // nothing more has arrived — and when RLS checks are
-                        // due, after waiting up to AUTHORIZE_WAIT for more, so
+                        // due, after waiting up to rls_batch_wait for more, so
                         // that one check covers many changes.
-                        let full = self.held.len() >= AUTHORIZE_BATCH
+                        let full = self.held.len() >= self.rls.batch_size
                             || self.current.messages.len() >= MESSAGES_PER_BATCH;
-                        let checks_due = self
-                            .held
-                            .iter()
-                            .any(|(_, candidates)| !candidates.is_empty());
+                        let checks_due = self.held_with_candidates > 0;
                         if full || (!checks_due && !self.stream.event_ready().await) {
                             self.release().await?;
                             self.hand_over();
                             self.release_at = None;
                         } else if checks_due && self.release_at.is_none() {
-                            self.release_at = Some(tokio::time::Instant::now() + AUTHORIZE_WAIT);
+                            self.release_at =
+                                Some(tokio::time::Instant::now() + self.rls.batch_wait);
                         }
                     }
                 }
@@ -429,12 +431,13 @@ impl StreamLoop {
     async fn add(&mut self, change: Change) -> Result<(), Error> {
         metrics::counter!(metrics::CHANGES_RECEIVED, metrics::KIND => change.kind.name())
             .increment(1);
-        let candidates: Vec<Arc<Entry>> = self.shared.read().candidates(&change);
+        let candidates = self.shared.read().candidates(&change);
         if self.firehose.is_none() && candidates.is_empty() {
             return Ok(());
         }
+        self.held_with_candidates += usize::from(!candidates.is_empty());
         self.held.push((change, candidates));
-        if self.held.len() >= AUTHORIZE_BATCH {
+        if self.held.len() >= self.rls.batch_size {
             self.release().await?;
         }
         Ok(())
@@ -444,15 +447,15 @@ impl StreamLoop {
     /// in WAL order, and with them the acknowledgement of the last commit
     /// they complete.
     async fn release(&mut self) -> Result<(), Error> {
-        let (changes, candidates): (Vec<Change>, Vec<Vec<Arc<Entry>>>) =
+        let (changes, candidates): (Vec<Change>, Vec<Candidates>) =
             std::mem::take(&mut self.held).into_iter().unzip();
-        if candidates.iter().any(|c| !c.is_empty()) {
-            let mut batch: Vec<(&Change, Vec<Arc<Entry>>)> =
-                changes.iter().zip(candidates).collect();
+        if std::mem::take(&mut self.held_with_candidates) > 0 {
+            let mut batch: Vec<(&Change, Candidates)> = changes.iter().zip(candidates).collect();
             // Who sees a change is decided on its text values, before values
             // only the server can render as JSON are rendered.
             let decided =
-                subscription::authorize(&mut self.catalog, &self.pool, &mut batch).await?;
+                subscription::authorize(&mut self.catalog, &self.pool, &self.rls, &mut batch)
+                    .await?;
             drop(batch);
             for (change, (deliveries, denials)) in changes.into_iter().zip(decided) {
                 self.queue(change, &deliveries, &denials).await?;

@@ -615,7 +615,7 @@ sql/role.sql: granted anon to scram_user (it may SET ROLE anon)
 sql/role.sql: created role authenticated (NOLOGIN NOINHERIT)
 sql/role.sql: granted authenticated to scram_user (it may SET ROLE authenticated)
 sql/role.sql: role scram_user may connect to database fresh
-sql/rls.sql: created type walcast.rls_group
+sql/rls.sql: created type walcast.rls_subject
 sql/rls.sql: role scram_user may call walcast.visible_keys
 sql/auth_helpers.sql: created schema auth
 sql/auth_helpers.sql: created function auth.uid()
@@ -634,7 +634,7 @@ sql/role.sql: role scram_user is already a member of anon
 sql/role.sql: role scram_user is already a member of authenticated
 sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: schema \"walcast\" already exists, skipping
-sql/rls.sql: type walcast.rls_group exists; left unchanged
+sql/rls.sql: type walcast.rls_subject exists; left unchanged
 sql/rls.sql: role scram_user may call walcast.visible_keys
 sql/auth_helpers.sql: schema auth exists
 sql/auth_helpers.sql: function auth.uid() exists; left unchanged

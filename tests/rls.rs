@@ -14,7 +14,7 @@ use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 use walcast::config::DatabaseUrl;
-use walcast::rls::{self, Access, Cache, Group, GroupOutcome, TableName, TableRef};
+use walcast::rls::{self, Access, Cache, Group, GroupOutcome, Rows, TableName, TableRef};
 
 use crate::support::TestPostgres;
 use crate::support::postgres::quote_ident;
@@ -356,16 +356,28 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 .iter()
                 .map(|_| candidates(&mut rng, subject, &teams))
                 .collect();
+            // The keys of every group go once; every fourth group is a
+            // candidate for all of them (an unfiltered subscriber), the
+            // others for their own.
+            let flat: Vec<Vec<Option<&str>>> = keys
+                .iter()
+                .flatten()
+                .map(|k| k.iter().map(|v| Some(v.as_str())).collect())
+                .collect();
+            let mut start = 0u32;
             let groups: Vec<Group<'_>> = subs
                 .iter()
                 .zip(&keys)
-                .map(|((role, claims), keys)| Group {
-                    role,
-                    claims,
-                    keys: keys
-                        .iter()
-                        .map(|k| k.iter().map(|v| Some(v.as_str())).collect())
-                        .collect(),
+                .enumerate()
+                .map(|(g, ((role, claims), own))| {
+                    let end = start + own.len() as u32;
+                    let rows = if g % 4 == 3 {
+                        Rows::All
+                    } else {
+                        Rows::Only((start..end).collect())
+                    };
+                    start = end;
+                    Group { role, claims, rows }
                 })
                 .collect();
             let table = TableRef {
@@ -373,11 +385,16 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 name: subject.table,
                 key_columns: subject.key_columns,
             };
-            let outcomes = rls::check(&pool, &table, &groups, TIMEOUT)
+            let outcomes = rls::check(&pool, &table, &flat, &groups, TIMEOUT)
                 .await
                 .unwrap_or_else(|e| panic!("round {round}, {}: {e}", subject.table));
             assert_eq!(outcomes.len(), groups.len());
-            for (((role, claims), keys), outcome) in subs.iter().zip(&keys).zip(&outcomes) {
+            let all_keys: Vec<Vec<String>> = keys.iter().flatten().cloned().collect();
+            for (((role, claims), group), outcome) in subs.iter().zip(&groups).zip(&outcomes) {
+                let keys: Vec<&Vec<String>> = match &group.rows {
+                    Rows::All => all_keys.iter().collect(),
+                    Rows::Only(rows) => rows.iter().map(|&r| &all_keys[r as usize]).collect(),
+                };
                 let expected =
                     oracle(&mut admin, role, claims, subject.table, subject.key_sql).await;
                 let seen = match (outcome, expected) {
@@ -398,7 +415,7 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 for (i, key) in keys.iter().enumerate() {
                     pairs += 1;
                     let ours = outcome.is_visible(i);
-                    let theirs = seen.contains(key);
+                    let theirs = seen.contains(*key);
                     visible += usize::from(ours);
                     let what = format!("{}{key:?} as {role} {claims}", subject.table);
                     match (ours, theirs) {
@@ -478,35 +495,35 @@ async fn a_raising_policy_fails_its_group_only() {
         Group {
             role: "authenticated",
             claims: &claims_a,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
         Group {
             role: "authenticated",
             claims: &not_uuid,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
         Group {
             role: "authenticated",
             claims: &claims_b,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
         Group {
             role: "authenticated",
             claims: &injection,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
         Group {
             role: "service_role",
             claims: &not_uuid,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
         Group {
             role: "anon",
             claims: &claims_a,
-            keys: ids(&candidates),
+            rows: Rows::All,
         },
     ];
-    let out = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+    let out = rls::check(&pool, &OWNED, &ids(&candidates), &groups, TIMEOUT)
         .await
         .expect("check");
     let flags = |v: &[bool]| GroupOutcome::Visible(v.to_vec());
@@ -570,19 +587,20 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
     let mut groups = vec![Group {
         role: "authenticated",
         claims: &quoted,
-        keys: ids(&["1", "4"]),
+        rows: Rows::All,
     }];
     groups.extend(cases.iter().map(|(role, _, _)| Group {
         role,
         claims: &claims_a,
-        keys: ids(&["1", "4"]),
+        rows: Rows::All,
     }));
     groups.push(Group {
         role: "authenticated",
         claims: &claims_a,
-        keys: ids(&["1", "4"]),
+        rows: Rows::All,
     });
-    let out = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+    let one_and_four = ids(&["1", "4"]);
+    let out = rls::check(&pool, &OWNED, &one_and_four, &groups, TIMEOUT)
         .await
         .expect("check");
     assert_eq!(
@@ -612,7 +630,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         name: "owned\"; DROP TABLE owned; --",
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_table, &groups[..1], TIMEOUT)
+    let err = rls::check(&pool, &bad_table, &one_and_four, &groups[..1], TIMEOUT)
         .await
         .expect_err("no such table");
     assert!(matches!(err, rls::Error::NoSuchTable { .. }), "{err}");
@@ -621,23 +639,26 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         key_columns: &["id\" = id OR true; --"],
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_column, &groups[..1], TIMEOUT)
+    let err = rls::check(&pool, &bad_column, &one_and_four, &groups[..1], TIMEOUT)
         .await
         .expect_err("no such column");
     assert!(matches!(err, rls::Error::NoSuchColumn(_)), "{err}");
-    // Key values are data too: a value that is not a bigint fails its group.
+    // Key values are data too: a value that is not a bigint is cast once
+    // for the whole call, before any role is taken, and fails it whole.
     let bad_key = [Group {
         role: "authenticated",
         claims: &claims_a,
-        keys: ids(&["1) OR (true"]),
+        rows: Rows::All,
     }];
-    let out = rls::check(&pool, &OWNED, &bad_key, TIMEOUT)
+    let err = rls::check(&pool, &OWNED, &ids(&["1) OR (true"]), &bad_key, TIMEOUT)
         .await
-        .expect("check");
-    assert!(
-        matches!(&out[0], GroupOutcome::Failed { code, .. } if code == "22P02"),
-        "{out:?}"
-    );
+        .expect_err("not a bigint");
+    let code = match &err {
+        rls::Error::Query(e) => e.as_db_error().map(|db| db.code().code().to_owned()),
+        _ => None,
+    };
+    assert_eq!(code.as_deref(), Some("22P02"), "{err}");
+    assert!(!err.is_transient());
 
     let count: i64 = admin
         .query_one("SELECT count(*) FROM owned", &[])
@@ -660,21 +681,22 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
         Group {
             role: "authenticated",
             claims: &claims_a,
-            keys: ids(&["1"]),
+            rows: Rows::All,
         },
         Group {
             role: "authenticated",
             claims: &bad,
-            keys: ids(&["1"]),
+            rows: Rows::All,
         },
     ];
 
     // After a check whose last group succeeded, and one whose last failed.
-    rls::check(&pool, &OWNED, &groups, TIMEOUT)
+    let one = ids(&["1"]);
+    rls::check(&pool, &OWNED, &one, &groups, TIMEOUT)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &groups[..1], TIMEOUT)
+    rls::check(&pool, &OWNED, &one, &groups[..1], TIMEOUT)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
@@ -699,12 +721,18 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
     let slow_groups = [Group {
         role: "authenticated",
         claims: &claims_a,
-        keys: ids(&many),
+        rows: Rows::All,
     }];
     let started = Instant::now();
-    let err = rls::check(&pool, &slow, &slow_groups, Duration::from_millis(150))
-        .await
-        .expect_err("timeout");
+    let err = rls::check(
+        &pool,
+        &slow,
+        &ids(&many),
+        &slow_groups,
+        Duration::from_millis(150),
+    )
+    .await
+    .expect_err("timeout");
     assert!(matches!(err, rls::Error::Timeout(_)), "{err}");
     assert!(err.is_transient());
     assert!(
@@ -718,12 +746,18 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
     // rolled back and the pool's Clean recycling resets the session.
     let dropped = tokio::time::timeout(
         Duration::from_millis(100),
-        rls::check(&pool, &slow, &slow_groups, Duration::from_secs(5)),
+        rls::check(
+            &pool,
+            &slow,
+            &ids(&many),
+            &slow_groups,
+            Duration::from_secs(5),
+        ),
     )
     .await;
     assert!(dropped.is_err(), "the check should still have been running");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &groups[..1], TIMEOUT)
+    rls::check(&pool, &OWNED, &one, &groups[..1], TIMEOUT)
         .await
         .expect("pool still works");
 }
@@ -862,9 +896,9 @@ async fn a_missing_function_is_a_definite_error() {
     let groups = [Group {
         role: "anon",
         claims: &claims,
-        keys: ids(&["1"]),
+        rows: Rows::All,
     }];
-    let err = rls::check(&pool, &OWNED, &groups, TIMEOUT)
+    let err = rls::check(&pool, &OWNED, &ids(&["1"]), &groups, TIMEOUT)
         .await
         .expect_err("missing");
     assert!(matches!(err, rls::Error::NotInstalled(_)), "{err}");
@@ -1029,12 +1063,12 @@ async fn measure_batched_rls_against_naive() {
         .iter()
         .map(|k| vec![Some(k.as_str())])
         .collect();
-    let own_keys = |sub: &str| -> Vec<Vec<Option<&str>>> {
-        changed_text
+    let own_rows = |sub: &str| -> Vec<u32> {
+        changed
             .iter()
-            .zip(&changed)
+            .enumerate()
             .filter(|(_, id)| owner_of(**id) == sub)
-            .map(|(k, _)| vec![Some(k.as_str())])
+            .map(|(row, _)| row as u32)
             .collect()
     };
     let groups_for = |n: usize, filtered: bool| -> Vec<Group<'_>> {
@@ -1043,17 +1077,17 @@ async fn measure_batched_rls_against_naive() {
             .map(|(role, claims)| Group {
                 role,
                 claims,
-                keys: if filtered {
-                    own_keys(claims["sub"].as_str().expect("sub"))
+                rows: if filtered {
+                    Rows::Only(own_rows(claims["sub"].as_str().expect("sub")))
                 } else {
-                    all_keys.clone()
+                    Rows::All
                 },
             })
             .collect()
     };
     let long = Duration::from_secs(120);
     // Warm up caches and the connections.
-    rls::check(&pool, &table, &groups_for(10, false), long)
+    rls::check(&pool, &table, &all_keys, &groups_for(10, false), long)
         .await
         .expect("warm-up");
 
@@ -1068,10 +1102,16 @@ async fn measure_batched_rls_against_naive() {
     for filtered in [false, true] {
         for n in [1usize, 10, 100, 1000] {
             let groups = groups_for(n, filtered);
-            let candidates: usize = groups.iter().map(|g| g.keys.len()).sum();
+            let candidates: usize = groups
+                .iter()
+                .map(|g| match &g.rows {
+                    Rows::All => all_keys.len(),
+                    Rows::Only(rows) => rows.len(),
+                })
+                .sum();
 
             let started = Instant::now();
-            let outcomes = rls::check(&pool, &table, &groups, long)
+            let outcomes = rls::check(&pool, &table, &all_keys, &groups, long)
                 .await
                 .expect("check");
             let batched = started.elapsed().as_secs_f64();
@@ -1087,8 +1127,8 @@ async fn measure_batched_rls_against_naive() {
                 let (left, right) = groups.split_at(n / 2);
                 let started = Instant::now();
                 let (a, b) = tokio::join!(
-                    rls::check(&pool, &table, left, long),
-                    rls::check(&pool, &table, right, long)
+                    rls::check(&pool, &table, &all_keys, left, long),
+                    rls::check(&pool, &table, &all_keys, right, long)
                 );
                 a.expect("left");
                 b.expect("right");
@@ -1100,11 +1140,10 @@ async fn measure_batched_rls_against_naive() {
             let per_group: Vec<(String, String, Vec<i64>)> = groups
                 .iter()
                 .map(|g| {
-                    let ids = g
-                        .keys
-                        .iter()
-                        .map(|k| k[0].expect("key").parse().expect("id"))
-                        .collect();
+                    let ids = match &g.rows {
+                        Rows::All => changed.clone(),
+                        Rows::Only(rows) => rows.iter().map(|&r| changed[r as usize]).collect(),
+                    };
                     (g.role.to_owned(), g.claims.to_string(), ids)
                 })
                 .collect();

@@ -50,10 +50,29 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     /// Above this many bytes of WAL retained by the slot, a warning is logged.
     pub retained_wal_warn_bytes: u64,
+    /// How subscribers' visibility is decided in batches.
+    pub rls: RlsSettings,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
     pub log: String,
+}
+
+/// How changes that need Row Level Security checks are batched: latency
+/// against throughput. One check of a table costs about as much per
+/// subscriber group for one row as for thousands, so a burst is checked
+/// together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RlsSettings {
+    /// Changes decided together at most (one check per table for all).
+    pub batch_size: usize,
+    /// How long a change waits for more to be checked with it.
+    pub batch_wait: Duration,
+    /// The longest a single check statement may run (`statement_timeout`);
+    /// its groups are denied when it does not finish in time.
+    pub timeout: Duration,
+    /// Checks of one batch run on this many pooled connections at once.
+    pub connections: usize,
 }
 
 /// One setting: its TOML key, environment variable, flag and default.
@@ -93,6 +112,10 @@ keys! {
     MAX_RECORD_BYTES: "max_record_bytes", "WALCAST_MAX_RECORD_BYTES", "--max-record-bytes", Some("1048576");
     ADMIN_ADDR: "admin_addr", "WALCAST_ADMIN_ADDR", "--admin-addr", Some("127.0.0.1:9187");
     RETAINED_WAL_WARN_BYTES: "retained_wal_warn_bytes", "WALCAST_RETAINED_WAL_WARN_BYTES", "--retained-wal-warn-bytes", Some("1073741824");
+    RLS_BATCH_SIZE: "rls_batch_size", "WALCAST_RLS_BATCH_SIZE", "--rls-batch-size", Some("4096");
+    RLS_BATCH_WAIT: "rls_batch_wait", "WALCAST_RLS_BATCH_WAIT", "--rls-batch-wait", Some("20ms");
+    RLS_TIMEOUT: "rls_timeout", "WALCAST_RLS_TIMEOUT", "--rls-timeout", Some("5s");
+    RLS_CONNECTIONS: "rls_connections", "WALCAST_RLS_CONNECTIONS", "--rls-connections", Some("2");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
     GATEWAY_ADDR: "gateway_addr", "WALCAST_GATEWAY_ADDR", "--gateway-addr", Some("0.0.0.0:4000");
@@ -274,6 +297,16 @@ impl Settings {
                 lookup(&RETAINED_WAL_WARN_BYTES)?,
                 |v| parse_bytes(v).map(|n| n as u64),
             )?,
+            rls: RlsSettings {
+                batch_size: parse(&RLS_BATCH_SIZE, lookup(&RLS_BATCH_SIZE)?, |v| {
+                    parse_count(v, 1_000_000)
+                })?,
+                batch_wait: parse(&RLS_BATCH_WAIT, lookup(&RLS_BATCH_WAIT)?, parse_duration)?,
+                timeout: parse(&RLS_TIMEOUT, lookup(&RLS_TIMEOUT)?, parse_duration)?,
+                connections: parse(&RLS_CONNECTIONS, lookup(&RLS_CONNECTIONS)?, |v| {
+                    parse_count(v, 64)
+                })?,
+            },
             log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
             log: lookup(&LOG)?.0,
         })
@@ -409,6 +442,15 @@ fn parse_bytes(v: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_count(v: &str, max: usize) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {max}, got {v:?}"
+        )),
+    }
+}
+
 fn parse_socket_addr(v: &str) -> Result<SocketAddr, String> {
     v.parse().map_err(|_| {
         format!(
@@ -512,6 +554,36 @@ mod tests {
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.admin_addr, SocketAddr::from(([127, 0, 0, 1], 9187)));
         assert_eq!(s.retained_wal_warn_bytes, 1 << 30);
+        assert_eq!(
+            s.rls,
+            RlsSettings {
+                batch_size: 4096,
+                batch_wait: Duration::from_millis(20),
+                timeout: Duration::from_secs(5),
+                connections: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn rls_counts_must_be_in_range() {
+        for (env_name, value, key, max) in [
+            ("WALCAST_RLS_BATCH_SIZE", "0", "rls_batch_size", 1_000_000),
+            ("WALCAST_RLS_CONNECTIONS", "65", "rls_connections", 64),
+            ("WALCAST_RLS_CONNECTIONS", "two", "rls_connections", 64),
+        ] {
+            let err = Settings::resolve(&[env(&[
+                ("WALCAST_DATABASE_URL", "postgres://h/d"),
+                (env_name, value),
+            ])])
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid value for `{key}` (from environment variable {env_name}): expected a whole number from 1 to {max}, got {value:?}"
+                )
+            );
+        }
     }
 
     #[test]

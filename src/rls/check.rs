@@ -1,5 +1,6 @@
 //! One batched check: every (role, claims) group of one table, one call of
-//! `walcast.visible_keys` in one read-only transaction.
+//! `walcast.visible_keys` in one read-only transaction. The candidate rows'
+//! keys travel once; each group names the rows it is a candidate for.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::Error;
-use super::param::{Groups, WireGroup};
+use super::param::{Groups, Keys, WireGroup};
 
 /// How much longer than the server's `statement_timeout` the client waits
 /// before giving up on the connection itself (a server that does not answer
@@ -37,16 +38,34 @@ pub struct Group<'a> {
     pub role: &'a str,
     /// The JWT claims, set as `request.jwt.claims` (its JSON text).
     pub claims: &'a serde_json::Value,
-    /// Candidate keys: one tuple per row, one text value per key column
-    /// (the column's text output, as pgoutput sends it).
-    pub keys: Vec<Vec<Option<&'a str>>>,
+    /// Which of the check's rows (its keys) the group is a candidate for.
+    pub rows: Rows,
+}
+
+/// Rows of a check a group is a candidate for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rows {
+    /// Every row (an unfiltered subscriber): nothing per group on the wire.
+    All,
+    /// These rows, by index into the check's keys.
+    Only(Vec<u32>),
+}
+
+impl Rows {
+    /// How many candidates, of a check with `rows` rows.
+    fn count(&self, rows: usize) -> usize {
+        match self {
+            Rows::All => rows,
+            Rows::Only(only) => only.len(),
+        }
+    }
 }
 
 /// What Postgres answered for one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupOutcome {
-    /// One flag per candidate, in the group's order: whether the role, with
-    /// these claims, sees that row now.
+    /// One flag per candidate, in the group's order (for [`Rows::All`], the
+    /// keys' order): whether the role, with these claims, sees that row now.
     Visible(Vec<bool>),
     /// The group's check raised (a policy error, a role that does not exist
     /// or may not be assumed, a missing privilege): deny the whole group.
@@ -70,6 +89,8 @@ impl GroupOutcome {
 }
 
 /// Which candidates of each group are visible in `table`, asked in one call.
+/// `keys` holds the candidate rows' keys: one tuple per row, one text value
+/// per key column (the column's text output, as pgoutput sends it).
 ///
 /// One pooled connection, one `READ ONLY` transaction with
 /// `statement_timeout` = `timeout`, one call of `walcast.visible_keys`;
@@ -81,20 +102,21 @@ impl GroupOutcome {
 pub async fn check(
     pool: &Pool,
     table: &TableRef<'_>,
+    keys: &[Vec<Option<&str>>],
     groups: &[Group<'_>],
     timeout: Duration,
 ) -> Result<Vec<GroupOutcome>, Error> {
     if groups.is_empty() {
         return Ok(Vec::new());
     }
-    let wire = wire_groups(table, groups)?;
+    let (keys, wire) = wire_form(table, keys, groups)?;
     let deadline = timeout + CLIENT_GRACE;
     // The pool wait counts against the deadline too.
     let mut client = tokio::time::timeout(deadline, pool.get())
         .await
         .map_err(|_| Error::Timeout(timeout))??;
-    match tokio::time::timeout(deadline, ask(&mut client, table, &wire, timeout)).await {
-        Ok(answer) => outcomes(groups, answer?),
+    match tokio::time::timeout(deadline, ask(&mut client, table, &keys, &wire, timeout)).await {
+        Ok(answer) => outcomes(keys.keys.len(), groups, answer?),
         Err(_) => {
             // The transaction's drop queued a ROLLBACK, but a server this
             // slow may still be running our statement: close the connection.
@@ -105,39 +127,47 @@ pub async fn check(
 }
 
 /// Checks the shape of the input and puts it in wire form.
-fn wire_groups<'a>(table: &TableRef<'_>, groups: &'a [Group<'a>]) -> Result<Groups<'a>, Error> {
+fn wire_form<'a>(
+    table: &TableRef<'_>,
+    keys: &'a [Vec<Option<&'a str>>],
+    groups: &'a [Group<'a>],
+) -> Result<(Keys<'a>, Groups<'a>), Error> {
     let want = table.key_columns.len();
     if want == 0 {
         return Err(Error::NoSuchColumn("(none given)".into()));
     }
-    if i32::try_from(groups.len()).is_err() {
-        return Err(Error::TooLarge("more groups than an array holds"));
+    if i32::try_from(groups.len()).is_err()
+        || i32::try_from(keys.len().saturating_mul(want)).is_err()
+    {
+        return Err(Error::TooLarge("more groups or keys than an array holds"));
+    }
+    if let Some((candidate, tuple)) = keys.iter().enumerate().find(|(_, t)| t.len() != want) {
+        return Err(Error::KeyArity {
+            candidate,
+            got: tuple.len(),
+            want,
+        });
     }
     let mut wire = Vec::with_capacity(groups.len());
     for (g, group) in groups.iter().enumerate() {
-        if i32::try_from(group.keys.len().saturating_mul(want)).is_err() {
-            return Err(Error::TooLarge("more candidate keys than an array holds"));
-        }
-        if let Some((candidate, tuple)) =
-            group.keys.iter().enumerate().find(|(_, t)| t.len() != want)
+        if let Rows::Only(rows) = &group.rows
+            && let Some(&row) = rows.iter().find(|&&r| r as usize >= keys.len())
         {
-            return Err(Error::KeyArity {
-                group: g,
-                candidate,
-                got: tuple.len(),
-                want,
-            });
+            return Err(Error::NoSuchRow { group: g, row });
         }
         wire.push(WireGroup {
             role: group.role,
             claims: group.claims.to_string(),
-            keys: &group.keys,
+            rows: &group.rows,
         });
     }
-    Ok(Groups {
-        groups: wire,
-        columns: want,
-    })
+    Ok((
+        Keys {
+            keys,
+            columns: want,
+        },
+        Groups { groups: wire },
+    ))
 }
 
 /// The rows of `walcast.visible_keys`: (group_no, visible, code, message).
@@ -146,6 +176,7 @@ type Row = (i32, Option<Vec<i32>>, Option<String>, Option<String>);
 async fn ask(
     client: &mut Object,
     table: &TableRef<'_>,
+    keys: &Keys<'_>,
     groups: &Groups<'_>,
     timeout: Duration,
 ) -> Result<Vec<Row>, Error> {
@@ -161,18 +192,19 @@ async fn ask(
         tx.prepare_cached(include_str!("../../sql/rls_check.sql")),
     )
     .map_err(server)?;
-    // An older or foreign walcast.rls_group would fail to encode: say so
-    // rather than retry forever.
-    if !visible_keys.params().get(3).is_some_and(Groups::fits) {
+    // A foreign walcast.rls_subject would fail to encode: say so rather
+    // than retry forever.
+    if !visible_keys.params().get(4).is_some_and(Groups::fits) {
         return Err(Error::NotInstalled(
-            "walcast.rls_group is not (role text, claims text, keys text[])".into(),
+            "walcast.rls_subject is not (role text, claims text, candidates integer[])".into(),
         ));
     }
     let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
     let key_columns: Vec<&str> = table.key_columns.to_vec();
     // Pipelined: the timeout is in force before the call starts.
     let timeout_params: [&(dyn ToSql + Sync); 1] = [&millis];
-    let check_params: [&(dyn ToSql + Sync); 4] = [&table.schema, &table.name, &key_columns, groups];
+    let check_params: [&(dyn ToSql + Sync); 5] =
+        [&table.schema, &table.name, &key_columns, keys, groups];
     let (_, rows) = tokio::try_join!(
         tx.execute(&set_timeout, &timeout_params),
         tx.query(&visible_keys, &check_params),
@@ -224,7 +256,7 @@ fn classify(error: tokio_postgres::Error, table: &TableRef<'_>, timeout: Duratio
 }
 
 /// One outcome per group, checked against what was asked.
-fn outcomes(groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<GroupOutcome>, Error> {
+fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<GroupOutcome>, Error> {
     if rows.len() != groups.len() {
         return Err(Error::Answer(format!(
             "{} rows for {} groups",
@@ -249,7 +281,7 @@ fn outcomes(groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<GroupOutcome>, E
                     message: message.unwrap_or_default(),
                 }),
                 (Some(positions), None) => {
-                    let mut flags = vec![false; group.keys.len()];
+                    let mut flags = vec![false; group.rows.count(keys)];
                     for position in positions {
                         let slot = usize::try_from(position)
                             .ok()
@@ -276,11 +308,11 @@ mod tests {
 
     use super::*;
 
-    fn group<'a>(claims: &'a serde_json::Value, keys: Vec<Vec<Option<&'a str>>>) -> Group<'a> {
+    fn group(claims: &serde_json::Value, rows: Rows) -> Group<'_> {
         Group {
             role: "authenticated",
             claims,
-            keys,
+            rows,
         }
     }
 
@@ -288,12 +320,10 @@ mod tests {
     fn positions_become_flags_and_errors_deny() {
         let claims = serde_json::json!({});
         let groups = [
-            group(
-                &claims,
-                vec![vec![Some("1")], vec![Some("2")], vec![Some("3")]],
-            ),
-            group(&claims, vec![vec![Some("4")]]),
-            group(&claims, vec![]),
+            group(&claims, Rows::All),
+            group(&claims, Rows::Only(vec![3])),
+            group(&claims, Rows::Only(vec![])),
+            group(&claims, Rows::Only(vec![1, 2])),
         ];
         let rows = vec![
             (1, Some(vec![1, 3]), None, None),
@@ -304,18 +334,23 @@ mod tests {
                 Some("invalid input syntax for type uuid".into()),
             ),
             (3, Some(vec![]), None, None),
+            (4, Some(vec![2]), None, None),
         ];
-        let out = outcomes(&groups, rows).unwrap();
-        assert_eq!(out[0], GroupOutcome::Visible(vec![true, false, true]));
+        let out = outcomes(4, &groups, rows).unwrap();
+        assert_eq!(
+            out[0],
+            GroupOutcome::Visible(vec![true, false, true, false])
+        );
         assert!(!out[1].is_visible(0));
         assert_eq!(out[2], GroupOutcome::Visible(vec![]));
+        assert_eq!(out[3], GroupOutcome::Visible(vec![false, true]));
         assert!(!out[0].is_visible(7));
     }
 
     #[test]
     fn an_answer_that_does_not_fit_the_question_is_an_error() {
         let claims = serde_json::json!({});
-        let groups = [group(&claims, vec![vec![Some("1")]])];
+        let groups = [group(&claims, Rows::Only(vec![0]))];
         for rows in [
             vec![],
             vec![(2, Some(vec![]), None, None)],
@@ -323,26 +358,23 @@ mod tests {
             vec![(1, Some(vec![0]), None, None)],
             vec![(1, None, None, None)],
         ] {
-            assert!(matches!(outcomes(&groups, rows), Err(Error::Answer(_))));
+            assert!(matches!(outcomes(1, &groups, rows), Err(Error::Answer(_))));
         }
     }
 
     #[test]
-    fn key_tuples_must_match_the_key_columns() {
+    fn key_tuples_must_match_the_key_columns_and_rows_the_keys() {
         let claims = serde_json::json!({});
-        let groups = [group(
-            &claims,
-            vec![vec![Some("1")], vec![Some("2"), Some("x")]],
-        )];
+        let keys = vec![vec![Some("1")], vec![Some("2"), Some("x")]];
+        let groups = [group(&claims, Rows::All)];
         let table = TableRef {
             schema: "public",
             name: "t",
             key_columns: &["id"],
         };
         assert!(matches!(
-            wire_groups(&table, &groups),
+            wire_form(&table, &keys, &groups),
             Err(Error::KeyArity {
-                group: 0,
                 candidate: 1,
                 got: 2,
                 want: 1
@@ -353,8 +385,17 @@ mod tests {
             ..table
         };
         assert!(matches!(
-            wire_groups(&no_key, &groups),
+            wire_form(&no_key, &keys, &groups),
             Err(Error::NoSuchColumn(_))
+        ));
+        let keys = vec![vec![Some("1")]];
+        let beyond = [
+            group(&claims, Rows::All),
+            group(&claims, Rows::Only(vec![0, 1])),
+        ];
+        assert!(matches!(
+            wire_form(&table, &keys, &beyond),
+            Err(Error::NoSuchRow { group: 1, row: 1 })
         ));
     }
 }

@@ -3,13 +3,15 @@
 //! For a table with RLS enabled, the candidate (subscriber, row) pairs of a
 //! batch are grouped by (role, claims). [`check`] asks Postgres about all
 //! groups of one table in **one call** of the server-side function
-//! `walcast.visible_keys` (`sql/rls.sql`), which per group sets the role
-//! and `request.jwt.claims` transaction-locally, runs one query for all of
-//! the group's candidate keys, and puts role and claims back:
+//! `walcast.visible_keys` (`sql/rls.sql`): the candidate rows' keys travel
+//! once, each group names the rows it is a candidate for (or all of them),
+//! and per group the function sets the role and `request.jwt.claims`
+//! transaction-locally, runs one query for all of the group's candidates,
+//! and puts role and claims back:
 //!
 //! ```text
 //! daemon ── BEGIN READ ONLY; statement_timeout ─────────────────────────────▶ Postgres
-//!        ── walcast.visible_keys(table, key columns, [group, group, …]) ───▶   for each group:
+//!        ── walcast.visible_keys(table, key columns, keys, [group, …]) ─────▶   for each group:
 //!                                                                               SET LOCAL ROLE, claims
 //!                                                                               SELECT candidates that exist  (policies apply)
 //!                                                                               reset; an error fails this group only
@@ -34,12 +36,13 @@ mod check;
 mod param;
 
 pub use cache::{Access, Cache, Column, TableName};
-pub use check::{Group, GroupOutcome, TableRef, check};
+pub use check::{Group, GroupOutcome, Rows, TableRef, check};
 
 use std::time::Duration;
 
-/// `sql/rls.sql`: the `walcast` schema, the `walcast.rls_group` type and
-/// the `walcast.visible_keys` function, granted to the role named by the
+/// `sql/rls.sql`: the `walcast` schema, the `walcast.rls_subject` type and
+/// the `walcast.visible_keys` function (with its loop,
+/// `walcast.visible_keys_as`), granted to the role named by the
 /// setting `walcast.role` (default `walcast`). Idempotent; apply it as an
 /// administrator, after `sql/role.sql`.
 pub const INSTALL_SQL: &str = include_str!("../../sql/rls.sql");
@@ -78,16 +81,22 @@ pub enum Error {
     #[error("role {0} does not exist")]
     NoSuchRole(String),
     /// A candidate key has the wrong number of values for the table's key.
-    #[error("group {group}, candidate {candidate}: {got} key values, the key has {want} columns")]
+    #[error("candidate {candidate}: {got} key values, the key has {want} columns")]
     KeyArity {
-        /// Position of the group (0-based).
-        group: usize,
-        /// Position of the candidate in its group (0-based).
+        /// Position of the candidate in the keys (0-based).
         candidate: usize,
         /// Values given.
         got: usize,
         /// Key columns of the table.
         want: usize,
+    },
+    /// A group names a row the check has no key for.
+    #[error("group {group} names row {row}, beyond the check's keys")]
+    NoSuchRow {
+        /// Position of the group (0-based).
+        group: usize,
+        /// The row it names (0-based).
+        row: u32,
     },
     /// More groups or candidates than Postgres arrays hold.
     #[error("rls check too large: {0}")]
@@ -112,6 +121,7 @@ impl Error {
             | Error::NoSuchColumn(_)
             | Error::NoSuchRole(_)
             | Error::KeyArity { .. }
+            | Error::NoSuchRow { .. }
             | Error::TooLarge(_)
             | Error::Answer(_) => false,
         }
@@ -141,7 +151,6 @@ mod tests {
         assert!(!Error::NoSuchRole("x".into()).is_transient());
         assert!(
             !Error::KeyArity {
-                group: 0,
                 candidate: 0,
                 got: 1,
                 want: 2

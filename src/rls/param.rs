@@ -1,19 +1,42 @@
-//! The groups of a check as one binary parameter: a `walcast.rls_group[]`.
-//!
-//! Each group is a composite `(role text, claims text, keys text[])` whose
-//! `keys` is two-dimensional, one row per key column and one column per
-//! candidate, so every group carries its own number of candidates and the
-//! function can take each row whole (`keys[k:k]`). Everything travels as
-//! data in Postgres's binary format: no SQL text, no literal to escape.
+//! A check's parameters in Postgres's binary format: the candidate keys
+//! once, as a two-dimensional `text[]` (one row per key column, one column
+//! per candidate row), and the groups as a `walcast.rls_subject[]`, each a
+//! composite `(role text, claims text, candidates integer[])` naming its
+//! candidates by 1-based position in the keys, or NULL for all of them.
+//! Everything travels as data: no SQL text, no literal to escape.
 
 use std::error::Error as StdError;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::IsNull as ProtocolIsNull;
-use postgres_protocol::types::{ArrayDimension, array_to_sql, text_to_sql};
+use postgres_protocol::types::{ArrayDimension, array_to_sql, int4_to_sql, text_to_sql};
 use tokio_postgres::types::{IsNull, Kind, ToSql, Type, to_sql_checked};
 
+use super::check::Rows;
+
 type BoxError = Box<dyn StdError + Sync + Send>;
+
+/// The candidate keys of one check: `text[]`, key column × candidate.
+#[derive(Debug)]
+pub(crate) struct Keys<'a> {
+    /// One tuple per candidate row; each has exactly `columns` values.
+    pub keys: &'a [Vec<Option<&'a str>>],
+    /// Number of key columns of the table.
+    pub columns: usize,
+}
+
+impl ToSql for Keys<'_> {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        write_keys(self.keys, self.columns, out)?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
 
 /// One group as it goes on the wire.
 #[derive(Debug)]
@@ -22,22 +45,20 @@ pub(crate) struct WireGroup<'a> {
     pub role: &'a str,
     /// The claims, as JSON text.
     pub claims: String,
-    /// Candidate key tuples; each has exactly `columns` values.
-    pub keys: &'a [Vec<Option<&'a str>>],
+    /// Which rows of the keys it is a candidate for.
+    pub rows: &'a Rows,
 }
 
-/// `walcast.rls_group[]`: every group of one check.
+/// `walcast.rls_subject[]`: every group of one check.
 #[derive(Debug)]
 pub(crate) struct Groups<'a> {
     /// The groups, in order.
     pub groups: Vec<WireGroup<'a>>,
-    /// Number of key columns of the table.
-    pub columns: usize,
 }
 
 impl Groups<'_> {
-    /// Whether `ty` is an array of `(role text, claims text, keys text[])`:
-    /// the shape this encoder writes.
+    /// Whether `ty` is an array of `(role text, claims text, candidates
+    /// integer[])`: the shape this encoder writes.
     pub(crate) fn fits(ty: &Type) -> bool {
         let Kind::Array(member) = ty.kind() else {
             return false;
@@ -50,7 +71,7 @@ impl Groups<'_> {
             == [
                 ("role", &Type::TEXT),
                 ("claims", &Type::TEXT),
-                ("keys", &Type::TEXT_ARRAY),
+                ("candidates", &Type::INT4_ARRAY),
             ]
     }
 }
@@ -59,14 +80,14 @@ impl ToSql for Groups<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
         let member = match ty.kind() {
             Kind::Array(member) if Self::fits(ty) => member,
-            _ => return Err(format!("expected walcast.rls_group[], got {ty}").into()),
+            _ => return Err(format!("expected walcast.rls_subject[], got {ty}").into()),
         };
         array_to_sql(
             [dimension(self.groups.len())?],
             member.oid(),
             &self.groups,
             |group, buf| {
-                write_group(group, self.columns, buf)?;
+                write_group(group, buf)?;
                 Ok(ProtocolIsNull::No)
             },
             out,
@@ -82,8 +103,8 @@ impl ToSql for Groups<'_> {
 }
 
 /// A record in binary form: field count, then per field its type oid and
-/// its length-prefixed value.
-fn write_group(group: &WireGroup<'_>, columns: usize, buf: &mut BytesMut) -> Result<(), BoxError> {
+/// its length-prefixed value (length -1: NULL).
+fn write_group(group: &WireGroup<'_>, buf: &mut BytesMut) -> Result<(), BoxError> {
     buf.put_i32(3);
     buf.put_u32(Type::TEXT.oid());
     with_length(buf, |buf| {
@@ -95,8 +116,37 @@ fn write_group(group: &WireGroup<'_>, columns: usize, buf: &mut BytesMut) -> Res
         text_to_sql(&group.claims, buf);
         Ok(())
     })?;
-    buf.put_u32(Type::TEXT_ARRAY.oid());
-    with_length(buf, |buf| write_keys(group.keys, columns, buf))
+    buf.put_u32(Type::INT4_ARRAY.oid());
+    match group.rows {
+        Rows::All => {
+            buf.put_i32(-1);
+            Ok(())
+        }
+        Rows::Only(rows) => with_length(buf, |buf| write_positions(rows, buf)),
+    }
+}
+
+/// 0-based row indexes as 1-based positions, an `integer[]`.
+fn write_positions(rows: &[u32], buf: &mut BytesMut) -> Result<(), BoxError> {
+    let dimensions = if rows.is_empty() {
+        Vec::new()
+    } else {
+        vec![dimension(rows.len())?]
+    };
+    array_to_sql(
+        dimensions,
+        Type::INT4.oid(),
+        rows.iter(),
+        |&row, buf| {
+            let position = i32::try_from(row)
+                .ok()
+                .and_then(|r| r.checked_add(1))
+                .ok_or("candidate position beyond what an integer holds")?;
+            int4_to_sql(position, buf);
+            Ok(ProtocolIsNull::No)
+        },
+        buf,
+    )
 }
 
 /// The keys as a `columns` × candidates text array, column-major: row `k`
@@ -156,22 +206,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use postgres_protocol::types::{array_from_sql, text_from_sql};
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::types::{array_from_sql, int4_from_sql, text_from_sql};
     use tokio_postgres::types::Field;
 
-    fn group_type() -> Type {
+    fn subject_type() -> Type {
         let composite = Type::new(
-            "rls_group".into(),
+            "rls_subject".into(),
             90_001,
             Kind::Composite(vec![
                 Field::new("role".into(), Type::TEXT),
                 Field::new("claims".into(), Type::TEXT),
-                Field::new("keys".into(), Type::TEXT_ARRAY),
+                Field::new("candidates".into(), Type::INT4_ARRAY),
             ]),
             "walcast".into(),
         );
         Type::new(
-            "_rls_group".into(),
+            "_rls_subject".into(),
             90_002,
             Kind::Array(composite),
             "walcast".into(),
@@ -184,8 +235,8 @@ mod tests {
         i32::from_be_bytes(head.try_into().unwrap())
     }
 
-    /// Decodes one record back into (role, claims, [(dims), values]).
-    fn decode_record(mut buf: &[u8]) -> (String, String, Vec<i32>, Vec<Option<String>>) {
+    /// Decodes one record back into (role, claims, candidates or NULL).
+    fn decode_record(mut buf: &[u8]) -> (String, String, Option<Vec<i32>>) {
         assert_eq!(read_i32(&mut buf), 3);
         let mut texts = Vec::new();
         for oid in [Type::TEXT.oid(), Type::TEXT.oid()] {
@@ -194,74 +245,99 @@ mod tests {
             texts.push(text_from_sql(&buf[..len]).unwrap().to_owned());
             buf = &buf[len..];
         }
-        assert_eq!(read_i32(&mut buf) as u32, Type::TEXT_ARRAY.oid());
-        let len = read_i32(&mut buf) as usize;
-        assert_eq!(buf.len(), len, "the keys are the record's last field");
-        let array = array_from_sql(buf).unwrap();
-        use fallible_iterator::FallibleIterator;
-        let dims: Vec<i32> = array.dimensions().map(|d| Ok(d.len)).collect().unwrap();
-        let values = array
-            .values()
-            .map(|v| Ok(v.map(|b| text_from_sql(b).unwrap().to_owned())))
-            .collect()
-            .unwrap();
-        (texts[0].clone(), texts[1].clone(), dims, values)
+        assert_eq!(read_i32(&mut buf) as u32, Type::INT4_ARRAY.oid());
+        let len = read_i32(&mut buf);
+        let candidates = (len >= 0).then(|| {
+            assert_eq!(buf.len(), len as usize, "the candidates are the last field");
+            let array = array_from_sql(buf).unwrap();
+            array
+                .values()
+                .map(|v| Ok(int4_from_sql(v.unwrap()).unwrap()))
+                .collect()
+                .unwrap()
+        });
+        if len < 0 {
+            assert!(buf.is_empty());
+        }
+        (texts[0].clone(), texts[1].clone(), candidates)
     }
 
     #[test]
-    fn groups_encode_as_records_with_column_major_keys() {
-        let keys_a = vec![vec![Some("1"), Some("x")], vec![Some("2"), None]];
-        let keys_b: Vec<Vec<Option<&str>>> = Vec::new();
+    fn groups_encode_as_records_with_one_based_candidates_or_null() {
+        let some = Rows::Only(vec![0, 2]);
+        let none = Rows::Only(vec![]);
         let groups = Groups {
             groups: vec![
                 WireGroup {
                     role: "authenticated",
                     claims: r#"{"sub":"a"}"#.into(),
-                    keys: &keys_a,
+                    rows: &Rows::All,
                 },
                 WireGroup {
                     role: "a\"; DROP TABLE x; --",
                     claims: "{}".into(),
-                    keys: &keys_b,
+                    rows: &some,
+                },
+                WireGroup {
+                    role: "anon",
+                    claims: "{}".into(),
+                    rows: &none,
                 },
             ],
-            columns: 2,
         };
         let mut buf = BytesMut::new();
         assert!(matches!(
-            groups.to_sql(&group_type(), &mut buf).unwrap(),
+            groups.to_sql(&subject_type(), &mut buf).unwrap(),
             IsNull::No
         ));
         let outer = array_from_sql(&buf).unwrap();
         assert_eq!(outer.element_type(), 90_001);
-        use fallible_iterator::FallibleIterator;
         let records: Vec<Vec<u8>> = outer
             .values()
             .map(|v| Ok(v.unwrap().to_vec()))
             .collect()
             .unwrap();
-        assert_eq!(records.len(), 2);
-
-        let (role, claims, dims, values) = decode_record(&records[0]);
         assert_eq!(
-            (role.as_str(), claims.as_str()),
-            ("authenticated", r#"{"sub":"a"}"#)
+            records.iter().map(|r| decode_record(r)).collect::<Vec<_>>(),
+            [
+                ("authenticated".into(), r#"{"sub":"a"}"#.into(), None),
+                (
+                    "a\"; DROP TABLE x; --".into(),
+                    "{}".into(),
+                    Some(vec![1, 3])
+                ),
+                ("anon".into(), "{}".into(), Some(vec![])),
+            ]
         );
-        assert_eq!(dims, vec![2, 2]);
-        let values: Vec<Option<&str>> = values.iter().map(|v| v.as_deref()).collect();
-        assert_eq!(values, vec![Some("1"), Some("2"), Some("x"), None]);
+    }
 
-        let (role, _, dims, values) = decode_record(&records[1]);
-        assert_eq!(role, "a\"; DROP TABLE x; --");
-        assert!(dims.is_empty() && values.is_empty());
+    #[test]
+    fn keys_encode_column_major() {
+        let keys = vec![vec![Some("1"), Some("x")], vec![Some("2"), None]];
+        let mut buf = BytesMut::new();
+        Keys {
+            keys: &keys,
+            columns: 2,
+        }
+        .to_sql(&Type::TEXT_ARRAY, &mut buf)
+        .unwrap();
+        let array = array_from_sql(&buf).unwrap();
+        let dims: Vec<i32> = array.dimensions().map(|d| Ok(d.len)).collect().unwrap();
+        assert_eq!(dims, vec![2, 2]);
+        let values: Vec<Option<String>> = array
+            .values()
+            .map(|v| Ok(v.map(|b| text_from_sql(b).unwrap().to_owned())))
+            .collect()
+            .unwrap();
+        assert_eq!(
+            values,
+            [Some("1".into()), Some("2".into()), Some("x".into()), None]
+        );
     }
 
     #[test]
     fn a_type_of_another_shape_is_refused() {
-        let groups = Groups {
-            groups: Vec::new(),
-            columns: 1,
-        };
+        let groups = Groups { groups: Vec::new() };
         let mut buf = BytesMut::new();
         assert!(groups.to_sql(&Type::TEXT_ARRAY, &mut buf).is_err());
         let wrong = Type::new(
@@ -277,6 +353,6 @@ mod tests {
         );
         assert!(groups.to_sql(&wrong, &mut buf).is_err());
         assert!(!Groups::fits(&wrong) && !Groups::fits(&Type::TEXT_ARRAY));
-        assert!(Groups::fits(&group_type()));
+        assert!(Groups::fits(&subject_type()));
     }
 }

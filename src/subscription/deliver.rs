@@ -13,16 +13,18 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use deadpool_postgres::Pool;
+use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
-use super::{CompiledFilter, Entry, Verdict, evaluate_all, evaluate_on_server};
+use super::{Candidates, CompiledFilter, Entry, Verdict, evaluate_all, evaluate_on_server};
 use crate::catalog::{self, Catalog};
 use crate::change::{Change, ChangeKind, Datum, OldRow, Row};
+use crate::config::RlsSettings;
 use crate::metrics;
-use crate::rls::{self, Group, GroupOutcome, TableRef};
+use crate::rls::{self, Group, GroupOutcome, Rows, TableRef};
 
 /// Why visibility could not be decided (the database is unreachable); the
 /// session restarts and the change is decided again.
@@ -49,8 +51,13 @@ impl Error {
     }
 }
 
-/// How long one RLS check may take before its groups are denied.
-const RLS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Candidate keys one check statement is given at most. A batch's groups
+/// are split into checks of about this size so that each statement's work,
+/// and so its time against `rls_timeout`, stays bounded however many
+/// subscribers there are, and so that checks can run side by side on
+/// `rls_connections` connections. (A few hundred milliseconds of a
+/// 2-core server's time with a simple owner policy.)
+const KEYS_PER_CHECK: usize = 1 << 18;
 
 /// Subscriptions that may not see a change because their visibility could
 /// not be decided (a policy raised, the check timed out).
@@ -75,25 +82,27 @@ pub struct Delivery {
 
 /// Decides, for a batch of changes in WAL order with the subscriptions
 /// matching each one's table and kind, who may see what: filters per
-/// change, then the RLS checks of the whole batch — one call per table,
-/// every (role, claims) group with the keys of all its candidate rows —
-/// then the views. Returns, per change and in order, its deliveries and
-/// its denials. Batching changes the number of round trips, never the
-/// order of events.
+/// change, then the RLS checks of the whole batch — per table, the keys of
+/// its checked rows once and every (role, claims) group naming its
+/// candidate rows — then the views. Returns, per change and in order, its
+/// deliveries and its denials. Batching changes the number of round trips,
+/// never the order of events.
 pub async fn authorize(
     catalog: &mut Catalog,
     pool: &Pool,
-    batch: &mut [(&Change, Vec<Arc<Entry>>)],
+    rls: &RlsSettings,
+    batch: &mut [(&Change, Candidates)],
 ) -> Result<Vec<(Vec<Delivery>, Vec<Denial>)>, Error> {
     let mut passing = Vec::with_capacity(batch.len());
     let mut row_security = Vec::with_capacity(batch.len());
+    let mut unfiltered = UnfilteredLists::default();
     // The candidates move on into `passing`; `batch` keeps the changes.
     for (change, candidates) in batch.iter_mut() {
         let candidates = std::mem::take(candidates);
         let entries = if candidates.is_empty() {
-            Vec::new()
+            candidates
         } else {
-            passing_filters(pool, change, candidates).await?
+            passing_filters(pool, change, candidates, &mut unfiltered).await?
         };
         let secured = !entries.is_empty() && catalog.row_security(change.relation.id).await?;
         row_security.push(secured);
@@ -122,7 +131,7 @@ pub async fn authorize(
             .copied()
             .filter(|&i| batch[i].0.relation.id == table)
             .collect();
-        visible_rows(pool, batch, &rows, &mut passing, &mut denials).await;
+        visible_rows(pool, rls, batch, &rows, &mut passing, &mut denials).await;
     }
     let mut out = Vec::with_capacity(batch.len());
     for (((change, _), entries), (secured, denied)) in batch
@@ -130,7 +139,7 @@ pub async fn authorize(
         .zip(passing)
         .zip(row_security.into_iter().zip(denials))
     {
-        out.push((views(catalog, change, entries, secured).await?, denied));
+        out.push((views(catalog, change, &entries, secured).await?, denied));
     }
     Ok(out)
 }
@@ -140,7 +149,7 @@ pub async fn authorize(
 async fn views(
     catalog: &mut Catalog,
     change: &Change,
-    entries: Vec<Arc<Entry>>,
+    entries: &Candidates,
     row_security: bool,
 ) -> Result<Vec<Delivery>, Error> {
     let relation = &change.relation;
@@ -148,10 +157,19 @@ async fn views(
         return Ok(Vec::new());
     }
     let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    // Few roles, many subscribers: the catalog is asked once per role.
+    let mut by_role: Vec<(Arc<str>, Arc<[bool]>)> = Vec::new();
     let mut groups: HashMap<Arc<[bool]>, Vec<Arc<Entry>>> = HashMap::new();
     let mut order: Vec<Arc<[bool]>> = Vec::new();
-    for entry in entries {
-        let selectable = catalog.selectable(&entry.role, relation.id, &names).await?;
+    for entry in entries.iter() {
+        let selectable = match by_role.iter().find(|(role, _)| *role == entry.role) {
+            Some((_, selectable)) => selectable.clone(),
+            None => {
+                let selectable = catalog.selectable(&entry.role, relation.id, &names).await?;
+                by_role.push((entry.role.clone(), selectable.clone()));
+                selectable
+            }
+        };
         let visible: Arc<[bool]> = match &entry.select {
             None => selectable,
             Some(select) => relation
@@ -163,10 +181,13 @@ async fn views(
                 })
                 .collect(),
         };
-        if !groups.contains_key(&visible) {
-            order.push(visible.clone());
+        match groups.get_mut(&visible) {
+            Some(group) => group.push(entry.clone()),
+            None => {
+                order.push(visible.clone());
+                groups.insert(visible, vec![entry.clone()]);
+            }
         }
-        groups.entry(visible).or_default().push(entry);
     }
     Ok(order
         .into_iter()
@@ -182,16 +203,82 @@ async fn views(
         .collect())
 }
 
+/// A subscriber group of one check: the entries' (role, claims) and the
+/// rows (indexes into the check's keys, increasing) it is a candidate for.
+struct Asking {
+    /// An entry of the group, for its role and claims.
+    first: Arc<Entry>,
+    rows: Vec<u32>,
+}
+
+/// Which group each candidate of one check belongs to, found with as
+/// little hashing as possible: once per shared candidate list (every
+/// unfiltered subscriber of the table, the same list for every row), once
+/// per other entry.
+#[derive(Default)]
+struct Grouping {
+    asking: Vec<Asking>,
+    /// (role, claims text) → group.
+    by_identity: HashMap<(Arc<str>, Arc<str>), u32>,
+    /// Entry address → group.
+    by_entry: HashMap<*const Entry, u32>,
+    /// Shared list address → the group of each of its entries.
+    by_list: HashMap<*const Arc<Entry>, Arc<[u32]>>,
+}
+
+impl Grouping {
+    fn group_of(&mut self, entry: &Arc<Entry>) -> u32 {
+        if let Some(&g) = self.by_entry.get(&Arc::as_ptr(entry)) {
+            return g;
+        }
+        let identity = (entry.role.clone(), entry.claims_text.clone());
+        let g = match self.by_identity.get(&identity) {
+            Some(&g) => g,
+            None => {
+                let g = u32::try_from(self.asking.len()).unwrap_or(u32::MAX);
+                self.asking.push(Asking {
+                    first: entry.clone(),
+                    rows: Vec::new(),
+                });
+                self.by_identity.insert(identity, g);
+                g
+            }
+        };
+        self.by_entry.insert(Arc::as_ptr(entry), g);
+        g
+    }
+
+    fn groups_of_list(&mut self, list: &Arc<[Arc<Entry>]>) -> Arc<[u32]> {
+        if let Some(groups) = self.by_list.get(&list.as_ptr()) {
+            return groups.clone();
+        }
+        let groups: Arc<[u32]> = list.iter().map(|e| self.group_of(e)).collect();
+        self.by_list.insert(list.as_ptr(), groups.clone());
+        groups
+    }
+
+    /// Records that group `g` is a candidate for `row` (rows come in
+    /// increasing order; several entries of a group ask once).
+    fn ask(&mut self, g: u32, row: u32) {
+        if let Some(asking) = self.asking.get_mut(g as usize)
+            && asking.rows.last() != Some(&row)
+        {
+            asking.rows.push(row);
+        }
+    }
+}
+
 /// Keeps, for each of `rows` (indexes into `batch`, all of one table), the
 /// candidates whose role, with their claims, sees the change's new row in
 /// the table now (Supabase's rule: a lookup by primary key as the
-/// subscriber). One call for all of them: one group per (role, claims),
-/// holding the keys of every row that group is a candidate for.
+/// subscriber). The rows' keys go once; each (role, claims) group names
+/// the rows it is a candidate for, or all of them.
 async fn visible_rows(
     pool: &Pool,
-    batch: &[(&Change, Vec<Arc<Entry>>)],
+    rls: &RlsSettings,
+    batch: &[(&Change, Candidates)],
     rows: &[usize],
-    passing: &mut [Vec<Arc<Entry>>],
+    passing: &mut [Candidates],
     denials: &mut [Vec<Denial>],
 ) {
     let Some(&first) = rows.first() else { return };
@@ -202,64 +289,56 @@ async fn visible_rows(
         .filter(|c| c.is_primary_key)
         .map(|c| c.name.as_str())
         .collect();
-    // (role, claims) → (the rows asked, and per row the entries asking).
-    struct Asking<'a> {
-        role: Arc<str>,
-        claims: serde_json::Value,
-        keys: Vec<Vec<Option<&'a str>>>,
-        askers: Vec<(usize, Vec<Arc<Entry>>)>,
-    }
-    let mut asking: Vec<Asking<'_>> = Vec::new();
-    // (role, claims text) → index in `asking`: grouping costs one hash
-    // lookup per candidate, however many subscribers there are.
-    let mut group_of: HashMap<(Arc<str>, Arc<str>), usize> = HashMap::new();
-    for &row in rows {
-        let (change, _) = &batch[row];
-        let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
-            continue;
-        };
-        // A table's description may change within a batch; keys follow
-        // this change's own columns.
-        let key: Vec<Option<&str>> = change
-            .relation
-            .columns
-            .iter()
-            .zip(new)
-            .filter(|(c, _)| c.is_primary_key)
-            .map(|(_, datum)| match datum {
-                Datum::Text(text) => std::str::from_utf8(text).ok(),
-                _ => None,
-            })
-            .collect();
-        for entry in std::mem::take(&mut passing[row]) {
-            let group = *group_of
-                .entry((entry.role.clone(), entry.claims_text.clone()))
-                .or_insert_with(|| {
-                    asking.push(Asking {
-                        role: entry.role.clone(),
-                        claims: entry.claims.clone(),
-                        keys: Vec::new(),
-                        askers: Vec::new(),
-                    });
-                    asking.len() - 1
-                });
-            let a = &mut asking[group];
-            if a.askers.last().is_some_and(|(r, _)| *r == row) {
-                if let Some((_, entries)) = a.askers.last_mut() {
-                    entries.push(entry);
-                }
-            } else {
-                a.keys.push(key.clone());
-                a.askers.push((row, vec![entry]));
-            }
-        }
-    }
-    let groups: Vec<Group<'_>> = asking
+    // A table's description may change within a batch; keys follow each
+    // change's own columns.
+    let keys: Vec<Vec<Option<&str>>> = rows
         .iter()
+        .map(|&row| {
+            let change = batch[row].0;
+            let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &change.kind else {
+                return Vec::new();
+            };
+            change
+                .relation
+                .columns
+                .iter()
+                .zip(new)
+                .filter(|(c, _)| c.is_primary_key)
+                .map(|(_, datum)| match datum {
+                    Datum::Text(text) => std::str::from_utf8(text).ok(),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let mut grouping = Grouping::default();
+    // Per checked row: the group of each of its shared and indexed entries.
+    let mut row_groups: Vec<(Arc<[u32]>, Vec<u32>)> = Vec::with_capacity(rows.len());
+    for (i, &row) in rows.iter().enumerate() {
+        let i = u32::try_from(i).unwrap_or(u32::MAX);
+        let shared = grouping.groups_of_list(&passing[row].shared);
+        let indexed: Vec<u32> = passing[row]
+            .indexed
+            .iter()
+            .map(|e| grouping.group_of(e))
+            .collect();
+        for &g in shared.iter().chain(&indexed) {
+            grouping.ask(g, i);
+        }
+        row_groups.push((shared, indexed));
+    }
+    let all = rows.len();
+    let groups: Vec<Group<'_>> = grouping
+        .asking
+        .iter_mut()
         .map(|a| Group {
-            role: &a.role,
-            claims: &a.claims,
-            keys: a.keys.clone(),
+            role: &a.first.role,
+            claims: &a.first.claims,
+            rows: if a.rows.len() == all {
+                Rows::All
+            } else {
+                Rows::Only(std::mem::take(&mut a.rows))
+            },
         })
         .collect();
     let table = TableRef {
@@ -267,52 +346,132 @@ async fn visible_rows(
         name: &relation.table,
         key_columns: &key_columns,
     };
-    let started = Instant::now();
-    let checked = rls::check(pool, &table, &groups, RLS_TIMEOUT).await;
-    metrics::counter!(metrics::RLS_CHECKS).increment(1);
-    metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
-    drop(groups);
-    let outcomes = match checked {
-        Ok(outcomes) => outcomes,
-        Err(e) => {
-            warn!(schema = %relation.schema, table = %relation.table, error = %e, "rls check failed; denying these changes to their subscribers");
-            let message = format!("RLS policy evaluation failed: {e}");
-            for a in asking {
-                for (row, entries) in a.askers {
-                    denials[row].push(Denial {
-                        entries,
-                        message: message.clone(),
-                    });
-                }
-            }
-            return;
-        }
-    };
-    for (a, outcome) in asking.into_iter().zip(outcomes) {
-        match outcome {
-            GroupOutcome::Visible(_) => {
-                for (n, (row, entries)) in a.askers.into_iter().enumerate() {
-                    if outcome.is_visible(n) {
-                        passing[row].extend(entries);
-                    } else {
-                        metrics::counter!(metrics::RLS_DENIED).increment(entries.len() as u64);
+    let outcomes = checked_in_chunks(pool, rls, &table, &keys, &groups).await;
+    // What each group may see, row by row: rows come in increasing order,
+    // so each group's position in its own candidates only moves forward.
+    let mut cursor = vec![0usize; groups.len()];
+    let mut denied_pairs = 0u64;
+    for ((i, &row), (shared, indexed)) in rows.iter().enumerate().zip(row_groups) {
+        let entries = std::mem::take(&mut passing[row]);
+        let mut visible = Vec::new();
+        let mut failed: Vec<(u32, Vec<Arc<Entry>>)> = Vec::new();
+        for (entry, &g) in entries.iter().zip(shared.iter().chain(&indexed)) {
+            let gi = g as usize;
+            let (Some(group), Some(outcome)) = (groups.get(gi), outcomes.get(gi)) else {
+                continue;
+            };
+            let flags = match outcome {
+                Ok(GroupOutcome::Visible(flags)) => flags,
+                Ok(GroupOutcome::Failed { .. }) | Err(_) => {
+                    match failed.iter_mut().find(|(fg, _)| *fg == g) {
+                        Some((_, list)) => list.push(entry.clone()),
+                        None => failed.push((g, vec![entry.clone()])),
                     }
+                    continue;
                 }
+            };
+            let position = match &group.rows {
+                Rows::All => Some(i),
+                Rows::Only(candidates) => {
+                    let at = &mut cursor[gi];
+                    while candidates.get(*at).is_some_and(|&r| (r as usize) < i) {
+                        *at += 1;
+                    }
+                    (candidates.get(*at) == Some(&(i as u32))).then_some(*at)
+                }
+            };
+            if position.is_some_and(|p| flags.get(p).copied().unwrap_or(false)) {
+                visible.push(entry.clone());
+            } else {
+                denied_pairs += 1;
             }
-            GroupOutcome::Failed { code, message } => {
-                debug!(%code, %message, "rls policy raised for a group; denied");
-                let message = format!("RLS policy evaluation failed: {code}: {message}");
-                for (row, entries) in a.askers {
-                    denials[row].push(Denial {
-                        entries,
-                        message: message.clone(),
-                    });
+        }
+        for (g, entries) in failed {
+            let message = match outcomes.get(g as usize) {
+                Some(Ok(GroupOutcome::Failed { code, message })) => {
+                    debug!(%code, %message, "rls policy raised for a group; denied");
+                    format!("RLS policy evaluation failed: {code}: {message}")
                 }
+                Some(Err(message)) => message.clone(),
+                _ => "RLS policy evaluation failed".to_owned(),
+            };
+            denials[row].push(Denial { entries, message });
+        }
+        passing[row] = Candidates::from(visible);
+    }
+    metrics::counter!(metrics::RLS_DENIED).increment(denied_pairs);
+}
+
+/// Checks `groups` in chunks of about [`KEYS_PER_CHECK`] candidates, up to
+/// `rls_connections` chunks at once, and answers one outcome per group, in
+/// order: what Postgres said, or why nothing is known (the chunk's check
+/// failed as a whole: every group in it is denied, the other chunks are not
+/// affected).
+async fn checked_in_chunks(
+    pool: &Pool,
+    rls: &RlsSettings,
+    table: &TableRef<'_>,
+    keys: &[Vec<Option<&str>>],
+    groups: &[Group<'_>],
+) -> Vec<Result<GroupOutcome, String>> {
+    let mut chunks: Vec<&[Group<'_>]> = Vec::new();
+    let mut rest = groups;
+    while !rest.is_empty() {
+        let mut candidates = 0;
+        let size = rest
+            .iter()
+            .take_while(|g| {
+                candidates += match &g.rows {
+                    Rows::All => keys.len(),
+                    Rows::Only(rows) => rows.len(),
+                }
+                .max(1);
+                candidates <= KEYS_PER_CHECK
+            })
+            .count()
+            .max(1);
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    let answers: Vec<(usize, Result<Vec<GroupOutcome>, rls::Error>)> =
+        stream::iter(chunks.iter().map(|chunk| async move {
+            let started = Instant::now();
+            let checked = rls::check(pool, table, keys, chunk, rls.timeout).await;
+            metrics::counter!(metrics::RLS_CHECKS).increment(1);
+            metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
+            (chunk.len(), checked)
+        }))
+        .buffered(rls.connections)
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(groups.len());
+    for (len, answer) in answers {
+        match answer {
+            Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
+            Err(e) => {
+                warn!(schema = %table.schema, table = %table.name, groups = len, error = %e, "rls check failed; denying these changes to their subscribers");
+                let message = format!("RLS policy evaluation failed: {e}");
+                out.extend((0..len).map(|_| Err(message.clone())));
             }
         }
     }
-    // Entries come back grouped, not in registry order; order within a
-    // change does not matter to anyone (ids of one event).
+    out
+}
+
+/// Remembers, for each shared candidate list of a batch, whether none of
+/// its subscriptions has a filter on the table: then every change keeps
+/// the list as it is, and it is checked once, not once per change.
+#[derive(Default)]
+struct UnfilteredLists(HashMap<(*const Arc<Entry>, u32), bool>);
+
+impl UnfilteredLists {
+    fn unfiltered(&mut self, list: &Arc<[Arc<Entry>]>, table: u32) -> bool {
+        *self
+            .0
+            .entry((list.as_ptr(), table))
+            .or_insert_with(|| list.iter().all(|e| e.filters_for(table).is_empty()))
+    }
 }
 
 /// The row filters are evaluated on: the new row of an INSERT or UPDATE
@@ -334,16 +493,37 @@ fn filter_row(kind: &ChangeKind) -> Option<Cow<'_, Row>> {
 
 /// The candidates whose filters hold for `change`: decided in-process where
 /// the comparison is exactly known, by the server (one round trip for all
-/// the rest) otherwise. A filter the server cannot evaluate denies.
+/// the rest) otherwise. A filter the server cannot evaluate denies. A
+/// shared list without filters stays shared.
 async fn passing_filters(
+    pool: &Pool,
+    change: &Change,
+    candidates: Candidates,
+    unfiltered: &mut UnfilteredLists,
+) -> Result<Candidates, Error> {
+    let table = change.relation.id;
+    let shared_unfiltered = unfiltered.unfiltered(&candidates.shared, table);
+    if shared_unfiltered
+        && candidates
+            .indexed
+            .iter()
+            .all(|e| e.filters_for(table).is_empty())
+    {
+        return Ok(candidates);
+    }
+    let candidates: Vec<Arc<Entry>> = candidates.iter().cloned().collect();
+    filtered(pool, change, candidates)
+        .await
+        .map(Candidates::from)
+}
+
+/// [`passing_filters`] for candidates of which some have filters.
+async fn filtered(
     pool: &Pool,
     change: &Change,
     candidates: Vec<Arc<Entry>>,
 ) -> Result<Vec<Arc<Entry>>, Error> {
     let table = change.relation.id;
-    if candidates.iter().all(|e| e.filters_for(table).is_empty()) {
-        return Ok(candidates);
-    }
     let Some(mut row) = filter_row(&change.kind) else {
         return Ok(Vec::new());
     };

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 
 use super::{CompiledFilter, EqualityKey};
 use crate::change::{Change, ChangeKind, OldRow};
@@ -85,12 +85,55 @@ pub struct Registry {
     tables_of: HashMap<(Arc<str>, Arc<str>), Vec<Oid>>,
 }
 
+/// The subscriptions that may want one change.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    /// Those of the table without an indexed filter that want this kind of
+    /// change: one list shared by every change of that kind until the
+    /// subscriptions change, so a batch of thousands of changes holds it
+    /// once, not once per change.
+    pub shared: Arc<[Arc<Entry>]>,
+    /// Those an index on the row's values selected.
+    pub indexed: Vec<Arc<Entry>>,
+}
+
+impl Candidates {
+    /// Every candidate: the shared ones, then the indexed ones.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.shared.iter().chain(&self.indexed)
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.shared.len() + self.indexed.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_empty() && self.indexed.is_empty()
+    }
+}
+
+impl From<Vec<Arc<Entry>>> for Candidates {
+    fn from(indexed: Vec<Arc<Entry>>) -> Candidates {
+        Candidates {
+            shared: Arc::default(),
+            indexed,
+        }
+    }
+}
+
 /// One table's subscriptions: those with an `eq`/`in` filter decided
 /// in-process are indexed by the value it needs, so a change finds them
 /// with one hash lookup per indexed column; the rest are scanned.
 #[derive(Debug, Default)]
 struct TableEntries {
     scan: Vec<Arc<Entry>>,
+    /// `scan` narrowed to the subscriptions wanting INSERT, UPDATE, DELETE
+    /// and TRUNCATE, made when first asked for and dropped on every change
+    /// of `scan` (registering 10,000 subscriptions must not rebuild it
+    /// 10,000 times).
+    scan_by_kind: [OnceLock<Arc<[Arc<Entry>]>>; 4],
     columns: Vec<ColumnIndex>,
 }
 
@@ -112,6 +155,7 @@ impl TableEntries {
         });
         let Some((filter, keys)) = indexable else {
             self.scan.push(entry);
+            self.scan_by_kind = Default::default();
             return;
         };
         let column = filter.column_index();
@@ -140,6 +184,7 @@ impl TableEntries {
     fn remove(&mut self, gateway: &str, id: &str) {
         let other = |e: &Arc<Entry>| !(&*e.gateway == gateway && &*e.id == id);
         self.scan.retain(other);
+        self.scan_by_kind = Default::default();
         for index in &mut self.columns {
             index.by_key.retain(|_, entries| {
                 entries.retain(other);
@@ -151,6 +196,25 @@ impl TableEntries {
 
     fn is_empty(&self) -> bool {
         self.scan.is_empty() && self.columns.is_empty()
+    }
+
+    /// The scanned subscriptions that want `kind`.
+    fn scan_wanting(&self, kind: &ChangeKind) -> Arc<[Arc<Entry>]> {
+        let slot = match kind {
+            ChangeKind::Insert { .. } => 0,
+            ChangeKind::Update { .. } => 1,
+            ChangeKind::Delete { .. } => 2,
+            ChangeKind::Truncate { .. } => 3,
+        };
+        self.scan_by_kind[slot]
+            .get_or_init(|| {
+                self.scan
+                    .iter()
+                    .filter(|e| e.events.wants(kind))
+                    .cloned()
+                    .collect()
+            })
+            .clone()
     }
 }
 
@@ -200,17 +264,15 @@ impl Registry {
     /// The subscriptions that may want `change`: those of its table that
     /// want its kind, except indexed ones whose required value the row does
     /// not have. Their filters still decide (exactly) afterwards.
-    pub fn candidates(&self, change: &Change) -> Vec<Arc<Entry>> {
+    pub fn candidates(&self, change: &Change) -> Candidates {
         let Some(table) = self.by_table.get(&change.relation.id) else {
-            return Vec::new();
+            return Candidates::default();
         };
         let kind = &change.kind;
-        let mut out: Vec<Arc<Entry>> = table
-            .scan
-            .iter()
-            .filter(|e| e.events.wants(kind))
-            .cloned()
-            .collect();
+        let mut out = Candidates {
+            shared: table.scan_wanting(kind),
+            indexed: Vec::new(),
+        };
         if table.columns.is_empty() {
             return out;
         }
@@ -233,7 +295,8 @@ impl Registry {
                 .filter(|_| present)
                 .and_then(|datum| index.probe.equality_key_of(datum));
             if let Some(entries) = key.and_then(|key| index.by_key.get(&key)) {
-                out.extend(entries.iter().filter(|e| e.events.wants(kind)).cloned());
+                out.indexed
+                    .extend(entries.iter().filter(|e| e.events.wants(kind)).cloned());
             }
         }
         out
@@ -329,8 +392,8 @@ mod tests {
         })
     }
 
-    fn ids(entries: Vec<Arc<Entry>>) -> Vec<String> {
-        entries
+    fn ids(candidates: Candidates) -> Vec<String> {
+        candidates
             .iter()
             .map(|e| format!("{}/{}", e.gateway, e.id))
             .collect()
