@@ -5,6 +5,7 @@
 mod admin;
 mod check;
 mod clients;
+mod delivery;
 mod faults;
 mod filters;
 mod firehose;

@@ -18,6 +18,7 @@ use walcast::rls::{self, Access, Cache, Group, GroupOutcome, Rows, TableName, Ta
 
 use crate::support::TestPostgres;
 use crate::support::postgres::quote_ident;
+use crate::support::rng::Rng;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,40 +59,6 @@ CREATE POLICY public_or_own ON posts FOR SELECT TO authenticated
   USING (public OR owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid);
 GRANT SELECT ON posts TO anon, authenticated, service_role;
 "#;
-
-/// A small deterministic PRNG (xorshift64*), seeded from `WALCAST_RLS_SEED`
-/// or a fixed default so that a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("WALCAST_RLS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5eed_c0ff_ee00);
-        println!("rls random seed: {seed} (set WALCAST_RLS_SEED to replay)");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 /// A cluster with the roles, `sql/rls.sql` and the schema in database
 /// `db`; the admin client (as `postgres`) and a pool as `walcast`.
@@ -338,7 +305,7 @@ fn subscribers(rng: &mut Rng, users: &[String]) -> Vec<(&'static str, Value)> {
 async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
     let pg = TestPostgres::start();
     let (mut admin, pool) = setup(&pg, "rls_diff", 2).await;
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::from_env("WALCAST_RLS_SEED");
     let users: Vec<String> = (0..12)
         .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
         .collect();
@@ -1033,7 +1000,7 @@ async fn measure_batched_rls_against_naive() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::seeded(0x5eed);
     // A batch: 1,000 changed rows. 1,000 subscribers: 10 sessions per user,
     // so each owns ~1% of the rows.
     let mut changed: Vec<i64> = Vec::new();

@@ -10,6 +10,7 @@ pub mod load;
 pub mod postgres;
 pub mod real_client;
 pub mod redis;
+pub mod rng;
 pub mod stack;
 pub mod ws_gateway;
 
