@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -38,13 +37,15 @@ use crate::control::{ControlTask, Validator};
 use crate::encode::{PayloadEncoder, View};
 use crate::lsn::Lsn;
 use crate::metrics;
-use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher};
+use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher, QueueSender};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::subscription::{self, Candidates, Delivery, Denial, Shared};
 use crate::{bus, pgoutput, pool};
 
-/// Batches the replication task may queue ahead of the publisher.
-const QUEUED_BATCHES: usize = 64;
+/// Bytes of messages the replication task may queue ahead of the publisher
+/// (with what the publisher holds in a pipeline): while they wait, no more
+/// WAL is read, so memory stays flat whatever the rows.
+const QUEUE_BYTES: usize = 8 << 20;
 /// Messages per batch before it is handed over even mid-transaction, so a
 /// huge transaction streams through in bounded memory.
 const MESSAGES_PER_BATCH: usize = 512;
@@ -218,7 +219,7 @@ async fn session(
         server_wal = %system.xlog_pos,
         "streaming"
     );
-    let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
+    let (tx, rx) = publish::queue(QUEUE_BYTES);
     let publishing = tokio::spawn({
         let acked = acked.clone();
         async move { publisher.run(rx, &acked).await }
@@ -266,7 +267,7 @@ async fn session(
 /// The replication task's state for one session.
 struct StreamLoop {
     stream: ReplicationStream,
-    tx: mpsc::Sender<Batch>,
+    tx: QueueSender,
     publishing: JoinHandle<Result<(), publish::Error>>,
     acked: Acknowledged,
     firehose: Option<Arc<str>>,
@@ -322,10 +323,12 @@ impl StreamLoop {
                 joined = &mut self.publishing => return Err(publisher_outcome(joined)),
                 _ = tick.tick() => Step::Status,
                 () = sleep_until_or_never(self.release_at), if self.release_at.is_some() && self.pending.is_empty() => Step::Release,
-                permit = self.tx.reserve(), if !self.pending.is_empty() => {
-                    let Ok(permit) = permit else { return Err(Error::PublisherGone) };
-                    if let Some(batch) = self.pending.pop_front() {
-                        permit.send(batch);
+                room = room_for_front(&self.tx, &self.pending), if !self.pending.is_empty() => {
+                    let Ok(room) = room else { return Err(Error::PublisherGone) };
+                    if let Some(batch) = self.pending.pop_front()
+                        && self.tx.send_with(batch, room).is_err()
+                    {
+                        return Err(Error::PublisherGone);
                     }
                     continue;
                 }
@@ -571,18 +574,16 @@ impl StreamLoop {
     }
 
     /// Hands the current batch to the publisher, or parks it in `pending`
-    /// (in order) when the publisher's queue is full.
+    /// (in order) when the publisher's queue has no room for its bytes. A
+    /// publisher that is gone is noticed by the loop (its task ended).
     fn hand_over(&mut self) {
         let batch = std::mem::take(&mut self.current);
         if !self.pending.is_empty() {
             self.pending.push_back(batch);
             return;
         }
-        match self.tx.try_send(batch) {
-            Ok(()) => {}
-            Err(
-                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
-            ) => self.pending.push_back(batch),
+        if let Err(Ok(batch)) = self.tx.try_send(batch) {
+            self.pending.push_back(batch);
         }
     }
 
@@ -689,6 +690,17 @@ enum Step {
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for room in the publisher's queue for the first parked batch.
+async fn room_for_front(
+    tx: &QueueSender,
+    pending: &VecDeque<Batch>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, publish::Closed> {
+    match pending.front() {
+        Some(batch) => tx.room_for(batch).await,
         None => std::future::pending().await,
     }
 }

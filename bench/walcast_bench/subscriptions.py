@@ -20,7 +20,8 @@ For each scenario: a fresh slot and a fresh tenant; `walcast run` on it
 bench superuser; `sql/rls.sql` installed); a stand-in gateway process
 (`gateway.py`) registers the subscriptions over the bus (hash, lease,
 gateways set, one control message each) and waits for every `subscribed`
-reply. Then, for each load shape (1-row and 100-row transactions):
+reply. Then, for each load shape (1-row and 100-row transactions; for the
+filtered scenario also one transaction of `--filtered-big` rows):
 
 1. the daemon is stopped with SIGSTOP (it holds the slot, every
    subscription live, the slot confirmed up to the WAL's end);
@@ -488,12 +489,17 @@ def _check(s: Scenario, shape: str, got: dict, expected: dict[str, int], user_of
 
 def run(binary: Path, cluster: Cluster, redis: RedisServer, logs: Path, scenario_list: list[Scenario],
         rls_changes: int, rls_batched_changes: int, filtered_changes: int, log,
-        settings: dict[str, str]) -> list[Phase]:
-    """`settings`: extra WALCAST_* variables for the daemon (--daemon-setting)."""
+        settings: dict[str, str], filtered_big: int = 0) -> list[Phase]:
+    """`settings`: extra WALCAST_* variables for the daemon (--daemon-setting).
+    `filtered_big`: rows of one more load for the filtered scenario, in one
+    transaction (issue 6: RSS through a 1M-row transaction with 10,000
+    subscriptions registered)."""
     out = []
     for s in scenario_list:
         single, batched = (filtered_changes, filtered_changes) if s.filtered else (rls_changes, rls_batched_changes)
         shapes = [("1-row transactions", 1, single), ("100-row transactions", 100, max(100, batched // 100 * 100))]
+        if s.filtered and filtered_big > 0:
+            shapes.append((f"{filtered_big:,}-row transaction", filtered_big, filtered_big))
         out += run_scenario(s, binary, cluster, redis, logs, shapes, log, settings)
     return out
 

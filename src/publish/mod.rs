@@ -1,21 +1,24 @@
 //! The daemon's side of the bus: pipelined PUBLISH, and acknowledgement.
 //!
-//! Batches arrive in WAL order over a bounded channel. The publisher sends
-//! whatever has queued up as one Redis pipeline and, only once Redis has
-//! answered for all of it, advances the acknowledged LSN to the highest
-//! commit those batches completed. The replication side reports that LSN to
-//! Postgres; nothing is acknowledged that Redis has not accepted.
+//! Batches arrive in WAL order over a queue bounded by bytes ([`queue`]).
+//! The publisher sends what has queued up, up to about a megabyte, as one
+//! Redis pipeline and, only once Redis has answered for all of it, advances
+//! the acknowledged LSN to the highest commit those batches completed. The
+//! replication side reports that LSN to Postgres; nothing is acknowledged
+//! that Redis has not accepted.
 
 mod ack;
+mod queue;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 
 pub use ack::Acknowledged;
+pub use queue::{Closed, QueueReceiver, QueueSender, cost, queue};
 
 use crate::lsn::Lsn;
 use crate::metrics;
@@ -23,8 +26,10 @@ use crate::metrics;
 /// How long Redis may take to connect or to answer a pipeline before the
 /// session is restarted.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many queued batches go into one pipeline at most.
-const BATCHES_PER_PIPELINE: usize = 256;
+/// Bytes of queued batches that go into one pipeline at most (a pipeline
+/// holds at least one batch, however large): the pipeline's command buffer
+/// is a second copy of them.
+const PIPELINE_BYTES: usize = 1 << 20;
 
 /// One message for one channel.
 #[derive(Debug, Clone)]
@@ -49,6 +54,9 @@ pub struct Batch {
     /// Commit time of the last of those changes, microseconds since
     /// 2000-01-01 UTC (for the replication lag in seconds).
     pub commit_time: Option<i64>,
+    /// Its share of the queue's byte budget, given back when it is dropped
+    /// (published).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Batch {
@@ -103,14 +111,24 @@ impl Publisher {
     /// leaving `acked` at the last commit Redis accepted.
     pub async fn run(
         mut self,
-        mut batches: mpsc::Receiver<Batch>,
+        mut batches: QueueReceiver,
         acked: &Acknowledged,
     ) -> Result<(), Error> {
-        let mut queued = Vec::with_capacity(BATCHES_PER_PIPELINE);
+        let mut queued = Vec::new();
         loop {
+            // Dropping the published batches gives their bytes back.
             queued.clear();
-            if batches.recv_many(&mut queued, BATCHES_PER_PIPELINE).await == 0 {
+            let Some(first) = batches.recv().await else {
                 return Ok(());
+            };
+            let mut pipeline_bytes = cost(&first);
+            queued.push(first);
+            while pipeline_bytes < PIPELINE_BYTES {
+                let Some(next) = batches.try_recv() else {
+                    break;
+                };
+                pipeline_bytes += cost(&next);
+                queued.push(next);
             }
             let mut pipe = redis::pipe();
             let mut count = 0usize;
