@@ -1,10 +1,19 @@
 //! Whether a subscription may be accepted, asked of Postgres through the
 //! pool: the role is allowed and exists, the tables are published, the
 //! selected columns exist and the role may read them.
+//!
+//! A gateway that comes back registers all its clients' subscriptions at
+//! once, and they ask the same few catalog questions: the answers are kept
+//! for a couple of seconds ([`CATALOG_ANSWERS_TTL`]), so a burst costs
+//! about one round trip per subscription (its filter value's cast) instead
+//! of six.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 
 use crate::bus::Subscription;
 use crate::catalog::{self, Catalog};
@@ -43,12 +52,73 @@ pub enum Error {
     Compile(CompileError),
 }
 
+/// How long catalog answers are reused between validations: short enough
+/// that a table published, a role created or a grant given is seen almost
+/// at once, long enough to cover a burst of registrations.
+const CATALOG_ANSWERS_TTL: Duration = Duration::from_secs(2);
+
+/// Answers kept for [`CATALOG_ANSWERS_TTL`], then all forgotten at once.
+struct Recent<K, V> {
+    answers: HashMap<K, V>,
+    since: Instant,
+}
+
+impl<K: Hash + Eq, V: Clone> Recent<K, V> {
+    fn new() -> Self {
+        Recent {
+            answers: HashMap::new(),
+            since: Instant::now(),
+        }
+    }
+
+    fn get(&mut self, key: &K) -> Option<V> {
+        if self.since.elapsed() > CATALOG_ANSWERS_TTL {
+            self.answers.clear();
+            self.since = Instant::now();
+        }
+        self.answers.get(key).cloned()
+    }
+
+    fn put(&mut self, key: K, value: V) {
+        self.answers.insert(key, value);
+    }
+}
+
+/// A filter's column, as `sql/subscription_filter_column.sql` describes it;
+/// `None` when it does not exist or the role may not select it.
+#[derive(Clone)]
+struct FilterColumn {
+    position: i64,
+    type_oid: Oid,
+    sql_type: String,
+    collation: Oid,
+}
+
 /// Validates subscriptions against the database.
 pub struct Validator {
     pool: Pool,
     catalog: Catalog,
     publication: String,
     allowed_roles: Vec<String>,
+    /// Role → whether it is a superuser; `None`: it does not exist.
+    roles: Recent<String, Option<bool>>,
+    /// (schema, table) as given → the published tables they match.
+    tables: Recent<(String, String), Vec<Oid>>,
+    /// (table, column, role) → the filter's column.
+    filter_columns: Recent<(Oid, String, String), Option<FilterColumn>>,
+    /// (table, role) → each column and whether the role may select it.
+    columns: Recent<(Oid, String), Vec<(String, bool)>>,
+}
+
+/// The pooled connection of one validation, taken when first needed: a
+/// validation answered from [`Recent`] answers needs none (taking one
+/// costs a round trip to reset the session).
+async fn connection<'a>(pool: &Pool, slot: &'a mut Option<Object>) -> Result<&'a Object, Error> {
+    let client = match slot.take() {
+        Some(client) => client,
+        None => pool.get().await?,
+    };
+    Ok(slot.insert(client))
 }
 
 impl Validator {
@@ -59,6 +129,10 @@ impl Validator {
             pool,
             publication,
             allowed_roles,
+            roles: Recent::new(),
+            tables: Recent::new(),
+            filter_columns: Recent::new(),
+            columns: Recent::new(),
         }
     }
 
@@ -88,38 +162,56 @@ impl Validator {
                 s.role
             ));
         }
-        let client = self.pool.get().await?;
-        let role = client
-            .query_opt(
-                "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1",
-                &[&s.role],
-            )
-            .await?;
-        match role {
+        let mut client: Option<Object> = None;
+        let superuser = match self.roles.get(&s.role) {
+            Some(known) => known,
+            None => {
+                let row = connection(&self.pool, &mut client)
+                    .await?
+                    .query_opt(
+                        "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1",
+                        &[&s.role],
+                    )
+                    .await?;
+                let superuser = row.map(|row| row.get::<_, bool>(0));
+                self.roles.put(s.role.clone(), superuser);
+                superuser
+            }
+        };
+        match superuser {
             None => return reject(format!("role {:?} does not exist", s.role)),
-            Some(row) if row.get::<_, bool>(0) => {
+            Some(true) => {
                 return reject(format!(
                     "role {:?} is a superuser and may not subscribe",
                     s.role
                 ));
             }
-            Some(_) => {}
+            Some(false) => {}
         }
         let wildcard = s.schema == "*" || s.table == "*";
-        let rows = client
-            .query(
-                include_str!("../../sql/subscription_tables.sql"),
-                &[
-                    &self.publication,
-                    &like_pattern(&s.schema),
-                    &like_pattern(&s.table),
-                ],
-            )
-            .await?;
-        if rows.is_empty() || s.schema.is_empty() || s.table.is_empty() {
+        let names = (s.schema.clone(), s.table.clone());
+        let tables = match self.tables.get(&names) {
+            Some(tables) => tables,
+            None => {
+                let rows = connection(&self.pool, &mut client)
+                    .await?
+                    .query(
+                        include_str!("../../sql/subscription_tables.sql"),
+                        &[
+                            &self.publication,
+                            &like_pattern(&s.schema),
+                            &like_pattern(&s.table),
+                        ],
+                    )
+                    .await?;
+                let tables: Vec<Oid> = rows.iter().map(|r| r.get(0)).collect();
+                self.tables.put(names, tables.clone());
+                tables
+            }
+        };
+        if tables.is_empty() || s.schema.is_empty() || s.table.is_empty() {
             return reject(unable_to_subscribe(s));
         }
-        let tables: Vec<Oid> = rows.iter().map(|r| r.get(0)).collect();
         let parsed = match filter::parse(s.filter.as_deref().unwrap_or("")) {
             Ok(parsed) => parsed,
             Err(e) => return reject(e.to_string()),
@@ -128,26 +220,40 @@ impl Validator {
         for table in &tables {
             let mut compiled = Vec::with_capacity(parsed.len());
             for f in &parsed {
-                let Some(row) = client
-                    .query_opt(
-                        include_str!("../../sql/subscription_filter_column.sql"),
-                        &[table, &f.column, &s.role],
-                    )
-                    .await?
-                    .filter(|row| row.get::<_, bool>(4))
-                else {
+                let key = (*table, f.column.clone(), s.role.clone());
+                let found = match self.filter_columns.get(&key) {
+                    Some(found) => found,
+                    None => {
+                        let found = connection(&self.pool, &mut client)
+                            .await?
+                            .query_opt(
+                                include_str!("../../sql/subscription_filter_column.sql"),
+                                &[table, &f.column, &s.role],
+                            )
+                            .await?
+                            .filter(|row| row.get::<_, bool>(4))
+                            .map(|row| FilterColumn {
+                                position: row.get(0),
+                                type_oid: row.get(1),
+                                sql_type: row.get(2),
+                                collation: row.get(3),
+                            });
+                        self.filter_columns.put(key, found.clone());
+                        found
+                    }
+                };
+                let Some(found) = found else {
                     return reject(format!("invalid column for filter {}", f.column));
                 };
-                let position: i64 = row.get(0);
-                let ty = self.catalog.type_info(row.get(1)).await?;
-                let sql_type: String = row.get(2);
+                let ty = self.catalog.type_info(found.type_oid).await?;
                 let column = subscription::Column {
-                    index: usize::try_from(position).unwrap_or(usize::MAX),
+                    index: usize::try_from(found.position).unwrap_or(usize::MAX),
                     ty: &ty,
-                    sql_type: &sql_type,
-                    collation: row.get(3),
+                    sql_type: &found.sql_type,
+                    collation: found.collation,
                 };
-                match subscription::compile(&client, f, &column).await {
+                let client = connection(&self.pool, &mut client).await?;
+                match subscription::compile(client, f, &column).await {
                     Ok(filter) => compiled.push(filter),
                     Err(e) if e.is_transient() => return Err(Error::Compile(e)),
                     Err(e) => return reject(e.to_string()),
@@ -162,16 +268,26 @@ impl Validator {
                 );
             }
             for table in &tables {
-                let columns = client
-                    .query(
-                        include_str!("../../sql/subscription_columns.sql"),
-                        &[table, &s.role],
-                    )
-                    .await?;
+                let key = (*table, s.role.clone());
+                let columns = match self.columns.get(&key) {
+                    Some(columns) => columns,
+                    None => {
+                        let columns: Vec<(String, bool)> = connection(&self.pool, &mut client)
+                            .await?
+                            .query(
+                                include_str!("../../sql/subscription_columns.sql"),
+                                &[table, &s.role],
+                            )
+                            .await?
+                            .iter()
+                            .map(|c| (c.get(0), c.get(1)))
+                            .collect();
+                        self.columns.put(key, columns.clone());
+                        columns
+                    }
+                };
                 for wanted in select {
-                    let allowed = columns
-                        .iter()
-                        .any(|c| c.get::<_, String>(0) == *wanted && c.get::<_, bool>(1));
+                    let allowed = columns.iter().any(|(name, may)| name == wanted && *may);
                     if !allowed {
                         return reject(format!("invalid column for select {wanted}"));
                     }
