@@ -47,6 +47,21 @@ pub struct GatewayArgs {
     /// HMAC secret of client JWTs; prefer the environment, flags show in `ps` [env: WALCAST_JWT_SECRET]
     #[arg(long, value_name = "SECRET")]
     pub jwt_secret: Option<String>,
+    /// JWKS of RS*/ES*/EdDSA client JWTs, found by kid: a JSON document or a file path [env: WALCAST_JWT_JWKS]
+    #[arg(long, value_name = "JWKS")]
+    pub jwt_jwks: Option<String>,
+    /// Claims every client JWT must have, exactly: a JSON object, e.g. '{"iss":"supabase"}' [env: WALCAST_JWT_CLAIM_VALIDATORS] [default: {}]
+    #[arg(long, value_name = "JSON")]
+    pub jwt_claim_validators: Option<String>,
+    /// Sockets open at once; more get HTTP 429 [env: WALCAST_MAX_CONCURRENT_USERS] [default: 200]
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_users: Option<String>,
+    /// Channels one socket may join [env: WALCAST_MAX_CHANNELS_PER_CLIENT] [default: 100]
+    #[arg(long, value_name = "N")]
+    pub max_channels_per_client: Option<String>,
+    /// Channel joins per second, all sockets together [env: WALCAST_MAX_JOINS_PER_SECOND] [default: 100]
+    #[arg(long, value_name = "N")]
+    pub max_joins_per_second: Option<String>,
     /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port]
     #[arg(long, value_name = "ID")]
     pub gateway_id: Option<String>,
@@ -79,6 +94,23 @@ impl GatewayArgs {
             (&config::TENANT, self.tenant.clone()),
             (&config::GATEWAY_ADDR, self.gateway_addr.clone()),
             (&config::JWT_SECRET, self.jwt_secret.clone()),
+            (&config::JWT_JWKS, self.jwt_jwks.clone()),
+            (
+                &config::JWT_CLAIM_VALIDATORS,
+                self.jwt_claim_validators.clone(),
+            ),
+            (
+                &config::MAX_CONCURRENT_USERS,
+                self.max_concurrent_users.clone(),
+            ),
+            (
+                &config::MAX_CHANNELS_PER_CLIENT,
+                self.max_channels_per_client.clone(),
+            ),
+            (
+                &config::MAX_JOINS_PER_SECOND,
+                self.max_joins_per_second.clone(),
+            ),
             (&config::GATEWAY_ID, self.gateway_id.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),

@@ -8,6 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -16,10 +17,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::support::stack::Stack;
 use crate::support::{Daemon, TestRedis, eventually, free_port};
 
-const SECRET: &str = "walcast-gateway-test-secret-0123456789";
+pub(crate) const SECRET: &str = "walcast-gateway-test-secret-0123456789";
 const GATEWAY_ID: &str = "gw-test";
 /// How long a frame that is due may take.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
 
 const SETUP: &str = "
     CREATE ROLE anon NOLOGIN;
@@ -29,12 +30,12 @@ const SETUP: &str = "
     ALTER PUBLICATION supabase_realtime ADD TABLE todos;
 ";
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     walcast::gateway::auth::unix_now()
 }
 
 /// A token signed with the gateway's secret.
-fn token(role: &str, exp: i64) -> String {
+pub(crate) fn token(role: &str, exp: i64) -> String {
     let claims = json!({"role": role, "exp": exp, "sub": "u1", "aud": "authenticated"});
     encode(
         &Header::default(),
@@ -44,27 +45,34 @@ fn token(role: &str, exp: i64) -> String {
     .expect("sign")
 }
 
-fn valid(role: &str) -> String {
+pub(crate) fn valid(role: &str) -> String {
     token(role, now() + 3600)
 }
 
 /// A gateway process on a free port, and its Redis url.
-struct Gateway {
-    process: Daemon,
-    port: u16,
+pub(crate) struct Gateway {
+    pub(crate) process: Daemon,
+    pub(crate) port: u16,
     redis_url: String,
 }
 
 impl Gateway {
-    async fn spawn(redis_url: &str) -> Gateway {
+    pub(crate) async fn spawn(redis_url: &str) -> Gateway {
+        Gateway::spawn_with(redis_url, &[]).await
+    }
+
+    /// A gateway with `extra` settings on top of the usual ones (a later
+    /// entry for the same variable wins).
+    pub(crate) async fn spawn_with(redis_url: &str, extra: &[(&str, String)]) -> Gateway {
         let port = free_port();
-        let env = [
+        let mut env = vec![
             ("WALCAST_REDIS_URL", redis_url.to_owned()),
             ("WALCAST_JWT_SECRET", SECRET.to_owned()),
             ("WALCAST_GATEWAY_ADDR", format!("127.0.0.1:{port}")),
             ("WALCAST_GATEWAY_ID", GATEWAY_ID.to_owned()),
             ("WALCAST_LOG", "walcast=debug".to_owned()),
         ];
+        env.extend(extra.iter().cloned());
         let process = Daemon::spawn(&["gateway"], &env);
         let gateway = Gateway {
             process,
@@ -89,12 +97,17 @@ impl Gateway {
         gateway
     }
 
-    fn url(&self, path: &str, query: &str) -> String {
+    pub(crate) fn url(&self, path: &str, query: &str) -> String {
         format!("ws://127.0.0.1:{}{path}?{query}", self.port)
     }
 
-    async fn connect(&self, vsn: Option<&str>) -> Client {
-        let mut query = format!("apikey={}", valid("anon"));
+    pub(crate) async fn connect(&self, vsn: Option<&str>) -> Client {
+        self.connect_with(&valid("anon"), vsn).await
+    }
+
+    /// Connects with `apikey` as the socket's token.
+    pub(crate) async fn connect_with(&self, apikey: &str, vsn: Option<&str>) -> Client {
+        let mut query = format!("apikey={apikey}");
         if let Some(vsn) = vsn {
             query.push_str(&format!("&vsn={vsn}"));
         }
@@ -104,8 +117,60 @@ impl Gateway {
         Client { ws }
     }
 
+    /// `GET path` on the gateway's port: status, content type and body.
+    pub(crate) async fn get(&self, path: &str) -> (u16, String, String) {
+        let request = async {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .expect("connect");
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.expect("write");
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.expect("read");
+            String::from_utf8(response).expect("utf-8 response")
+        };
+        let text = tokio::time::timeout(FRAME_TIMEOUT, request)
+            .await
+            .expect("an answer in time");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status");
+        let content_type = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-type: "))
+            .unwrap_or_default()
+            .to_owned();
+        (status, content_type, body.to_owned())
+    }
+
+    /// Connects with `apikey` expecting an HTTP refusal: its status and
+    /// body, exactly.
+    pub(crate) async fn refused(&self, apikey: &str) -> (u16, String) {
+        let url = self.url(
+            "/realtime/v1/websocket",
+            &format!("apikey={apikey}&vsn=2.0.0"),
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tungstenite::Error::Http(response)) => {
+                let body = response.body().clone().unwrap_or_default();
+                (
+                    response.status().as_u16(),
+                    String::from_utf8(body).expect("utf-8 body"),
+                )
+            }
+            other => panic!(
+                "expected an HTTP refusal, got {:?}\n{}",
+                other.map(|_| ()),
+                self.process.log()
+            ),
+        }
+    }
+
     /// The subscriptions in the gateway's registry hash.
-    async fn registry(&self) -> Vec<(String, Value)> {
+    pub(crate) async fn registry(&self) -> Vec<(String, Value)> {
         let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -124,12 +189,12 @@ impl Gateway {
     }
 }
 
-struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+pub(crate) struct Client {
+    pub(crate) ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
 impl Client {
-    async fn send(&mut self, text: &str) {
+    pub(crate) async fn send(&mut self, text: &str) {
         self.ws
             .send(Message::Text(text.to_owned().into()))
             .await
@@ -137,7 +202,7 @@ impl Client {
     }
 
     /// The next text frame, as sent.
-    async fn recv_text(&mut self) -> String {
+    pub(crate) async fn recv_text(&mut self) -> String {
         loop {
             let next = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
                 .await
@@ -150,14 +215,14 @@ impl Client {
         }
     }
 
-    async fn recv(&mut self) -> Value {
+    pub(crate) async fn recv(&mut self) -> Value {
         let text = self.recv_text().await;
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("invalid json {text}: {e}"))
     }
 
     /// Sends a heartbeat and expects its reply next: everything sent
     /// before it has been handled and answered.
-    async fn sync(&mut self, vsn2: bool, reference: &str) {
+    pub(crate) async fn sync(&mut self, vsn2: bool, reference: &str) {
         if vsn2 {
             self.send(&format!(
                 r#"[null,"{reference}","phoenix","heartbeat",{{}}]"#
@@ -687,6 +752,13 @@ async fn a_socket_that_stops_reading_is_closed_and_the_others_keep_receiving() {
     )
     .await;
     fast.sync(true, "after").await;
+    let metrics = gateway.get("/metrics").await.2;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "walcast_gateway_slow_sockets_closed_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ mod faults;
 mod filters;
 mod firehose;
 mod gateway;
+mod gateway_limits;
 mod harness;
 mod rls;
 mod startup;

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 pub use database_url::{DatabaseUrl, Host, SslMode, UrlError};
 
+use crate::gateway::auth::{ClaimValidators, KeySet};
+use crate::gateway::limits::Limits;
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -121,6 +124,11 @@ keys! {
     GATEWAY_ADDR: "gateway_addr", "WALCAST_GATEWAY_ADDR", "--gateway-addr", Some("0.0.0.0:4000");
     JWT_SECRET: "jwt_secret", "WALCAST_JWT_SECRET", "--jwt-secret", None;
     GATEWAY_ID: "gateway_id", "WALCAST_GATEWAY_ID", "--gateway-id", None;
+    JWT_JWKS: "jwt_jwks", "WALCAST_JWT_JWKS", "--jwt-jwks", None;
+    JWT_CLAIM_VALIDATORS: "jwt_claim_validators", "WALCAST_JWT_CLAIM_VALIDATORS", "--jwt-claim-validators", Some("{}");
+    MAX_CONCURRENT_USERS: "max_concurrent_users", "WALCAST_MAX_CONCURRENT_USERS", "--max-concurrent-users", Some("200");
+    MAX_CHANNELS_PER_CLIENT: "max_channels_per_client", "WALCAST_MAX_CHANNELS_PER_CLIENT", "--max-channels-per-client", Some("100");
+    MAX_JOINS_PER_SECOND: "max_joins_per_second", "WALCAST_MAX_JOINS_PER_SECOND", "--max-joins-per-second", Some("100");
 }
 
 /// Why settings could not be resolved.
@@ -314,7 +322,7 @@ impl Settings {
 }
 
 /// The gateway's resolved settings (`walcast gateway`): it needs Redis and
-/// the JWT secret, never the database.
+/// the JWT secret or a JWKS, never the database.
 #[derive(Clone)]
 pub struct GatewaySettings {
     /// The Redis bus.
@@ -323,8 +331,15 @@ pub struct GatewaySettings {
     pub tenant: String,
     /// Where the WebSocket server listens.
     pub gateway_addr: SocketAddr,
-    /// The HMAC secret client JWTs are signed with (kept out of `Debug`).
-    pub jwt_secret: String,
+    /// The HMAC secret HS* client JWTs are signed with (kept out of
+    /// `Debug`); optional only when a JWKS is given.
+    pub jwt_secret: Option<String>,
+    /// Keys of asymmetrically signed JWTs (RS*, ES*, EdDSA), by `kid`.
+    pub jwt_jwks: Option<KeySet>,
+    /// Claims every client JWT must carry with exactly these values.
+    pub jwt_claim_validators: ClaimValidators,
+    /// Sockets, channels per socket and joins per second.
+    pub limits: Limits,
     /// The gateway's id on the bus, if configured (else `hostname:port`).
     pub gateway_id: Option<String>,
     /// Log line format.
@@ -339,7 +354,13 @@ impl std::fmt::Debug for GatewaySettings {
             .field("redis_url", &self.redis_url)
             .field("tenant", &self.tenant)
             .field("gateway_addr", &self.gateway_addr)
-            .field("jwt_secret", &"<redacted>")
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_jwks", &self.jwt_jwks)
+            .field("jwt_claim_validators", &self.jwt_claim_validators)
+            .field("limits", &self.limits)
             .field("gateway_id", &self.gateway_id)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
@@ -383,17 +404,40 @@ impl GatewaySettings {
                 reason,
             }
         };
-        Ok(GatewaySettings {
-            redis_url: parse(&REDIS_URL, &parse_redis_url)?,
-            tenant: parse(&TENANT, &parse_tenant)?,
-            gateway_addr: parse_socket_addr(&addr).map_err(invalid(&GATEWAY_ADDR, addr_origin))?,
-            jwt_secret: parse(&JWT_SECRET, &|v| {
+        // Both read by the same function whatever the source, like
+        // every other value; a JWKS may come inline or from a file.
+        let jwt_jwks = lookup(&JWT_JWKS)
+            .map(|(v, origin)| parse_jwks(&v).map_err(invalid(&JWT_JWKS, origin)))
+            .transpose()?;
+        let (validators, validators_origin) = required(&JWT_CLAIM_VALIDATORS)?;
+        let count = |key: &'static Key| -> Result<usize, Error> {
+            let (value, origin) = required(key)?;
+            parse_count(&value, 1_000_000).map_err(invalid(key, origin))
+        };
+        // Without a JWKS the secret is the only way to verify a token.
+        let jwt_secret = match (lookup(&JWT_SECRET), &jwt_jwks) {
+            (None, Some(_)) => None,
+            _ => Some(parse(&JWT_SECRET, &|v| {
                 if v.is_empty() {
                     Err("the JWT secret must not be empty".to_owned())
                 } else {
                     Ok(v.to_owned())
                 }
-            })?,
+            })?),
+        };
+        Ok(GatewaySettings {
+            redis_url: parse(&REDIS_URL, &parse_redis_url)?,
+            tenant: parse(&TENANT, &parse_tenant)?,
+            gateway_addr: parse_socket_addr(&addr).map_err(invalid(&GATEWAY_ADDR, addr_origin))?,
+            jwt_secret,
+            jwt_jwks,
+            jwt_claim_validators: ClaimValidators::parse(&validators)
+                .map_err(invalid(&JWT_CLAIM_VALIDATORS, validators_origin))?,
+            limits: Limits {
+                max_concurrent_users: count(&MAX_CONCURRENT_USERS)?,
+                max_channels_per_client: count(&MAX_CHANNELS_PER_CLIENT)?,
+                max_joins_per_second: count(&MAX_JOINS_PER_SECOND)? as u32,
+            },
             gateway_id: lookup(&GATEWAY_ID)
                 .map(|(v, origin)| parse_gateway_id(&v).map_err(invalid(&GATEWAY_ID, origin)))
                 .transpose()?,
@@ -401,6 +445,23 @@ impl GatewaySettings {
             log: required(&LOG)?.0,
         })
     }
+}
+
+/// A JWKS document given inline (it starts with `{`) or as a file path.
+fn parse_jwks(v: &str) -> Result<KeySet, String> {
+    let trimmed = v.trim_start();
+    let keys = if trimmed.starts_with('{') {
+        KeySet::parse(trimmed)?
+    } else {
+        let text = std::fs::read_to_string(v).map_err(|e| {
+            format!("cannot read the JWKS file {v:?} ({e}); give a JWKS JSON document or the path of one")
+        })?;
+        KeySet::parse(&text).map_err(|e| format!("in {v}: {e}"))?
+    };
+    if keys.is_empty() {
+        return Err("the JWKS has no keys".to_owned());
+    }
+    Ok(keys)
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {
@@ -677,6 +738,120 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gateway_limits_and_jwt_settings_default_to_supabases() {
+        let s = GatewaySettings::resolve(&[env(&[("WALCAST_JWT_SECRET", "hush")])]).unwrap();
+        assert_eq!(
+            s.limits,
+            Limits {
+                max_concurrent_users: 200,
+                max_channels_per_client: 100,
+                max_joins_per_second: 100,
+            }
+        );
+        assert!(s.jwt_claim_validators.is_empty());
+        assert!(s.jwt_jwks.is_none());
+        assert_eq!(s.jwt_secret.as_deref(), Some("hush"));
+    }
+
+    #[test]
+    fn invalid_gateway_values_name_the_key_and_the_source() {
+        for (name, value, says) in [
+            (
+                "WALCAST_JWT_CLAIM_VALIDATORS",
+                "iss=supabase",
+                "invalid value for `jwt_claim_validators` (from environment variable WALCAST_JWT_CLAIM_VALIDATORS): expected a JSON object of claims",
+            ),
+            (
+                "WALCAST_JWT_CLAIM_VALIDATORS",
+                r#"{"exp":1}"#,
+                "invalid value for `jwt_claim_validators` (from environment variable WALCAST_JWT_CLAIM_VALIDATORS): `exp` cannot be matched exactly",
+            ),
+            (
+                "WALCAST_JWT_JWKS",
+                "/nonexistent/jwks.json",
+                "invalid value for `jwt_jwks` (from environment variable WALCAST_JWT_JWKS): cannot read the JWKS file \"/nonexistent/jwks.json\"",
+            ),
+            (
+                "WALCAST_JWT_JWKS",
+                r#"{"keys":[]}"#,
+                "invalid value for `jwt_jwks` (from environment variable WALCAST_JWT_JWKS): the JWKS has no keys",
+            ),
+            (
+                "WALCAST_JWT_JWKS",
+                r#"{"keys":[{"kty":"oct","k":"YQ"}]}"#,
+                "invalid value for `jwt_jwks` (from environment variable WALCAST_JWT_JWKS): key 0 has no \"kid\"",
+            ),
+            (
+                "WALCAST_MAX_CHANNELS_PER_CLIENT",
+                "0",
+                "invalid value for `max_channels_per_client` (from environment variable WALCAST_MAX_CHANNELS_PER_CLIENT): expected a whole number from 1 to 1000000, got \"0\"",
+            ),
+            (
+                "WALCAST_MAX_CONCURRENT_USERS",
+                "many",
+                "invalid value for `max_concurrent_users` (from environment variable WALCAST_MAX_CONCURRENT_USERS): expected a whole number from 1 to 1000000, got \"many\"",
+            ),
+            (
+                "WALCAST_MAX_JOINS_PER_SECOND",
+                "-1",
+                "invalid value for `max_joins_per_second` (from environment variable WALCAST_MAX_JOINS_PER_SECOND): expected a whole number from 1 to 1000000, got \"-1\"",
+            ),
+        ] {
+            let err =
+                GatewaySettings::resolve(&[env(&[("WALCAST_JWT_SECRET", "hush"), (name, value)])])
+                    .unwrap_err();
+            assert!(err.to_string().starts_with(says), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_jwks_replaces_the_secret_and_toml_takes_json_strings() {
+        let jwks = r#"{"keys":[{"kty":"oct","kid":"h1","k":"YQ"}]}"#;
+        let s = GatewaySettings::resolve(&[env(&[("WALCAST_JWT_JWKS", jwks)])]).unwrap();
+        assert_eq!(
+            (s.jwt_secret.as_deref(), s.jwt_jwks.map(|k| k.len())),
+            (None, Some(1))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks).unwrap();
+        let file = Layer::from_toml_str(
+            &format!(
+                "jwt_jwks = {:?}\njwt_claim_validators = '{{\"iss\":\"supabase\"}}'\nmax_joins_per_second = 7\n",
+                path.display().to_string()
+            ),
+            "gw.toml",
+        )
+        .unwrap();
+        let s = GatewaySettings::resolve(&[file]).unwrap();
+        assert_eq!(s.jwt_jwks.map(|k| k.len()), Some(1));
+        assert_eq!(s.jwt_claim_validators.claims().collect::<Vec<_>>(), ["iss"]);
+        assert_eq!(s.limits.max_joins_per_second, 7);
+        // An inline TOML table is not JSON: the message says to quote it.
+        let file =
+            Layer::from_toml_str("jwt_claim_validators = { iss = \"x\" }", "gw.toml").unwrap();
+        let err =
+            GatewaySettings::resolve(&[file, env(&[("WALCAST_JWT_SECRET", "hush")])]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid value for `jwt_claim_validators` (from config file gw.toml): expected a JSON object")
+                && err.to_string().contains("as a quoted string"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_example_config_file_resolves_for_the_gateway_with_the_defaults() {
+        let file = Layer::from_toml_str(include_str!("../../config/walcast.toml"), "walcast.toml")
+            .unwrap();
+        let s = GatewaySettings::resolve(&[file.clone(), env(&[("WALCAST_JWT_SECRET", "hush")])])
+            .unwrap();
+        let defaults = GatewaySettings::resolve(&[env(&[("WALCAST_JWT_SECRET", "hush")])]).unwrap();
+        assert_eq!(s.limits, defaults.limits);
+        assert!(s.jwt_claim_validators.is_empty());
+        assert!(Settings::resolve(&[file]).is_ok());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! slow and is closed, so one slow client cannot delay the others.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -88,6 +89,7 @@ pub enum Error {
 pub struct Bus {
     routes: Arc<Mutex<HashMap<String, Route>>>,
     commands: mpsc::UnboundedSender<Command>,
+    connected: Arc<AtomicBool>,
 }
 
 /// The bus task, to be run once: [`BusTask::run`].
@@ -97,19 +99,29 @@ pub struct BusTask {
     redis_url: String,
     names: Names,
     gateway: String,
+    connected: Arc<AtomicBool>,
+    reconnects: metrics::Counter,
 }
 
-/// A handle and its task for gateway `gateway` of the tenant of `names`.
+/// A handle and its task for gateway `gateway` of the tenant of `names`;
+/// `reconnects` counts the times the connection comes back after a loss.
 ///
 /// Commands are queued unbounded so a socket never waits on Redis; their
 /// number is bounded by the sockets' joins.
-pub fn new(redis_url: String, names: Names, gateway: String) -> (Bus, BusTask) {
+pub fn new(
+    redis_url: String,
+    names: Names,
+    gateway: String,
+    reconnects: metrics::Counter,
+) -> (Bus, BusTask) {
     let routes = Arc::new(Mutex::new(HashMap::new()));
+    let connected = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Bus {
             routes: routes.clone(),
             commands: tx,
+            connected: connected.clone(),
         },
         BusTask {
             routes,
@@ -117,6 +129,8 @@ pub fn new(redis_url: String, names: Names, gateway: String) -> (Bus, BusTask) {
             redis_url,
             names,
             gateway,
+            connected,
+            reconnects,
         },
     )
 }
@@ -126,6 +140,11 @@ fn lock(routes: &Mutex<HashMap<String, Route>>) -> MutexGuard<'_, HashMap<String
 }
 
 impl Bus {
+    /// Whether the bus task is registered on Redis and listening now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
     /// Registers (or registers again, same ids) `subscriptions` for `socket`.
     pub fn register(&self, socket: &SocketHandle, subscriptions: &[Subscription]) {
         let mut routes = lock(&self.routes);
@@ -185,8 +204,15 @@ impl BusTask {
     /// registry, the lease and the set entry, publishes `leave`).
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut delay = Duration::from_millis(100);
+        // Whether the bus was ever up: coming up after that is a reconnect.
+        let mut was_up = false;
         loop {
-            let result = self.serve(&cancel).await;
+            let result = self.serve(&cancel, was_up).await;
+            if self.connected.swap(false, Ordering::AcqRel) {
+                was_up = true;
+                // A new loss starts the backoff over.
+                delay = Duration::from_millis(100);
+            }
             match result {
                 Ok(()) => return,
                 Err(e) => warn!(error = %e, retry_in = ?delay, "gateway bus reconnecting"),
@@ -199,7 +225,8 @@ impl BusTask {
         }
     }
 
-    async fn serve(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+    /// One connection's life; `again` when an earlier one came up and was lost.
+    async fn serve(&mut self, cancel: &CancellationToken, again: bool) -> Result<(), Error> {
         let client = redis::Client::open(self.redis_url.as_str())?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
@@ -212,6 +239,10 @@ impl BusTask {
         self.refresh_lease(&mut conn).await?;
         self.resync(&mut conn).await?;
         info!(gateway = %self.gateway, "gateway registered on the bus");
+        self.connected.store(true, Ordering::Release);
+        if again {
+            self.reconnects.increment(1);
+        }
         let mut messages = pubsub.on_message();
         let mut lease = tokio::time::interval(LEASE_REFRESH);
         loop {

@@ -65,6 +65,13 @@ pub enum JoinError {
     /// The token was refused.
     #[error("{}", .0.reason())]
     Auth(#[from] AuthError),
+    /// The socket has `max_channels_per_client` channels joined.
+    #[error("ChannelRateLimitReached: Too many channels")]
+    TooManyChannels,
+    /// The gateway's `max_joins_per_second` is reached; the socket is
+    /// disconnected after the reply, as Supabase does.
+    #[error("ClientJoinRateLimitReached: Too many joins per second")]
+    TooManyJoins,
 }
 
 impl JoinError {
@@ -72,6 +79,26 @@ impl JoinError {
     pub fn reason(&self) -> String {
         self.to_string()
     }
+
+    /// Supabase's error code (the `reason` label of refused joins).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JoinError::TopicNameRequired => "TopicNameRequired",
+            JoinError::InvalidPayload(_) => "InvalidJoinPayload",
+            JoinError::Auth(e) => e.code(),
+            JoinError::TooManyChannels => "ChannelRateLimitReached",
+            JoinError::TooManyJoins => "ClientJoinRateLimitReached",
+        }
+    }
+}
+
+/// Refuses the topic `realtime:` alone, which Supabase rejects before
+/// anything else (limits included).
+pub fn check_topic(topic: &str) -> Result<(), JoinError> {
+    if topic.strip_prefix("realtime:").is_some_and(str::is_empty) {
+        return Err(JoinError::TopicNameRequired);
+    }
+    Ok(())
 }
 
 /// One binding of a joined channel.
@@ -95,6 +122,8 @@ pub struct Channel {
     pub join_ref: Value,
     /// The token the channel runs with.
     token: String,
+    /// When that token expires (its `exp`, Unix seconds).
+    exp: i64,
     /// The bindings, in request order.
     pub bindings: Vec<Binding>,
     /// A binding was rejected: the channel will not report itself live.
@@ -125,9 +154,7 @@ impl Channel {
         verifier: &Verifier,
         prefix: &str,
     ) -> Result<Channel, JoinError> {
-        if topic.strip_prefix("realtime:").is_some_and(str::is_empty) {
-            return Err(JoinError::TopicNameRequired);
-        }
+        check_topic(topic)?;
         let parsed: JoinPayload<'_> = if payload.get() == "null" {
             JoinPayload {
                 config: None,
@@ -161,6 +188,7 @@ impl Channel {
             topic: topic.to_owned(),
             join_ref,
             token,
+            exp: verified.exp,
             bindings,
             failed: false,
             live: false,
@@ -259,6 +287,7 @@ impl Channel {
         }
         let verified = verifier.verify(token)?;
         self.token = token.to_owned();
+        self.exp = verified.exp;
         self.live = false;
         self.failed = false;
         for b in &mut self.bindings {
@@ -274,9 +303,14 @@ impl Channel {
         ))
     }
 
-    /// The channel's token, re-verified now (its expiry is re-checked).
-    pub fn check_token(&self, verifier: &Verifier) -> Result<(), AuthError> {
-        verifier.verify(&self.token).map(|_| ())
+    /// Whether the channel's token is still unexpired at `now` (Unix
+    /// seconds). Only `exp` can change its verdict: the token and the keys
+    /// are fixed, so the signature (costly for RSA) is not checked again.
+    pub fn check_token(&self, now: i64) -> Result<(), AuthError> {
+        if self.exp <= now {
+            return Err(AuthError::Expired(now - self.exp));
+        }
+        Ok(())
     }
 
     /// A channel-level `system` error (always followed by `phx_close`).
@@ -479,5 +513,16 @@ mod tests {
             ("x:1:0", "authenticated")
         );
         assert!(c.refresh(&json!("bad"), &v).is_err());
+    }
+
+    #[test]
+    fn the_token_check_is_its_expiry() {
+        let c = join("{}").unwrap();
+        assert_eq!(c.check_token(3_999_999_999), Ok(()));
+        assert_eq!(
+            c.check_token(4_000_000_005),
+            Err(AuthError::Expired(5)),
+            "exp is 4_000_000_000"
+        );
     }
 }

@@ -16,18 +16,25 @@
 //! | [`channel`] | a joined channel: bindings, ids, echo, readiness |
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
 //! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing |
+//! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them |
+//! | [`metrics`] | what `GET /metrics` renders |
+//!
+//! Besides the WebSocket paths the router serves `GET /health` (200 while
+//! the bus is connected to Redis, else 503) and `GET /metrics`.
 
 pub mod auth;
 pub mod bus;
 pub mod channel;
 pub mod frame;
+pub mod limits;
+pub mod metrics;
 pub mod socket;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -37,10 +44,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::auth::{AuthError, Verifier};
 use self::frame::Vsn;
+use self::limits::{JoinRate, Limits, Sockets};
+use self::metrics::GatewayMetrics;
 use crate::bus::Names;
 use crate::config::GatewaySettings;
 
@@ -48,6 +57,8 @@ use crate::config::GatewaySettings;
 const MAX_FRAME_BYTES: usize = 5_000_000;
 /// How long open sockets get to close on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +84,45 @@ pub struct Context {
     pub verifier: Verifier,
     /// The bus handle.
     pub bus: bus::Bus,
+    /// The limits' values.
+    pub limits: Limits,
+    /// What `/metrics` renders.
+    pub metrics: GatewayMetrics,
+    /// Joins per second, all sockets together.
+    pub joins: JoinRate,
+    /// Open sockets against `max_concurrent_users`.
+    open: Arc<Sockets>,
+    /// The last socket id handed out.
     sockets: AtomicU64,
     tracker: TaskTracker,
     cancel: CancellationToken,
+}
+
+impl Context {
+    /// A context for sockets verified by `verifier`, on `bus`, within `limits`.
+    pub fn new(
+        verifier: Verifier,
+        bus: bus::Bus,
+        limits: Limits,
+        metrics: GatewayMetrics,
+        cancel: CancellationToken,
+    ) -> Context {
+        let open = Arc::new(Sockets::new(
+            limits.max_concurrent_users,
+            metrics.sockets.clone(),
+        ));
+        Context {
+            verifier,
+            bus,
+            limits,
+            metrics,
+            joins: JoinRate::new(limits.max_joins_per_second),
+            open,
+            sockets: AtomicU64::new(0),
+            tracker: TaskTracker::new(),
+            cancel,
+        }
+    }
 }
 
 /// Serves until `cancel` fires; then closes every socket (1001) and leaves
@@ -91,21 +138,38 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         .gateway_id
         .clone()
         .unwrap_or_else(|| default_id(settings.gateway_addr.port()));
+    let metrics = GatewayMetrics::new();
     let (bus, bus_task) = bus::new(
         settings.redis_url.clone(),
         Names::new(&settings.tenant),
         gateway.clone(),
+        metrics.bus_reconnects.clone(),
     );
     let bus_cancel = CancellationToken::new();
     let bus_handle = tokio::spawn(bus_task.run(bus_cancel.clone()));
-    let ctx = Arc::new(Context {
-        verifier: Verifier::new(settings.jwt_secret.as_bytes()),
+    let verifier = Verifier::with_keys(
+        settings.jwt_secret.as_deref().map(str::as_bytes),
+        settings.jwt_jwks.clone().unwrap_or_default(),
+        settings.jwt_claim_validators.clone(),
+    );
+    let ctx = Arc::new(Context::new(
+        verifier,
         bus,
-        sockets: AtomicU64::new(0),
-        tracker: TaskTracker::new(),
-        cancel: cancel.clone(),
-    });
-    info!(addr = %settings.gateway_addr, %gateway, tenant = %settings.tenant, "gateway listening");
+        settings.limits,
+        metrics,
+        cancel.clone(),
+    ));
+    info!(
+        addr = %settings.gateway_addr,
+        %gateway,
+        tenant = %settings.tenant,
+        max_concurrent_users = settings.limits.max_concurrent_users,
+        max_channels_per_client = settings.limits.max_channels_per_client,
+        max_joins_per_second = settings.limits.max_joins_per_second,
+        jwks_keys = settings.jwt_jwks.as_ref().map_or(0, auth::KeySet::len),
+        claim_validators = ?settings.jwt_claim_validators.claims().collect::<Vec<_>>(),
+        "gateway listening"
+    );
     let served = axum::serve(listener, router(ctx.clone()))
         .with_graceful_shutdown(cancel.clone().cancelled_owned())
         .await
@@ -123,12 +187,41 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
     served
 }
 
-/// The WebSocket routes.
+/// The WebSocket routes, `/health` and `/metrics`.
 pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/socket/websocket", get(upgrade))
         .route("/realtime/v1/websocket", get(upgrade))
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
         .with_state(ctx)
+}
+
+/// 200 while the bus is registered on Redis (deliveries can flow), else
+/// 503: a load balancer then sends new clients to another gateway.
+async fn health(State(ctx): State<Arc<Context>>) -> Response {
+    let (status, body) = if ctx.bus.connected() {
+        (StatusCode::OK, r#"{"status":"ok","redis":"up"}"#)
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"unavailable","redis":"down"}"#,
+        )
+    };
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn render_metrics(State(ctx): State<Arc<Context>>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        ctx.metrics.render(),
+    )
+        .into_response()
 }
 
 /// `hostname:port`, or a random id when the hostname is unknown.
@@ -176,11 +269,34 @@ async fn upgrade(
         .unwrap_or_default()
         .to_owned();
     if let Err(e) = ctx.verifier.verify(&token) {
-        let status = match e {
-            AuthError::Missing | AuthError::Expired(_) => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::FORBIDDEN,
-        };
-        return refuse(status, &e.to_string());
+        ctx.metrics.connection_refused(e.code());
+        if matches!(e, AuthError::Claim { .. }) {
+            // The client is told only Supabase's generic error.
+            info!(error = %e, "connection refused");
+        } else {
+            debug!(error = %e, "connection refused");
+        }
+        let (status, message) = e.http_refusal();
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        return refuse(status, &message);
+    }
+    // Supabase's `TenantRateLimiters.check_tenant`, after authentication:
+    // the concurrent sockets, then the join rate.
+    let Some(slot) = ctx.open.admit() else {
+        ctx.metrics.connection_refused("ConnectionRateLimitReached");
+        warn!(
+            max_concurrent_users = ctx.limits.max_concurrent_users,
+            "connection refused: too many connected users"
+        );
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users");
+    };
+    if ctx.joins.exhausted(Instant::now()) {
+        ctx.metrics.connection_refused("JoinsRateLimitReached");
+        warn!(
+            max_joins_per_second = ctx.limits.max_joins_per_second,
+            "connection refused: too many joins per second"
+        );
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many joins per second");
     }
     let id = ctx.sockets.fetch_add(1, Ordering::Relaxed) + 1;
     ws.max_message_size(MAX_FRAME_BYTES)
@@ -188,6 +304,10 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             let cancel = ctx.cancel.clone();
             let tracker = ctx.tracker.clone();
-            tracker.track_future(socket::serve(socket, ctx, id, vsn, token, cancel))
+            tracker.track_future(async move {
+                socket::serve(socket, ctx, id, vsn, token, cancel).await;
+                // The place is free once the session has ended.
+                drop(slot);
+            })
         })
 }

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Context;
+use super::auth::{AuthError, unix_now};
 use super::bus::{Delivery, SocketHandle};
-use super::channel::Channel;
+use super::channel::{self, Channel, JoinError};
 use super::frame::{self, Inbound, Outbound, Vsn};
 
 /// Deliveries a session may have queued before it counts as too slow.
@@ -34,7 +35,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_TOO_SLOW: u16 = 1013;
 /// Close code on shutdown ("going away").
 const CLOSE_GOING_AWAY: u16 = 1001;
-/// Close code for an idle socket.
+/// Close code for an idle socket, and for one disconnected for joining
+/// too fast (Phoenix's `disconnect` closes normally, without a reason).
 const CLOSE_NORMAL: u16 = 1000;
 
 /// How a session ends, and what its socket still owes the client.
@@ -63,6 +65,8 @@ struct Session {
     channels: HashMap<String, Channel>,
     joins: u64,
     out: VecDeque<Message>,
+    /// Set when the session is to end once `out` is written.
+    closing: Option<(u16, &'static str)>,
 }
 
 /// Serves one upgraded socket until it closes, falls behind or `cancel`
@@ -89,6 +93,7 @@ pub async fn serve(
         channels: HashMap::new(),
         joins: 0,
         out: VecDeque::new(),
+        closing: None,
     };
     debug!(socket = id, ?vsn, "socket connected");
     let mut last_seen = Instant::now();
@@ -99,7 +104,10 @@ pub async fn serve(
                 biased;
                 () = cancel.cancelled() => break,
                 () = kick.cancelled() => break,
-                sent = ws.send(message) => if sent.is_err() { session.out.clear(); break },
+                sent = ws.send(message) => match sent {
+                    Ok(()) => session.ctx.metrics.frames_sent.increment(1),
+                    Err(_) => { session.out.clear(); break }
+                },
             }
         }
         if cancel.is_cancelled() {
@@ -107,7 +115,11 @@ pub async fn serve(
         }
         if kick.is_cancelled() {
             warn!(socket = id, "closing a socket that fell behind");
+            session.ctx.metrics.slow_closes.increment(1);
             break End::Close(CLOSE_TOO_SLOW, "too slow: send queue full");
+        }
+        if let Some((code, reason)) = session.closing {
+            break End::Close(code, reason);
         }
         tokio::select! {
             biased;
@@ -149,6 +161,11 @@ pub async fn serve(
         .flat_map(|c| c.bindings.iter().map(|b| b.subscription.id.clone()))
         .collect();
     session.ctx.bus.unregister(ids.iter().map(String::as_str));
+    session
+        .ctx
+        .metrics
+        .channels
+        .decrement(session.channels.len() as f64);
     match end {
         End::Close(code, reason) => {
             let frame = Message::Close(Some(CloseFrame {
@@ -240,20 +257,37 @@ impl Session {
         }
     }
 
+    /// Supabase's order: the topic name, the join rate, the channel count,
+    /// then the payload and the token.
+    fn admit(&self, topic: &str) -> Result<(), JoinError> {
+        channel::check_topic(topic)?;
+        if !self.ctx.joins.try_join(Instant::now()) {
+            return Err(JoinError::TooManyJoins);
+        }
+        if self.channels.len() >= self.ctx.limits.max_channels_per_client {
+            return Err(JoinError::TooManyChannels);
+        }
+        Ok(())
+    }
+
     fn join(&mut self, f: Inbound) {
+        // A second join of a joined topic replaces the channel (Phoenix
+        // closes the old one first), so it does not count twice.
         if let Some(old) = self.channels.remove(&f.topic) {
             self.close_channel(old);
         }
         self.joins += 1;
         let prefix = format!("{}:{}", self.handle.id, self.joins);
-        let joined = Channel::join(
-            &f.topic,
-            f.join_ref.clone(),
-            &f.payload,
-            &self.token,
-            &self.ctx.verifier,
-            &prefix,
-        );
+        let joined = self.admit(&f.topic).and_then(|()| {
+            Channel::join(
+                &f.topic,
+                f.join_ref.clone(),
+                &f.payload,
+                &self.token,
+                &self.ctx.verifier,
+                &prefix,
+            )
+        });
         match joined {
             Ok(channel) => {
                 let subscriptions: Vec<_> = channel
@@ -265,11 +299,29 @@ impl Session {
                 let reply = channel.reply_payload();
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
                 debug!(socket = self.handle.id, topic = %f.topic, bindings = subscriptions.len(), "joined");
+                self.ctx.metrics.channels.increment(1.0);
                 self.channels.insert(f.topic, channel);
             }
             Err(e) => {
-                debug!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused");
+                self.ctx.metrics.join_refused(e.code());
+                match &e {
+                    JoinError::TooManyJoins | JoinError::TooManyChannels => {
+                        warn!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused");
+                    }
+                    JoinError::Auth(claim @ AuthError::Claim { .. }) => {
+                        // The client is told only "Unknown Error on
+                        // Channel", as by Supabase: say here which claim.
+                        info!(socket = self.handle.id, topic = %f.topic, error = %claim, "join refused");
+                    }
+                    _ => {
+                        debug!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused")
+                    }
+                }
                 self.reply_error(&f.join_ref, &f.reference, &f.topic, &e.reason());
+                if matches!(e, JoinError::TooManyJoins) {
+                    // Supabase disconnects the transport after this reply.
+                    self.closing = Some((CLOSE_NORMAL, ""));
+                }
             }
         }
     }
@@ -285,6 +337,7 @@ impl Session {
 
     /// Removes `channel`'s subscriptions and tells the client it is closed.
     fn close_channel(&mut self, channel: Channel) {
+        self.ctx.metrics.channels.decrement(1.0);
         self.ctx
             .bus
             .unregister(channel.bindings.iter().map(|b| b.subscription.id.as_str()));
@@ -317,18 +370,22 @@ impl Session {
                 self.ctx.bus.register(&self.handle, &subscriptions);
                 debug!(socket = self.handle.id, topic = %f.topic, "token refreshed");
             }
-            Err(e) => self.fail_channel(&f.topic, &e.to_string()),
+            Err(e) => {
+                debug!(socket = self.handle.id, topic = %f.topic, error = %e, "token refresh refused");
+                self.fail_channel(&f.topic, &e.system_message());
+            }
         }
     }
 
     fn check_tokens(&mut self) {
+        let now = unix_now();
         let failed: Vec<(String, String)> = self
             .channels
             .values()
             .filter_map(|c| {
-                c.check_token(&self.ctx.verifier)
+                c.check_token(now)
                     .err()
-                    .map(|e| (c.topic.clone(), e.to_string()))
+                    .map(|e| (c.topic.clone(), e.system_message()))
             })
             .collect();
         for (topic, message) in failed {

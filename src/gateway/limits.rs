@@ -1,0 +1,180 @@
+//! The gateway's limits, as Supabase Realtime's tenant limits work:
+//! concurrent sockets (`max_concurrent_users`), channels per socket
+//! (`max_channels_per_client`) and channel joins per second
+//! (`max_joins_per_second`). Supabase counts the first and the last per
+//! tenant across its cluster; a gateway counts them for the sockets it
+//! serves (it shares nothing with other gateways but Redis).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The limits' values (`GatewaySettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sockets open at once; more are refused with HTTP 429.
+    pub max_concurrent_users: usize,
+    /// Channels one socket may have joined at once.
+    pub max_channels_per_client: usize,
+    /// Joins per second, all sockets together (a burst of this many).
+    pub max_joins_per_second: u32,
+}
+
+impl Default for Limits {
+    /// Supabase's defaults for a new tenant.
+    fn default() -> Limits {
+        Limits {
+            max_concurrent_users: 200,
+            max_channels_per_client: 100,
+            max_joins_per_second: 100,
+        }
+    }
+}
+
+/// Open sockets against `max_concurrent_users`, mirrored in a gauge.
+#[derive(Debug)]
+pub struct Sockets {
+    open: AtomicUsize,
+    max: usize,
+    gauge: metrics::Gauge,
+}
+
+/// One admitted socket; dropping it frees its place.
+#[derive(Debug)]
+pub struct Slot {
+    sockets: Arc<Sockets>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.sockets.open.fetch_sub(1, Ordering::AcqRel);
+        self.sockets.gauge.decrement(1.0);
+    }
+}
+
+impl Sockets {
+    /// At most `max` at once; `gauge` follows the count, so it reads
+    /// exactly the places taken.
+    pub fn new(max: usize, gauge: metrics::Gauge) -> Sockets {
+        Sockets {
+            open: AtomicUsize::new(0),
+            max,
+            gauge,
+        }
+    }
+
+    /// A place for one more socket, or `None` when `max` are open. The
+    /// place is taken before the upgrade completes, so simultaneous
+    /// connections cannot overshoot.
+    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| {
+                self.gauge.increment(1.0);
+                Slot {
+                    sockets: self.clone(),
+                }
+            })
+    }
+
+    /// Sockets admitted and not yet closed.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// Joins per second, as a token bucket: `rate` tokens at most, refilled
+/// at `rate` per second; a join takes one. A steady `rate` joins per
+/// second always pass, a burst of `rate` passes at once, and the limit
+/// is reached exactly when the bucket is empty, unlike a per-second
+/// window whose edges let twice the rate through.
+#[derive(Debug)]
+pub struct JoinRate {
+    rate: f64,
+    bucket: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl JoinRate {
+    /// `rate` joins per second (at least 1).
+    pub fn new(rate: u32) -> JoinRate {
+        let rate = f64::from(rate.max(1));
+        JoinRate {
+            rate,
+            bucket: Mutex::new(Bucket {
+                tokens: rate,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    fn refilled(&self, now: Instant) -> std::sync::MutexGuard<'_, Bucket> {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.rate);
+        bucket.at = now;
+        bucket
+    }
+
+    /// Takes a join from the bucket; `false` when the rate is reached
+    /// (a refused join takes nothing).
+    pub fn try_join(&self, now: Instant) -> bool {
+        let mut bucket = self.refilled(now);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the rate is reached now (a join would be refused).
+    pub fn exhausted(&self, now: Instant) -> bool {
+        self.refilled(now).tokens < 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn sockets_are_admitted_up_to_the_limit_and_places_come_back() {
+        let sockets = Arc::new(Sockets::new(2, metrics::Gauge::noop()));
+        let a = sockets.admit().unwrap();
+        let b = sockets.admit().unwrap();
+        assert!(sockets.admit().is_none());
+        assert_eq!(sockets.open(), 2);
+        drop(a);
+        let c = sockets.admit();
+        assert!(c.is_some());
+        drop((b, c));
+        assert_eq!(sockets.open(), 0);
+    }
+
+    #[test]
+    fn a_burst_of_rate_joins_passes_then_one_per_interval() {
+        let joins = JoinRate::new(4);
+        let t0 = Instant::now();
+        assert!((0..4).all(|_| joins.try_join(t0)));
+        assert!(!joins.try_join(t0));
+        assert!(joins.exhausted(t0));
+        // A refused join took nothing: a quarter of a second later, one passes.
+        assert!(joins.try_join(t0 + Duration::from_millis(250)));
+        assert!(!joins.try_join(t0 + Duration::from_millis(260)));
+        // The bucket never holds more than `rate`.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..4).all(|_| joins.try_join(later)));
+        assert!(!joins.try_join(later));
+    }
+}

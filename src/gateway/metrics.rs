@@ -1,0 +1,192 @@
+//! What the gateway counts, rendered by its own `GET /metrics`.
+//!
+//! The gateway keeps a Prometheus recorder of its own and holds handles to
+//! its series instead of going through the `metrics` facade's global
+//! recorder: the hot path (a frame sent) touches one atomic with no
+//! registry lookup, and several gateways in one process (tests) never mix
+//! their numbers. Names carry `_total` on counters, as the daemon's do.
+
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// WebSocket sockets open.
+pub const SOCKETS: &str = "walcast_gateway_sockets";
+/// Channels joined, all sockets together.
+pub const CHANNELS: &str = "walcast_gateway_channels";
+/// Joins refused, by `reason` (Supabase's error code).
+pub const JOINS_REFUSED: &str = "walcast_gateway_joins_refused_total";
+/// Connections refused before the upgrade, by `reason`.
+pub const CONNECTIONS_REFUSED: &str = "walcast_gateway_connections_refused_total";
+/// Frames written to clients.
+pub const FRAMES_SENT: &str = "walcast_gateway_frames_sent_total";
+/// Sockets closed because they fell behind (their queue was full).
+pub const SLOW_CLOSES: &str = "walcast_gateway_slow_sockets_closed_total";
+/// Times the bus connection to Redis was established again after it was lost.
+pub const BUS_RECONNECTS: &str = "walcast_gateway_bus_reconnects_total";
+/// Label of [`JOINS_REFUSED`] and [`CONNECTIONS_REFUSED`].
+pub const REASON: &str = "reason";
+
+/// Every gateway metric: name, unit and help text, in documentation order.
+pub const ALL: &[(&str, Unit, &str)] = &[
+    (SOCKETS, Unit::Count, "websocket sockets open"),
+    (CHANNELS, Unit::Count, "channels joined"),
+    (
+        JOINS_REFUSED,
+        Unit::Count,
+        "joins refused, by reason (supabase error code)",
+    ),
+    (
+        CONNECTIONS_REFUSED,
+        Unit::Count,
+        "connections refused before the upgrade, by reason",
+    ),
+    (FRAMES_SENT, Unit::Count, "frames written to clients"),
+    (
+        SLOW_CLOSES,
+        Unit::Count,
+        "sockets closed because they fell behind",
+    ),
+    (
+        BUS_RECONNECTS,
+        Unit::Count,
+        "bus connections to redis established again after a loss",
+    ),
+];
+
+/// Refusal reasons listed at zero from the start, so alerts can be set
+/// on them before they first happen.
+const LIMIT_REASONS: &[&str] = &["ChannelRateLimitReached", "ClientJoinRateLimitReached"];
+const CONNECTION_REASONS: &[&str] = &["ConnectionRateLimitReached", "JoinsRateLimitReached"];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// The gateway's recorder and the handles of its series.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// [`SOCKETS`].
+    pub sockets: Gauge,
+    /// [`CHANNELS`].
+    pub channels: Gauge,
+    /// [`FRAMES_SENT`].
+    pub frames_sent: Counter,
+    /// [`SLOW_CLOSES`].
+    pub slow_closes: Counter,
+    /// [`BUS_RECONNECTS`].
+    pub bus_reconnects: Counter,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewayMetrics {
+    /// A recorder with every series registered (at zero).
+    pub fn new() -> GatewayMetrics {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        for (name, unit, help) in ALL {
+            let name = KeyName::from_const_str(name);
+            let help = SharedString::const_str(help);
+            if name.as_str() == SOCKETS || name.as_str() == CHANNELS {
+                recorder.describe_gauge(name, Some(*unit), help);
+            } else {
+                recorder.describe_counter(name, Some(*unit), help);
+            }
+        }
+        let gauge = |name| recorder.register_gauge(&Key::from_static_name(name), &METADATA);
+        let counter = |name| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let metrics = GatewayMetrics {
+            handle: recorder.handle(),
+            sockets: gauge(SOCKETS),
+            channels: gauge(CHANNELS),
+            frames_sent: counter(FRAMES_SENT),
+            slow_closes: counter(SLOW_CLOSES),
+            bus_reconnects: counter(BUS_RECONNECTS),
+            recorder,
+        };
+        metrics.sockets.set(0.0);
+        metrics.channels.set(0.0);
+        for c in [
+            &metrics.frames_sent,
+            &metrics.slow_closes,
+            &metrics.bus_reconnects,
+        ] {
+            c.increment(0);
+        }
+        for reason in LIMIT_REASONS {
+            metrics.labelled(JOINS_REFUSED, reason).increment(0);
+        }
+        for reason in CONNECTION_REASONS {
+            metrics.labelled(CONNECTIONS_REFUSED, reason).increment(0);
+        }
+        metrics
+    }
+
+    fn labelled(&self, name: &'static str, reason: &'static str) -> Counter {
+        let key = Key::from_parts(name, vec![Label::new(REASON, reason)]);
+        self.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// A join was refused with Supabase's error `code`.
+    pub fn join_refused(&self, code: &'static str) {
+        self.labelled(JOINS_REFUSED, code).increment(1);
+    }
+
+    /// A connection was refused before the upgrade, for `reason`.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.labelled(CONNECTIONS_REFUSED, reason).increment(1);
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_renders_from_the_start_and_counts() {
+        let m = GatewayMetrics::new();
+        m.sockets.increment(1.0);
+        m.frames_sent.increment(3);
+        m.join_refused("TopicNameRequired");
+        let text = m.render();
+        for line in [
+            "# TYPE walcast_gateway_sockets gauge",
+            "walcast_gateway_sockets 1",
+            "walcast_gateway_channels 0",
+            "walcast_gateway_frames_sent_total 3",
+            "walcast_gateway_slow_sockets_closed_total 0",
+            "walcast_gateway_bus_reconnects_total 0",
+            "walcast_gateway_joins_refused_total{reason=\"ChannelRateLimitReached\"} 0",
+            "walcast_gateway_joins_refused_total{reason=\"TopicNameRequired\"} 1",
+            "walcast_gateway_connections_refused_total{reason=\"ConnectionRateLimitReached\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // A second gateway in the same process counts on its own.
+        assert!(
+            GatewayMetrics::new()
+                .render()
+                .contains("walcast_gateway_frames_sent_total 0")
+        );
+    }
+
+    #[test]
+    fn every_metric_is_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        for (name, _, _) in ALL {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} is not documented in README.md"
+            );
+        }
+    }
+}
