@@ -220,9 +220,10 @@ struct Grouping {
     asking: Vec<Asking>,
     /// (role, claims text) → group.
     by_identity: HashMap<(Arc<str>, Arc<str>), u32>,
-    /// Entry address → group.
+    /// Entry address → group. (The entries live in the batch's candidate
+    /// lists for as long as this does: addresses are not reused.)
     by_entry: HashMap<*const Entry, u32>,
-    /// Shared list address → the group of each of its entries.
+    /// Shared list address → the group of each of its entries. (Likewise.)
     by_list: HashMap<*const Arc<Entry>, Arc<[u32]>>,
 }
 
@@ -461,16 +462,24 @@ async fn checked_in_chunks(
 
 /// Remembers, for each shared candidate list of a batch, whether none of
 /// its subscriptions has a filter on the table: then every change keeps
-/// the list as it is, and it is checked once, not once per change.
+/// the list as it is, and it is checked once, not once per change. Each
+/// list is held while remembered, so its address cannot be reused by
+/// another list meanwhile.
 #[derive(Default)]
-struct UnfilteredLists(HashMap<(*const Arc<Entry>, u32), bool>);
+struct UnfilteredLists(HashMap<(*const Arc<Entry>, u32), (SharedList, bool)>);
+
+/// A table's shared candidate list ([`Candidates::shared`]).
+type SharedList = Arc<[Arc<Entry>]>;
 
 impl UnfilteredLists {
-    fn unfiltered(&mut self, list: &Arc<[Arc<Entry>]>, table: u32) -> bool {
-        *self
-            .0
+    fn unfiltered(&mut self, list: &SharedList, table: u32) -> bool {
+        self.0
             .entry((list.as_ptr(), table))
-            .or_insert_with(|| list.iter().all(|e| e.filters_for(table).is_empty()))
+            .or_insert_with(|| {
+                let unfiltered = list.iter().all(|e| e.filters_for(table).is_empty());
+                (list.clone(), unfiltered)
+            })
+            .1
     }
 }
 
