@@ -246,6 +246,7 @@ async fn session(
         pending: VecDeque::new(),
         held: Vec::new(),
         held_with_candidates: 0,
+        held_for_rls: 0,
         held_ack: None,
         release_at: None,
         rls: settings.rls,
@@ -296,6 +297,9 @@ struct StreamLoop {
     held: Vec<(Change, Candidates)>,
     /// How many of `held` have candidates (visibility to decide).
     held_with_candidates: usize,
+    /// How many of those need an RLS check (an INSERT or UPDATE of a table
+    /// with row level security): only they wait for `rls_batch_wait`.
+    held_for_rls: usize,
     /// The end of the last commit whose changes are all in `held` (or
     /// already queued): acknowledged with them.
     held_ack: Option<Lsn>,
@@ -385,7 +389,7 @@ impl StreamLoop {
                         // that one check covers many changes.
                         let full = self.held.len() >= self.rls.batch_size
                             || self.current.messages.len() >= MESSAGES_PER_BATCH;
-                        let checks_due = self.held_with_candidates > 0;
+                        let checks_due = self.held_for_rls > 0;
                         if full || (!checks_due && !self.stream.event_ready().await) {
                             self.release().await?;
                             self.hand_over();
@@ -438,7 +442,14 @@ impl StreamLoop {
         if self.firehose.is_none() && candidates.is_empty() {
             return Ok(());
         }
-        self.held_with_candidates += usize::from(!candidates.is_empty());
+        if !candidates.is_empty() {
+            self.held_with_candidates += 1;
+            let checked = matches!(
+                change.kind,
+                ChangeKind::Insert { .. } | ChangeKind::Update { .. }
+            ) && self.catalog.row_security(change.relation.id).await?;
+            self.held_for_rls += usize::from(checked);
+        }
         self.held.push((change, candidates));
         if self.held.len() >= self.rls.batch_size {
             self.release().await?;
@@ -452,6 +463,7 @@ impl StreamLoop {
     async fn release(&mut self) -> Result<(), Error> {
         let (changes, candidates): (Vec<Change>, Vec<Candidates>) =
             std::mem::take(&mut self.held).into_iter().unzip();
+        self.held_for_rls = 0;
         if std::mem::take(&mut self.held_with_candidates) > 0 {
             let mut batch: Vec<(&Change, Candidates)> = changes.iter().zip(candidates).collect();
             // Who sees a change is decided on its text values, before values
