@@ -40,10 +40,10 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
+use crate::support::eventually;
 use crate::support::real_client::{self, ClientProcess};
 use crate::support::stack::Stack;
 use crate::support::ws_gateway::WsGateway;
-use crate::support::{Daemon, eventually};
 
 const SECRET: &str = "walcast-clients-test-secret-0123456789";
 const GATEWAY_ID: &str = "gw-clients";
@@ -271,10 +271,7 @@ async fn scenario(kind: Kind) {
             .await
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
-    let daemon = Daemon::spawn(&["run"], &env);
-    stack.wait_streaming("walcast", &daemon).await;
+    let daemon = stack.spawn_gateway_daemon().await;
     let gateway = WsGateway::spawn(&stack.redis.url(), SECRET, GATEWAY_ID).await;
 
     let mut clients: Vec<ClientProcess> = USERS

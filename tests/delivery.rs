@@ -17,10 +17,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use crate::support::gateway::BusGateway;
+use crate::support::eventually;
 use crate::support::rng::Rng;
 use crate::support::stack::Stack;
-use crate::support::{Daemon, eventually};
 
 const SETUP: &str = "
     CREATE ROLE anon NOLOGIN;
@@ -285,18 +284,7 @@ async fn oracle(client: &mut Client, sub: &Sub, ids: &[i32]) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subscriber_gets_exactly_what_a_direct_select_as_it_sees() {
-    let stack = Stack::start().await;
-    stack.client.batch_execute(SETUP).await.expect("setup");
-    stack
-        .client
-        .batch_execute(walcast::rls::INSTALL_SQL)
-        .await
-        .expect("install sql/rls.sql");
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
-    let daemon = Daemon::spawn(&["run"], &env);
-    stack.wait_streaming("walcast", &daemon).await;
-    let mut gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    let (stack, daemon, mut gateway) = Stack::with_bus_gateway(SETUP).await;
 
     let mut rng = Rng::from_env("WALCAST_DELIVERY_SEED");
     let subs = subscriptions(&mut rng);

@@ -264,11 +264,7 @@ async fn start() -> (Stack, Gateway) {
 }
 
 async fn spawn_daemon(stack: &Stack) -> Daemon {
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
-    let daemon = Daemon::spawn(&["run"], &env);
-    stack.wait_streaming("walcast", &daemon).await;
-    daemon
+    stack.spawn_gateway_daemon().await
 }
 
 const BINDINGS: &str = r#"[{"event":"INSERT","schema":"public","table":"todos","filter":"owner=eq.u\u0031"},{"event":"DELETE","schema":"public","table":"todos"}]"#;

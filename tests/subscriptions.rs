@@ -22,10 +22,12 @@ const SETUP: &str = "
     ALTER TABLE secure ENABLE ROW LEVEL SECURITY;
     CREATE POLICY own ON secure FOR SELECT USING (owner_id = (current_setting('request.jwt.claims', true)::jsonb->>'sub')::uuid);
     CREATE TABLE unpublished (id int PRIMARY KEY);
+    CREATE TABLE markers (id int PRIMARY KEY);
+    GRANT SELECT ON markers TO authenticated;
     GRANT SELECT ON todos, notes, private, secure TO anon, authenticated;
     REVOKE SELECT ON todos FROM anon;
     GRANT SELECT (id, task) ON todos TO anon;
-    ALTER PUBLICATION supabase_realtime ADD TABLE todos, notes, private, secure;
+    ALTER PUBLICATION supabase_realtime ADD TABLE todos, notes, private, secure, markers;
 ";
 
 fn subscription(id: &str, role: &str, schema: &str, table: &str, event: &str) -> Value {
@@ -37,19 +39,49 @@ fn subscription(id: &str, role: &str, schema: &str, table: &str, event: &str) ->
 
 /// A streaming daemon (no firehose) and a gateway on its bus.
 async fn start() -> (Stack, Daemon, BusGateway) {
-    let stack = Stack::start().await;
-    stack.client.batch_execute(SETUP).await.expect("setup");
+    Stack::with_bus_gateway(SETUP).await
+}
+
+/// Every change event committed so far, once all have arrived: commits a
+/// marker row and waits for its event (a gateway gets its events in commit
+/// order), rather than sleeping and hoping nothing more comes. Marker
+/// events are left out.
+async fn settled(stack: &Stack, gateway: &mut BusGateway) -> Vec<Value> {
+    let is_marker = |e: &Value| e["data"]["table"] == "markers";
+    let markers = gateway.events().iter().filter(|e| is_marker(e)).count();
+    let replies = gateway
+        .received()
+        .iter()
+        .filter(|m| m["id"] == "marker")
+        .count();
+    gateway
+        .subscribe(subscription(
+            "marker",
+            "authenticated",
+            "public",
+            "markers",
+            "INSERT",
+        ))
+        .await;
+    assert_eq!(gateway.reply("marker", replies).await["type"], "subscribed");
+    let marker = i32::try_from(markers).expect("marker id");
     stack
         .client
-        .batch_execute(walcast::rls::INSTALL_SQL)
+        .execute("INSERT INTO markers VALUES ($1)", &[&marker])
         .await
-        .expect("install sql/rls.sql");
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
-    let daemon = Daemon::spawn(&["run"], &env);
-    stack.wait_streaming("walcast", &daemon).await;
-    let gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
-    (stack, daemon, gateway)
+        .expect("marker");
+    eventually("the marker event", Duration::from_secs(30), || async {
+        gateway
+            .events()
+            .iter()
+            .any(|e| is_marker(e) && e["data"]["record"]["id"] == json!(marker))
+    })
+    .await;
+    gateway
+        .events()
+        .into_iter()
+        .filter(|e| !is_marker(e))
+        .collect()
 }
 
 fn summary(events: &[Value]) -> Vec<String> {
@@ -122,10 +154,7 @@ async fn subscriptions_receive_their_tables_and_events_only() {
         )
         .await
         .expect("writes");
-    let events = gateway.wait_events(4).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let events_after = gateway.events();
-    assert_eq!(events_after.len(), events.len(), "no further events");
+    let events = settled(&stack, &mut gateway).await;
     assert_eq!(
         summary(&events),
         [
@@ -274,13 +303,8 @@ async fn rls_decides_each_subscribers_rows_and_deletes_show_only_keys() {
     let events = gateway.wait_events(4).await;
     assert_eq!(events[3]["ids"], json!(["u1", "u2"]));
     assert_eq!(events[3]["data"]["old_record"], json!({"id": 1}));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        gateway.events().len(),
-        4,
-        "nothing else: {:?}",
-        gateway.events()
-    );
+    let all = settled(&stack, &mut gateway).await;
+    assert_eq!(all.len(), 4, "nothing else: {all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,9 +443,7 @@ async fn a_restarted_daemon_reads_the_registry_back_and_expired_gateways_are_dro
         .await;
     assert_eq!(gateway.reply("s", 0).await["type"], "subscribed");
     daemon.kill();
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
-    let daemon = Daemon::spawn(&["run"], &env);
+    let daemon = Daemon::spawn(&["run"], &stack.gateway_env());
     // Without the gateway doing anything, the subscription is live again.
     assert_eq!(
         gateway.reply("s", 1).await["type"],
@@ -444,28 +466,30 @@ async fn a_restarted_daemon_reads_the_registry_back_and_expired_gateways_are_dro
         || async { daemon.log().contains("gateway lease expired") },
     )
     .await;
+    // A second gateway's marker shows when the daemon is past a write.
+    let mut other = BusGateway::start(&stack.redis.url(), "default", "g2").await;
     stack
         .client
         .batch_execute("INSERT INTO notes VALUES (2, 'nobody listens')")
         .await
         .expect("insert");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settled(&stack, &mut other).await;
     assert_eq!(gateway.events().len(), 1);
-    // Unsubscribe works too (for a fresh gateway).
-    let mut other = BusGateway::start(&stack.redis.url(), "default", "g2").await;
+    // Unsubscribe works too (for a live gateway): control messages are
+    // handled in order, so the marker's subscription answered means the
+    // unsubscribe was applied before it.
     other
         .subscribe(subscription("t", "anon", "public", "notes", "*"))
         .await;
     assert_eq!(other.reply("t", 0).await["type"], "subscribed");
     other.unsubscribe("t").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&stack, &mut other).await;
     stack
         .client
         .batch_execute("INSERT INTO notes VALUES (3, 'x')")
         .await
         .expect("insert");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(other.events().is_empty());
+    assert_eq!(settled(&stack, &mut other).await, Vec::<Value>::new());
 }
 
 fn filtered(id: &str, table: &str, event: &str, filter: &str) -> Value {
@@ -522,14 +546,7 @@ async fn filters_decide_per_row_in_process_or_on_the_server() {
         )
         .await
         .expect("writes");
-    let events = gateway.wait_events(4).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        gateway.events().len(),
-        events.len(),
-        "{:?}",
-        gateway.events()
-    );
+    let events = settled(&stack, &mut gateway).await;
     let got: Vec<String> = events
         .iter()
         .map(|e| {
@@ -613,8 +630,7 @@ async fn rls_for_a_batch_of_changes_is_one_call_and_keeps_wal_order() {
         .await
         .expect("install sql/rls.sql");
     let admin = crate::support::free_port();
-    let mut env = stack.env();
-    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+    let mut env = stack.gateway_env();
     env.push(("WALCAST_ADMIN_ADDR", format!("127.0.0.1:{admin}")));
     let daemon = Daemon::spawn(&["run"], &env);
     stack.wait_streaming("walcast", &daemon).await;
@@ -694,13 +710,8 @@ async fn indexed_equality_filters_find_exactly_their_subscribers() {
         .batch_execute("INSERT INTO owned SELECT i, i % 10 FROM generate_series(1, 30) i; INSERT INTO owned VALUES (100, 1000), (101, NULL);")
         .await
         .expect("insert");
-    let events = gateway.wait_events(30).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        gateway.events().len(),
-        30,
-        "rows 100 and 101 match no subscriber"
-    );
+    let events = settled(&stack, &mut gateway).await;
+    assert_eq!(events.len(), 30, "rows 100 and 101 match no subscriber");
     for event in &events {
         let id = event["data"]["record"]["id"].as_i64().expect("id");
         let owner = id % 10;

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use walcast::lsn::Lsn;
 
+use super::gateway::BusGateway;
 use super::{Daemon, PgOptions, TestPostgres, TestRedis, eventually};
 
 /// The database every stack test uses (each test has its own cluster).
@@ -66,6 +67,36 @@ impl Stack {
     /// `walcast run` with [`env`](Self::env).
     pub fn spawn_daemon(&self) -> Daemon {
         Daemon::spawn(&["run"], &self.env())
+    }
+
+    /// [`env`](Self::env) without the firehose: events go to gateways only.
+    pub fn gateway_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.env();
+        env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+        env
+    }
+
+    /// `walcast run` with [`gateway_env`](Self::gateway_env), once its
+    /// slot streams.
+    pub async fn spawn_gateway_daemon(&self) -> Daemon {
+        let daemon = Daemon::spawn(&["run"], &self.gateway_env());
+        self.wait_streaming("walcast", &daemon).await;
+        daemon
+    }
+
+    /// A stack with `setup` and `sql/rls.sql` applied, a streaming daemon
+    /// without the firehose, and a stand-in gateway `g1` on its bus.
+    pub async fn with_bus_gateway(setup: &str) -> (Stack, Daemon, BusGateway) {
+        let stack = Stack::start().await;
+        stack.client.batch_execute(setup).await.expect("setup");
+        stack
+            .client
+            .batch_execute(walcast::rls::INSTALL_SQL)
+            .await
+            .expect("install sql/rls.sql");
+        let daemon = stack.spawn_gateway_daemon().await;
+        let gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+        (stack, daemon, gateway)
     }
 
     /// Waits until a walsender streams from `slot`.
