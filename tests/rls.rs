@@ -14,13 +14,23 @@ use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 use walcast::config::DatabaseUrl;
-use walcast::rls::{self, Access, Cache, Group, GroupOutcome, Rows, TableName, TableRef};
+use walcast::rls::{
+    self, Access, Cache, CheckOptions, Group, GroupOutcome, Ranges, Rows, TableName, TableRef,
+};
 
 use crate::support::TestPostgres;
 use crate::support::postgres::quote_ident;
 use crate::support::rng::Rng;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+const OPTIONS: CheckOptions = within(Duration::from_secs(10));
+
+/// Check options with `timeout` and the default choice of key ranges.
+const fn within(timeout: Duration) -> CheckOptions {
+    CheckOptions {
+        timeout,
+        ranges: Ranges::Auto,
+    }
+}
 
 /// Roles and the walcast function; run as `postgres`.
 const ROLES: &str = r#"
@@ -323,9 +333,11 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 .iter()
                 .map(|_| candidates(&mut rng, subject, &teams))
                 .collect();
-            // The keys of every group go once; every fourth group is a
-            // candidate for all of them (an unfiltered subscriber), the
-            // others for their own.
+            // The keys of every group go once. Some groups are candidates
+            // for all of them (unfiltered subscribers), the others for
+            // their own: every fourth group with key ranges off, then
+            // forced on; all but every fourth with the planner choosing
+            // (enough unfiltered groups for ranges to be considered).
             let flat: Vec<Vec<Option<&str>>> = keys
                 .iter()
                 .flatten()
@@ -338,7 +350,11 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 .enumerate()
                 .map(|(g, ((role, claims), own))| {
                     let end = start + own.len() as u32;
-                    let rows = if g % 4 == 3 {
+                    let unfiltered = match round % 3 {
+                        2 => g % 4 != 0,
+                        _ => g % 4 == 3,
+                    };
+                    let rows = if unfiltered {
                         Rows::All
                     } else {
                         Rows::Only((start..end).collect())
@@ -352,7 +368,11 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 name: subject.table,
                 key_columns: subject.key_columns,
             };
-            let outcomes = rls::check(&pool, &table, &flat, &groups, TIMEOUT)
+            let options = CheckOptions {
+                ranges: [Ranges::Off, Ranges::On, Ranges::Auto][round % 3],
+                ..OPTIONS
+            };
+            let outcomes = rls::check(&pool, &table, &flat, &groups, &options)
                 .await
                 .unwrap_or_else(|e| panic!("round {round}, {}: {e}", subject.table));
             assert_eq!(outcomes.len(), groups.len());
@@ -419,6 +439,226 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
         &misses[..misses.len().min(5)]
     );
     assert_clean(session_state(&pool).await);
+}
+
+/// One key type of the ranges test: the column type, the stored keys,
+/// and candidates spelt otherwise or absent.
+struct KeyType {
+    sql: &'static str,
+    stored: &'static [&'static str],
+    other_candidates: &'static [&'static str],
+}
+
+const KEY_TYPES: [KeyType; 11] = [
+    KeyType {
+        sql: "smallint",
+        stored: &["-32768", "-1", "0", "1", "2", "3", "7", "32767"],
+        other_candidates: &["4", "-2"],
+    },
+    KeyType {
+        sql: "integer",
+        stored: &["-2147483648", "0", "1", "2", "3", "10", "11", "2147483647"],
+        other_candidates: &["12", "2147483646"],
+    },
+    // The largest bigint has no range [k, k] (its upper bound would be
+    // k + 1): the call falls back to probing, with the same answers.
+    KeyType {
+        sql: "bigint",
+        stored: &[
+            "-9223372036854775808",
+            "1",
+            "2",
+            "3",
+            "5",
+            "9223372036854775807",
+        ],
+        other_candidates: &["4", "9223372036854775806"],
+    },
+    KeyType {
+        sql: "numeric",
+        stored: &["1.5", "2", "-0.001", "1e20", "3.14159"],
+        other_candidates: &["1.500", "2.0000", "1.51", "NaN"],
+    },
+    KeyType {
+        sql: "date",
+        stored: &[
+            "2024-02-29",
+            "1999-12-31",
+            "infinity",
+            "-infinity",
+            "2000-01-01",
+        ],
+        other_candidates: &["2024-03-01", "1999-12-31 BC"],
+    },
+    KeyType {
+        sql: "timestamp",
+        stored: &[
+            "2024-02-29 12:00:00",
+            "2024-02-29 12:00:00.000001",
+            "infinity",
+            "1970-01-01 00:00:00",
+        ],
+        other_candidates: &["2024-02-29T12:00:00.000000", "2024-02-29 12:00:01"],
+    },
+    KeyType {
+        sql: "timestamptz",
+        stored: &[
+            "2024-02-29 12:00:00+00",
+            "2024-02-29 12:00:00.5+00",
+            "-infinity",
+        ],
+        other_candidates: &["2024-02-29 14:00:00+02", "2024-02-29 12:00:00+01"],
+    },
+    KeyType {
+        sql: "uuid",
+        stored: &[
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "0e5a4c3b-1d2f-4a5b-8c6d-7e8f9a0b1c2d",
+        ],
+        other_candidates: &[
+            "0E5A4C3B-1D2F-4A5B-8C6D-7E8F9A0B1C2D",
+            "0e5a4c3b-1d2f-4a5b-8c6d-7e8f9a0b1c2e",
+        ],
+    },
+    KeyType {
+        sql: "text",
+        stored: &["a", "A", "a ", "", "ä", "a\u{301}", "zz", "b"],
+        other_candidates: &["á", "aa", "B"],
+    },
+    KeyType {
+        sql: "varchar(8)",
+        stored: &["a", "A", "a ", "ä", "b", "c"],
+        other_candidates: &["á", "C"],
+    },
+    // No range type: always probed.
+    KeyType {
+        sql: "bytea",
+        stored: &["\\x00", "\\xff", "\\x"],
+        other_candidates: &["\\x0000"],
+    },
+];
+
+/// Key ranges (sql/rls.sql, "Many groups") give what a direct SELECT gives,
+/// for every key type that has them (and those that do not), with keys
+/// spelt otherwise than stored, duplicates and absent keys, off, forced on
+/// and chosen by the planner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
+    let pg = TestPostgres::start();
+    let (mut admin, pool) = setup(&pg, "rls_ranges", 1).await;
+    let users: Vec<String> = (0..9)
+        .map(|i| format!("20000000-0000-4000-8000-{i:012}"))
+        .collect();
+    let mut claims: Vec<Value> = users.iter().map(|u| json!({"sub": u})).collect();
+    claims.push(json!({"role": "anon"}));
+    let (mut pairs, mut seen_visible) = (0usize, 0usize);
+    for (t, key) in KEY_TYPES.iter().enumerate() {
+        let table = format!("keyed_{t}");
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id {ty} PRIMARY KEY, owner uuid NOT NULL);
+                 CREATE INDEX ON {table} (owner);
+                 ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+                 CREATE POLICY own ON {table} FOR SELECT TO authenticated
+                   USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid);
+                 GRANT SELECT ON {table} TO anon, authenticated;",
+                ty = key.sql
+            ))
+            .await
+            .expect("table");
+        for (i, stored) in key.stored.iter().enumerate() {
+            admin
+                .execute(
+                    &format!(
+                        "INSERT INTO {table} VALUES ($1::text::{}, $2::text::uuid)",
+                        key.sql
+                    ),
+                    &[stored, &users[i % 3]],
+                )
+                .await
+                .expect("row");
+        }
+        // Every stored key twice, then the other spellings and absent keys.
+        let candidates: Vec<&str> = key
+            .stored
+            .iter()
+            .chain(key.stored)
+            .chain(key.other_candidates)
+            .copied()
+            .collect();
+        let keys: Vec<Vec<Option<&str>>> = candidates.iter().map(|k| vec![Some(*k)]).collect();
+        let mut groups: Vec<Group<'_>> = claims
+            .iter()
+            .map(|c| Group {
+                role: if c.get("sub").is_some() {
+                    "authenticated"
+                } else {
+                    "anon"
+                },
+                claims: c,
+                rows: Rows::All,
+            })
+            .collect();
+        groups.push(Group {
+            role: "authenticated",
+            claims: &claims[0],
+            rows: Rows::Only(vec![0, 3, candidates.len() as u32 - 1]),
+        });
+        let table_ref = TableRef {
+            schema: "public",
+            name: &table,
+            key_columns: &["id"],
+        };
+        for ranges in [Ranges::Off, Ranges::On, Ranges::Auto] {
+            let options = CheckOptions { ranges, ..OPTIONS };
+            let out = rls::check(&pool, &table_ref, &keys, &groups, &options)
+                .await
+                .unwrap_or_else(|e| panic!("{} with ranges {ranges:?}: {e}", key.sql));
+            for (group, outcome) in groups.iter().zip(&out) {
+                let visible = oracle(&mut admin, group.role, group.claims, &table, "id::text")
+                    .await
+                    .expect("oracle");
+                let positions: Vec<usize> = match &group.rows {
+                    Rows::All => (0..candidates.len()).collect(),
+                    Rows::Only(rows) => rows.iter().map(|&r| r as usize).collect(),
+                };
+                // Which candidates equal a visible key, by the type's own
+                // equality (1.500 = 1.5, 14:00+02 = 12:00+00).
+                let visible: Vec<String> = visible.into_iter().flatten().collect();
+                let asked: Vec<&str> = positions.iter().map(|&p| candidates[p]).collect();
+                let equal: Vec<bool> = admin
+                    .query_one(
+                        &format!(
+                            "SELECT array_agg(c.k::{ty} IN (SELECT v::{ty} FROM unnest($2::text[]) v) ORDER BY c.i) \
+                             FROM unnest($1::text[]) WITH ORDINALITY AS c(k, i)",
+                            ty = key.sql
+                        ),
+                        &[&asked, &visible],
+                    )
+                    .await
+                    .expect("equal keys")
+                    .get(0);
+                let expected = equal;
+                pairs += expected.len();
+                seen_visible += expected.iter().filter(|v| **v).count();
+                assert_eq!(
+                    *outcome,
+                    GroupOutcome::Visible(expected),
+                    "{} as {} {} with ranges {ranges:?}",
+                    key.sql,
+                    group.role,
+                    group.claims
+                );
+            }
+        }
+        assert_clean(session_state(&pool).await);
+    }
+    println!(
+        "key ranges: {pairs} (group, candidate) pairs over {} key types, {seen_visible} visible",
+        KEY_TYPES.len()
+    );
+    assert!(seen_visible > 0 && seen_visible < pairs);
 }
 
 /// Users A and B each own rows 1..=3 and 4..=6 of `owned`.
@@ -490,7 +730,7 @@ async fn a_raising_policy_fails_its_group_only() {
             rows: Rows::All,
         },
     ];
-    let out = rls::check(&pool, &OWNED, &ids(&candidates), &groups, TIMEOUT)
+    let out = rls::check(&pool, &OWNED, &ids(&candidates), &groups, &OPTIONS)
         .await
         .expect("check");
     let flags = |v: &[bool]| GroupOutcome::Visible(v.to_vec());
@@ -567,7 +807,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         rows: Rows::All,
     });
     let one_and_four = ids(&["1", "4"]);
-    let out = rls::check(&pool, &OWNED, &one_and_four, &groups, TIMEOUT)
+    let out = rls::check(&pool, &OWNED, &one_and_four, &groups, &OPTIONS)
         .await
         .expect("check");
     assert_eq!(
@@ -597,7 +837,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         name: "owned\"; DROP TABLE owned; --",
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_table, &one_and_four, &groups[..1], TIMEOUT)
+    let err = rls::check(&pool, &bad_table, &one_and_four, &groups[..1], &OPTIONS)
         .await
         .expect_err("no such table");
     assert!(matches!(err, rls::Error::NoSuchTable { .. }), "{err}");
@@ -606,7 +846,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         key_columns: &["id\" = id OR true; --"],
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_column, &one_and_four, &groups[..1], TIMEOUT)
+    let err = rls::check(&pool, &bad_column, &one_and_four, &groups[..1], &OPTIONS)
         .await
         .expect_err("no such column");
     assert!(matches!(err, rls::Error::NoSuchColumn(_)), "{err}");
@@ -617,7 +857,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         claims: &claims_a,
         rows: Rows::All,
     }];
-    let err = rls::check(&pool, &OWNED, &ids(&["1) OR (true"]), &bad_key, TIMEOUT)
+    let err = rls::check(&pool, &OWNED, &ids(&["1) OR (true"]), &bad_key, &OPTIONS)
         .await
         .expect_err("not a bigint");
     let code = match &err {
@@ -659,11 +899,11 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
 
     // After a check whose last group succeeded, and one whose last failed.
     let one = ids(&["1"]);
-    rls::check(&pool, &OWNED, &one, &groups, TIMEOUT)
+    rls::check(&pool, &OWNED, &one, &groups, &OPTIONS)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &one, &groups[..1], TIMEOUT)
+    rls::check(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
@@ -696,7 +936,7 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
         &slow,
         &ids(&many),
         &slow_groups,
-        Duration::from_millis(150),
+        &within(Duration::from_millis(150)),
     )
     .await
     .expect_err("timeout");
@@ -718,13 +958,13 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
             &slow,
             &ids(&many),
             &slow_groups,
-            Duration::from_secs(5),
+            &within(Duration::from_secs(5)),
         ),
     )
     .await;
     assert!(dropped.is_err(), "the check should still have been running");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &one, &groups[..1], TIMEOUT)
+    rls::check(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
         .await
         .expect("pool still works");
 }
@@ -865,7 +1105,7 @@ async fn a_missing_function_is_a_definite_error() {
         claims: &claims,
         rows: Rows::All,
     }];
-    let err = rls::check(&pool, &OWNED, &ids(&["1"]), &groups, TIMEOUT)
+    let err = rls::check(&pool, &OWNED, &ids(&["1"]), &groups, &OPTIONS)
         .await
         .expect_err("missing");
     assert!(matches!(err, rls::Error::NotInstalled(_)), "{err}");
@@ -1052,7 +1292,7 @@ async fn measure_batched_rls_against_naive() {
             })
             .collect()
     };
-    let long = Duration::from_secs(120);
+    let long = &within(Duration::from_secs(120));
     // Warm up caches and the connections.
     rls::check(&pool, &table, &all_keys, &groups_for(10, false), long)
         .await

@@ -16,6 +16,50 @@ use super::param::{Groups, Keys, WireGroup};
 /// at all: network gone, machine frozen).
 const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
+/// Whether unfiltered groups may be answered through one multirange of the
+/// call's keys instead of probing every candidate per group (`sql/rls.sql`,
+/// "Many groups"): the `rls_ranges` setting, sent as `walcast.rls_ranges`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ranges {
+    /// With 8 or more unfiltered groups, per role, when the planner
+    /// estimates the range form cheaper.
+    #[default]
+    Auto,
+    /// Whenever the key type has a range type (for tests and for a planner
+    /// that misjudges).
+    On,
+    /// Never: every group probes its candidates.
+    Off,
+}
+
+impl Ranges {
+    /// The setting's text, as `walcast.rls_ranges` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ranges::Auto => "auto",
+            Ranges::On => "on",
+            Ranges::Off => "off",
+        }
+    }
+
+    /// Parses `auto`, `on` or `off`.
+    pub fn parse(text: &str) -> Option<Ranges> {
+        [Ranges::Auto, Ranges::On, Ranges::Off]
+            .into_iter()
+            .find(|r| r.as_str() == text)
+    }
+}
+
+/// How one check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// The longest the check statement may run (`statement_timeout`); the
+    /// client gives up on the connection a little after that.
+    pub timeout: Duration,
+    /// Whether unfiltered groups may use key ranges.
+    pub ranges: Ranges,
+}
+
 /// The table a check is about, and its key columns (the primary key, or the
 /// replica identity index) by name. Their types are not needed: the
 /// function reads them from the catalog, so they can be neither stale nor
@@ -93,7 +137,8 @@ impl GroupOutcome {
 /// per key column (the column's text output, as pgoutput sends it).
 ///
 /// One pooled connection, one `READ ONLY` transaction with
-/// `statement_timeout` = `timeout`, one call of `walcast.visible_keys`;
+/// `statement_timeout` and `walcast.rls_ranges` from `options`, one call of
+/// `walcast.visible_keys`;
 /// the answer has one [`GroupOutcome`] per group, in order. A group whose
 /// check raises is [`GroupOutcome::Failed`] and does not affect the others.
 /// An `Err` means nothing is known: deny every group. If the server does
@@ -104,8 +149,9 @@ pub async fn check(
     table: &TableRef<'_>,
     keys: &[Vec<Option<&str>>],
     groups: &[Group<'_>],
-    timeout: Duration,
+    options: &CheckOptions,
 ) -> Result<Vec<GroupOutcome>, Error> {
+    let timeout = options.timeout;
     if groups.is_empty() {
         return Ok(Vec::new());
     }
@@ -115,7 +161,7 @@ pub async fn check(
     let mut client = tokio::time::timeout(deadline, pool.get())
         .await
         .map_err(|_| Error::Timeout(timeout))??;
-    match tokio::time::timeout(deadline, ask(&mut client, table, &keys, &wire, timeout)).await {
+    match tokio::time::timeout(deadline, ask(&mut client, table, &keys, &wire, options)).await {
         Ok(answer) => outcomes(keys.keys.len(), groups, answer?),
         Err(_) => {
             // The transaction's drop queued a ROLLBACK, but a server this
@@ -178,8 +224,9 @@ async fn ask(
     table: &TableRef<'_>,
     keys: &Keys<'_>,
     groups: &Groups<'_>,
-    timeout: Duration,
+    options: &CheckOptions,
 ) -> Result<Vec<Row>, Error> {
+    let timeout = options.timeout;
     let server = |e| classify(e, table, timeout);
     let tx = client
         .build_transaction()
@@ -187,8 +234,8 @@ async fn ask(
         .start()
         .await
         .map_err(server)?;
-    let (set_timeout, visible_keys) = tokio::try_join!(
-        tx.prepare_cached(include_str!("../../sql/rls_timeout.sql")),
+    let (set_options, visible_keys) = tokio::try_join!(
+        tx.prepare_cached(include_str!("../../sql/rls_options.sql")),
         tx.prepare_cached(include_str!("../../sql/rls_check.sql")),
     )
     .map_err(server)?;
@@ -201,12 +248,13 @@ async fn ask(
     }
     let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
     let key_columns: Vec<&str> = table.key_columns.to_vec();
-    // Pipelined: the timeout is in force before the call starts.
-    let timeout_params: [&(dyn ToSql + Sync); 1] = [&millis];
+    // Pipelined: the options are in force before the call starts.
+    let ranges = options.ranges.as_str();
+    let option_params: [&(dyn ToSql + Sync); 2] = [&millis, &ranges];
     let check_params: [&(dyn ToSql + Sync); 5] =
         [&table.schema, &table.name, &key_columns, keys, groups];
     let (_, rows) = tokio::try_join!(
-        tx.execute(&set_timeout, &timeout_params),
+        tx.execute(&set_options, &option_params),
         tx.query(&visible_keys, &check_params),
     )
     .map_err(server)?;

@@ -36,7 +36,7 @@ mod check;
 mod param;
 
 pub use cache::{Access, Cache, Column, TableName};
-pub use check::{Group, GroupOutcome, Rows, TableRef, check};
+pub use check::{CheckOptions, Group, GroupOutcome, Ranges, Rows, TableRef, check};
 
 use std::time::Duration;
 

@@ -438,7 +438,11 @@ async fn checked_in_chunks(
     let answers: Vec<(usize, Result<Vec<GroupOutcome>, rls::Error>)> =
         stream::iter(chunks.iter().map(|chunk| async move {
             let started = Instant::now();
-            let checked = rls::check(pool, table, keys, chunk, rls.timeout).await;
+            let options = rls::CheckOptions {
+                timeout: rls.timeout,
+                ranges: rls.ranges,
+            };
+            let checked = rls::check(pool, table, keys, chunk, &options).await;
             metrics::counter!(metrics::RLS_CHECKS).increment(1);
             metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
             (chunk.len(), checked)
