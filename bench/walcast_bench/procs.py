@@ -104,6 +104,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of `root` and its children, living and reaped: its own
+    utime + stime, its reaped children's (cutime + cstime), and each living
+    child's. Postgres's postmaster reaps every backend, so the difference
+    over a drain is what all of Postgres spent (walsender, backends,
+    checkpointer), a walsender that has already exited included."""
+    stat = Path(f"/proc/{root}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # utime, stime, cutime, cstime are fields 14 to 17.
+    total = sum(int(f) for f in fields[11:15])
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        rest = child[child.rindex(")") + 2 :].split()
+        if int(rest[1]) == root:
+            total += int(rest[11]) + int(rest[12])
+    return total / CLOCK_TICKS
+
+
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident set size of a live process (VmHWM in /proc/PID/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
