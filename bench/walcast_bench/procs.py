@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -104,27 +105,51 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of `root` and its children, living and reaped: its own
-    utime + stime, its reaped children's (cutime + cstime), and each living
-    child's. Postgres's postmaster reaps every backend, so the difference
-    over a drain is what all of Postgres spent (walsender, backends,
-    checkpointer), a walsender that has already exited included."""
-    stat = Path(f"/proc/{root}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # utime, stime, cutime, cstime are fields 14 to 17.
-    total = sum(int(f) for f in fields[11:15])
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            child = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        rest = child[child.rindex(")") + 2 :].split()
-        if int(rest[1]) == root:
-            total += int(rest[11]) + int(rest[12])
-    return total / CLOCK_TICKS
+class WalsenderCpu:
+    """CPU seconds of the walsenders that run while the block runs.
+
+    A reference consumer exits when it is done, and its walsender with it,
+    so the walsender cannot be read afterwards: a thread samples every
+    walsender child of the postmaster every 10 ms and keeps each one's last
+    reading (a walsender's final 10 ms may be missed)."""
+
+    def __init__(self, postmaster: int):
+        self.postmaster = postmaster
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "WalsenderCpu":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seen.values())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self._read()
+
+    def _read(self) -> None:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) != self.postmaster:
+                    continue
+                if b"walsender" not in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    continue
+            except (OSError, ValueError):
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            self.seen[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -79,13 +79,13 @@ def daemon(results: list[Result]) -> str:
 
 
 def references(results: list[Result]) -> str:
-    header = [["workload", "consumer", "seconds", "CPU s", "peak RSS MB", "postgres CPU s"]]
+    header = [["workload", "consumer", "seconds", "CPU s", "peak RSS MB", "walsender CPU s"]]
     rows = []
     for r in results:
         for c in CONSUMERS:
             d = r.drains[c]
             rows.append([r.workload.title, c, f"{d.seconds:.2f}", f"{d.cpu_seconds:.2f}",
-                         f"{d.peak_rss / (1 << 20):.1f}", _opt(d.extra.get("postgres_cpu"))])
+                         f"{d.peak_rss / (1 << 20):.1f}", _opt(d.extra.get("walsenders_cpu"))])
     return table(header, rows, left=2)
 
 
