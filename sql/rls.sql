@@ -38,7 +38,10 @@
 -- unfiltered group): when the rows a role can see cannot be found cheaply
 -- (a policy on an unindexed column, a public flag), probing the candidates
 -- stays. Those groups return the visible keys, and one join per call turns
--- them into positions. The setting walcast.rls_ranges overrides the
+-- them into positions. A text key in a nondeterministic collation never
+-- uses ranges (its equality is not byte equality). A group whose range
+-- query raises (a policy failing on a row that is no candidate) is
+-- answered by probing instead, and so are its role's later groups. The setting walcast.rls_ranges overrides the
 -- choice: auto (default), on (ranges whenever the key type has them), off.
 --
 -- Security:
@@ -203,25 +206,32 @@ BEGIN
         IF ranges IS NOT NULL THEN
           role_index := pg_catalog.array_position(planned_roles, grp.role);
           IF role_index IS NULL THEN
-            IF pg_catalog.current_setting('walcast.rls_ranges', true) = 'on' THEN
+            IF pg_catalog.current_setting('walcast.rls_ranges', true) OPERATOR(pg_catalog.=) 'on' THEN
               use_ranges := true;
             ELSE
-              EXECUTE 'EXPLAIN (FORMAT JSON) ' || range_all_query INTO plan USING keys, ranges;
-              range_cost := (plan -> 0 -> 'Plan' ->> 'Total Cost')::float8;
-              EXECUTE 'EXPLAIN (FORMAT JSON) ' || all_query INTO plan USING keys;
-              all_cost := (plan -> 0 -> 'Plan' ->> 'Total Cost')::float8;
-              use_ranges := range_cost <= all_cost;
+              EXECUTE pg_catalog.concat('EXPLAIN (FORMAT JSON) ', range_all_query) INTO plan USING keys, ranges;
+              range_cost := pg_catalog.json_extract_path_text(plan, '0', 'Plan', 'Total Cost')::pg_catalog.float8;
+              EXECUTE pg_catalog.concat('EXPLAIN (FORMAT JSON) ', all_query) INTO plan USING keys;
+              all_cost := pg_catalog.json_extract_path_text(plan, '0', 'Plan', 'Total Cost')::pg_catalog.float8;
+              use_ranges := range_cost OPERATOR(pg_catalog.<=) all_cost;
             END IF;
-            planned_roles := planned_roles || grp.role;
-            planned_ranges := planned_ranges || use_ranges;
+            planned_roles := pg_catalog.array_append(planned_roles, grp.role);
+            planned_ranges := pg_catalog.array_append(planned_ranges, use_ranges);
             role_index := pg_catalog.cardinality(planned_roles);
           END IF;
         END IF;
         IF role_index IS NOT NULL AND planned_ranges[role_index] THEN
-          EXECUTE range_all_query INTO visible_keys USING keys, ranges;
-          IF visible_keys IS NULL THEN
-            visible := '{}';
-          END IF;
+          BEGIN
+            EXECUTE range_all_query INTO visible_keys USING keys, ranges;
+          EXCEPTION WHEN OTHERS THEN
+            -- The range form reads every row the role can see, and a
+            -- policy may raise on one that is no candidate: the group's
+            -- answer is its candidates' (this block's rollback keeps the
+            -- role and claims), and the role's later groups probe too.
+            visible_keys := NULL;
+            planned_ranges[role_index] := false;
+            EXECUTE all_query INTO visible USING keys;
+          END;
         ELSE
           EXECUTE all_query INTO visible USING keys;
         END IF;
@@ -297,7 +307,8 @@ BEGIN
   END IF;
 
   FOR k IN 1..ncols LOOP
-    SELECT a.attname, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod) AS sql_type INTO col
+    SELECT a.attname, a.atttypid, a.attcollation,
+           pg_catalog.format_type(a.atttypid, a.atttypmod) AS sql_type INTO col
     FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = rel AND a.attname = key_columns[k] AND a.attnum > 0 AND NOT a.attisdropped;
     IF NOT FOUND THEN
@@ -336,7 +347,7 @@ BEGIN
     -- does; a domain or any other type keeps the positional form.
     SELECT r.range_type, r.subtype, r.multirange_type INTO range_type, range_subtype, multirange_type
     FROM (VALUES
-      ('pg_catalog.int2'::pg_catalog.regtype, 'pg_catalog.int4range', 'integer', 'pg_catalog.int4multirange'),
+      ('pg_catalog.int2'::pg_catalog.regtype, 'pg_catalog.int4range', 'pg_catalog.int4', 'pg_catalog.int4multirange'),
       ('pg_catalog.int4', 'pg_catalog.int4range', NULL, 'pg_catalog.int4multirange'),
       ('pg_catalog.int8', 'pg_catalog.int8range', NULL, 'pg_catalog.int8multirange'),
       ('pg_catalog.numeric', 'pg_catalog.numrange', NULL, 'pg_catalog.nummultirange'),
@@ -345,9 +356,14 @@ BEGIN
       ('pg_catalog.timestamptz', 'pg_catalog.tstzrange', NULL, 'pg_catalog.tstzmultirange'),
       ('pg_catalog.uuid', 'walcast.uuid_range', NULL, 'walcast.uuid_multirange'),
       ('pg_catalog.text', 'walcast.text_range', NULL, 'walcast.text_multirange'),
-      ('pg_catalog.varchar', 'walcast.text_range', 'text', 'walcast.text_multirange')
+      ('pg_catalog.varchar', 'walcast.text_range', 'pg_catalog.text', 'walcast.text_multirange')
     ) AS r(key_type, range_type, subtype, multirange_type)
-    WHERE r.key_type = col.atttypid;
+    WHERE r.key_type OPERATOR(pg_catalog.=) col.atttypid
+      -- A nondeterministic collation's equality is not byte equality: a
+      -- "C" range would miss keys the column holds equal ('abc' = 'ABC').
+      AND (col.attcollation OPERATOR(pg_catalog.=) 0 OR EXISTS (
+        SELECT FROM pg_catalog.pg_collation c
+        WHERE c.oid OPERATOR(pg_catalog.=) col.attcollation AND c.collisdeterministic));
     ranges_mode := coalesce(nullif(pg_catalog.current_setting('walcast.rls_ranges', true), ''), 'auto');
     IF ranges_mode NOT IN ('auto', 'on', 'off') THEN
       RAISE EXCEPTION 'walcast.visible_keys: walcast.rls_ranges is %, expected auto, on or off',
@@ -357,7 +373,7 @@ BEGIN
       SELECT pg_catalog.count(*) FROM pg_catalog.unnest(groups) AS g WHERE g.candidates IS NULL
     ) >= 8) THEN
       range_query := pg_catalog.format(
-        'SELECT pg_catalog.range_agg(%1$s(k%2$s, k%2$s, ''[]'')) FROM pg_catalog.unnest($1) AS k',
+        'SELECT pg_catalog.range_agg(%1$s(k%2$s, k%2$s, ''[]'')) FROM pg_catalog.unnest($1) AS k WHERE k IS NOT NULL',
         range_type, coalesce('::' || range_subtype, ''));
       range_all_query := pg_catalog.format(
         'SELECT pg_catalog.array_agg(t.%1$I) FROM %2$s t WHERE t.%1$I%3$s OPERATOR(pg_catalog.<@) $2',
@@ -373,7 +389,7 @@ BEGIN
       'r AS MATERIALIZED ('
       '  SELECT v.* FROM c, walcast.visible_keys_as(c.keys, NULL::%2$s, $2, $3, $4, $5, $6) AS v), '
       'm AS ('
-      '  SELECT r.group_no, pg_catalog.array_agg(k.i::integer) AS visible '
+      '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
       '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
       '  JOIN (SELECT k.key, k.i FROM c, pg_catalog.unnest(c.keys) WITH ORDINALITY AS k(key, i)) AS k '
       '    ON k.key OPERATOR(pg_catalog.=) v.key '

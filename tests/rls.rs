@@ -449,7 +449,7 @@ struct KeyType {
     other_candidates: &'static [&'static str],
 }
 
-const KEY_TYPES: [KeyType; 11] = [
+const KEY_TYPES: [KeyType; 12] = [
     KeyType {
         sql: "smallint",
         stored: &["-32768", "-1", "0", "1", "2", "3", "7", "32767"],
@@ -531,6 +531,13 @@ const KEY_TYPES: [KeyType; 11] = [
         stored: &["a", "A", "a ", "ä", "b", "c"],
         other_candidates: &["á", "C"],
     },
+    // A nondeterministic collation: 'abc' = 'ABC', so no byte-exact
+    // range; always probed.
+    KeyType {
+        sql: "text COLLATE case_insensitive",
+        stored: &["ABC", "b", "Straße"],
+        other_candidates: &["abc", "B", "strasse", "x"],
+    },
     // No range type: always probed.
     KeyType {
         sql: "bytea",
@@ -552,6 +559,13 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
         .collect();
     let mut claims: Vec<Value> = users.iter().map(|u| json!({"sub": u})).collect();
     claims.push(json!({"role": "anon"}));
+    admin
+        .batch_execute(
+            "CREATE COLLATION case_insensitive \
+             (provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+        )
+        .await
+        .expect("collation");
     let (mut pairs, mut seen_visible) = (0usize, 0usize);
     for (t, key) in KEY_TYPES.iter().enumerate() {
         let table = format!("keyed_{t}");
@@ -659,6 +673,74 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
         KEY_TYPES.len()
     );
     assert!(seen_visible > 0 && seen_visible < pairs);
+}
+
+/// The range form reads every row a role can see, not only the
+/// candidates: a policy that raises on a row that is no candidate must not
+/// fail the group, which then gets its candidates' answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_raising_outside_the_candidates_does_not_fail_the_range_form() {
+    let pg = TestPostgres::start();
+    let (admin, pool) = setup(&pg, "rls_fragile", 1).await;
+    let owner = "30000000-0000-4000-8000-000000000001";
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE fragile (id bigint PRIMARY KEY, owner uuid NOT NULL);
+             INSERT INTO fragile SELECT g, '{owner}' FROM generate_series(1, 20) g;
+             INSERT INTO fragile VALUES (1000, '{owner}');
+             ALTER TABLE fragile ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON fragile FOR SELECT TO authenticated
+               USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')::uuid
+                      AND 1 / (1000 - id) >= 0);
+             GRANT SELECT ON fragile TO authenticated;"
+        ))
+        .await
+        .expect("table");
+    let claims: Vec<Value> = (0..9)
+        .map(|s| json!({"sub": owner, "session": s}))
+        .collect();
+    let groups: Vec<Group<'_>> = claims
+        .iter()
+        .map(|claims| Group {
+            role: "authenticated",
+            claims,
+            rows: Rows::All,
+        })
+        .collect();
+    let keys = ids(&["1", "2", "21", "5"]);
+    let table = TableRef {
+        schema: "public",
+        name: "fragile",
+        key_columns: &["id"],
+    };
+    for ranges in [Ranges::Off, Ranges::On, Ranges::Auto] {
+        let out = rls::check(
+            &pool,
+            &table,
+            &keys,
+            &groups,
+            &CheckOptions { ranges, ..OPTIONS },
+        )
+        .await
+        .expect("check");
+        for outcome in &out {
+            assert_eq!(
+                *outcome,
+                GroupOutcome::Visible(vec![true, true, false, true]),
+                "ranges {ranges:?}"
+            );
+        }
+    }
+    // The row itself, as a candidate, still fails its group.
+    let out = rls::check(&pool, &table, &ids(&["1", "1000"]), &groups, &OPTIONS)
+        .await
+        .expect("check");
+    assert!(
+        matches!(&out[0], GroupOutcome::Failed { code, .. } if code == "22012"),
+        "{:?}",
+        out[0]
+    );
+    assert_clean(session_state(&pool).await);
 }
 
 /// Users A and B each own rows 1..=3 and 4..=6 of `owned`.
