@@ -26,23 +26,24 @@
 -- polymorphic so the typed array can be held between groups.
 --
 -- Many groups: with 8 or more unfiltered groups and a one-column key of a
--- type with a range type (integers, numeric, date, timestamps, uuid, text,
--- varchar), the keys are also made into ONE multirange per call, sorted
--- and merged (consecutive integer keys become one range). An unfiltered
--- group may then ask "which rows I can see have a key in these ranges"
--- (t.id <@ $2, a binary search per row) instead of unnesting and hashing
--- every candidate again: with an indexed owner = sub policy that is the
--- index-only scan of the group's own rows and nothing else, about 4 times
--- less work per group. Whether it does is decided per role and call by the
--- planner's own estimates of both forms (EXPLAIN, at the role's first
--- unfiltered group): when the rows a role can see cannot be found cheaply
--- (a policy on an unindexed column, a public flag), probing the candidates
--- stays. Those groups return the visible keys, and one join per call turns
--- them into positions. A text key in a nondeterministic collation never
--- uses ranges (its equality is not byte equality). A group whose range
--- query raises (a policy failing on a row that is no candidate) is
--- answered by probing instead, and so are its role's later groups. The setting walcast.rls_ranges overrides the
--- choice: auto (default), on (ranges whenever the key type has them), off.
+-- fixed-width type with a default btree order (integers, uuid, date,
+-- timestamps, ...), the keys are also sorted once per call (distinct, in
+-- that order). An unfiltered group may then ask "which rows I can see have
+-- one of these keys" -- t.id = $2[width_bucket(t.id, $2)], a binary search
+-- per row -- instead of unnesting and hashing every candidate again: with
+-- an indexed owner = sub policy that is the index-only scan of the group's
+-- own rows and nothing else, 2 to 4 times less work per group. Whether it
+-- does is decided per role and call by the planner's own estimates of both
+-- forms (EXPLAIN, at the role's first unfiltered group): when the rows a
+-- role can see cannot be found cheaply (a policy on an unindexed column, a
+-- public flag), probing the candidates stays. Those groups return the
+-- visible keys, and one join per call turns them into positions. A key
+-- column in a collation other than its type's default is never searched
+-- so (the sort and the search must agree). A group whose search raises (a
+-- policy failing on a row that is no candidate) is answered by probing
+-- instead, and so are its role's later groups. The setting
+-- walcast.rls_sorted_keys overrides the choice: auto (default), on
+-- (whenever the key type allows), off.
 --
 -- Security:
 --   * SECURITY INVOKER (the default, spelt out): SET ROLE is checked
@@ -108,36 +109,32 @@ BEGIN
 END
 $walcast$;
 
--- Range types for the key types Postgres has none for, so that a batch's
--- candidate keys can be held as one sorted multirange (see "Many groups"
--- above). text ranges compare in the "C" collation: a one-key range [k,k]
--- then holds exactly the strings byte-equal to k.
+-- An earlier version kept the keys as a multirange, with range types of
+-- its own for uuid and text: they go.
 DO $walcast$
 BEGIN
-  IF NOT EXISTS (
-    SELECT FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-    WHERE n.nspname = 'walcast' AND t.typname = 'uuid_range'
-  ) THEN
-    CREATE TYPE walcast.uuid_range AS RANGE (subtype = uuid, multirange_type_name = walcast.uuid_multirange);
-    RAISE NOTICE 'created type walcast.uuid_range';
+  IF pg_catalog.to_regtype('walcast.uuid_range') IS NOT NULL THEN
+    DROP TYPE walcast.uuid_range CASCADE;
+    RAISE NOTICE 'dropped type walcast.uuid_range (no longer used)';
   END IF;
-  IF NOT EXISTS (
-    SELECT FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-    WHERE n.nspname = 'walcast' AND t.typname = 'text_range'
-  ) THEN
-    CREATE TYPE walcast.text_range AS RANGE (subtype = text, collation = "C", multirange_type_name = walcast.text_multirange);
-    RAISE NOTICE 'created type walcast.text_range';
+  IF pg_catalog.to_regtype('walcast.text_range') IS NOT NULL THEN
+    DROP TYPE walcast.text_range CASCADE;
+    RAISE NOTICE 'dropped type walcast.text_range (no longer used)';
   END IF;
 END
 $walcast$;
 
--- The previous version's loop (no ranges) goes; its replacement has more
--- arguments, so CREATE OR REPLACE would leave it as an overload.
+-- Earlier versions' loops go; this one has other arguments, so CREATE OR
+-- REPLACE would leave them as overloads.
 DO $walcast$
 BEGIN
   IF pg_catalog.to_regprocedure('walcast.visible_keys_as(anyarray, text, text, walcast.rls_subject[])') IS NOT NULL THEN
     DROP FUNCTION walcast.visible_keys_as(anyarray, text, text, walcast.rls_subject[]);
     RAISE NOTICE 'dropped the previous walcast.visible_keys_as';
+  END IF;
+  IF pg_catalog.to_regprocedure('walcast.visible_keys_as(anyarray, anycompatiblemultirange, text, text, text, text, walcast.rls_subject[])') IS NOT NULL THEN
+    DROP FUNCTION walcast.visible_keys_as(anyarray, anycompatiblemultirange, text, text, text, text, walcast.rls_subject[]);
+    RAISE NOTICE 'dropped the previous walcast.visible_keys_as (key ranges)';
   END IF;
 END
 $walcast$;
@@ -146,16 +143,15 @@ $walcast$;
 -- one-dimensional array of the key column's type) or, for a key of several
 -- columns, as text (key column × candidate). all_query answers for every
 -- candidate ($1: keys) with positions, some_query for the positions $2.
--- ranges is a typed NULL that range_query ($1: keys) fills with the keys
--- as a multirange, or NULL when the key type has no range type or ranges
--- do not pay (few groups); range_all_query ($2: ranges) then answers for
--- every candidate with the visible keys themselves, which the caller turns
--- into positions once for all groups.
+-- sort_query ($1: keys) sorts the keys for a search, or is NULL when the
+-- key type cannot be searched so or it does not pay (few groups);
+-- search_query ($2: the sorted keys) then answers for every candidate
+-- with the visible keys themselves, which the caller turns into positions
+-- once for all groups.
 CREATE OR REPLACE FUNCTION walcast.visible_keys_as(
   keys anyarray,
-  ranges anycompatiblemultirange,
-  range_query text,
-  range_all_query text,
+  sort_query text,
+  search_query text,
   all_query text,
   some_query text,
   groups walcast.rls_subject[]
@@ -168,24 +164,19 @@ DECLARE
   role_before text := pg_catalog.current_setting('role');
   claims_before text := pg_catalog.current_setting('request.jwt.claims', true);
   grp walcast.rls_subject;
-  -- Per role, whether its unfiltered groups use the ranges: decided at the
-  -- role's first such group by the planner's own estimates of both forms.
+  sorted_keys keys%TYPE;
+  -- Per role, whether its unfiltered groups search the sorted keys: decided
+  -- at the role's first such group by the planner's estimates of both forms.
   planned_roles text[] := '{}';
-  planned_ranges boolean[] := '{}';
+  planned_search boolean[] := '{}';
   role_index integer;
   plan json;
-  range_cost float8;
+  search_cost float8;
   all_cost float8;
-  use_ranges boolean;
+  use_search boolean;
 BEGIN
-  IF range_query IS NOT NULL THEN
-    BEGIN
-      EXECUTE range_query INTO ranges USING keys;
-    EXCEPTION WHEN OTHERS THEN
-      -- A key the range type cannot hold (int8's largest value has no
-      -- upper bound past it): the positional form answers instead.
-      ranges := NULL;
-    END;
+  IF sort_query IS NOT NULL THEN
+    EXECUTE sort_query INTO sorted_keys USING keys;
   END IF;
   group_no := 0;
   FOREACH grp IN ARRAY groups LOOP
@@ -203,33 +194,33 @@ BEGIN
       PERFORM pg_catalog.set_config('request.jwt.claims', grp.claims, true);
       IF grp.candidates IS NULL THEN
         role_index := NULL;
-        IF ranges IS NOT NULL THEN
+        IF sorted_keys IS NOT NULL THEN
           role_index := pg_catalog.array_position(planned_roles, grp.role);
           IF role_index IS NULL THEN
-            IF pg_catalog.current_setting('walcast.rls_ranges', true) OPERATOR(pg_catalog.=) 'on' THEN
-              use_ranges := true;
+            IF pg_catalog.current_setting('walcast.rls_sorted_keys', true) OPERATOR(pg_catalog.=) 'on' THEN
+              use_search := true;
             ELSE
-              EXECUTE pg_catalog.concat('EXPLAIN (FORMAT JSON) ', range_all_query) INTO plan USING keys, ranges;
-              range_cost := pg_catalog.json_extract_path_text(plan, '0', 'Plan', 'Total Cost')::pg_catalog.float8;
+              EXECUTE pg_catalog.concat('EXPLAIN (FORMAT JSON) ', search_query) INTO plan USING keys, sorted_keys;
+              search_cost := pg_catalog.json_extract_path_text(plan, '0', 'Plan', 'Total Cost')::pg_catalog.float8;
               EXECUTE pg_catalog.concat('EXPLAIN (FORMAT JSON) ', all_query) INTO plan USING keys;
               all_cost := pg_catalog.json_extract_path_text(plan, '0', 'Plan', 'Total Cost')::pg_catalog.float8;
-              use_ranges := range_cost OPERATOR(pg_catalog.<=) all_cost;
+              use_search := search_cost OPERATOR(pg_catalog.<=) all_cost;
             END IF;
             planned_roles := pg_catalog.array_append(planned_roles, grp.role);
-            planned_ranges := pg_catalog.array_append(planned_ranges, use_ranges);
+            planned_search := pg_catalog.array_append(planned_search, use_search);
             role_index := pg_catalog.cardinality(planned_roles);
           END IF;
         END IF;
-        IF role_index IS NOT NULL AND planned_ranges[role_index] THEN
+        IF role_index IS NOT NULL AND planned_search[role_index] THEN
           BEGIN
-            EXECUTE range_all_query INTO visible_keys USING keys, ranges;
+            EXECUTE search_query INTO visible_keys USING keys, sorted_keys;
           EXCEPTION WHEN OTHERS THEN
-            -- The range form reads every row the role can see, and a
+            -- The search reads every row the role can see, and a
             -- policy may raise on one that is no candidate: the group's
             -- answer is its candidates' (this block's rollback keeps the
             -- role and claims), and the role's later groups probe too.
             visible_keys := NULL;
-            planned_ranges[role_index] := false;
+            planned_search[role_index] := false;
             EXECUTE all_query INTO visible USING keys;
           END;
         ELSE
@@ -254,7 +245,7 @@ BEGIN
 END
 $function$;
 
-COMMENT ON FUNCTION walcast.visible_keys_as(anyarray, anycompatiblemultirange, text, text, text, text, walcast.rls_subject[]) IS
+COMMENT ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) IS
   'walcast: the per-group loop of walcast.visible_keys (internal; see sql/rls.sql)';
 
 CREATE OR REPLACE FUNCTION walcast.visible_keys(
@@ -281,12 +272,10 @@ DECLARE
   some_conditions text := '';    -- t."id" = ($1[1][s.p])::bigint AND ...
   all_query text;
   some_query text;
-  range_type text;               -- the key type's range type, if it has one
-  range_subtype text;            -- the range type's subtype, when it is not the key's
-  multirange_type text;
-  range_query text;
-  range_all_query text;
-  ranges_mode text;              -- walcast.rls_ranges: auto, on or off
+  searchable boolean;            -- the one key column can be searched sorted
+  sort_query text;
+  search_query text;
+  search_mode text;              -- walcast.rls_sorted_keys: auto, on or off
   role_before text := pg_catalog.current_setting('role');
 BEGIN
   IF ncols IS NULL OR ncols = 0 THEN
@@ -342,42 +331,42 @@ BEGIN
       'SELECT pg_catalog.array_agg(s.i) FROM pg_catalog.unnest($2) WITH ORDINALITY AS s(p, i) '
       'WHERE EXISTS (SELECT FROM %s t WHERE t.%I = $1[s.p])', rel_sql, key_columns[1]);
 
-    -- Many unfiltered groups: the keys as one multirange (see the top).
-    -- Only for key types whose range compares exactly as their equality
-    -- does; a domain or any other type keeps the positional form.
-    SELECT r.range_type, r.subtype, r.multirange_type INTO range_type, range_subtype, multirange_type
-    FROM (VALUES
-      ('pg_catalog.int2'::pg_catalog.regtype, 'pg_catalog.int4range', 'pg_catalog.int4', 'pg_catalog.int4multirange'),
-      ('pg_catalog.int4', 'pg_catalog.int4range', NULL, 'pg_catalog.int4multirange'),
-      ('pg_catalog.int8', 'pg_catalog.int8range', NULL, 'pg_catalog.int8multirange'),
-      ('pg_catalog.numeric', 'pg_catalog.numrange', NULL, 'pg_catalog.nummultirange'),
-      ('pg_catalog.date', 'pg_catalog.daterange', NULL, 'pg_catalog.datemultirange'),
-      ('pg_catalog.timestamp', 'pg_catalog.tsrange', NULL, 'pg_catalog.tsmultirange'),
-      ('pg_catalog.timestamptz', 'pg_catalog.tstzrange', NULL, 'pg_catalog.tstzmultirange'),
-      ('pg_catalog.uuid', 'walcast.uuid_range', NULL, 'walcast.uuid_multirange'),
-      ('pg_catalog.text', 'walcast.text_range', NULL, 'walcast.text_multirange'),
-      ('pg_catalog.varchar', 'walcast.text_range', 'pg_catalog.text', 'walcast.text_multirange')
-    ) AS r(key_type, range_type, subtype, multirange_type)
-    WHERE r.key_type OPERATOR(pg_catalog.=) col.atttypid
-      -- A nondeterministic collation's equality is not byte equality: a
-      -- "C" range would miss keys the column holds equal ('abc' = 'ABC').
-      AND (col.attcollation OPERATOR(pg_catalog.=) 0 OR EXISTS (
-        SELECT FROM pg_catalog.pg_collation c
-        WHERE c.oid OPERATOR(pg_catalog.=) col.attcollation AND c.collisdeterministic));
-    ranges_mode := coalesce(nullif(pg_catalog.current_setting('walcast.rls_ranges', true), ''), 'auto');
-    IF ranges_mode NOT IN ('auto', 'on', 'off') THEN
-      RAISE EXCEPTION 'walcast.visible_keys: walcast.rls_ranges is %, expected auto, on or off',
-        pg_catalog.quote_literal(ranges_mode) USING ERRCODE = '22023';
+    -- Many unfiltered groups: the keys sorted once and searched (see the
+    -- top). Only for a fixed-width key type (the search steps through the
+    -- sorted array by index) with a default btree order, in its type's own
+    -- collation (the sort and width_bucket must compare alike): others,
+    -- text among them, keep the positional form.
+    searchable := EXISTS (
+      SELECT FROM pg_catalog.pg_type ty
+      JOIN pg_catalog.pg_opclass oc
+        ON oc.opcintype OPERATOR(pg_catalog.=) (CASE WHEN ty.typtype OPERATOR(pg_catalog.=) 'd'
+                                                THEN ty.typbasetype ELSE ty.oid END)
+      JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) oc.opcmethod
+      WHERE ty.oid OPERATOR(pg_catalog.=) col.atttypid
+        AND ty.typlen OPERATOR(pg_catalog.>) 0
+        AND am.amname OPERATOR(pg_catalog.=) 'btree' AND oc.opcdefault
+        AND col.attcollation OPERATOR(pg_catalog.=) ty.typcollation);
+    search_mode := coalesce(nullif(pg_catalog.current_setting('walcast.rls_sorted_keys', true), ''), 'auto');
+    IF search_mode NOT IN ('auto', 'on', 'off') THEN
+      RAISE EXCEPTION 'walcast.visible_keys: walcast.rls_sorted_keys is %, expected auto, on or off',
+        pg_catalog.quote_literal(search_mode) USING ERRCODE = '22023';
     END IF;
-    IF range_type IS NOT NULL AND (ranges_mode = 'on' OR ranges_mode = 'auto' AND (
+    IF searchable AND (search_mode = 'on' OR search_mode = 'auto' AND (
       SELECT pg_catalog.count(*) FROM pg_catalog.unnest(groups) AS g WHERE g.candidates IS NULL
     ) >= 8) THEN
-      range_query := pg_catalog.format(
-        'SELECT pg_catalog.range_agg(%1$s(k%2$s, k%2$s, ''[]'')) FROM pg_catalog.unnest($1) AS k WHERE k IS NOT NULL',
-        range_type, coalesce('::' || range_subtype, ''));
-      range_all_query := pg_catalog.format(
-        'SELECT pg_catalog.array_agg(t.%1$I) FROM %2$s t WHERE t.%1$I%3$s OPERATOR(pg_catalog.<@) $2',
-        key_columns[1], rel_sql, coalesce('::' || range_subtype, ''));
+      sort_query :=
+        'SELECT ARRAY(SELECT DISTINCT k FROM pg_catalog.unnest($1) AS k WHERE k IS NOT NULL ORDER BY k)';
+      -- width_bucket: how many sorted keys are <= t.id, so the key at that
+      -- index equals t.id exactly when t.id is one of them. The first and
+      -- last key turn most of a group's rows away with two comparisons;
+      -- IS TRUE keeps them from becoming primary-key range conditions,
+      -- which would make the planner evaluate the policy per candidate.
+      search_query := pg_catalog.format(
+        'SELECT pg_catalog.array_agg(t.%1$I) FROM %2$s t '
+        'WHERE (t.%1$I OPERATOR(pg_catalog.>=) $2[1]) IS TRUE '
+        'AND (t.%1$I OPERATOR(pg_catalog.<=) $2[pg_catalog.cardinality($2)]) IS TRUE '
+        'AND t.%1$I OPERATOR(pg_catalog.=) $2[pg_catalog.width_bucket(t.%1$I, $2)]',
+        key_columns[1], rel_sql);
     END IF;
 
     -- keys[1:1] is still two-dimensional (1 × n), and $1[p] needs one
@@ -387,7 +376,7 @@ BEGIN
       'WITH c AS MATERIALIZED ('
       '  SELECT ARRAY(SELECT pg_catalog.unnest($1[1:1]))::%1$s[] AS keys), '
       'r AS MATERIALIZED ('
-      '  SELECT v.* FROM c, walcast.visible_keys_as(c.keys, NULL::%2$s, $2, $3, $4, $5, $6) AS v), '
+      '  SELECT v.* FROM c, walcast.visible_keys_as(c.keys, $2, $3, $4, $5, $6) AS v), '
       'm AS ('
       '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
       '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
@@ -399,8 +388,8 @@ BEGIN
       '  r.error_code, r.error_message '
       'FROM r LEFT JOIN m ON m.group_no OPERATOR(pg_catalog.=) r.group_no '
       'ORDER BY r.group_no',
-      key_type, coalesce(multirange_type, 'pg_catalog.int4multirange'))
-      USING keys, range_query, range_all_query, all_query, some_query, groups;
+      key_type)
+      USING keys, sort_query, search_query, all_query, some_query, groups;
   ELSE
     all_query := pg_catalog.format(
       'SELECT pg_catalog.array_agg(c.i) FROM ROWS FROM (%s) WITH ORDINALITY AS c(%si) '
@@ -411,7 +400,7 @@ BEGIN
       'WHERE EXISTS (SELECT FROM %s t WHERE %s)', rel_sql, some_conditions);
     RETURN QUERY
       SELECT v.group_no, v.visible, v.error_code, v.error_message
-      FROM walcast.visible_keys_as(keys, NULL::pg_catalog.int4multirange, NULL, NULL, all_query, some_query, groups) AS v;
+      FROM walcast.visible_keys_as(keys, NULL, NULL, all_query, some_query, groups) AS v;
   END IF;
 
   -- Belt and braces: never return with a subscriber's role or claims.
@@ -429,7 +418,7 @@ DECLARE
   role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
 BEGIN
   REVOKE ALL ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) FROM PUBLIC;
-  REVOKE ALL ON FUNCTION walcast.visible_keys_as(anyarray, anycompatiblemultirange, text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
     EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
@@ -437,7 +426,7 @@ BEGIN
       'GRANT EXECUTE ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) TO %I',
       role_name);
     EXECUTE format(
-      'GRANT EXECUTE ON FUNCTION walcast.visible_keys_as(anyarray, anycompatiblemultirange, text, text, text, text, walcast.rls_subject[]) TO %I',
+      'GRANT EXECUTE ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) TO %I',
       role_name);
     RAISE NOTICE 'role % may call walcast.visible_keys', quote_ident(role_name);
   ELSE

@@ -208,9 +208,9 @@ pub struct RunArgs {
     /// Pooled connections one batch's RLS checks run on at once [env: WALCAST_RLS_CONNECTIONS] [default: 2]
     #[arg(long, value_name = "N")]
     pub rls_connections: Option<String>,
-    /// Answer many unfiltered RLS groups through key ranges: auto, on or off [env: WALCAST_RLS_RANGES] [default: auto]
+    /// Let many unfiltered RLS groups search the batch's sorted keys: auto, on or off [env: WALCAST_RLS_SORTED_KEYS] [default: auto]
     #[arg(long, value_name = "MODE")]
-    pub rls_ranges: Option<String>,
+    pub rls_sorted_keys: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -258,7 +258,7 @@ impl RunArgs {
             (&config::RLS_BATCH_WAIT, self.rls_batch_wait.clone()),
             (&config::RLS_TIMEOUT, self.rls_timeout.clone()),
             (&config::RLS_CONNECTIONS, self.rls_connections.clone()),
-            (&config::RLS_RANGES, self.rls_ranges.clone()),
+            (&config::RLS_SORTED_KEYS, self.rls_sorted_keys.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),
         ]));

@@ -616,8 +616,6 @@ sql/role.sql: created role authenticated (NOLOGIN NOINHERIT)
 sql/role.sql: granted authenticated to scram_user (it may SET ROLE authenticated)
 sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: created type walcast.rls_subject
-sql/rls.sql: created type walcast.uuid_range
-sql/rls.sql: created type walcast.text_range
 sql/rls.sql: role scram_user may call walcast.visible_keys
 sql/auth_helpers.sql: created schema auth
 sql/auth_helpers.sql: created function auth.uid()

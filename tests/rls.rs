@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_postgres::Client;
 use walcast::config::DatabaseUrl;
 use walcast::rls::{
-    self, Access, Cache, CheckOptions, Group, GroupOutcome, Ranges, Rows, TableName, TableRef,
+    self, Access, Cache, CheckOptions, Group, GroupOutcome, Rows, SortedKeys, TableName, TableRef,
 };
 
 use crate::support::TestPostgres;
@@ -24,11 +24,11 @@ use crate::support::rng::Rng;
 
 const OPTIONS: CheckOptions = within(Duration::from_secs(10));
 
-/// Check options with `timeout` and the default choice of key ranges.
+/// Check options with `timeout` and the default choice of sorted keys.
 const fn within(timeout: Duration) -> CheckOptions {
     CheckOptions {
         timeout,
-        ranges: Ranges::Auto,
+        sorted_keys: SortedKeys::Auto,
     }
 }
 
@@ -335,9 +335,9 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 .collect();
             // The keys of every group go once. Some groups are candidates
             // for all of them (unfiltered subscribers), the others for
-            // their own: every fourth group with key ranges off, then
+            // their own: every fourth group with sorted keys off, then
             // forced on; all but every fourth with the planner choosing
-            // (enough unfiltered groups for ranges to be considered).
+            // (enough unfiltered groups for a search to be considered).
             let flat: Vec<Vec<Option<&str>>> = keys
                 .iter()
                 .flatten()
@@ -369,7 +369,7 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 key_columns: subject.key_columns,
             };
             let options = CheckOptions {
-                ranges: [Ranges::Off, Ranges::On, Ranges::Auto][round % 3],
+                sorted_keys: [SortedKeys::Off, SortedKeys::On, SortedKeys::Auto][round % 3],
                 ..OPTIONS
             };
             let outcomes = rls::check(&pool, &table, &flat, &groups, &options)
@@ -441,7 +441,7 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
     assert_clean(session_state(&pool).await);
 }
 
-/// One key type of the ranges test: the column type, the stored keys,
+/// One key type of the sorted-keys test: the column type, the stored keys,
 /// and candidates spelt otherwise or absent.
 struct KeyType {
     sql: &'static str,
@@ -449,7 +449,7 @@ struct KeyType {
     other_candidates: &'static [&'static str],
 }
 
-const KEY_TYPES: [KeyType; 12] = [
+const KEY_TYPES: [KeyType; 15] = [
     KeyType {
         sql: "smallint",
         stored: &["-32768", "-1", "0", "1", "2", "3", "7", "32767"],
@@ -460,8 +460,6 @@ const KEY_TYPES: [KeyType; 12] = [
         stored: &["-2147483648", "0", "1", "2", "3", "10", "11", "2147483647"],
         other_candidates: &["12", "2147483646"],
     },
-    // The largest bigint has no range [k, k] (its upper bound would be
-    // k + 1): the call falls back to probing, with the same answers.
     KeyType {
         sql: "bigint",
         stored: &[
@@ -478,6 +476,21 @@ const KEY_TYPES: [KeyType; 12] = [
         sql: "numeric",
         stored: &["1.5", "2", "-0.001", "1e20", "3.14159"],
         other_candidates: &["1.500", "2.0000", "1.51", "NaN"],
+    },
+    KeyType {
+        sql: "double precision",
+        stored: &["0", "NaN", "-Infinity", "1e-300", "2.5"],
+        other_candidates: &["-0", "nan", "2.50", "1e-301"],
+    },
+    KeyType {
+        sql: "positive_id",
+        stored: &["1", "2", "9223372036854775807"],
+        other_candidates: &["3", "02"],
+    },
+    KeyType {
+        sql: "name",
+        stored: &["abc", "ABC", "b"],
+        other_candidates: &["Abc", "bb"],
     },
     KeyType {
         sql: "date",
@@ -531,14 +544,13 @@ const KEY_TYPES: [KeyType; 12] = [
         stored: &["a", "A", "a ", "ä", "b", "c"],
         other_candidates: &["á", "C"],
     },
-    // A nondeterministic collation: 'abc' = 'ABC', so no byte-exact
-    // range; always probed.
+    // Variable width (text, varchar, numeric, bytea): always probed. A
+    // nondeterministic collation ('abc' = 'ABC') among them.
     KeyType {
         sql: "text COLLATE case_insensitive",
         stored: &["ABC", "b", "Straße"],
         other_candidates: &["abc", "B", "strasse", "x"],
     },
-    // No range type: always probed.
     KeyType {
         sql: "bytea",
         stored: &["\\x00", "\\xff", "\\x"],
@@ -546,14 +558,14 @@ const KEY_TYPES: [KeyType; 12] = [
     },
 ];
 
-/// Key ranges (sql/rls.sql, "Many groups") give what a direct SELECT gives,
+/// Sorted keys (sql/rls.sql, "Many groups") give what a direct SELECT gives,
 /// for every key type that has them (and those that do not), with keys
 /// spelt otherwise than stored, duplicates and absent keys, off, forced on
 /// and chosen by the planner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
+async fn sorted_keys_answer_as_a_direct_select_for_every_key_type() {
     let pg = TestPostgres::start();
-    let (mut admin, pool) = setup(&pg, "rls_ranges", 1).await;
+    let (mut admin, pool) = setup(&pg, "rls_sorted_keys", 1).await;
     let users: Vec<String> = (0..9)
         .map(|i| format!("20000000-0000-4000-8000-{i:012}"))
         .collect();
@@ -562,7 +574,8 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
     admin
         .batch_execute(
             "CREATE COLLATION case_insensitive \
-             (provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+               (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE DOMAIN positive_id AS bigint CHECK (VALUE > 0);",
         )
         .await
         .expect("collation");
@@ -624,11 +637,14 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
             name: &table,
             key_columns: &["id"],
         };
-        for ranges in [Ranges::Off, Ranges::On, Ranges::Auto] {
-            let options = CheckOptions { ranges, ..OPTIONS };
+        for mode in [SortedKeys::Off, SortedKeys::On, SortedKeys::Auto] {
+            let options = CheckOptions {
+                sorted_keys: mode,
+                ..OPTIONS
+            };
             let out = rls::check(&pool, &table_ref, &keys, &groups, &options)
                 .await
-                .unwrap_or_else(|e| panic!("{} with ranges {ranges:?}: {e}", key.sql));
+                .unwrap_or_else(|e| panic!("{} with sorted keys {mode:?}: {e}", key.sql));
             for (group, outcome) in groups.iter().zip(&out) {
                 let visible = oracle(&mut admin, group.role, group.claims, &table, "id::text")
                     .await
@@ -659,7 +675,7 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
                 assert_eq!(
                     *outcome,
                     GroupOutcome::Visible(expected),
-                    "{} as {} {} with ranges {ranges:?}",
+                    "{} as {} {} with sorted keys {mode:?}",
                     key.sql,
                     group.role,
                     group.claims
@@ -669,17 +685,17 @@ async fn key_ranges_answer_as_a_direct_select_for_every_key_type() {
         assert_clean(session_state(&pool).await);
     }
     println!(
-        "key ranges: {pairs} (group, candidate) pairs over {} key types, {seen_visible} visible",
+        "key sorted_keys: {pairs} (group, candidate) pairs over {} key types, {seen_visible} visible",
         KEY_TYPES.len()
     );
     assert!(seen_visible > 0 && seen_visible < pairs);
 }
 
-/// The range form reads every row a role can see, not only the
+/// The search reads every row a role can see, not only the
 /// candidates: a policy that raises on a row that is no candidate must not
 /// fail the group, which then gets its candidates' answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_raising_outside_the_candidates_does_not_fail_the_range_form() {
+async fn a_policy_raising_outside_the_candidates_does_not_fail_the_search() {
     let pg = TestPostgres::start();
     let (admin, pool) = setup(&pg, "rls_fragile", 1).await;
     let owner = "30000000-0000-4000-8000-000000000001";
@@ -713,13 +729,16 @@ async fn a_policy_raising_outside_the_candidates_does_not_fail_the_range_form() 
         name: "fragile",
         key_columns: &["id"],
     };
-    for ranges in [Ranges::Off, Ranges::On, Ranges::Auto] {
+    for mode in [SortedKeys::Off, SortedKeys::On, SortedKeys::Auto] {
         let out = rls::check(
             &pool,
             &table,
             &keys,
             &groups,
-            &CheckOptions { ranges, ..OPTIONS },
+            &CheckOptions {
+                sorted_keys: mode,
+                ..OPTIONS
+            },
         )
         .await
         .expect("check");
@@ -727,7 +746,7 @@ async fn a_policy_raising_outside_the_candidates_does_not_fail_the_range_form() 
             assert_eq!(
                 *outcome,
                 GroupOutcome::Visible(vec![true, true, false, true]),
-                "ranges {ranges:?}"
+                "sorted keys {mode:?}"
             );
         }
     }

@@ -76,8 +76,8 @@ pub struct RlsSettings {
     pub timeout: Duration,
     /// Checks of one batch run on this many pooled connections at once.
     pub connections: usize,
-    /// Whether many unfiltered groups may be answered through key ranges.
-    pub ranges: crate::rls::Ranges,
+    /// Whether many unfiltered groups may search the batch's sorted keys.
+    pub sorted_keys: crate::rls::SortedKeys,
 }
 
 /// One setting: its TOML key, environment variable, flag and default.
@@ -121,7 +121,7 @@ keys! {
     RLS_BATCH_WAIT: "rls_batch_wait", "WALCAST_RLS_BATCH_WAIT", "--rls-batch-wait", Some("20ms");
     RLS_TIMEOUT: "rls_timeout", "WALCAST_RLS_TIMEOUT", "--rls-timeout", Some("5s");
     RLS_CONNECTIONS: "rls_connections", "WALCAST_RLS_CONNECTIONS", "--rls-connections", Some("2");
-    RLS_RANGES: "rls_ranges", "WALCAST_RLS_RANGES", "--rls-ranges", Some("auto");
+    RLS_SORTED_KEYS: "rls_sorted_keys", "WALCAST_RLS_SORTED_KEYS", "--rls-sorted-keys", Some("auto");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
     GATEWAY_ADDR: "gateway_addr", "WALCAST_GATEWAY_ADDR", "--gateway-addr", Some("0.0.0.0:4000");
@@ -317,8 +317,8 @@ impl Settings {
                 connections: parse(&RLS_CONNECTIONS, lookup(&RLS_CONNECTIONS)?, |v| {
                     parse_count(v, 64)
                 })?,
-                ranges: parse(&RLS_RANGES, lookup(&RLS_RANGES)?, |v| {
-                    crate::rls::Ranges::parse(v)
+                sorted_keys: parse(&RLS_SORTED_KEYS, lookup(&RLS_SORTED_KEYS)?, |v| {
+                    crate::rls::SortedKeys::parse(v)
                         .ok_or_else(|| format!("expected auto, on or off, got {v:?}"))
                 })?,
             },
@@ -629,7 +629,7 @@ mod tests {
                 batch_wait: Duration::from_millis(20),
                 timeout: Duration::from_secs(5),
                 connections: 2,
-                ranges: crate::rls::Ranges::Auto,
+                sorted_keys: crate::rls::SortedKeys::Auto,
             }
         );
     }

@@ -16,35 +16,37 @@ use super::param::{Groups, Keys, WireGroup};
 /// at all: network gone, machine frozen).
 const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
-/// Whether unfiltered groups may be answered through one multirange of the
-/// call's keys instead of probing every candidate per group (`sql/rls.sql`,
-/// "Many groups"): the `rls_ranges` setting, sent as `walcast.rls_ranges`.
+/// Whether unfiltered groups may search the call's keys, sorted once, for
+/// the rows they can see instead of probing every candidate per group
+/// (`sql/rls.sql`, "Many groups"): the `rls_sorted_keys` setting, sent as
+/// `walcast.rls_sorted_keys`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Ranges {
+pub enum SortedKeys {
     /// With 8 or more unfiltered groups, per role, when the planner
-    /// estimates the range form cheaper.
+    /// estimates the search cheaper.
     #[default]
     Auto,
-    /// Whenever the key type has a range type (for tests and for a planner
+    /// Whenever the key type can be searched so: fixed width, a default
+    /// btree order, its type's own collation (for tests and for a planner
     /// that misjudges).
     On,
     /// Never: every group probes its candidates.
     Off,
 }
 
-impl Ranges {
-    /// The setting's text, as `walcast.rls_ranges` takes it.
+impl SortedKeys {
+    /// The setting's text, as `walcast.rls_sorted_keys` takes it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Ranges::Auto => "auto",
-            Ranges::On => "on",
-            Ranges::Off => "off",
+            SortedKeys::Auto => "auto",
+            SortedKeys::On => "on",
+            SortedKeys::Off => "off",
         }
     }
 
     /// Parses `auto`, `on` or `off`.
-    pub fn parse(text: &str) -> Option<Ranges> {
-        [Ranges::Auto, Ranges::On, Ranges::Off]
+    pub fn parse(text: &str) -> Option<SortedKeys> {
+        [SortedKeys::Auto, SortedKeys::On, SortedKeys::Off]
             .into_iter()
             .find(|r| r.as_str() == text)
     }
@@ -56,8 +58,8 @@ pub struct CheckOptions {
     /// The longest the check statement may run (`statement_timeout`); the
     /// client gives up on the connection a little after that.
     pub timeout: Duration,
-    /// Whether unfiltered groups may use key ranges.
-    pub ranges: Ranges,
+    /// Whether unfiltered groups may search the sorted keys.
+    pub sorted_keys: SortedKeys,
 }
 
 /// The table a check is about, and its key columns (the primary key, or the
@@ -137,7 +139,7 @@ impl GroupOutcome {
 /// per key column (the column's text output, as pgoutput sends it).
 ///
 /// One pooled connection, one `READ ONLY` transaction with
-/// `statement_timeout` and `walcast.rls_ranges` from `options`, one call of
+/// `statement_timeout` and `walcast.rls_sorted_keys` from `options`, one call of
 /// `walcast.visible_keys`;
 /// the answer has one [`GroupOutcome`] per group, in order. A group whose
 /// check raises is [`GroupOutcome::Failed`] and does not affect the others.
@@ -249,8 +251,8 @@ async fn ask(
     let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
     let key_columns: Vec<&str> = table.key_columns.to_vec();
     // Pipelined: the options are in force before the call starts.
-    let ranges = options.ranges.as_str();
-    let option_params: [&(dyn ToSql + Sync); 2] = [&millis, &ranges];
+    let sorted_keys = options.sorted_keys.as_str();
+    let option_params: [&(dyn ToSql + Sync); 2] = [&millis, &sorted_keys];
     let check_params: [&(dyn ToSql + Sync); 5] =
         [&table.schema, &table.name, &key_columns, keys, groups];
     let (_, rows) = tokio::try_join!(

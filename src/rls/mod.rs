@@ -36,7 +36,7 @@ mod check;
 mod param;
 
 pub use cache::{Access, Cache, Column, TableName};
-pub use check::{CheckOptions, Group, GroupOutcome, Ranges, Rows, TableRef, check};
+pub use check::{CheckOptions, Group, GroupOutcome, Rows, SortedKeys, TableRef, check};
 
 use std::time::Duration;
 

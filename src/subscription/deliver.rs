@@ -440,7 +440,7 @@ async fn checked_in_chunks(
             let started = Instant::now();
             let options = rls::CheckOptions {
                 timeout: rls.timeout,
-                ranges: rls.ranges,
+                sorted_keys: rls.sorted_keys,
             };
             let checked = rls::check(pool, table, keys, chunk, &options).await;
             metrics::counter!(metrics::RLS_CHECKS).increment(1);
