@@ -27,6 +27,30 @@ def ping(port: int) -> bool:
         return False
 
 
+def publish_calls(port: int) -> int:
+    """How many PUBLISH commands this redis-server has executed (INFO
+    commandstats): Redis's own count of what it acknowledged."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        data = b""
+        while not data.startswith(b"$") or b"\r\n" not in data or len(data) < _bulk_end(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise BenchError("redis closed the connection during INFO")
+            data += chunk
+    for line in data.decode().splitlines():
+        if line.startswith("cmdstat_publish:"):
+            fields = dict(kv.split("=", 1) for kv in line.split(":", 1)[1].split(","))
+            return int(fields["calls"])
+    return 0
+
+
+def _bulk_end(data: bytes) -> int:
+    """Where a RESP bulk string (`$len\r\n...\r\n`) in `data` ends."""
+    header, _, _ = data.partition(b"\r\n")
+    return len(header) + 2 + int(header[1:]) + 2
+
+
 class RedisServer:
     """redis-server on a free port, nothing on disk, and no output-buffer
     limit for subscribers (a slow subscriber must not be disconnected

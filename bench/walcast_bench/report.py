@@ -67,7 +67,7 @@ def daemon(results: list[Result]) -> str:
     rows = []
     for r in results:
         d = r.drains["walcast"]
-        published = d.extra.get("published_bytes", 0)
+        published = d.extra.get("published_bytes") or 0
         rows.append([
             r.workload.title, f"{d.seconds:.2f}", f"{d.cpu_seconds:.2f}",
             f"{d.cpu_seconds / r.workload.changes * 1e6:.1f}", f"{d.peak_rss / (1 << 20):.1f}",
