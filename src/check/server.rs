@@ -66,7 +66,7 @@ fn version(server: &Server) -> Finding {
     if server.version_num < 140_000 {
         Finding::error(
             id::SERVER_VERSION,
-            format!("PostgreSQL {version} is too old: walcast needs PostgreSQL 14 or later (its catalog queries read pg_type.typsubscript; it is tested on 15)"),
+            format!("PostgreSQL {version} is too old: walcast needs PostgreSQL 14 or later (its catalog queries read pg_type.typsubscript; it is tested on 14, 15 and 18)"),
         )
         .fix("upgrade PostgreSQL (14 or later)")
     } else {
