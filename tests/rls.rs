@@ -449,7 +449,7 @@ struct KeyType {
     other_candidates: &'static [&'static str],
 }
 
-const KEY_TYPES: [KeyType; 15] = [
+const KEY_TYPES: [KeyType; 17] = [
     KeyType {
         sql: "smallint",
         stored: &["-32768", "-1", "0", "1", "2", "3", "7", "32767"],
@@ -543,6 +543,23 @@ const KEY_TYPES: [KeyType; 15] = [
         sql: "varchar(8)",
         stored: &["a", "A", "a ", "ä", "b", "c"],
         other_candidates: &["á", "C"],
+    },
+    // Fixed width, but not a multiple of its alignment (width_bucket would
+    // step through the array at the wrong places): always probed.
+    KeyType {
+        sql: "time with time zone",
+        stored: &["01:00+00", "02:00+00", "03:00+00", "04:00+00", "05:00+02"],
+        other_candidates: &["03:00:00+00", "03:00+01", "06:00+00"],
+    },
+    KeyType {
+        sql: "macaddr",
+        stored: &[
+            "08:00:2b:01:02:01",
+            "08:00:2b:01:02:02",
+            "08:00:2b:01:02:03",
+            "08:00:2b:01:02:04",
+        ],
+        other_candidates: &["08-00-2B-01-02-03", "08:00:2b:01:02:05"],
     },
     // Variable width (text, varchar, numeric, bytea): always probed. A
     // nondeterministic collation ('abc' = 'ABC') among them.
