@@ -211,7 +211,8 @@ def walcast(
         published = publish_calls(redis.port) - publishes_before
         if published != changes:
             raise BenchError(f"redis executed {published} PUBLISH commands, expected {changes}")
-        extra["published_bytes"] = _published_bytes(admin_port)
+        extra["published_bytes"] = walcast_metrics(admin_port, ("walcast_published_bytes_total",)).get(
+            "walcast_published_bytes_total")
         if subscriber is not None:
             report = subscriber.expect(changes, timeout=60)
             extra.update(published_bytes=report["bytes"], subscriber_cpu=report["cpu_seconds"])
@@ -229,13 +230,18 @@ def walcast(
             subscriber.close()
 
 
-def _published_bytes(admin_port: int) -> float | None:
-    """walcast_published_bytes_total from walcast's /metrics (payload bytes
-    Redis acknowledged), or None if it cannot be read."""
+def walcast_metrics(admin_port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """These counters from walcast's /metrics (summed over no labels: the
+    first sample of each); absent ones, or all if it cannot be read, are
+    left out."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
-        return None
-    m = re.search(r"^walcast_published_bytes_total(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else None
+        return {}
+    out = {}
+    for name in names:
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE)
+        if m:
+            out[name] = float(m.group(1))
+    return out

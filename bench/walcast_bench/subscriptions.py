@@ -48,18 +48,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .consumers import drop_slot, slot_position
+from .consumers import drop_slot, slot_position, walcast_metrics
 from .pg import Cluster, format_lsn, parse_lsn
 from .procs import BenchError, cpu_seconds, free_port, peak_rss_bytes, spawn, stop, tail
 from .redis import RedisServer
@@ -241,20 +239,8 @@ def _postgres_cpu(cluster: Cluster) -> dict[int, float]:
     return out
 
 
-def _metrics(port: int) -> dict[str, float]:
-    """walcast's /metrics, the few we print (absent ones are left out)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for name in ("walcast_rls_checks_total", "walcast_rls_check_duration_seconds_sum",
-                 "walcast_rls_denied_total", "walcast_rls_errors_total"):
-        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE)
-        if m:
-            out[name] = float(m.group(1))
-    return out
+RLS_METRICS = ("walcast_rls_checks_total", "walcast_rls_check_duration_seconds_sum",
+               "walcast_rls_denied_total", "walcast_rls_errors_total")
 
 
 class Gateway:
@@ -430,7 +416,7 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
             prev_messages = before.get("messages_total", 0)
             prev_bytes = before.get("bytes_total", 0)
             prev_gw_cpu = before.get("gateway_cpu_total", 0.0)
-            m1 = _metrics(admin_port)
+            m1 = walcast_metrics(admin_port, RLS_METRICS)
             prev_m = before.get("metrics", {})
             checks = m1.get("walcast_rls_checks_total")
             check_s = m1.get("walcast_rls_check_duration_seconds_sum")
