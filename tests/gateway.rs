@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use walcast::gateway::bus::INTERRUPTED_MESSAGE;
 
 use crate::support::stack::Stack;
 use crate::support::{Daemon, TestRedis, eventually, free_port};
@@ -370,6 +371,108 @@ async fn system_ok_comes_only_after_the_daemon_confirmed_then_changes_flow_v2() 
     assert_eq!(delete[4]["ids"], json!([ids[1]]));
     assert_eq!(delete[4]["data"]["old_record"], json!({"id": 1}));
     assert_eq!(delete[4]["data"]["type"], "DELETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_bus_is_told_to_live_channels_and_they_are_subscribed_again_when_it_is_back() {
+    let (mut stack, gateway) = start().await;
+    let daemon = spawn_daemon(&stack).await;
+    let mut client = gateway.connect(Some("2.0.0")).await;
+    let mut waiting = gateway.connect(Some("2.0.0")).await;
+    client
+        .send(&format!(
+            r#"["1","1","realtime:room1","phx_join",{{"config":{{"postgres_changes":[{{"event":"*","schema":"public","table":"todos"}}]}},"access_token":"{}"}}]"#,
+            valid("authenticated")
+        ))
+        .await;
+    assert_eq!(client.recv().await[4]["status"], "ok");
+    let subscribed = r#"["1",null,"realtime:room1","system",{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}]"#;
+    assert_eq!(client.recv_text().await, subscribed, "{}", daemon.log());
+    // A channel whose subscription is refused is not live: it is told nothing.
+    waiting
+        .send(r#"["2","2","realtime:room2","phx_join",{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"nosuchtable"}]}}]"#)
+        .await;
+    assert_eq!(waiting.recv().await[4]["status"], "ok");
+    assert_eq!(waiting.recv().await[4]["status"], "error");
+    // Redis goes away: what the daemon publishes meanwhile cannot reach
+    // the gateway, and the live channel is told so at once.
+    stack.redis.stop();
+    assert_eq!(
+        client.recv_text().await,
+        format!(
+            r#"["1",null,"realtime:room1","system",{{"channel":"room1","extension":"postgres_changes","message":"{INTERRUPTED_MESSAGE}","status":"error"}}]"#
+        )
+    );
+    // Redis is back (empty): the gateway registers the subscription again,
+    // the daemon confirms it, and changes flow again.
+    stack.redis.start_again();
+    assert_eq!(client.recv_text().await, subscribed, "{}", daemon.log());
+    // The rejection is forgotten with the loss (it may have been the
+    // database being away) and comes again from the daemon's new answer.
+    assert_eq!(waiting.recv().await[4]["status"], "error");
+    stack
+        .client
+        .batch_execute("INSERT INTO todos VALUES (2, 'after', 'u1')")
+        .await
+        .expect("insert");
+    let change = client.recv().await;
+    assert_eq!(change[3], "postgres_changes");
+    assert_eq!(
+        change[4]["data"]["record"],
+        json!({"id": 2, "task": "after", "owner": "u1"})
+    );
+    client.sync(true, "h").await;
+    waiting.sync(true, "h").await;
+
+    // Redis closes the gateway's subscriber (as it does past its pubsub
+    // output-buffer limit) but keeps its data: the same report, and what
+    // the registry holds that the gateway no longer has is withdrawn.
+    let redis_client = redis::Client::open(stack.redis.url()).expect("redis url");
+    let mut conn = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let hash = format!("walcast:default:gateway:{GATEWAY_ID}:subscriptions");
+    let _: i64 = conn
+        .hset(&hash, "stale:1:0", r#"{"id":"stale:1:0"}"#)
+        .await
+        .expect("hset");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(&mut conn)
+        .await
+        .expect("client kill");
+    assert_eq!(
+        client.recv_text().await,
+        format!(
+            r#"["1",null,"realtime:room1","system",{{"channel":"room1","extension":"postgres_changes","message":"{INTERRUPTED_MESSAGE}","status":"error"}}]"#
+        )
+    );
+    assert_eq!(client.recv_text().await, subscribed, "{}", daemon.log());
+    eventually(
+        "the stale entry withdrawn",
+        Duration::from_secs(10),
+        || async {
+            let mut ids: Vec<String> = gateway
+                .registry()
+                .await
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            ids.sort();
+            ids.len() == 2 && ids.iter().all(|id| !id.starts_with("stale"))
+        },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute("INSERT INTO todos VALUES (3, 'again', 'u1')")
+        .await
+        .expect("insert");
+    assert_eq!(client.recv().await[4]["data"]["record"]["id"], 3);
+    assert_eq!(waiting.recv().await[4]["status"], "error");
+    client.sync(true, "h2").await;
+    waiting.sync(true, "h2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@
 //! Routing never waits on a socket: a socket whose queue is full is too
 //! slow and is closed, so one slow client cannot delay the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -50,7 +50,14 @@ pub enum Delivery {
     Error(Vec<String>, String),
     /// A change these subscriptions may see, `data` as JSON text.
     Change(Vec<String>, Arc<str>),
+    /// The bus lost Redis: what the daemon published until it is back is
+    /// lost for this socket (Redis pub/sub keeps nothing for an absent
+    /// subscriber). The daemon confirms its subscriptions again then.
+    Interrupted,
 }
+
+/// What a live channel is told when the gateway loses the bus.
+pub const INTERRUPTED_MESSAGE: &str = "Lost the connection to the change stream: changes may be missed until this channel is subscribed to PostgreSQL again";
 
 /// Where a socket receives its deliveries.
 #[derive(Debug, Clone)]
@@ -82,6 +89,9 @@ pub enum Error {
     /// The subscription to the gateway's channel ended.
     #[error("gateway bus: the gateway channel subscription ended")]
     Disconnected,
+    /// The subscriber connection did not answer a ping in time.
+    #[error("gateway bus: the subscriber connection did not answer a ping within 10 s")]
+    Unresponsive,
 }
 
 /// A cheap handle for sockets: register and unregister subscriptions.
@@ -210,6 +220,9 @@ impl BusTask {
             let result = self.serve(&cancel, was_up).await;
             if self.connected.swap(false, Ordering::AcqRel) {
                 was_up = true;
+                if result.is_err() {
+                    self.interrupt();
+                }
                 // A new loss starts the backoff over.
                 delay = Duration::from_millis(100);
             }
@@ -237,13 +250,13 @@ impl BusTask {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.names.gateway(&self.gateway)).await?;
         self.refresh_lease(&mut conn).await?;
-        self.resync(&mut conn).await?;
+        self.resync(&mut conn, again).await?;
         info!(gateway = %self.gateway, "gateway registered on the bus");
         self.connected.store(true, Ordering::Release);
         if again {
             self.reconnects.increment(1);
         }
-        let mut messages = pubsub.on_message();
+        let (mut listener, mut messages) = pubsub.split();
         let mut lease = tokio::time::interval(LEASE_REFRESH);
         loop {
             tokio::select! {
@@ -259,7 +272,15 @@ impl BusTask {
                     let Some(command) = command else { continue };
                     self.execute(&mut conn, command).await?;
                 }
-                _ = lease.tick() => self.refresh_lease(&mut conn).await?,
+                _ = lease.tick() => {
+                    self.refresh_lease(&mut conn).await?;
+                    // The subscriber connection only ever reads: without a
+                    // ping, one cut silently (a NAT's idle timeout) would
+                    // look like a quiet stream forever.
+                    tokio::time::timeout(REDIS_TIMEOUT, listener.ping::<redis::Value>())
+                        .await
+                        .map_err(|_| Error::Unresponsive)??;
+                }
             }
         }
     }
@@ -275,20 +296,46 @@ impl BusTask {
     /// Writes every current subscription again (Redis may have restarted
     /// empty) and announces each; the daemon answers `subscribed` again.
     /// Commands still queued run after this: duplicates are harmless.
-    async fn resync(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    async fn resync(&mut self, conn: &mut MultiplexedConnection, again: bool) -> Result<(), Error> {
         let current: Vec<(String, String)> = lock(&self.routes)
             .iter()
             .map(|(id, route)| (id.clone(), route.json.clone()))
             .collect();
-        // A leave first: the daemon forgets whatever an earlier process
-        // with this id (or this one before Redis went away) registered.
-        redis::pipe()
-            .del(self.names.subscriptions(&self.gateway))
-            .ignore()
-            .publish(self.names.control(), self.control(ControlOp::Leave))
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
+        let hash = self.names.subscriptions(&self.gateway);
+        if again {
+            // Not a leave: a daemon reading the registry back at this
+            // moment could confirm a subscription, then handle the leave
+            // and drop it until its subscribe message came — a gap after
+            // "Subscribed to PostgreSQL". Only what this process no longer
+            // holds is withdrawn; the rest is replaced in place.
+            let stored: Vec<String> = conn.hkeys(&hash).await?;
+            let stale: Vec<String> = {
+                let routes = lock(&self.routes);
+                stored
+                    .into_iter()
+                    .filter(|id| !routes.contains_key(id))
+                    .collect()
+            };
+            if !stale.is_empty() {
+                let mut pipe = redis::pipe();
+                for id in stale {
+                    let control = self.control(ControlOp::Unsubscribe { id: id.clone() });
+                    pipe.hdel(&hash, &id).ignore();
+                    pipe.publish(self.names.control(), control).ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+            }
+        } else {
+            // A leave first: the daemon forgets whatever an earlier process
+            // with this id registered.
+            redis::pipe()
+                .del(&hash)
+                .ignore()
+                .publish(self.names.control(), self.control(ControlOp::Leave))
+                .ignore()
+                .query_async::<()>(conn)
+                .await?;
+        }
         for (id, json) in current {
             self.execute(conn, Command::Subscribe { id, json }).await?;
         }
@@ -358,6 +405,17 @@ impl BusTask {
             op,
         };
         serde_json::to_string(&control).unwrap_or_default()
+    }
+
+    /// Tells every socket with a subscription that the bus was lost.
+    fn interrupt(&self) {
+        let routes = lock(&self.routes);
+        let mut told = HashSet::new();
+        for route in routes.values() {
+            if told.insert(route.socket.id) {
+                deliver(&route.socket, Delivery::Interrupted);
+            }
+        }
     }
 
     /// Hands one daemon message to the sockets it concerns.

@@ -130,6 +130,10 @@ pub struct Channel {
     failed: bool,
     /// "Subscribed to PostgreSQL" was sent for the current registration.
     live: bool,
+    /// The client was last told "Subscribed to PostgreSQL", not an error:
+    /// it counts on changes flowing (even while a token refresh is being
+    /// confirmed), so a lost bus must be reported.
+    announced: bool,
 }
 
 /// Which token authorizes a join: `access_token` when a string not
@@ -192,6 +196,7 @@ impl Channel {
             bindings,
             failed: false,
             live: false,
+            announced: false,
         })
     }
 
@@ -225,18 +230,37 @@ impl Channel {
             return None;
         }
         self.live = true;
+        self.announced = true;
         Some(self.postgres_system("ok", "Subscribed to PostgreSQL"))
     }
 
-    /// The daemon rejected `subscription_id`: the `system` error payload.
+    /// The daemon rejected `subscription_id`: the `system` error payload,
+    /// once per channel (the daemon rejects again whenever it reads the
+    /// registry back, after a restart or a lost bus).
     pub fn reject(&mut self, subscription_id: &str, message: &str) -> Option<String> {
-        self.bindings
-            .iter()
-            .any(|b| b.subscription.id == subscription_id)
-            .then(|| {
-                self.failed = true;
-                self.postgres_system("error", message)
-            })
+        let first = self.owns(subscription_id) && !self.failed;
+        first.then(|| {
+            self.failed = true;
+            self.announced = false;
+            self.postgres_system("error", message)
+        })
+    }
+
+    /// The gateway lost the bus: changes published meanwhile never reach
+    /// it, and the daemon answers every binding again once the bus is
+    /// back. A channel the client counts on gets the `system` error
+    /// payload now (and "Subscribed to PostgreSQL" again on the new
+    /// confirmations); one still waiting was promised nothing and hears
+    /// nothing. A rejection is forgotten too: it may have been transient
+    /// (the database away), and the daemon's new answer decides.
+    pub fn interrupt(&mut self, message: &str) -> Option<String> {
+        for b in &mut self.bindings {
+            b.confirmed = false;
+        }
+        self.live = false;
+        self.failed = false;
+        std::mem::replace(&mut self.announced, false)
+            .then(|| self.postgres_system("error", message))
     }
 
     /// Whether `subscription_id` is one of this channel's.
@@ -456,6 +480,57 @@ mod tests {
     }
 
     #[test]
+    fn a_bus_loss_errors_a_live_channel_once_and_the_new_confirmations_make_it_live_again() {
+        let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
+        assert_eq!(c.interrupt("lost"), None, "nothing was promised yet");
+        c.confirm("x:1:0");
+        assert!(c.confirm("x:1:1").is_some());
+        assert_eq!(
+            c.interrupt("lost").as_deref(),
+            Some(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"lost","status":"error"}"#
+            )
+        );
+        assert_eq!(c.interrupt("lost"), None, "one error per loss");
+        assert_eq!(c.confirm("x:1:0"), None, "every binding again");
+        assert_eq!(
+            c.confirm("x:1:1").as_deref(),
+            Some(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#
+            )
+        );
+    }
+
+    #[test]
+    fn a_bus_loss_is_reported_during_a_token_refresh_and_forgets_a_rejection() {
+        let v = Verifier::new(b"s");
+        let mut c = join(
+            r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"}]}}"#,
+        )
+        .unwrap();
+        assert!(c.confirm("x:1:0").is_some());
+        assert!(
+            c.refresh(&json!(token("authenticated")), &v)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            c.interrupt("lost").is_some(),
+            "the client still counts on the channel while the new token is confirmed"
+        );
+        assert!(c.reject("x:1:0", "database away").is_some());
+        assert_eq!(
+            c.interrupt("lost"),
+            None,
+            "the client was told of the rejection"
+        );
+        assert!(
+            c.confirm("x:1:0").is_some(),
+            "after a loss the daemon's new answer decides"
+        );
+    }
+
+    #[test]
     fn a_rejection_is_a_postgres_changes_error_and_no_ok_follows() {
         let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
         assert_eq!(
@@ -465,6 +540,8 @@ mod tests {
             )
         );
         assert_eq!(c.confirm("x:1:1"), None);
+        assert_eq!(c.reject("x:1:0", "no such table"), None, "said once");
+        assert_eq!(c.reject("x:1:1", "no such table"), None, "said once");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::Context;
 use super::auth::{AuthError, unix_now};
-use super::bus::{Delivery, SocketHandle};
+use super::bus::{Delivery, INTERRUPTED_MESSAGE, SocketHandle};
 use super::channel::{self, Channel, JoinError};
 use super::frame::{self, Inbound, Outbound, Vsn};
 
@@ -455,6 +455,13 @@ impl Session {
             Delivery::Error(ids, message) => {
                 for c in self.channels.values() {
                     if let Some(payload) = c.error_payload(ids, message) {
+                        frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                    }
+                }
+            }
+            Delivery::Interrupted => {
+                for c in self.channels.values_mut() {
+                    if let Some(payload) = c.interrupt(INTERRUPTED_MESSAGE) {
                         frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
                     }
                 }
