@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::render::ChangeEvent;
 use crate::bus::{self, Control, ControlOp, Names, Subscription};
 
 /// Lease lifetime: the daemon drops the gateway's subscriptions this long
@@ -48,8 +49,9 @@ pub enum Delivery {
     /// These subscriptions were denied a change whose visibility could not
     /// be decided.
     Error(Vec<String>, String),
-    /// A change these subscriptions may see, `data` as JSON text.
-    Change(Vec<String>, Arc<str>),
+    /// A change these subscriptions may see, shared by every socket it
+    /// goes to (each distinct frame is rendered once).
+    Change(Vec<String>, Arc<ChangeEvent>),
     /// The bus lost Redis: what the daemon published until it is back is
     /// lost for this socket (Redis pub/sub keeps nothing for an absent
     /// subscriber). The daemon confirms its subscriptions again then.
@@ -457,9 +459,9 @@ impl BusTask {
                     warn!("ignoring a change without data");
                     return;
                 };
-                let data: Arc<str> = Arc::from(data.get());
+                let event = Arc::new(ChangeEvent::new(data.get()));
                 for (socket, ids) in by_socket(&routes, envelope.ids) {
-                    deliver(&socket, Delivery::Change(ids, data.clone()));
+                    deliver(&socket, Delivery::Change(ids, event.clone()));
                 }
             }
             (kind, _) => debug!(%kind, "ignoring an unknown gateway message"),

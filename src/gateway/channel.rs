@@ -270,20 +270,15 @@ impl Channel {
             .any(|b| b.subscription.id == subscription_id)
     }
 
-    /// A `postgres_changes` payload for the bindings among
-    /// `subscription_ids`, or `None` if none is this channel's.
-    pub fn change_payload(&self, subscription_ids: &[String], data: &str) -> Option<String> {
-        let ids: Vec<u32> = self
-            .bindings
+    /// The client's ids of this channel's bindings among
+    /// `subscription_ids`, in binding order; empty when none is this
+    /// channel's.
+    pub fn binding_ids(&self, subscription_ids: &[String]) -> Vec<u32> {
+        self.bindings
             .iter()
             .filter(|b| subscription_ids.contains(&b.subscription.id))
             .map(|b| b.id)
-            .collect();
-        if ids.is_empty() {
-            return None;
-        }
-        let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        Some(format!(r#"{{"ids":[{ids}],"data":{data}}}"#))
+            .collect()
     }
 
     /// A `postgres_changes` `system` error for the bindings among
@@ -469,14 +464,11 @@ mod tests {
             )
         );
         assert_eq!(c.confirm("x:1:1"), None, "a duplicate reply is harmless");
-        let change = c
-            .change_payload(&["x:1:1".into(), "other".into()], "{}")
-            .unwrap();
         assert_eq!(
-            change,
-            format!(r#"{{"ids":[{}],"data":{{}}}}"#, c.bindings[1].id)
+            c.binding_ids(&["x:1:1".into(), "other".into()]),
+            [c.bindings[1].id]
         );
-        assert_eq!(c.change_payload(&["other".into()], "{}"), None);
+        assert_eq!(c.binding_ids(&["other".into()]), Vec::<u32>::new());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// The protocol version a socket negotiated with `vsn`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Vsn {
     /// `1.0.0`: JSON objects (the default when `vsn` is absent).
     V1,

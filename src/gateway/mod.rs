@@ -16,6 +16,7 @@
 //! | [`channel`] | a joined channel: bindings, ids, echo, readiness |
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
 //! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing |
+//! | [`render`] | a change's frames, each rendered once for every socket that shows it the same way |
 //! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them |
 //! | [`metrics`] | what `GET /metrics` renders |
 //!
@@ -28,6 +29,7 @@ pub mod channel;
 pub mod frame;
 pub mod limits;
 pub mod metrics;
+pub mod render;
 pub mod socket;
 
 use std::collections::HashMap;

@@ -466,10 +466,12 @@ impl Session {
                     }
                 }
             }
-            Delivery::Change(ids, data) => {
+            Delivery::Change(ids, event) => {
                 for c in self.channels.values() {
-                    if let Some(payload) = c.change_payload(ids, data) {
-                        frames.push((Value::Null, c.topic.clone(), "postgres_changes", payload));
+                    let bindings = c.binding_ids(ids);
+                    if !bindings.is_empty() {
+                        let frame = event.frame(self.vsn, &c.topic, &bindings);
+                        self.out.push_back(Message::Text(frame));
                     }
                 }
             }
