@@ -12,6 +12,7 @@
 //! Routing never waits on a socket: a socket whose queue is full is too
 //! slow and is closed, so one slow client cannot delay the others.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,10 +49,10 @@ pub enum Delivery {
     Rejected(String, String),
     /// These subscriptions were denied a change whose visibility could not
     /// be decided.
-    Error(Vec<String>, String),
+    Error(Vec<Arc<str>>, String),
     /// A change these subscriptions may see, shared by every socket it
     /// goes to (each distinct frame is rendered once).
-    Change(Vec<String>, Arc<ChangeEvent>),
+    Change(Vec<Arc<str>>, Arc<ChangeEvent>),
     /// The bus lost Redis: what the daemon published until it is back is
     /// lost for this socket (Redis pub/sub keeps nothing for an absent
     /// subscriber). The daemon confirms its subscriptions again then.
@@ -75,6 +76,8 @@ pub struct SocketHandle {
 struct Route {
     socket: SocketHandle,
     json: String,
+    /// The subscription id, shared with every delivery that names it.
+    id: Arc<str>,
 }
 
 enum Command {
@@ -173,6 +176,7 @@ impl Bus {
                 Route {
                     socket: socket.clone(),
                     json: json.clone(),
+                    id: Arc::from(subscription.id.as_str()),
                 },
             );
             let _ = self.commands.send(Command::Subscribe {
@@ -203,13 +207,21 @@ struct Envelope<'a> {
     v: u32,
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
-    ids: Vec<String>,
+    /// An event names every subscription it goes to, 10,000 for 10,000
+    /// sockets: they are borrowed from the message where they can be.
+    #[serde(default, borrow)]
+    ids: Vec<Id<'a>>,
     #[serde(default)]
     message: Option<String>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
+
+/// A subscription id in a gateway message, borrowed unless an escape in
+/// the JSON forces a copy (serde borrows a `Cow` only as a field of its
+/// own, never as an element of a `Vec`).
+#[derive(Deserialize)]
+struct Id<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl BusTask {
     /// Serves until `cancel` fires, then leaves the bus (deletes the
@@ -450,8 +462,8 @@ impl BusTask {
                 }
             }
             ("error", _) => {
-                for (socket, ids) in by_socket(&routes, envelope.ids) {
-                    deliver(&socket, Delivery::Error(ids, message.clone()));
+                for (socket, ids) in by_socket(&routes, &envelope.ids) {
+                    deliver(socket, Delivery::Error(ids, message.clone()));
                 }
             }
             ("change", _) => {
@@ -460,8 +472,8 @@ impl BusTask {
                     return;
                 };
                 let event = Arc::new(ChangeEvent::new(data.get()));
-                for (socket, ids) in by_socket(&routes, envelope.ids) {
-                    deliver(&socket, Delivery::Change(ids, event.clone()));
+                for (socket, ids) in by_socket(&routes, &envelope.ids) {
+                    deliver(socket, Delivery::Change(ids, event.clone()));
                 }
             }
             (kind, _) => debug!(%kind, "ignoring an unknown gateway message"),
@@ -469,22 +481,24 @@ impl BusTask {
     }
 }
 
-/// Groups subscription ids by the socket that holds them.
-fn by_socket(
-    routes: &HashMap<String, Route>,
-    ids: Vec<String>,
-) -> Vec<(SocketHandle, Vec<String>)> {
-    let mut sockets: HashMap<u64, (SocketHandle, Vec<String>)> = HashMap::new();
-    for id in ids {
-        if let Some(route) = routes.get(&id) {
-            sockets
-                .entry(route.socket.id)
-                .or_insert_with(|| (route.socket.clone(), Vec::new()))
-                .1
-                .push(id);
+/// Groups subscription ids by the socket that holds them (ids of no
+/// route are dropped: the subscription left meanwhile).
+fn by_socket<'r>(
+    routes: &'r HashMap<String, Route>,
+    ids: &[Id<'_>],
+) -> Vec<(&'r SocketHandle, Vec<Arc<str>>)> {
+    let mut found: Vec<&Route> = ids.iter().filter_map(|id| routes.get(&*id.0)).collect();
+    // Sorting groups a socket's ids together; cheaper than a map keyed by
+    // socket when, as usual, nearly every socket has one id.
+    found.sort_unstable_by_key(|route| route.socket.id);
+    let mut out: Vec<(&SocketHandle, Vec<Arc<str>>)> = Vec::new();
+    for route in found {
+        match out.last_mut() {
+            Some((socket, ids)) if socket.id == route.socket.id => ids.push(route.id.clone()),
+            _ => out.push((&route.socket, vec![route.id.clone()])),
         }
     }
-    sockets.into_values().collect()
+    out
 }
 
 /// Queues `delivery` without waiting; a full queue kicks the socket.
@@ -501,5 +515,59 @@ fn deliver(socket: &SocketHandle, delivery: Delivery) {
             }
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(socket: &SocketHandle, id: &str) -> (String, Route) {
+        let route = Route {
+            socket: socket.clone(),
+            json: String::new(),
+            id: Arc::from(id),
+        };
+        (id.to_owned(), route)
+    }
+
+    fn socket(id: u64) -> SocketHandle {
+        SocketHandle {
+            id,
+            deliveries: mpsc::channel(1).0,
+            kick: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn ids_are_grouped_by_socket_and_unknown_ids_dropped() {
+        let (one, two) = (socket(1), socket(2));
+        let routes: HashMap<String, Route> = [route(&two, "b"), route(&one, "a"), route(&one, "c")]
+            .into_iter()
+            .collect();
+        let ids = ["c", "b", "gone", "a"].map(|id| Id(Cow::from(id)));
+        let mut grouped: Vec<(u64, Vec<String>)> = by_socket(&routes, &ids)
+            .into_iter()
+            .map(|(socket, ids)| (socket.id, ids.iter().map(|id| id.to_string()).collect()))
+            .collect();
+        for (_, ids) in &mut grouped {
+            ids.sort_unstable();
+        }
+        assert_eq!(
+            grouped,
+            [
+                (1, vec!["a".to_owned(), "c".to_owned()]),
+                (2, vec!["b".to_owned()])
+            ]
+        );
+        assert!(by_socket(&routes, &[]).is_empty());
+    }
+
+    #[test]
+    fn an_event_borrows_its_ids_unless_escaped() {
+        let envelope: Envelope<'_> =
+            serde_json::from_str(r#"{"type":"change","v":1,"ids":["s1","s\u0032"]}"#).unwrap();
+        assert!(matches!(envelope.ids[0].0, Cow::Borrowed("s1")));
+        assert!(matches!(&envelope.ids[1].0, Cow::Owned(id) if id == "s2"));
     }
 }

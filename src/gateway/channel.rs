@@ -7,6 +7,8 @@
 //! "Subscribed to PostgreSQL" message is due only once the daemon has
 //! answered `subscribed` for every binding.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -273,20 +275,20 @@ impl Channel {
     /// The client's ids of this channel's bindings among
     /// `subscription_ids`, in binding order; empty when none is this
     /// channel's.
-    pub fn binding_ids(&self, subscription_ids: &[String]) -> Vec<u32> {
+    pub fn binding_ids(&self, subscription_ids: &[Arc<str>]) -> Vec<u32> {
         self.bindings
             .iter()
-            .filter(|b| subscription_ids.contains(&b.subscription.id))
+            .filter(|b| names(subscription_ids, &b.subscription.id))
             .map(|b| b.id)
             .collect()
     }
 
     /// A `postgres_changes` `system` error for the bindings among
     /// `subscription_ids` (their visibility could not be decided).
-    pub fn error_payload(&self, subscription_ids: &[String], message: &str) -> Option<String> {
+    pub fn error_payload(&self, subscription_ids: &[Arc<str>], message: &str) -> Option<String> {
         self.bindings
             .iter()
-            .any(|b| subscription_ids.contains(&b.subscription.id))
+            .any(|b| names(subscription_ids, &b.subscription.id))
             .then(|| self.postgres_system("error", message))
     }
 
@@ -342,6 +344,11 @@ impl Channel {
         json!({"channel": self.name(), "extension": "postgres_changes", "message": message, "status": status})
             .to_string()
     }
+}
+
+/// Whether `id` is among `ids`.
+fn names(ids: &[Arc<str>], id: &str) -> bool {
+    ids.iter().any(|i| &**i == id)
 }
 
 fn binding_of(
@@ -465,10 +472,10 @@ mod tests {
         );
         assert_eq!(c.confirm("x:1:1"), None, "a duplicate reply is harmless");
         assert_eq!(
-            c.binding_ids(&["x:1:1".into(), "other".into()]),
+            c.binding_ids(&[Arc::from("x:1:1"), Arc::from("other")]),
             [c.bindings[1].id]
         );
-        assert_eq!(c.binding_ids(&["other".into()]), Vec::<u32>::new());
+        assert_eq!(c.binding_ids(&[Arc::from("other")]), Vec::<u32>::new());
     }
 
     #[test]
