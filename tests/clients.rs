@@ -40,10 +40,11 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use crate::support::eventually;
 use crate::support::real_client::{self, ClientProcess};
 use crate::support::stack::Stack;
 use crate::support::ws_gateway::WsGateway;
+use crate::support::{Daemon, eventually};
+use walcast::gateway::bus::INTERRUPTED_MESSAGE;
 
 const SECRET: &str = "walcast-clients-test-secret-0123456789";
 const GATEWAY_ID: &str = "gw-clients";
@@ -256,9 +257,23 @@ fn no_failure(name: &str, lines: &[Value]) {
     }
 }
 
-async fn scenario(kind: Kind) {
+/// Binding ids per channel, as the join reply assigned them.
+type BindingIds = BTreeMap<&'static str, u64>;
+
+/// Postgres with `notes` and its policy, Redis, the daemon, the gateway,
+/// and one client of `kind` per user with both channels subscribed and
+/// live.
+async fn live_clients(
+    kind: Kind,
+) -> (
+    Stack,
+    Daemon,
+    WsGateway,
+    Vec<ClientProcess>,
+    Vec<BindingIds>,
+) {
     real_client::install();
-    let mut stack = Stack::start().await;
+    let stack = Stack::start().await;
     stack.client.batch_execute(SETUP).await.expect("setup");
     for (file, sql) in [
         ("sql/rls.sql", walcast::rls::INSTALL_SQL),
@@ -274,14 +289,14 @@ async fn scenario(kind: Kind) {
     let daemon = stack.spawn_gateway_daemon().await;
     let gateway = WsGateway::spawn(&stack.redis.url(), SECRET, GATEWAY_ID).await;
 
-    let mut clients: Vec<ClientProcess> = USERS
+    let clients: Vec<ClientProcess> = USERS
         .iter()
         .map(|(user, uuid)| kind.spawn(&gateway, user, uuid))
         .collect();
 
     // Subscribed (the join reply) and live (the system message) on both
     // channels, with the binding ids the reply assigned.
-    let mut binding_ids: Vec<BTreeMap<&str, u64>> = Vec::new();
+    let mut binding_ids: Vec<BindingIds> = Vec::new();
     for (client, (user, _)) in clients.iter().zip(USERS) {
         client
             .wait_for("both channels subscribed and live", WAIT, |lines| {
@@ -317,6 +332,11 @@ async fn scenario(kind: Kind) {
         );
         binding_ids.push(ids);
     }
+    (stack, daemon, gateway, clients, binding_ids)
+}
+
+async fn scenario(kind: Kind) {
+    let (mut stack, daemon, _gateway, mut clients, binding_ids) = live_clients(kind).await;
 
     // expected[user][channel]: the changes in order.
     let mut expected: Vec<Expected> = vec![BTreeMap::new(); USERS.len()];
@@ -568,4 +588,125 @@ async fn realtime_js_vsn_1_receives_exactly_each_users_own_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_py_receives_exactly_each_users_own_changes() {
     scenario(Kind::Python).await;
+}
+
+/// Redis goes away and comes back under live clients. A v2 socket
+/// (realtime-js's default) is handed the gateway's `system` error on both
+/// channels, then "Subscribed to PostgreSQL" again; a v1 socket is told
+/// nothing, because realtime-py would take the error for a channel error,
+/// rejoin, and lose the channel. Either way, a change committed once the
+/// gateway is registered again reaches its owner on both channels — and
+/// nobody else — and nothing failed.
+async fn lost_bus(kind: Kind) {
+    let (mut stack, daemon, _gateway, clients, binding_ids) = live_clients(kind).await;
+    let told = matches!(kind, Kind::Js("2.0.0"));
+    stack.redis.stop();
+    if told {
+        for client in &clients {
+            client
+                .wait_for("the lost bus reported on both channels", WAIT, |lines| {
+                    CHANNELS.iter().all(|c| {
+                        lines.iter().any(|l| {
+                            l["channel"] == *c
+                                && l["system"]
+                                    == json!({"channel": c, "extension": "postgres_changes", "message": INTERRUPTED_MESSAGE, "status": "error"})
+                        })
+                    })
+                })
+                .await;
+        }
+    }
+    stack.redis.start_again();
+    let redis = stack.redis.client();
+    eventually(
+        "the gateway registered every channel again",
+        WAIT,
+        || async {
+            let Ok(mut conn) = redis.get_multiplexed_async_connection().await else {
+                return false;
+            };
+            let count: usize = redis::cmd("HLEN")
+                .arg(format!(
+                    "walcast:default:gateway:{GATEWAY_ID}:subscriptions"
+                ))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            count == USERS.len() * CHANNELS.len()
+        },
+    )
+    .await;
+    if told {
+        for client in &clients {
+            client
+                .wait_for("subscribed to PostgreSQL again", WAIT, |lines| {
+                    CHANNELS.iter().all(|c| {
+                        lines
+                            .iter()
+                            .filter(|l| l["channel"] == *c && l["system"]["status"] == "ok")
+                            .count()
+                            == 2
+                    })
+                })
+                .await;
+        }
+    }
+    let (a, b) = (USERS[0].1, USERS[1].1);
+    let ts = commit(
+        &mut stack.client,
+        &format!("INSERT INTO notes (id, owner, body) VALUES (10, '{a}', 'alice: after'), (11, '{b}', 'bob: after')"),
+    )
+    .await;
+    for (user, (client, (name, uuid))) in clients.iter().zip(USERS).enumerate() {
+        client
+            .wait_for("the change after the loss", WAIT, |lines| {
+                CHANNELS.iter().all(|c| changes_of(lines, c).len() == 1)
+            })
+            .await;
+        let lines = client.lines();
+        if !told {
+            no_failure(name, &lines);
+        }
+        let change = Change {
+            kind: "INSERT",
+            timestamp: ts.clone(),
+            record: Some(row(
+                10 + user as i64,
+                uuid,
+                &format!("{name}: after"),
+                false,
+                Value::Null,
+                Value::Null,
+            )),
+            old_record: None,
+        };
+        for channel in CHANNELS {
+            let id = binding_ids[user][channel];
+            let statuses: Vec<&Value> = lines
+                .iter()
+                .filter(|l| l["channel"] == channel && l.get("status").is_some())
+                .collect();
+            assert_eq!(
+                statuses.len(),
+                1,
+                "{kind:?}, {name}, {channel}: one SUBSCRIBED, nothing after: {statuses:?}"
+            );
+            assert_eq!(
+                changes_of(&lines, channel),
+                [&json!({"channel": channel, "change": kind.callback_arg(&change, id)})],
+                "{kind:?}, {name}, channel {channel}"
+            );
+        }
+    }
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_js_vsn_2_is_told_of_a_lost_bus_and_gets_changes_again() {
+    lost_bus(Kind::Js("2.0.0")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_py_keeps_its_channels_through_a_lost_bus() {
+    lost_bus(Kind::Python).await;
 }
