@@ -476,6 +476,35 @@ async fn a_lost_bus_is_told_to_live_channels_and_they_are_subscribed_again_when_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_socket_is_not_told_of_a_lost_bus_only_subscribed_again() {
+    let (mut stack, gateway) = start().await;
+    let daemon = spawn_daemon(&stack).await;
+    let mut client = gateway.connect(None).await;
+    client
+        .send(r#"{"topic":"realtime:probe","event":"phx_join","payload":{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"todos"}]}},"ref":"1"}"#)
+        .await;
+    assert_eq!(client.recv().await["payload"]["status"], "ok");
+    let subscribed = r#"{"event":"system","payload":{"channel":"probe","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"},"ref":null,"topic":"realtime:probe"}"#;
+    assert_eq!(client.recv_text().await, subscribed, "{}", daemon.log());
+    stack.redis.stop();
+    stack.redis.start_again();
+    // No error first: the next frame is the renewed confirmation.
+    assert_eq!(client.recv_text().await, subscribed, "{}", daemon.log());
+    stack
+        .client
+        .batch_execute("INSERT INTO todos VALUES (5, 'v1', 'u1')")
+        .await
+        .expect("insert");
+    let change = client.recv().await;
+    assert_eq!(change["event"], "postgres_changes");
+    assert_eq!(
+        change["payload"]["data"]["record"],
+        json!({"id": 5, "task": "v1", "owner": "u1"})
+    );
+    client.sync(false, "h").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_heartbeat_join_leave_and_close_as_the_rust_sdk_sends_them() {
     let (stack, gateway) = start().await;
     let _daemon = spawn_daemon(&stack).await;

@@ -254,7 +254,8 @@ impl Channel {
     /// payload now (and "Subscribed to PostgreSQL" again on the new
     /// confirmations); one still waiting was promised nothing and hears
     /// nothing. A rejection is forgotten too: it may have been transient
-    /// (the database away), and the daemon's new answer decides.
+    /// (the database away), and the daemon's new answer decides. (The
+    /// socket sends the payload to v2 clients only.)
     pub fn interrupt(&mut self, message: &str) -> Option<String> {
         for b in &mut self.bindings {
             b.confirmed = false;

@@ -19,6 +19,11 @@ use super::frame::{self, Outbound, Vsn};
 
 /// The client event of every change frame.
 const EVENT: &str = "postgres_changes";
+/// Frames kept per change. Sockets on distinct topics (a channel name per
+/// client) never share a frame, and a kept frame lives as long as the
+/// slowest socket's queue holds the change: beyond this many, frames are
+/// rendered per socket and freed once written, as without the cache.
+const MAX_SHARED_FRAMES: usize = 64;
 
 /// One change as the daemon sent it, with the frames rendered from it so
 /// far.
@@ -26,10 +31,16 @@ const EVENT: &str = "postgres_changes";
 pub struct ChangeEvent {
     /// The change's `data`, JSON text.
     data: Box<str>,
-    /// Rendered frames by a hash of (version, topic, binding ids); equal
-    /// hashes are told apart by comparing the parts.
-    rendered: Mutex<HashMap<u64, Vec<Rendered>>>,
+    rendered: Mutex<Shared>,
     hasher: RandomState,
+}
+
+/// Rendered frames by a hash of (version, topic, binding ids); equal
+/// hashes are told apart by comparing the parts.
+#[derive(Debug, Default)]
+struct Shared {
+    by_key: HashMap<u64, Vec<Rendered>>,
+    count: usize,
 }
 
 #[derive(Debug)]
@@ -40,41 +51,57 @@ struct Rendered {
     frame: Utf8Bytes,
 }
 
+impl Rendered {
+    fn is(&self, vsn: Vsn, topic: &str, ids: &[u32]) -> bool {
+        self.vsn == vsn && &*self.topic == topic && &*self.ids == ids
+    }
+}
+
 impl ChangeEvent {
     /// A change whose `data` is `data` (JSON text), nothing rendered yet.
     pub fn new(data: &str) -> ChangeEvent {
         ChangeEvent {
             data: data.into(),
-            rendered: Mutex::new(HashMap::new()),
+            rendered: Mutex::new(Shared::default()),
             hasher: RandomState::new(),
         }
-    }
-
-    /// The change's `data`, JSON text.
-    pub fn data(&self) -> &str {
-        &self.data
     }
 
     /// The `postgres_changes` frame for a channel `topic` whose bindings
     /// `ids` (the client's integer ids) see this change, in `vsn`.
     pub fn frame(&self, vsn: Vsn, topic: &str, ids: &[u32]) -> Utf8Bytes {
         let key = self.key(vsn, topic, ids);
-        let mut rendered = self.lock();
-        let same = rendered.entry(key).or_default();
-        if let Some(found) = same
-            .iter()
-            .find(|r| r.vsn == vsn && &*r.topic == topic && &*r.ids == ids)
-        {
+        if let Some(found) = self.find(key, vsn, topic, ids) {
+            return found;
+        }
+        // Rendered without the lock, so that other sockets' lookups do not
+        // wait on it; two sockets may render the same frame, one is kept.
+        let frame = Utf8Bytes::from(render(vsn, topic, ids, &self.data));
+        let mut shared = self.lock();
+        if shared.count >= MAX_SHARED_FRAMES {
+            return frame;
+        }
+        let entries = shared.by_key.entry(key).or_default();
+        if let Some(found) = entries.iter().find(|r| r.is(vsn, topic, ids)) {
             return found.frame.clone();
         }
-        let frame = Utf8Bytes::from(render(vsn, topic, ids, &self.data));
-        same.push(Rendered {
+        entries.push(Rendered {
             vsn,
             topic: topic.into(),
             ids: ids.into(),
             frame: frame.clone(),
         });
+        shared.count += 1;
         frame
+    }
+
+    fn find(&self, key: u64, vsn: Vsn, topic: &str, ids: &[u32]) -> Option<Utf8Bytes> {
+        let shared = self.lock();
+        let entries = shared.by_key.get(&key)?;
+        entries
+            .iter()
+            .find(|r| r.is(vsn, topic, ids))
+            .map(|r| r.frame.clone())
     }
 
     fn key(&self, vsn: Vsn, topic: &str, ids: &[u32]) -> u64 {
@@ -85,7 +112,7 @@ impl ChangeEvent {
         hasher.finish()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Vec<Rendered>>> {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panic elsewhere while holding it leaves only complete entries.
         self.rendered.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,7 +170,26 @@ mod tests {
             event.frame(Vsn::V2, "realtime:room1", &[7]).as_str(),
             r#"[null,null,"realtime:room1","postgres_changes",{"ids":[7],"data":{"type":"INSERT"}}]"#
         );
-        assert_eq!(event.lock().values().map(Vec::len).sum::<usize>(), 4);
+        assert_eq!(event.lock().count, 4);
+    }
+
+    #[test]
+    fn past_the_cap_frames_are_rendered_per_call_and_not_kept() {
+        let event = ChangeEvent::new("{}");
+        for i in 0..MAX_SHARED_FRAMES + 10 {
+            let topic = format!("realtime:room{i}");
+            assert_eq!(
+                event.frame(Vsn::V2, &topic, &[1]).as_str(),
+                format!(r#"[null,null,"{topic}","postgres_changes",{{"ids":[1],"data":{{}}}}]"#)
+            );
+        }
+        assert_eq!(event.lock().count, MAX_SHARED_FRAMES);
+        let late = event.frame(Vsn::V2, "realtime:late", &[1]);
+        let again = event.frame(Vsn::V2, "realtime:late", &[1]);
+        assert_ne!(late.as_str().as_ptr(), again.as_str().as_ptr(), "not kept");
+        let kept = event.frame(Vsn::V2, "realtime:room0", &[1]);
+        let kept_again = event.frame(Vsn::V2, "realtime:room0", &[1]);
+        assert_eq!(kept.as_str().as_ptr(), kept_again.as_str().as_ptr());
     }
 
     #[test]

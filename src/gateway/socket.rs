@@ -459,15 +459,18 @@ impl Session {
                     }
                 }
             }
-            // Only v2 sockets are told. realtime-py (v1 only) takes any
-            // `system` error for a channel error and rejoins; the rejoin
-            // closes the channel for good (Phoenix pushes `phx_close` for
-            // the replaced join, and a v1 client cannot tell it from its
-            // own), which is worse than the gap it would be told about.
-            Delivery::Interrupted if self.vsn == Vsn::V1 => {}
             Delivery::Interrupted => {
                 for c in self.channels.values_mut() {
-                    if let Some(payload) = c.interrupt(INTERRUPTED_MESSAGE) {
+                    // Only v2 sockets are told. realtime-py (v1 only) takes
+                    // any `system` error for a channel error and rejoins;
+                    // the rejoin closes the channel for good (Phoenix pushes
+                    // `phx_close` for the replaced join, and a v1 client
+                    // cannot tell it from its own), which is worse than the
+                    // gap it would be told about. Its state is reset all
+                    // the same: the daemon's new answers decide.
+                    if let Some(payload) = c.interrupt(INTERRUPTED_MESSAGE)
+                        && self.vsn == Vsn::V2
+                    {
                         frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
                     }
                 }
