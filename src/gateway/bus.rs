@@ -484,8 +484,8 @@ impl BusTask {
 /// Groups subscription ids by the socket that holds them (ids of no
 /// route are dropped: the subscription left meanwhile). The handles borrow
 /// from the routes, so the routes stay locked while an event is handed
-/// out: joins and leaves wait that long (`try_send` never waits, ~0.1 µs
-/// per socket).
+/// out: joins and leaves wait that long (`try_send` never waits; about
+/// 0.2 µs per socket in the 10,000-socket fan-out profile).
 fn by_socket<'r>(
     routes: &'r HashMap<String, Route>,
     ids: &[Id<'_>],
