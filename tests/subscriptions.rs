@@ -436,6 +436,40 @@ async fn invalid_subscriptions_are_rejected_with_a_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_get_time_to_come_back_when_redis_restarts_empty() {
+    let (mut stack, daemon, mut gateway) = start().await;
+    gateway
+        .subscribe(subscription("s", "authenticated", "public", "notes", "*"))
+        .await;
+    assert_eq!(gateway.reply("s", 0).await["type"], "subscribed");
+    let read_back = || daemon.log().matches("registry read back").count();
+    let before = read_back();
+    stack.redis.stop();
+    stack.redis.start_again();
+    eventually(
+        "the daemon connected to the new redis",
+        Duration::from_secs(30),
+        || async { read_back() > before },
+    )
+    .await;
+    // The gateway comes back later than the daemon, past the first lease
+    // checks (every 5 s) but within the grace: its lease is set again, and
+    // the daemon still has its subscription.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    drop(gateway);
+    let back = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (1, 'kept')")
+        .await
+        .expect("insert");
+    let events = back.wait_events(1).await;
+    assert_eq!(events[0]["ids"], json!(["s"]), "{}", daemon.log());
+    assert_eq!(events[0]["data"]["record"]["body"], "kept");
+    assert!(!daemon.log().contains("gateway lease expired"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_reads_the_registry_back_and_expired_gateways_are_dropped() {
     let (stack, mut daemon, mut gateway) = start().await;
     gateway

@@ -32,6 +32,13 @@ use crate::subscription::Shared;
 
 /// How often the leases of known gateways are checked.
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after (re)connecting the leases of gateways already known are
+/// left unchecked. A Redis that restarted empty holds no lease until each
+/// gateway has reconnected too (its backoff reaches 5 s); expiring them
+/// before that would drop live subscriptions, and the `DEL` of a hash could
+/// land after the gateway wrote it again, losing entries for the next
+/// daemon restart.
+const LEASE_GRACE: Duration = Duration::from_secs(15);
 /// How long Redis may take to connect or answer.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -106,7 +113,10 @@ impl ControlTask {
         pubsub.subscribe(self.names.control()).await?;
         self.recover(&mut conn).await?;
         let mut messages = pubsub.on_message();
-        let mut leases = tokio::time::interval(LEASE_CHECK_INTERVAL);
+        let mut leases = tokio::time::interval_at(
+            tokio::time::Instant::now() + LEASE_GRACE,
+            LEASE_CHECK_INTERVAL,
+        );
         loop {
             tokio::select! {
                 message = messages.next() => {
