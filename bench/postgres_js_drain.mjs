@@ -10,9 +10,11 @@
 // Environment: BENCH_PG_PORT, BENCH_PG_DATABASE, BENCH_SLOT,
 // BENCH_PUBLICATION, BENCH_EXPECTED (changes to wait for),
 // BENCH_STALL_SECONDS (give up when nothing arrives for that long).
-// Prints one JSON line: {"changes", "seconds", "cpu_seconds"}; exits 1 on
-// a stall or an error.
+// Prints one JSON line: {"changes", "seconds", "cpu_seconds", "peak_rss"
+// (VmHWM, bytes: node's own maxRSS would count bench/run's image from
+// before exec)}; exits 1 on a stall or an error.
 
+import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import postgres from 'postgres'
 
@@ -54,8 +56,13 @@ const t0 = performance.now()
 function finish () {
   const seconds = (performance.now() - t0) / 1000
   const cpu = process.cpuUsage(cpu0)
-  console.log(JSON.stringify({ changes, seconds, cpu_seconds: (cpu.user + cpu.system) / 1e6 }))
+  console.log(JSON.stringify({ changes, seconds, cpu_seconds: (cpu.user + cpu.system) / 1e6, peak_rss: peakRss() }))
   process.exit(0)
+}
+
+function peakRss () {
+  const line = readFileSync('/proc/self/status', 'utf8').split('\n').find(l => l.startsWith('VmHWM:'))
+  return line ? Number(line.split(/\s+/)[1]) * 1024 : 0
 }
 
 function fail (error) {

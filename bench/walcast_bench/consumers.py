@@ -1,4 +1,4 @@
-"""The three consumers, each draining its own copy of a workload's slot.
+"""The four consumers, each draining its own copy of a workload's slot.
 
 - walcast: the daemon with the firehose on, timed from its start until the
   slot's `confirmed_flush_lsn` reaches the workload's end LSN (walcast
@@ -8,6 +8,10 @@
   timed from its start until it exits at `--endpos`.
 - postgres.js: `sql.subscribe('*', ...)`, decode only, timed by the script
   from just before `subscribe` until its callback has seen every change.
+- prompt reader: `bench/prompt_reader.py`, a replication client that reads
+  as soon as data arrives and only counts changes; timed by the script from
+  before it connects until it has counted every change. It is the floor for
+  a consumer that keeps up with the walsender.
 
 None of them may stop short: each is checked against the workload's change
 count or end LSN, and a shortfall stops the bench with a message.
@@ -20,6 +24,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -87,9 +92,16 @@ def pg_recvlogical(cluster: Cluster, slot: str, end_lsn: int, changes: int, logs
     ]
     started = time.perf_counter()
     proc = spawn(cmd, log=log)
+    # Sampled while it runs: its rusage would report the bench's own RSS
+    # from before exec (see procs.wait_with_rusage).
+    rss = 0
     try:
         deadline = started + deadline_for(changes)
         while True:
+            try:
+                rss = max(rss, peak_rss_bytes(proc.pid))
+            except (OSError, BenchError):
+                pass  # exiting: the last reading stands
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -109,11 +121,23 @@ def pg_recvlogical(cluster: Cluster, slot: str, end_lsn: int, changes: int, logs
         raise BenchError(
             f"pg_recvlogical stopped at {format_lsn(confirmed)}, before the end {format_lsn(end_lsn)}"
         )
-    return Drain("pg_recvlogical", seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+    return Drain("pg_recvlogical", seconds, usage.ru_utime + usage.ru_stime, rss)
 
 
 def postgres_js(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
-    log = logs / f"postgres_js-{slot}.log"
+    return _scripted("postgres.js", ["node", str(HERE / "postgres_js_drain.mjs")], cluster, slot, changes, logs)
+
+
+def prompt_reader(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
+    return _scripted("prompt reader", [sys.executable, str(HERE / "prompt_reader.py")], cluster, slot,
+                     changes, logs)
+
+
+def _scripted(name: str, cmd: list[str], cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
+    """A reference that times itself and prints one JSON line: changes,
+    seconds, cpu_seconds, peak_rss (its own VmHWM, read as it finishes), or
+    error."""
+    log = logs / f"{name.replace(' ', '_').replace('.', '_')}-{slot}.log"
     env = dict(
         os.environ,
         BENCH_PG_PORT=str(cluster.port),
@@ -123,12 +147,11 @@ def postgres_js(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
         BENCH_EXPECTED=str(changes),
         BENCH_STALL_SECONDS="60",
     )
-    proc = spawn(["node", str(HERE / "postgres_js_drain.mjs")], env=env, log=log,
-                 stdout=subprocess.PIPE)
+    proc = spawn(cmd, env=env, log=log, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
         out = proc.stdout.read().decode()
-        code, cpu, rss = wait_with_rusage(proc)
+        code, cpu = wait_with_rusage(proc)
     finally:
         if proc.returncode is None:
             stop(proc, signal.SIGKILL)
@@ -136,10 +159,10 @@ def postgres_js(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
     result = json.loads(lines[-1]) if lines else {}
     if code != 0 or result.get("changes") != changes:
         raise BenchError(
-            f"postgres.js drained {result.get('changes', '?')} of {changes} changes "
+            f"{name} drained {result.get('changes', '?')} of {changes} changes "
             f"(exit {code}): {result.get('error', '')}\n{tail(log)}"
         )
-    return Drain("postgres.js", result["seconds"], cpu, rss,
+    return Drain(name, result["seconds"], cpu, result.get("peak_rss", 0),
                  {"cpu_in_script": result.get("cpu_seconds")})
 
 

@@ -160,11 +160,14 @@ def peak_rss_bytes(pid: int) -> int:
     raise BenchError(f"no VmHWM in /proc/{pid}/status")
 
 
-def wait_with_rusage(proc: subprocess.Popen) -> tuple[int, float, int]:
-    """Waits for `proc`; returns (exit code, CPU seconds, peak RSS bytes)."""
+def wait_with_rusage(proc: subprocess.Popen) -> tuple[int, float]:
+    """Waits for `proc`; returns (exit code, CPU seconds).
+
+    Not its peak RSS: the kernel's `ru_maxrss` keeps the high-water mark of
+    the image before `exec`, which is this Python process's (tens of MB)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def tail(path: Path, lines: int = 20) -> str:

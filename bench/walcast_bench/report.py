@@ -8,7 +8,8 @@ from .consumers import Drain
 from .latency import Latency
 from .workloads import Workload
 
-CONSUMERS = ("walcast", "pg_recvlogical", "postgres.js")
+CONSUMERS = ("walcast", "pg_recvlogical", "postgres.js", "prompt reader")
+REFERENCES = CONSUMERS[1:]
 MB = 1_000_000
 
 
@@ -45,16 +46,15 @@ def table(header: list[list[str]], rows: list[list[str]], left: int = 1) -> str:
 
 def throughput(results: list[Result]) -> str:
     header = [
-        ["", "", "WAL", "walcast", "", "pg_recvlogical", "", "postgres.js", "", "walcast ÷", "walcast ÷"],
-        ["workload", "changes", "MB", "changes/s", "MB/s", "changes/s", "MB/s", "changes/s", "MB/s",
-         "pg_recvlogical", "postgres.js"],
+        ["", "", "WAL", *(h for c in CONSUMERS for h in (c, "")), *("walcast ÷" for _ in REFERENCES)],
+        ["workload", "changes", "MB", *(h for _ in CONSUMERS for h in ("changes/s", "MB/s")), *REFERENCES],
     ]
     rows = []
     for r in results:
         row = [r.workload.title, f"{r.workload.changes:,}", f"{r.wal_bytes / MB:,.1f}"]
         for c in CONSUMERS:
             row += [f"{r.rate(c):,.0f}", f"{r.mb_per_s(c):,.1f}"]
-        row += [f"{r.ratio('pg_recvlogical'):.2f}×", f"{r.ratio('postgres.js'):.2f}×"]
+        row += [f"{r.ratio(ref):.2f}×" for ref in REFERENCES]
         rows.append(row)
     return table(header, rows)
 
