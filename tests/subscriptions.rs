@@ -470,6 +470,37 @@ async fn gateways_get_time_to_come_back_when_redis_restarts_empty() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_its_gateway_no_longer_registers_is_withdrawn() {
+    let (stack, daemon, mut gateway) = start().await;
+    for id in ["kept", "lost"] {
+        gateway
+            .subscribe(subscription(id, "authenticated", "public", "notes", "*"))
+            .await;
+        assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
+    }
+    // The unsubscribe of "lost" never reaches the daemon; its hash entry is gone.
+    gateway.forget("lost").await;
+    eventually(
+        "the daemon withdraws the unregistered subscription",
+        Duration::from_secs(40),
+        || async { daemon.log().contains("withdrew subscriptions") },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (1, 'after')")
+        .await
+        .expect("insert");
+    assert_eq!(
+        summary(&settled(&stack, &mut gateway).await),
+        ["kept notes INSERT"],
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("withdrawn=1"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_reads_the_registry_back_and_expired_gateways_are_dropped() {
     let (stack, mut daemon, mut gateway) = start().await;
     gateway

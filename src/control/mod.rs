@@ -10,10 +10,12 @@
 //! the registry while replication reconnects. On every (re)connection to
 //! Redis it reads the gateways' registry hashes back, so subscriptions made
 //! while the daemon was down or Redis was away are not lost; a gateway whose
-//! lease key expired has its subscriptions dropped.
+//! lease key expired has its subscriptions dropped, and a live gateway's
+//! subscriptions its hash no longer holds are withdrawn.
 
 mod validate;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +32,8 @@ use crate::bus::{self, Control, ControlOp, Names, Reply, Subscription};
 use crate::metrics;
 use crate::subscription::Shared;
 
-/// How often the leases of known gateways are checked.
+/// How often the leases of known gateways are checked, and their hashes
+/// compared with the subscriptions the daemon holds for them.
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after (re)connecting the leases of gateways already known are
 /// left unchecked. A Redis that restarted empty holds no lease until each
@@ -242,14 +245,52 @@ impl ControlTask {
         self.reply(conn, gateway, &reply).await
     }
 
-    /// Drops the subscriptions of gateways whose lease expired.
+    /// Drops the subscriptions of gateways whose lease expired, and those
+    /// of live gateways that their registry hash no longer holds.
     async fn expire(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
         let gateways = self.shared.read().gateways();
         for gateway in gateways {
-            if !self.lease_alive(conn, &gateway).await? {
+            if self.lease_alive(conn, &gateway).await? {
+                self.withdraw_unregistered(conn, &gateway).await?;
+            } else {
                 self.drop_gateway(conn, &gateway).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Removes `gateway`'s subscriptions that are missing from its hash.
+    ///
+    /// A gateway writes a subscription to its hash before announcing it and
+    /// deletes it before announcing the removal, so one the hash lacks is
+    /// one the gateway let go of. Its `unsubscribe` can be lost: in flight
+    /// when Redis restarted empty, the gateway's rewrite of the hash leaves
+    /// the id out and nobody tells the daemon, which would then deliver and
+    /// check RLS for a subscriber that is gone until the gateway leaves. A
+    /// live subscription caught between an empty restart and the gateway's
+    /// rewrite is dropped and comes back with its `subscribe`; its client,
+    /// told the bus was lost, waits for that `subscribed` anyway.
+    async fn withdraw_unregistered(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+    ) -> Result<(), Error> {
+        let registered: HashSet<String> = conn.hkeys(self.names.subscriptions(gateway)).await?;
+        let stale: Vec<Arc<str>> = self
+            .shared
+            .read()
+            .ids_of(gateway)
+            .into_iter()
+            .filter(|id| !registered.contains(&**id))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        for id in &stale {
+            self.shared.remove(gateway, id);
+        }
+        self.count_subscriptions();
+        info!(%gateway, withdrawn = stale.len(), "withdrew subscriptions its registry hash no longer holds");
         Ok(())
     }
 

@@ -252,12 +252,7 @@ impl Registry {
 
     /// Removes every subscription of `gateway`; how many there were.
     pub fn remove_gateway(&mut self, gateway: &str) -> usize {
-        let ids: Vec<Arc<str>> = self
-            .tables_of
-            .keys()
-            .filter(|(g, _)| &**g == gateway)
-            .map(|(_, id)| id.clone())
-            .collect();
+        let ids = self.ids_of(gateway);
         ids.iter().filter(|id| self.remove(gateway, id)).count()
     }
 
@@ -308,6 +303,15 @@ impl Registry {
         gateways.sort();
         gateways.dedup();
         gateways
+    }
+
+    /// The ids of `gateway`'s subscriptions.
+    pub fn ids_of(&self, gateway: &str) -> Vec<Arc<str>> {
+        self.tables_of
+            .keys()
+            .filter(|(g, _)| &**g == gateway)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// How many subscriptions are live.

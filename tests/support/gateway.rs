@@ -107,6 +107,19 @@ impl BusGateway {
             .await;
     }
 
+    /// Deletes a subscription from the registry hash without announcing
+    /// it, as if its `unsubscribe` had been lost.
+    pub async fn forget(&mut self, id: &str) {
+        let _: () = self
+            .conn
+            .hdel(
+                format!("walcast:{}:gateway:{}:subscriptions", self.tenant, self.id),
+                id,
+            )
+            .await
+            .expect("hdel");
+    }
+
     /// Publishes raw text on the control channel.
     pub async fn control_raw(&mut self, text: &str) {
         let _: i64 = self
