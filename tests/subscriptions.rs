@@ -452,12 +452,20 @@ async fn gateways_get_time_to_come_back_when_redis_restarts_empty() {
         || async { read_back() > before },
     )
     .await;
+    let compared = || {
+        daemon
+            .log()
+            .matches("compared the live gateways' registry hashes")
+            .count()
+    };
+    let compared_before = compared();
     // The gateway comes back later than the daemon, past the first lease
     // checks (every 5 s) but within the grace: its lease is set again, and
-    // the daemon still has its subscription.
+    // the daemon still has its subscription. As the contract asks, it then
+    // writes its subscription again (Redis lost the hash) and announces it.
     tokio::time::sleep(Duration::from_secs(6)).await;
     drop(gateway);
-    let back = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    let mut back = BusGateway::start(&stack.redis.url(), "default", "g1").await;
     stack
         .client
         .batch_execute("INSERT INTO notes VALUES (1, 'kept')")
@@ -466,7 +474,28 @@ async fn gateways_get_time_to_come_back_when_redis_restarts_empty() {
     let events = back.wait_events(1).await;
     assert_eq!(events[0]["ids"], json!(["s"]), "{}", daemon.log());
     assert_eq!(events[0]["data"]["record"]["body"], "kept");
-    assert!(!daemon.log().contains("gateway lease expired"));
+    back.subscribe(subscription("s", "authenticated", "public", "notes", "*"))
+        .await;
+    assert_eq!(back.reply("s", 0).await["type"], "subscribed");
+    // Past the grace the daemon compares the hashes with what it holds:
+    // the rewritten subscription stays.
+    eventually(
+        "the daemon compared the registry hashes",
+        Duration::from_secs(40),
+        || async { compared() > compared_before },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (2, 'still kept')")
+        .await
+        .expect("insert");
+    let events = back.wait_events(2).await;
+    assert_eq!(events[1]["ids"], json!(["s"]), "{}", daemon.log());
+    assert_eq!(events[1]["data"]["record"]["body"], "still kept");
+    let log = daemon.log();
+    assert!(!log.contains("gateway lease expired"), "{log}");
+    assert!(!log.contains("withdrew subscriptions"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

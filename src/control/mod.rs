@@ -120,6 +120,9 @@ impl ControlTask {
             tokio::time::Instant::now() + LEASE_GRACE,
             LEASE_CHECK_INTERVAL,
         );
+        // Only the first check after a (re)connection compares hashes: an
+        // `unsubscribe` is lost only while this connection is down.
+        let mut compare_hashes = true;
         loop {
             tokio::select! {
                 message = messages.next() => {
@@ -127,7 +130,9 @@ impl ControlTask {
                     let payload: Vec<u8> = message.get_payload_bytes().to_vec();
                     self.handle(&mut conn, &payload).await?;
                 }
-                _ = leases.tick() => self.expire(&mut conn).await?,
+                _ = leases.tick() => {
+                    self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
+                }
             }
         }
     }
@@ -245,16 +250,24 @@ impl ControlTask {
         self.reply(conn, gateway, &reply).await
     }
 
-    /// Drops the subscriptions of gateways whose lease expired, and those
-    /// of live gateways that their registry hash no longer holds.
-    async fn expire(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    /// Drops the subscriptions of gateways whose lease expired and, when
+    /// `compare_hashes`, those of live gateways that their registry hash no
+    /// longer holds.
+    async fn expire(
+        &self,
+        conn: &mut MultiplexedConnection,
+        compare_hashes: bool,
+    ) -> Result<(), Error> {
         let gateways = self.shared.read().gateways();
         for gateway in gateways {
-            if self.lease_alive(conn, &gateway).await? {
-                self.withdraw_unregistered(conn, &gateway).await?;
-            } else {
+            if !self.lease_alive(conn, &gateway).await? {
                 self.drop_gateway(conn, &gateway).await?;
+            } else if compare_hashes {
+                self.withdraw_unregistered(conn, &gateway).await?;
             }
+        }
+        if compare_hashes {
+            debug!("compared the live gateways' registry hashes with their subscriptions");
         }
         Ok(())
     }
@@ -263,13 +276,17 @@ impl ControlTask {
     ///
     /// A gateway writes a subscription to its hash before announcing it and
     /// deletes it before announcing the removal, so one the hash lacks is
-    /// one the gateway let go of. Its `unsubscribe` can be lost: in flight
-    /// when Redis restarted empty, the gateway's rewrite of the hash leaves
-    /// the id out and nobody tells the daemon, which would then deliver and
-    /// check RLS for a subscriber that is gone until the gateway leaves. A
-    /// live subscription caught between an empty restart and the gateway's
-    /// rewrite is dropped and comes back with its `subscribe`; its client,
-    /// told the bus was lost, waits for that `subscribed` anyway.
+    /// one the gateway let go of. Its `unsubscribe` is lost when this
+    /// task's connection is down as it is published (a cut subscriber, or
+    /// Redis restarting, empty or not): reading the hashes back only adds,
+    /// so the daemon would deliver to, and check RLS for, a subscriber that
+    /// is gone until its gateway leaves. Run once, at the end of the grace
+    /// after each (re)connection: a live subscription caught between an
+    /// empty restart and its gateway's rewrite of the hash is dropped and
+    /// comes back with the rewrite's `subscribe`, and its channel, reset
+    /// when the gateway lost Redis, waits for that `subscribed` anyway. Run
+    /// at every check, it would also drop, silently, entries Redis lost
+    /// while everyone stayed connected (eviction): see docs/bus.md.
     async fn withdraw_unregistered(
         &self,
         conn: &mut MultiplexedConnection,
