@@ -507,7 +507,10 @@ async fn a_subscription_its_gateway_no_longer_registers_is_withdrawn() {
             .await;
         assert_eq!(gateway.reply(id, 0).await["type"], "subscribed");
     }
-    // The unsubscribe of "lost" never reaches the daemon; its hash entry is gone.
+    // The unsubscribe of "lost" never reaches the daemon; its hash entry is
+    // gone. The daemon compares the hashes 15 s after it connected to Redis
+    // (the steps above take well under a second), then never again while
+    // that connection lasts.
     gateway.forget("lost").await;
     eventually(
         "the daemon withdraws the unregistered subscription",
