@@ -78,31 +78,66 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
 fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xF)]);
-            }
-        }
-        start = i + 1;
+    let mut rest = bytes;
+    while let Some(at) = first_to_escape(rest) {
+        out.extend_from_slice(&rest[..at]);
+        write_escape(out, rest[at]);
+        rest = &rest[at + 1..];
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(rest);
     out.push(b'"');
+}
+
+/// Where the first byte JSON wants escaped is: a control character, `"`
+/// or `\`. Text is mostly without any, so it is skipped eight bytes at a
+/// time (wide text columns spent most of their encoding time here).
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    let (words, _) = bytes.as_chunks::<8>();
+    let clean = words
+        .iter()
+        .take_while(|word| !word_needs_escape(u64::from_le_bytes(**word)))
+        .count()
+        * 8;
+    bytes[clean..]
+        .iter()
+        .position(|&b| needs_escape(b))
+        .map(|at| clean + at)
+}
+
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Whether any byte of `word` [`needs_escape`]. Exact: the bit tricks can
+/// misflag a byte only above one that truly matches.
+fn word_needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    // A byte below n (n <= 0x80) borrows into its high bit, which the byte
+    // itself did not have.
+    let has_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH_BITS != 0;
+    let has_byte = |x: u64, b: u8| has_below(x ^ (ONES * u64::from(b)), 1);
+    has_below(word, 0x20) || has_byte(word, b'"') || has_byte(word, b'\\')
+}
+
+/// Writes the escape for `b`, one of the bytes [`needs_escape`] accepts, as
+/// Postgres's `escape_json` does.
+fn write_escape(out: &mut Vec<u8>, b: u8) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xF)]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +192,67 @@ mod tests {
         assert_eq!(json(23, "12a"), "\"12a\"");
         assert_eq!(json(1007, "{1,"), "\"{1,\"");
         assert_eq!(json(16, "maybe"), "\"maybe\"");
+    }
+
+    #[test]
+    fn a_word_needs_escaping_exactly_when_one_of_its_bytes_does() {
+        for background in [b'a', 0x7f, 0xc3, 0xff, b' '] {
+            for position in 0..8 {
+                for b in 0..=255u8 {
+                    let mut word = [background; 8];
+                    word[position] = b;
+                    assert_eq!(
+                        word_needs_escape(u64::from_le_bytes(word)),
+                        needs_escape(b) || needs_escape(background),
+                        "byte {b:#04x} at {position} among {background:#04x}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The escaper as it was, a byte at a time: the reference.
+    fn escaped_bytewise(bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![b'"'];
+        for &b in bytes {
+            if needs_escape(b) {
+                write_escape(&mut out, b);
+            } else {
+                out.push(b);
+            }
+        }
+        out.push(b'"');
+        out
+    }
+
+    #[test]
+    fn escaping_a_word_at_a_time_matches_a_byte_at_a_time() {
+        // Bytes around every boundary the word test draws, and plain text.
+        const ALPHABET: &[u8] =
+            b"\x00\x01\x08\x09\x0a\x0c\x0d\x1f\x20\x21\x22\x23\x5b\x5c\x5d\x7f\x80\xc3\xa9\xffab";
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let len = usize::try_from(next() % 40).unwrap_or(0);
+            let sparse = next() % 2 == 0;
+            let text: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if sparse && r % 8 != 0 {
+                        b'x'
+                    } else {
+                        ALPHABET[usize::try_from(r % ALPHABET.len() as u64).unwrap_or(0)]
+                    }
+                })
+                .collect();
+            let mut out = Vec::new();
+            write_escaped(&mut out, &text);
+            assert_eq!(out, escaped_bytewise(&text), "{text:?}");
+        }
     }
 }
