@@ -32,8 +32,9 @@ use crate::bus::{self, Control, ControlOp, Names, Reply, Subscription};
 use crate::metrics;
 use crate::subscription::Shared;
 
-/// How often the leases of known gateways are checked, and their hashes
-/// compared with the subscriptions the daemon holds for them.
+/// How often the leases of known gateways are checked (the first check
+/// after a (re)connection also compares their hashes with the daemon's
+/// subscriptions).
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after (re)connecting the leases of gateways already known are
 /// left unchecked. A Redis that restarted empty holds no lease until each
