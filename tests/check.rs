@@ -277,6 +277,14 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         &format!("redis at {} answers PING", stack.redis.url()),
         None,
     );
+    assert_finding(
+        &json,
+        "redis.eviction",
+        None,
+        "ok",
+        "redis has no memory limit (maxmemory 0, maxmemory-policy noeviction): it evicts nothing",
+        None,
+    );
 
     // The same findings as text: one line each, then the summary.
     let text = walcast(&["check"], &env);
@@ -550,6 +558,55 @@ async fn check_warns_about_an_inactive_slot_retaining_wal() {
         "warning",
         "role anon does not exist; walcast checks row level security as anon",
         Some("walcast setup (sql/role.sql creates anon and authenticated)"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_when_redis_may_evict_the_bus_keys() {
+    let stack = Stack::start().await;
+    let mut redis = stack.redis.connection().await;
+    let set = |name: &'static str, value: &'static str| {
+        redis::cmd("CONFIG").arg("SET").arg(name).arg(value).clone()
+    };
+    let _: () = set("maxmemory", "104857600")
+        .query_async(&mut redis)
+        .await
+        .expect("maxmemory");
+    let _: () = set("maxmemory-policy", "allkeys-lru")
+        .query_async(&mut redis)
+        .await
+        .expect("policy");
+
+    let (code, json) = check(&stack.env());
+
+    assert_eq!(
+        code,
+        Some(0),
+        "a warning does not block replication: {json:#}"
+    );
+    assert_finding(
+        &json,
+        "redis.eviction",
+        None,
+        "warning",
+        "redis may evict keys when it reaches maxmemory 104857600 (maxmemory-policy allkeys-lru): an evicted subscription or gateway lease drops live subscriptions without telling their clients",
+        Some(
+            "CONFIG SET maxmemory-policy noeviction, and set it in redis.conf (or the provider's parameter group)",
+        ),
+    );
+
+    let _: () = set("maxmemory-policy", "noeviction")
+        .query_async(&mut redis)
+        .await
+        .expect("policy");
+    let (_, json) = check(&stack.env());
+    assert_finding(
+        &json,
+        "redis.eviction",
+        None,
+        "ok",
+        "redis evicts nothing (maxmemory-policy noeviction)",
+        None,
     );
 }
 

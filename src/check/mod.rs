@@ -67,6 +67,8 @@ pub mod id {
     pub const SLOT_WAL_STATUS: &str = "slot.wal_status";
     /// Redis answers `PING`.
     pub const REDIS_PING: &str = "redis.ping";
+    /// Redis keeps the bus's keys: no memory limit, or `noeviction`.
+    pub const REDIS_EVICTION: &str = "redis.eviction";
 }
 
 /// Runs every check against the database and Redis of `settings`.

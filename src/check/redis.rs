@@ -1,16 +1,85 @@
-//! Redis: reachable, and answering, exactly as the daemon connects to it.
+//! Redis: reachable, and answering, exactly as the daemon connects to it;
+//! and keeping the bus's keys.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use super::{Finding, id};
 use crate::publish::Publisher;
 
-/// Appends whether Redis at `url` answers `PING`.
+/// How long `CONFIG GET` may take.
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Appends whether Redis at `url` answers `PING` and, when it does, whether
+/// it may evict the bus's keys.
 pub(super) async fn check(url: &str, out: &mut Vec<Finding>) {
     let shown = redact(url);
-    out.push(match Publisher::connect(url).await {
-        Ok(_) => Finding::ok(id::REDIS_PING, format!("redis at {shown} answers PING")),
-        Err(e) => Finding::error(id::REDIS_PING, format!("redis at {shown} is unreachable: {e}"))
-            .fix("start Redis, or point redis_url (WALCAST_REDIS_URL) at it; while Redis is away walcast streams nothing"),
-    });
+    match Publisher::connect(url).await {
+        Ok(_) => out.push(Finding::ok(
+            id::REDIS_PING,
+            format!("redis at {shown} answers PING"),
+        )),
+        Err(e) => {
+            out.push(Finding::error(id::REDIS_PING, format!("redis at {shown} is unreachable: {e}"))
+                .fix("start Redis, or point redis_url (WALCAST_REDIS_URL) at it; while Redis is away walcast streams nothing"));
+            return;
+        }
+    }
+    out.push(eviction(url).await);
+}
+
+/// Whether Redis may evict keys: the gateways' subscription registry and
+/// leases live there (docs/bus.md), and an evicted entry or lease drops a
+/// live subscription without a word to its client.
+async fn eviction(url: &str) -> Finding {
+    let settings = tokio::time::timeout(CONFIG_TIMEOUT, memory_settings(url)).await;
+    match settings {
+        Ok(Ok((0, policy))) => Finding::ok(
+            id::REDIS_EVICTION,
+            format!("redis has no memory limit (maxmemory 0, maxmemory-policy {policy}): it evicts nothing"),
+        ),
+        Ok(Ok((_, policy))) if policy == "noeviction" => Finding::ok(
+            id::REDIS_EVICTION,
+            "redis evicts nothing (maxmemory-policy noeviction)",
+        ),
+        Ok(Ok((limit, policy))) => Finding::warning(
+            id::REDIS_EVICTION,
+            format!("redis may evict keys when it reaches maxmemory {limit} (maxmemory-policy {policy}): an evicted subscription or gateway lease drops live subscriptions without telling their clients"),
+        )
+        .fix("CONFIG SET maxmemory-policy noeviction, and set it in redis.conf (or the provider's parameter group)"),
+        Ok(Err(e)) => Finding::info(
+            id::REDIS_EVICTION,
+            format!("could not read redis's maxmemory settings ({e}); make sure its maxmemory-policy is noeviction"),
+        ),
+        Err(_) => Finding::info(
+            id::REDIS_EVICTION,
+            format!("redis did not answer CONFIG GET within {}s; make sure its maxmemory-policy is noeviction", CONFIG_TIMEOUT.as_secs()),
+        ),
+    }
+}
+
+/// `maxmemory` (bytes, 0 for none) and `maxmemory-policy`.
+async fn memory_settings(url: &str) -> Result<(u64, String), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    // A map in RESP3, pairs in RESP2: both read as one.
+    let mut settings: HashMap<String, String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory*")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let limit = settings
+        .get("maxmemory")
+        .and_then(|v| v.parse().ok())
+        .ok_or("CONFIG GET returned no maxmemory")?;
+    let policy = settings
+        .remove("maxmemory-policy")
+        .ok_or("CONFIG GET returned no maxmemory-policy")?;
+    Ok((limit, policy))
 }
 
 /// `url` without its password.
