@@ -608,6 +608,38 @@ async fn check_warns_when_redis_may_evict_the_bus_keys() {
         "redis evicts nothing (maxmemory-policy noeviction)",
         None,
     );
+
+    // A managed Redis that refuses CONFIG: walcast cannot tell, and says so.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-config",
+        ])
+        .query_async(&mut redis)
+        .await
+        .expect("acl");
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_REDIS_URL");
+    let limited = stack
+        .redis
+        .url()
+        .replacen("redis://", "redis://limited:pw@", 1);
+    env.push(("WALCAST_REDIS_URL", limited));
+    let (code, json) = check(&env);
+    assert_eq!(code, Some(0), "{json:#}");
+    assert_eq!(
+        finding(&json, "redis.ping", None)["level"],
+        "ok",
+        "{json:#}"
+    );
+    let eviction = finding(&json, "redis.eviction", None);
+    assert_eq!(eviction["level"], "info", "{eviction:#}");
+    let message = eviction["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("could not read redis's maxmemory settings (")
+            && message.contains("no permissions to run the 'config|get' command")
+            && message.ends_with("); make sure its maxmemory-policy is noeviction"),
+        "{eviction:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
