@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::support::Daemon;
 use crate::support::stack::{Firehose, Stack, check_order_and_duplicates};
+use crate::support::{Daemon, TestRedis};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -465,5 +465,37 @@ async fn oversized_records_keep_only_small_values_and_say_413() {
                 )
             ),
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firehose_reaches_a_redis_that_speaks_only_tls_to_walcast() {
+    let stack = Stack::start().await;
+    stack
+        .client
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text); ALTER PUBLICATION supabase_realtime ADD TABLE notes;")
+        .await
+        .expect("setup sql");
+    let tls = TestRedis::start_tls();
+    // The subscriber listens on the same server's plain port.
+    let firehose = Firehose::subscribe(&tls.url(), "default").await;
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_REDIS_URL");
+    env.push(("WALCAST_REDIS_URL", tls.tls_url()));
+    // The test CA, as an operator points rustls at a private CA.
+    env.push(("SSL_CERT_FILE", tls.ca_file().display().to_string()));
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    stack
+        .client
+        .batch_execute("INSERT INTO notes VALUES (1, 'over tls')")
+        .await
+        .expect("insert");
+    let events = firehose.wait_for(1, WAIT, &daemon).await;
+    assert_eq!(
+        events[0]["data"]["record"],
+        serde_json::json!({"id": 1, "body": "over tls"}),
+        "{}",
+        daemon.log()
     );
 }

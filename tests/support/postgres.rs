@@ -660,7 +660,7 @@ fn postgres_owner() -> Option<(u32, u32)> {
 /// Creates `ca.crt`, `server.crt` (CN=localhost, SAN DNS:localhost and
 /// IP:127.0.0.1, signed by the CA) and `server.key` in `dir` with the
 /// `openssl` CLI. EC P-256 keys: fast to generate and accepted by rustls.
-fn generate_tls(dir: &Path) {
+pub fn generate_tls(dir: &Path) {
     fs::write(
         dir.join("ca.cnf"),
         "[req]\ndistinguished_name = dn\nx509_extensions = v3_ca\nprompt = no\n\

@@ -22,6 +22,8 @@ const PORT_ATTEMPTS: usize = 8;
 pub struct TestRedis {
     child: Option<Child>,
     port: u16,
+    /// A TLS port too, with the certificates `tls_dir` holds.
+    tls_port: Option<u16>,
     log_path: PathBuf,
     dir: TempDir,
 }
@@ -37,18 +39,35 @@ enum StartError {
 impl TestRedis {
     /// Starts `redis-server` on a free port; panics with its log on failure.
     pub fn start() -> TestRedis {
+        Self::start_inner(false)
+    }
+
+    /// As [`start`](Self::start), and listening for TLS on a second port
+    /// ([`tls_url`](Self::tls_url)) with a certificate for 127.0.0.1 signed
+    /// by a test CA ([`ca_file`](Self::ca_file)).
+    pub fn start_tls() -> TestRedis {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(tls: bool) -> TestRedis {
         let dir = tempfile::Builder::new()
             .prefix("walcast-redis-")
             .tempdir()
             .expect("create temp dir for redis");
+        if tls {
+            fs::create_dir(dir.path().join("tls")).expect("tls dir");
+            super::postgres::generate_tls(&dir.path().join("tls"));
+        }
         let mut redis = TestRedis {
             child: None,
             port: 0,
+            tls_port: None,
             log_path: dir.path().join("redis.log"),
             dir,
         };
         for attempt in 1..=PORT_ATTEMPTS {
             redis.port = free_port();
+            redis.tls_port = tls.then(free_port);
             match redis.try_start() {
                 Ok(()) => return redis,
                 Err(StartError::Exited {
@@ -156,6 +175,18 @@ impl TestRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// `rediss://127.0.0.1:TLS_PORT`, for a server started with
+    /// [`start_tls`](Self::start_tls).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
+    }
+
+    /// The test CA that signed the TLS certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls").join("ca.crt")
+    }
+
     /// The unix socket the server also listens on.
     pub fn socket_path(&self) -> PathBuf {
         self.dir.path().join("redis.sock")
@@ -215,7 +246,24 @@ impl TestRedis {
                 .expect("open redis.log")
         };
         let _ = fs::remove_file(self.socket_path());
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(tls_port) = self.tls_port {
+            let tls = self.dir.path().join("tls");
+            command
+                .args([
+                    "--tls-port",
+                    &tls_port.to_string(),
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(tls.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(tls.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(tls.join("ca.crt"));
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
