@@ -50,8 +50,10 @@ def error_text(body: bytes) -> str:
 
 
 class Reader:
-    def __init__(self, port: int, database: str, stall_seconds: float) -> None:
+    def __init__(self, port: int, stall_seconds: float) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
+        # Keepalives keep arriving on an idle stream, so a stall is judged by
+        # changes (see drain), not by silence on the socket.
         self.sock.settimeout(stall_seconds)
         self.buf = bytearray()
         self.pos = 0
@@ -78,11 +80,14 @@ class Reader:
             self.buf += data
 
     def expect(self, wanted: int) -> None:
-        """Reads until a message tagged `wanted`; an ErrorResponse fails."""
+        """Reads until a message tagged `wanted`; an ErrorResponse, or a
+        request for a password (the bench's cluster trusts), fails."""
         while True:
             tag, body = self.next()
             if tag == ord("E"):
                 raise Failed(error_text(body))
+            if tag == ord("R") and struct.unpack_from("!I", body)[0] != 0:
+                raise Failed("the server asks for a password; the prompt reader supports trust only")
             if tag == wanted:
                 return
 
@@ -93,7 +98,8 @@ def drain(env: dict[str, str]) -> int:
     expected = int(env.get("BENCH_EXPECTED", "0"))
     if not re.fullmatch(r"[a-z0-9_]+", slot) or not re.fullmatch(r"[a-z0-9_]+", publication) or expected <= 0:
         raise Failed("BENCH_SLOT, BENCH_PUBLICATION and BENCH_EXPECTED must be set")
-    reader = Reader(int(env["BENCH_PG_PORT"]), env["BENCH_PG_DATABASE"], float(env.get("BENCH_STALL_SECONDS", "60")))
+    stall_seconds = float(env.get("BENCH_STALL_SECONDS", "60"))
+    reader = Reader(int(env["BENCH_PG_PORT"]), stall_seconds)
     params = b"".join(
         k + b"\0" + v.encode() + b"\0"
         for k, v in ((b"user", "postgres"), (b"database", env["BENCH_PG_DATABASE"]), (b"replication", "database"))
@@ -105,6 +111,7 @@ def drain(env: dict[str, str]) -> int:
     reader.sock.sendall(message(b"Q", command.encode() + b"\0"))
     reader.expect(ord("W"))
     changes = 0
+    last_change = time.monotonic()
     while changes < expected:
         tag, body = reader.next()
         if tag == ord("d"):
@@ -112,6 +119,9 @@ def drain(env: dict[str, str]) -> int:
             if kind == ord("w"):
                 if body[XLOG_HEADER] in CHANGE_TAGS:
                     changes += 1
+                    last_change = time.monotonic()
+            elif time.monotonic() - last_change > stall_seconds:
+                raise Failed(f"no change for {stall_seconds:.0f}s after {changes} of {expected}")
             elif kind == ord("k") and body[17]:
                 # Keepalive with a reply requested: confirm nothing, so the
                 # walsender does not time us out.

@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -149,10 +150,15 @@ def _scripted(name: str, cmd: list[str], cluster: Cluster, slot: str, changes: i
     )
     proc = spawn(cmd, env=env, log=log, stdout=subprocess.PIPE)
     assert proc.stdout is not None
+    # The scripts give up on their own when changes stop coming; this is the
+    # backstop if one hangs anyway (its output then ends and the count is short).
+    watchdog = threading.Timer(deadline_for(changes), proc.kill)
+    watchdog.start()
     try:
         out = proc.stdout.read().decode()
         code, cpu = wait_with_rusage(proc)
     finally:
+        watchdog.cancel()
         if proc.returncode is None:
             stop(proc, signal.SIGKILL)
     lines = [line for line in out.splitlines() if line.startswith("{")]
