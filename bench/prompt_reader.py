@@ -5,12 +5,13 @@ does nothing with what it reads.
 It streams pgoutput from a slot over its own protocol code, reads as soon
 as anything arrives (as walcast and pg_recvlogical do), splits the stream
 into messages to count the changes, and does nothing else: no decoding, no
-output, no status updates except when the walsender asks for one. It is
-what a consumer that keeps up with the walsender costs at the least, so
-walcast ÷ prompt reader says how much of walcast's time is its own work.
-(On loopback TCP the walsender itself works harder for a prompt reader
-than for a slow one: see "What the walsender's cost depends on" in
-docs/benchmarks.md.)
+output, no status updates except when the walsender asks for one. So
+walcast ÷ prompt reader says whether walcast's own work slows its drain.
+It is a reference, not a strict floor (the walsender's cost moves with a
+reader's timing, and walcast has drained faster in some runs), and on
+loopback TCP the walsender works harder for a prompt reader than for a
+slow one: see "What the walsender's cost depends on" in
+docs/benchmarks.md.
 
 Environment: BENCH_PG_PORT, BENCH_PG_DATABASE, BENCH_SLOT,
 BENCH_PUBLICATION, BENCH_EXPECTED (changes to wait for),

@@ -10,8 +10,9 @@
   from just before `subscribe` until its callback has seen every change.
 - prompt reader: `bench/prompt_reader.py`, a replication client that reads
   as soon as data arrives and only counts changes; timed by the script from
-  before it connects until it has counted every change. It is the floor for
-  a consumer that keeps up with the walsender.
+  before it connects until it has counted every change: an eager reference
+  that does no work per change, as walcast's drain would be if its own work
+  cost nothing.
 
 None of them may stop short: each is checked against the workload's change
 count or end LSN, and a shortfall stops the bench with a message.
