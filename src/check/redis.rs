@@ -21,7 +21,7 @@ pub(super) async fn check(url: &str, out: &mut Vec<Finding>) {
         )),
         Err(e) => {
             out.push(Finding::error(id::REDIS_PING, format!("redis at {shown} is unreachable: {e}"))
-                .fix("start Redis, or point redis_url (WALCAST_REDIS_URL) at it; while Redis is away walcast streams nothing"));
+                .fix("start Redis, or point redis_url (WALCAST_REDIS_URL) at it (for rediss://, its certificate must chain to the system's roots or to the CA file SSL_CERT_FILE names); while Redis is away walcast streams nothing"));
             return;
         }
     }
