@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Finding, id};
 use crate::publish::Publisher;
 
-/// How long `CONFIG GET` may take.
+/// How long connecting for `CONFIG GET` and its answer may take.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Appends whether Redis at `url` answers `PING` and, when it does, whether
@@ -53,7 +53,7 @@ async fn eviction(url: &str) -> Finding {
         ),
         Err(_) => Finding::info(
             id::REDIS_EVICTION,
-            format!("redis did not answer CONFIG GET within {}s; make sure its maxmemory-policy is noeviction", CONFIG_TIMEOUT.as_secs()),
+            format!("could not connect to redis and read its maxmemory settings within {}s; make sure its maxmemory-policy is noeviction", CONFIG_TIMEOUT.as_secs()),
         ),
     }
 }

@@ -93,16 +93,9 @@ impl BusGateway {
         .await;
     }
 
-    /// Removes a subscription.
+    /// Removes a subscription: from the registry hash, then announced.
     pub async fn unsubscribe(&mut self, id: &str) {
-        let _: () = self
-            .conn
-            .hdel(
-                format!("walcast:{}:gateway:{}:subscriptions", self.tenant, self.id),
-                id,
-            )
-            .await
-            .expect("hdel");
+        self.forget(id).await;
         self.control(json!({"v": 1, "gateway": self.id, "op": "unsubscribe", "id": id}))
             .await;
     }

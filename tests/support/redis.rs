@@ -22,7 +22,7 @@ const PORT_ATTEMPTS: usize = 8;
 pub struct TestRedis {
     child: Option<Child>,
     port: u16,
-    /// A TLS port too, with the certificates `tls_dir` holds.
+    /// A TLS port too, with the certificates in [`tls_dir`](Self::tls_dir).
     tls_port: Option<u16>,
     log_path: PathBuf,
     dir: TempDir,
@@ -54,10 +54,6 @@ impl TestRedis {
             .prefix("walcast-redis-")
             .tempdir()
             .expect("create temp dir for redis");
-        if tls {
-            fs::create_dir(dir.path().join("tls")).expect("tls dir");
-            super::postgres::generate_tls(&dir.path().join("tls"));
-        }
         let mut redis = TestRedis {
             child: None,
             port: 0,
@@ -65,6 +61,10 @@ impl TestRedis {
             log_path: dir.path().join("redis.log"),
             dir,
         };
+        if tls {
+            fs::create_dir(redis.tls_dir()).expect("tls dir");
+            super::postgres::generate_tls(&redis.tls_dir());
+        }
         for attempt in 1..=PORT_ATTEMPTS {
             redis.port = free_port();
             redis.tls_port = tls.then(free_port);
@@ -184,7 +184,13 @@ impl TestRedis {
 
     /// The test CA that signed the TLS certificate.
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("tls").join("ca.crt")
+        self.tls_dir().join("ca.crt")
+    }
+
+    /// Where [`start_tls`](Self::start_tls) keeps the CA and the server's
+    /// certificate and key.
+    fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
     }
 
     /// The unix socket the server also listens on.
@@ -248,7 +254,7 @@ impl TestRedis {
         let _ = fs::remove_file(self.socket_path());
         let mut command = Command::new("redis-server");
         if let Some(tls_port) = self.tls_port {
-            let tls = self.dir.path().join("tls");
+            let tls = self.tls_dir();
             command
                 .args([
                     "--tls-port",
@@ -261,7 +267,7 @@ impl TestRedis {
                 .arg("--tls-key-file")
                 .arg(tls.join("server.key"))
                 .arg("--tls-ca-cert-file")
-                .arg(tls.join("ca.crt"));
+                .arg(self.ca_file());
         }
         let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
