@@ -139,23 +139,162 @@ BEGIN
 END
 $walcast$;
 
+-- The version of this file's functions: the daemon refuses to check RLS
+-- with another one (and says to run walcast setup), so a database never
+-- answers with a contract the daemon does not speak.
+CREATE OR REPLACE FUNCTION walcast.sql_version() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT 2 $function$;
+
+COMMENT ON FUNCTION walcast.sql_version() IS
+  'walcast: the version of the SQL installed from sql/rls.sql (2: visibility on the committed row)';
+
+-- Earlier versions' entry points and loops go; the new ones have other
+-- arguments, so CREATE OR REPLACE would leave them as overloads.
+DO $walcast$
+BEGIN
+  IF pg_catalog.to_regprocedure('walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[])') IS NOT NULL THEN
+    DROP FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]);
+    RAISE NOTICE 'dropped the previous walcast.visible_keys (visibility by key lookup only)';
+  END IF;
+  IF pg_catalog.to_regprocedure('walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[])') IS NOT NULL THEN
+    DROP FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]);
+    RAISE NOTICE 'dropped the previous walcast.visible_keys_as';
+  END IF;
+END
+$walcast$;
+
+-- Whether each row of a table still holds, in the given columns, the values
+-- a change committed (its new image, as text): true when the row with that
+-- key exists and each column is byte-for-byte the value the text gives
+-- (record image equality, *=, which every type has; values that are equal
+-- but stored otherwise read as changed, which only costs an evaluation on
+-- the image). keys: key column x row; vals: column x row, NULL for SQL NULL.
+--
+-- SECURITY DEFINER, because the question is about the row as it is, whoever
+-- may see it: it runs as the role that installed it (walcast setup's
+-- administrator). It answers only booleans, only for tables in a
+-- publication (whose every change the walcast role, a REPLICATION role,
+-- reads in full from the WAL anyway), and only to the walcast role. If the
+-- installer cannot read the table (no privilege, FORCE ROW LEVEL SECURITY
+-- hiding rows), rows read as changed or the call fails: walcast.visible_rows
+-- then decides those rows on their images, which is exact, only slower.
+CREATE OR REPLACE FUNCTION walcast.unchanged_rows(
+  schema_name text,
+  table_name text,
+  key_columns text[],
+  keys text[],
+  columns text[],
+  vals text[]
+) RETURNS boolean[]
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+DECLARE
+  rel oid;
+  rel_sql text;
+  n integer := coalesce(pg_catalog.array_length(keys, 2), 0);
+  nkeys integer := coalesce(pg_catalog.cardinality(key_columns), 0);
+  ncols integer := coalesce(pg_catalog.cardinality(columns), 0);
+  col record;
+  unnests text := '';
+  names text := '';
+  joins text := '';
+  table_side text := '';
+  image_side text := '';
+  answer boolean[];
+BEGIN
+  IF n = 0 THEN
+    RETURN '{}';
+  END IF;
+  IF nkeys = 0 OR pg_catalog.array_length(keys, 1) <> nkeys
+     OR (ncols > 0 AND (pg_catalog.array_length(vals, 1) <> ncols OR pg_catalog.array_length(vals, 2) <> n)) THEN
+    RAISE EXCEPTION 'walcast.unchanged_rows: keys and values do not fit the columns' USING ERRCODE = '22023';
+  END IF;
+  SELECT c.oid, format('%I.%I', ns.nspname, c.relname) INTO rel, rel_sql
+  FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+  WHERE ns.nspname = schema_name AND c.relname = table_name AND c.relkind IN ('r', 'p');
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'walcast.unchanged_rows: table %.% does not exist',
+      quote_ident(schema_name), quote_ident(table_name) USING ERRCODE = '42P01';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_publication_tables pt
+                 WHERE pt.schemaname = schema_name AND pt.tablename = table_name) THEN
+    RAISE EXCEPTION 'walcast.unchanged_rows: table % is in no publication', rel_sql USING ERRCODE = '42501';
+  END IF;
+  FOR k IN 1..nkeys LOOP
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS sql_type INTO col
+    FROM pg_attribute a
+    WHERE a.attrelid = rel AND a.attname = key_columns[k] AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'walcast.unchanged_rows: column % of % does not exist',
+        quote_ident(key_columns[k]), rel_sql USING ERRCODE = '42703';
+    END IF;
+    unnests := unnests || format('unnest($1[%s:%s]), ', k, k);
+    names := names || format('k%s, ', k);
+    joins := joins || format('%st.%I = (x.k%s)::%s', CASE WHEN k > 1 THEN ' AND ' END, col.attname, k, col.sql_type);
+  END LOOP;
+  FOR c IN 1..ncols LOOP
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS sql_type INTO col
+    FROM pg_attribute a
+    WHERE a.attrelid = rel AND a.attname = columns[c] AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'walcast.unchanged_rows: column % of % does not exist',
+        quote_ident(columns[c]), rel_sql USING ERRCODE = '42703';
+    END IF;
+    unnests := unnests || format('unnest($2[%s:%s]), ', c, c);
+    names := names || format('v%s, ', c);
+    table_side := table_side || format('%st.%I', CASE WHEN c > 1 THEN ', ' END, col.attname);
+    image_side := image_side || format('%s(x.v%s)::%s', CASE WHEN c > 1 THEN ', ' END, c, col.sql_type);
+  END LOOP;
+  EXECUTE format(
+    'SELECT array_agg((t.%I IS NOT NULL%s) ORDER BY x.i) '
+    'FROM ROWS FROM (%s) WITH ORDINALITY AS x(%si) LEFT JOIN %s t ON %s',
+    key_columns[1],
+    CASE WHEN ncols > 0 THEN format(' AND pg_catalog.record_image_eq(ROW(%s), ROW(%s))', table_side, image_side) ELSE '' END,
+    rtrim(unnests, ', '), names, rel_sql, joins)
+    INTO answer USING keys, vals;
+  RETURN answer;
+END
+$function$;
+
+COMMENT ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) IS
+  'walcast: which rows of a published table still hold the given values (internal; see sql/rls.sql)';
+
 -- The loop over the groups. keys: the call's candidate keys, typed (a
 -- one-dimensional array of the key column's type) or, for a key of several
 -- columns, as text (key column × candidate). all_query answers for every
--- candidate ($1: keys) with positions, some_query for the positions $2.
--- sort_query ($1: keys) sorts the keys for a search, or is NULL when the
--- key type cannot be searched so or it does not pay (few groups);
--- search_query ($2: the sorted keys) then answers for every candidate
--- with the visible keys themselves, which the caller turns into positions
--- once for all groups.
-CREATE OR REPLACE FUNCTION walcast.visible_keys_as(
+-- candidate ($1: keys) with positions, some_query for the positions $2 with
+-- positions. sort_query ($1: keys) sorts the keys for a search, or is NULL
+-- when the key type cannot be searched so or it does not pay (few groups);
+-- search_query ($2: the sorted keys) then answers for every candidate with
+-- the visible keys themselves, which the caller turns into positions once
+-- for all groups. These lookups are only for the rows marked in fast (the
+-- table still holds the committed values, or the image cannot decide); the
+-- caller drops what they answer for any other row.
+--
+-- images: the committed new rows of the other candidates (the table's row
+-- type, in the order of image_rows, their positions). A group decides them
+-- by its role's SELECT policies, deparsed from the catalog and evaluated on
+-- each image as on a row of the table (see walcast.visible_rows).
+CREATE OR REPLACE FUNCTION walcast.visible_rows_as(
   keys anyarray,
+  images anycompatiblearray,
+  image_rows integer[],
+  fast boolean[],
+  fallback boolean[],
+  rel oid,
+  alias text,
+  key_columns text[],
   sort_query text,
   search_query text,
   all_query text,
   some_query text,
   groups walcast.rls_subject[]
-) RETURNS TABLE (group_no integer, visible integer[], visible_keys anyarray, error_code text, error_message text)
+) RETURNS TABLE (group_no integer, visible integer[], visible_keys anyarray, image_visible integer[],
+                 by_image integer, by_fallback integer, error_code text, error_message text)
 LANGUAGE plpgsql
 VOLATILE
 SECURITY INVOKER
@@ -165,6 +304,10 @@ DECLARE
   claims_before text := pg_catalog.current_setting('request.jwt.claims', true);
   grp walcast.rls_subject;
   sorted_keys keys%TYPE;
+  nfast integer := (SELECT pg_catalog.count(*)::integer FROM pg_catalog.unnest(fast) AS f WHERE f);
+  nimages integer := coalesce(pg_catalog.cardinality(image_rows), 0);
+  nfallback integer := (SELECT pg_catalog.count(*)::integer FROM pg_catalog.unnest(fallback) AS f WHERE f);
+  candidates integer[];
   -- Per role, whether its unfiltered groups search the sorted keys: decided
   -- at the role's first such group by the planner's estimates of both forms.
   planned_roles text[] := '{}';
@@ -174,8 +317,21 @@ DECLARE
   search_cost float8;
   all_cost float8;
   use_search boolean;
+  -- Per role, its policies over the image, and whether it may select the
+  -- key (as the lookup would need).
+  policy_roles text[] := '{}';
+  policy_exprs text[] := '{}';
+  policy_may boolean[] := '{}';
+  policy_index integer;
+  cls record;
+  bypass boolean;
+  permissive text;
+  restrictive text;
+  expr text;
+  may boolean;
+  flags boolean[];
 BEGIN
-  IF sort_query IS NOT NULL THEN
+  IF sort_query IS NOT NULL AND nfast OPERATOR(pg_catalog.>) 0 THEN
     EXECUTE sort_query INTO sorted_keys USING keys;
   END IF;
   group_no := 0;
@@ -183,16 +339,24 @@ BEGIN
     group_no := group_no OPERATOR(pg_catalog.+) 1;
     visible := NULL;
     visible_keys := NULL;
+    image_visible := '{}';
+    by_image := 0;
+    by_fallback := 0;
     error_code := NULL;
     error_message := NULL;
     BEGIN
       IF grp.role IS NULL OR grp.role OPERATOR(pg_catalog.=) 'none' THEN
-        RAISE EXCEPTION 'walcast.visible_keys: % is not a subscriber role',
+        RAISE EXCEPTION 'walcast.visible_rows: % is not a subscriber role',
           coalesce(pg_catalog.quote_literal(grp.role), 'NULL') USING ERRCODE = '22023';
       END IF;
       PERFORM pg_catalog.set_config('role', grp.role, true);
       PERFORM pg_catalog.set_config('request.jwt.claims', grp.claims, true);
-      IF grp.candidates IS NULL THEN
+
+      -- The rows the table decides: looked up as the group's role.
+      IF nfast OPERATOR(pg_catalog.=) 0 THEN
+        NULL;
+      ELSIF grp.candidates IS NULL THEN
+        by_fallback := nfallback;
         role_index := NULL;
         IF sorted_keys IS NOT NULL THEN
           role_index := pg_catalog.array_position(planned_roles, grp.role);
@@ -233,9 +397,79 @@ BEGIN
         ELSE
           EXECUTE all_query INTO visible USING keys;
         END IF;
-      ELSIF pg_catalog.cardinality(grp.candidates) OPERATOR(pg_catalog.>) 0 THEN
-        EXECUTE some_query INTO visible USING keys, grp.candidates;
+      ELSE
+        candidates := ARRAY(SELECT c FROM pg_catalog.unnest(grp.candidates) AS c WHERE fast[c]);
+        IF pg_catalog.cardinality(candidates) OPERATOR(pg_catalog.>) 0 THEN
+          EXECUTE some_query INTO visible USING keys, candidates;
+          by_fallback := (SELECT pg_catalog.count(*)::integer FROM pg_catalog.unnest(candidates) AS c WHERE fallback[c]);
+        END IF;
       END IF;
+
+      -- The rows their images decide: the role's policies on each image.
+      IF nimages OPERATOR(pg_catalog.>) 0 AND (grp.candidates IS NULL OR EXISTS (
+           SELECT FROM pg_catalog.unnest(grp.candidates) AS c WHERE NOT fast[c])) THEN
+        policy_index := pg_catalog.array_position(policy_roles, grp.role);
+        IF policy_index IS NULL THEN
+          -- Postgres's rules for a SELECT by the current role (rowsecurity.c):
+          -- RLS off, a superuser or BYPASSRLS role, or the owner's
+          -- privileges without FORCE: no policy applies. Otherwise the
+          -- SELECT and ALL policies whose roles include PUBLIC or one whose
+          -- privileges the role has: permissive ones OR-ed, restrictive
+          -- ones AND-ed; no permissive one, nothing visible. Deparsed now,
+          -- as this role, so that names resolve in the search_path the
+          -- evaluation below uses.
+          SELECT c.relrowsecurity, c.relforcerowsecurity, c.relowner INTO cls
+          FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel;
+          SELECT r.rolsuper OR r.rolbypassrls INTO bypass
+          FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) current_user;
+          IF NOT cls.relrowsecurity OR coalesce(bypass, false)
+             OR (NOT cls.relforcerowsecurity AND pg_catalog.pg_has_role(current_user, cls.relowner, 'USAGE')) THEN
+            expr := 'true';
+          ELSE
+            SELECT pg_catalog.string_agg(pg_catalog.format('(%s)', pg_catalog.pg_get_expr(p.polqual, p.polrelid)), ' OR ' ORDER BY p.polname)
+                     FILTER (WHERE p.polpermissive),
+                   pg_catalog.string_agg(pg_catalog.format('(%s)', pg_catalog.pg_get_expr(p.polqual, p.polrelid)), ' AND ' ORDER BY p.polname)
+                     FILTER (WHERE NOT p.polpermissive)
+              INTO permissive, restrictive
+            FROM pg_catalog.pg_policy p
+            WHERE p.polrelid OPERATOR(pg_catalog.=) rel
+              AND p.polcmd OPERATOR(pg_catalog.=) ANY (ARRAY['r', '*']::"char"[])
+              AND p.polqual IS NOT NULL
+              AND (0::oid OPERATOR(pg_catalog.=) ANY (p.polroles) OR EXISTS (
+                SELECT FROM pg_catalog.unnest(p.polroles) AS pr(role_oid)
+                WHERE pg_catalog.pg_has_role(current_user, pr.role_oid, 'USAGE')));
+            IF permissive IS NULL THEN
+              expr := 'false';
+            ELSE
+              expr := pg_catalog.concat('(', permissive, ')', ' AND ' || restrictive);
+            END IF;
+          END IF;
+          -- The lookup needs SELECT on the key; so does the image, so that
+          -- a role is refused alike whichever way a row is decided.
+          SELECT coalesce(pg_catalog.bool_and(pg_catalog.has_column_privilege(rel, k, 'SELECT')), false) INTO may
+          FROM pg_catalog.unnest(key_columns) AS k;
+          policy_roles := pg_catalog.array_append(policy_roles, grp.role);
+          policy_exprs := pg_catalog.array_append(policy_exprs, expr);
+          policy_may := pg_catalog.array_append(policy_may, may);
+          policy_index := pg_catalog.cardinality(policy_roles);
+        END IF;
+        IF NOT policy_may[policy_index] THEN
+          RAISE EXCEPTION 'permission denied for table %', alias USING ERRCODE = '42501';
+        END IF;
+        EXECUTE pg_catalog.format('SELECT ARRAY(SELECT (%s) IS TRUE FROM pg_catalog.unnest($1) AS %I)',
+                                  policy_exprs[policy_index], alias)
+          INTO flags USING images;
+        IF grp.candidates IS NULL THEN
+          image_visible := ARRAY(SELECT r.p FROM ROWS FROM (pg_catalog.unnest(image_rows), pg_catalog.unnest(flags)) AS r(p, f) WHERE r.f);
+          by_image := nimages;
+        ELSE
+          image_visible := ARRAY(
+            SELECT r.p FROM ROWS FROM (pg_catalog.unnest(image_rows), pg_catalog.unnest(flags)) AS r(p, f)
+            JOIN pg_catalog.unnest(grp.candidates) AS c(p) USING (p) WHERE r.f);
+          by_image := (SELECT pg_catalog.count(*)::integer FROM pg_catalog.unnest(grp.candidates) AS c WHERE NOT fast[c]);
+        END IF;
+      END IF;
+
       IF visible_keys IS NULL THEN
         visible := coalesce(visible, '{}');
       END IF;
@@ -245,6 +479,7 @@ BEGIN
       -- The subtransaction is rolled back: role and claims are as before.
       visible := NULL;
       visible_keys := NULL;
+      image_visible := NULL;
       GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
     END;
     RETURN NEXT;
@@ -252,25 +487,32 @@ BEGIN
 END
 $function$;
 
-COMMENT ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) IS
-  'walcast: the per-group loop of walcast.visible_keys (internal; see sql/rls.sql)';
+COMMENT ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) IS
+  'walcast: the per-group loop of walcast.visible_rows (internal; see sql/rls.sql)';
 
-CREATE OR REPLACE FUNCTION walcast.visible_keys(
+CREATE OR REPLACE FUNCTION walcast.visible_rows(
   schema_name text,
   table_name text,
   key_columns text[],
   keys text[],
+  image_columns text[],
+  images text[],
+  unknown_rows integer[],
+  unknown_columns text[],
   groups walcast.rls_subject[]
-) RETURNS TABLE (group_no integer, visible integer[], error_code text, error_message text)
+) RETURNS TABLE (group_no integer, visible integer[], by_image integer, by_fallback integer,
+                 error_code text, error_message text)
 LANGUAGE plpgsql
 VOLATILE
 SECURITY INVOKER
 AS $function$
 DECLARE
   rel oid;
+  rel_name text;                 -- the table's name, the alias its policies use
   rel_sql text;                  -- "schema"."table", quoted
   ncols integer := pg_catalog.cardinality(key_columns);
   n integer := coalesce(pg_catalog.array_length(keys, 2), 0);
+  nimage_columns integer := coalesce(pg_catalog.cardinality(image_columns), 0);
   col record;
   key_type text;                 -- the one key column's type
   unnest_args text := '';        -- pg_catalog.unnest(($1[1:1])::bigint[]), ...
@@ -283,21 +525,47 @@ DECLARE
   sort_query text;
   search_query text;
   search_mode text;              -- walcast.rls_sorted_keys: auto, on or off
+  keys_expr text;                -- the keys as the loop takes them
   role_before text := pg_catalog.current_setting('role');
+  -- What the images can decide.
+  system_columns boolean;        -- a policy reads ctid, xmin...: images cannot say
+  whole_row boolean;             -- a policy reads the whole row: every column needed
+  needed text[];                 -- the columns the table's SELECT policies read
+  needed_index integer[];        -- their places in image_columns
+  incomplete boolean[];          -- per row: a needed value the WAL did not carry
+  unchanged boolean[];           -- per row: the table still holds its needed values
+  needed_values text[];
+  fast boolean[];                -- per row: decided by a lookup
+  fallback boolean[];            -- per row: by a lookup because its image cannot decide
+  image_rows integer[];          -- the rows their images decide
+  build_query text := NULL;      -- builds the images of image_rows, typed
+  row_exprs text := '';
+  image_unnests text := '';
+  image_names text := '';
+  probe integer;
 BEGIN
   IF ncols IS NULL OR ncols = 0 THEN
-    RAISE EXCEPTION 'walcast.visible_keys: no key columns' USING ERRCODE = '22023';
+    RAISE EXCEPTION 'walcast.visible_rows: no key columns' USING ERRCODE = '22023';
   END IF;
   IF n > 0 AND pg_catalog.array_length(keys, 1) <> ncols THEN
-    RAISE EXCEPTION 'walcast.visible_keys: keys have % rows, the table key has % columns',
+    RAISE EXCEPTION 'walcast.visible_rows: keys have % rows, the table key has % columns',
       pg_catalog.array_length(keys, 1), ncols USING ERRCODE = '22023';
   END IF;
+  IF images IS NOT NULL AND n > 0 AND (nimage_columns = 0 AND pg_catalog.cardinality(images) <> 0
+       OR nimage_columns > 0 AND (pg_catalog.array_length(images, 1) IS DISTINCT FROM nimage_columns
+                                  OR pg_catalog.array_length(images, 2) IS DISTINCT FROM n)) THEN
+    RAISE EXCEPTION 'walcast.visible_rows: images are not % columns of % rows', nimage_columns, n
+      USING ERRCODE = '22023';
+  END IF;
+  IF pg_catalog.cardinality(unknown_rows) IS DISTINCT FROM pg_catalog.cardinality(unknown_columns) THEN
+    RAISE EXCEPTION 'walcast.visible_rows: unknown_rows and unknown_columns differ in length' USING ERRCODE = '22023';
+  END IF;
 
-  SELECT c.oid, pg_catalog.format('%I.%I', ns.nspname, c.relname) INTO rel, rel_sql
+  SELECT c.oid, c.relname, pg_catalog.format('%I.%I', ns.nspname, c.relname) INTO rel, rel_name, rel_sql
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
   WHERE ns.nspname = schema_name AND c.relname = table_name AND c.relkind IN ('r', 'p');
   IF NOT FOUND THEN
-    RAISE EXCEPTION 'walcast.visible_keys: table %.% does not exist',
+    RAISE EXCEPTION 'walcast.visible_rows: table %.% does not exist',
       pg_catalog.quote_ident(schema_name), pg_catalog.quote_ident(table_name)
       USING ERRCODE = '42P01';
   END IF;
@@ -308,7 +576,7 @@ BEGIN
     FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = rel AND a.attname = key_columns[k] AND a.attnum > 0 AND NOT a.attisdropped;
     IF NOT FOUND THEN
-      RAISE EXCEPTION 'walcast.visible_keys: column % of % does not exist',
+      RAISE EXCEPTION 'walcast.visible_rows: column % of % does not exist',
         pg_catalog.quote_ident(key_columns[k]), rel_sql USING ERRCODE = '42703';
     END IF;
     -- Casts apply to the candidates, never to the table's column: the
@@ -335,7 +603,7 @@ BEGIN
       'SELECT pg_catalog.array_agg(c.i) FROM pg_catalog.unnest($1) WITH ORDINALITY AS c(k1, i) '
       'WHERE EXISTS (SELECT FROM %s t WHERE %s)', rel_sql, all_conditions);
     some_query := pg_catalog.format(
-      'SELECT pg_catalog.array_agg(s.i) FROM pg_catalog.unnest($2) WITH ORDINALITY AS s(p, i) '
+      'SELECT pg_catalog.array_agg(s.p) FROM pg_catalog.unnest($2) AS s(p) '
       'WHERE EXISTS (SELECT FROM %s t WHERE t.%I = $1[s.p])', rel_sql, key_columns[1]);
 
     -- Many unfiltered groups: the keys sorted once and searched (see the
@@ -360,7 +628,7 @@ BEGIN
         AND col.attcollation OPERATOR(pg_catalog.=) ty.typcollation);
     search_mode := coalesce(nullif(pg_catalog.current_setting('walcast.rls_sorted_keys', true), ''), 'auto');
     IF NOT search_mode OPERATOR(pg_catalog.=) ANY (ARRAY['auto', 'on', 'off']) THEN
-      RAISE EXCEPTION 'walcast.visible_keys: walcast.rls_sorted_keys is %, expected auto, on or off',
+      RAISE EXCEPTION 'walcast.visible_rows: walcast.rls_sorted_keys is %, expected auto, on or off',
         pg_catalog.quote_literal(search_mode) USING ERRCODE = '22023';
     END IF;
     IF searchable AND (search_mode OPERATOR(pg_catalog.=) 'on' OR search_mode OPERATOR(pg_catalog.=) 'auto' AND (
@@ -380,69 +648,186 @@ BEGIN
         'AND t.%1$I OPERATOR(pg_catalog.=) $2[pg_catalog.width_bucket(t.%1$I, $2)]',
         key_columns[1], rel_sql);
     END IF;
-
     -- keys[1:1] is still two-dimensional (1 × n), and $1[p] needs one
-    -- dimension: flattened and cast here, once. Groups answered with keys
-    -- get their positions here too, in one join for all of them.
-    RETURN QUERY EXECUTE pg_catalog.format(
-      'WITH c AS MATERIALIZED ('
-      '  SELECT ARRAY(SELECT pg_catalog.unnest($1[1:1]))::%1$s[] AS keys), '
-      'r AS MATERIALIZED ('
-      '  SELECT v.* FROM c, walcast.visible_keys_as(c.keys, $2, $3, $4, $5, $6) AS v), '
-      'm AS ('
-      '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
-      '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
-      '  JOIN (SELECT k.key, k.i FROM c, pg_catalog.unnest(c.keys) WITH ORDINALITY AS k(key, i)) AS k '
-      '    ON k.key OPERATOR(pg_catalog.=) v.key '
-      '  GROUP BY r.group_no) '
-      'SELECT r.group_no, '
-      '  coalesce(r.visible, m.visible, CASE WHEN r.visible_keys IS NOT NULL THEN ''{}''::integer[] END), '
-      '  r.error_code, r.error_message '
-      'FROM r LEFT JOIN m ON m.group_no OPERATOR(pg_catalog.=) r.group_no '
-      'ORDER BY r.group_no',
-      key_type)
-      USING keys, sort_query, search_query, all_query, some_query, groups;
+    -- dimension: flattened and cast here, once.
+    keys_expr := pg_catalog.format('ARRAY(SELECT pg_catalog.unnest($1[1:1]))::%s[]', key_type);
   ELSE
     all_query := pg_catalog.format(
       'SELECT pg_catalog.array_agg(c.i) FROM ROWS FROM (%s) WITH ORDINALITY AS c(%si) '
       'WHERE EXISTS (SELECT FROM %s t WHERE %s)',
       unnest_args, key_names, rel_sql, all_conditions);
     some_query := pg_catalog.format(
-      'SELECT pg_catalog.array_agg(s.i) FROM pg_catalog.unnest($2) WITH ORDINALITY AS s(p, i) '
+      'SELECT pg_catalog.array_agg(s.p) FROM pg_catalog.unnest($2) AS s(p) '
       'WHERE EXISTS (SELECT FROM %s t WHERE %s)', rel_sql, some_conditions);
-    RETURN QUERY
-      SELECT v.group_no, v.visible, v.error_code, v.error_message
-      FROM walcast.visible_keys_as(keys, NULL, NULL, all_query, some_query, groups) AS v;
+    keys_expr := '$1';
   END IF;
+
+  -- Which rows a lookup decides, which their images. A row's image decides
+  -- unless the table still holds the values the policies read (then the
+  -- lookup answers the same, usually faster), or the WAL did not carry one
+  -- of them (then only the lookup can answer: the fallback).
+  IF images IS NULL OR n = 0 THEN
+    fast := pg_catalog.array_fill(true, ARRAY[n]);
+    fallback := fast;
+  ELSE
+    SELECT coalesce(pg_catalog.bool_or(p.polqual::text ~ ':varattno -'), false),
+           coalesce(pg_catalog.bool_or(p.polqual::text ~ ':varattno 0 '), false)
+      INTO system_columns, whole_row
+    FROM pg_catalog.pg_policy p
+    WHERE p.polrelid = rel AND p.polcmd = ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL;
+    IF system_columns THEN
+      fast := pg_catalog.array_fill(true, ARRAY[n]);
+      fallback := fast;
+    ELSE
+      IF whole_row THEN
+        needed := ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum);
+      ELSE
+        -- Every column a policy reads is a dependency of the policy, also
+        -- from within its subqueries.
+        needed := ARRAY(
+          SELECT DISTINCT a.attname
+          FROM pg_catalog.pg_policy p
+          JOIN pg_catalog.pg_depend d
+            ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
+           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = rel AND d.refobjsubid > 0
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = d.refobjsubid AND NOT a.attisdropped
+          WHERE p.polrelid = rel AND p.polcmd = ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL
+          ORDER BY a.attname);
+      END IF;
+      needed_index := ARRAY(SELECT pg_catalog.array_position(image_columns, c) FROM pg_catalog.unnest(needed) AS c);
+      IF EXISTS (SELECT FROM pg_catalog.unnest(needed_index) AS i WHERE i IS NULL) THEN
+        -- A column the WAL never carries (generated, or left out of the
+        -- publication's column list): no image can decide.
+        incomplete := pg_catalog.array_fill(true, ARRAY[n]);
+      ELSE
+        incomplete := pg_catalog.array_fill(false, ARRAY[n]);
+        FOR probe IN
+          SELECT DISTINCT u.r FROM ROWS FROM (pg_catalog.unnest(unknown_rows), pg_catalog.unnest(unknown_columns)) AS u(r, c)
+          WHERE u.c = ANY (needed) AND u.r BETWEEN 1 AND n
+        LOOP
+          incomplete[probe] := true;
+        END LOOP;
+      END IF;
+      needed_values := '{}';
+      FOR i IN 1..CASE WHEN sort_query IS NULL THEN 0 ELSE coalesce(pg_catalog.cardinality(needed_index), 0) END LOOP
+        needed_values := needed_values OPERATOR(pg_catalog.||) images[needed_index[i]:needed_index[i]][1:n];
+      END LOOP;
+      -- Only worth asking when many unfiltered groups search the table:
+      -- their lookups then cost a fraction of evaluating every image per
+      -- group. Otherwise an image costs less than a lookup.
+      IF sort_query IS NOT NULL THEN
+        BEGIN
+          unchanged := walcast.unchanged_rows(schema_name, table_name, key_columns, keys, needed, needed_values);
+        EXCEPTION WHEN OTHERS THEN
+          -- Not installed by a role that can read the table, say: every
+          -- row is decided on its image.
+          unchanged := NULL;
+        END;
+      END IF;
+      fast := ARRAY(SELECT incomplete[i] OR coalesce(unchanged[i], false) FROM pg_catalog.generate_series(1, n) AS i);
+      fallback := incomplete;
+      image_rows := ARRAY(SELECT i FROM pg_catalog.generate_series(1, n) AS i WHERE NOT fast[i]);
+      IF pg_catalog.cardinality(image_rows) > 0 THEN
+        -- The images of image_rows, in the table's row type: ROW(...) of
+        -- every live column in order, each cast from its text, NULL where
+        -- the WAL carried no value (none the policies need).
+        FOR c IN 1..nimage_columns LOOP
+          image_unnests := image_unnests || pg_catalog.format('%spg_catalog.unnest($7[%s:%s])', CASE WHEN c > 1 THEN ', ' END, c, c);
+          image_names := image_names || pg_catalog.format('v%s, ', c);
+        END LOOP;
+        SELECT pg_catalog.string_agg(
+                 CASE WHEN pg_catalog.array_position(image_columns, a.attname::text) IS NULL
+                   THEN pg_catalog.format('NULL::%s', pg_catalog.format_type(a.atttypid, a.atttypmod))
+                   ELSE pg_catalog.format('(x.v%s)::%s', pg_catalog.array_position(image_columns, a.attname::text),
+                                          pg_catalog.format_type(a.atttypid, a.atttypmod)) END,
+                 ', ' ORDER BY a.attnum)
+          INTO row_exprs
+        FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+        build_query := pg_catalog.format(
+          'SELECT pg_catalog.array_agg(ROW(%s)::%s ORDER BY r.walcast_row) FROM pg_catalog.unnest($8) AS r(walcast_row)%s',
+          row_exprs, rel_sql,
+          CASE WHEN nimage_columns > 0 THEN pg_catalog.format(
+            ' JOIN ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row) USING (walcast_row)', image_unnests, image_names)
+          ELSE '' END);
+        BEGIN
+          -- Tried once here, so that a failure is not the whole call's.
+          EXECUTE pg_catalog.concat('SELECT pg_catalog.cardinality((', build_query, '))')
+            USING NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, images, image_rows;
+        EXCEPTION WHEN OTHERS THEN
+          -- A value that no longer fits its column (the table was altered
+          -- since): those rows are looked up.
+          build_query := NULL;
+          fast := pg_catalog.array_fill(true, ARRAY[n]);
+          fallback := ARRAY(SELECT incomplete[i] OR NOT coalesce(unchanged[i], false) FROM pg_catalog.generate_series(1, n) AS i);
+          image_rows := '{}';
+        END;
+      END IF;
+    END IF;
+  END IF;
+  image_rows := coalesce(image_rows, '{}');
+  IF build_query IS NULL THEN
+    build_query := pg_catalog.format('''{}''::%s[]', rel_sql);
+  END IF;
+
+
+  -- Groups answered with keys get their positions here, in one join for
+  -- all of them; what a lookup answered for a row its image decides is
+  -- dropped, and the image's answer added.
+  RETURN QUERY EXECUTE pg_catalog.format(
+    'WITH c AS MATERIALIZED (SELECT %1$s AS keys), '
+    'i AS MATERIALIZED (SELECT (%2$s) AS images), '
+    'r AS MATERIALIZED ('
+    '  SELECT v.* FROM c, i, walcast.visible_rows_as(c.keys, i.images, $8, $9, $10, $11, $12, $13, $2, $3, $4, $5, $6) AS v), '
+    'm AS ('
+    '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
+    '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
+    '  JOIN (SELECT k.key, k.i FROM c, pg_catalog.unnest(c.keys) WITH ORDINALITY AS k(key, i)) AS k '
+    '    ON k.key OPERATOR(pg_catalog.=) v.key '
+    '  GROUP BY r.group_no) '
+    'SELECT r.group_no, '
+    '  CASE WHEN r.error_code IS NULL THEN ARRAY('
+    '    SELECT p FROM pg_catalog.unnest(coalesce(r.visible, m.visible)) AS p WHERE $9[p] '
+    '    UNION ALL SELECT pg_catalog.unnest(r.image_visible) ORDER BY 1) END, '
+    '  r.by_image, r.by_fallback, r.error_code, r.error_message '
+    'FROM r LEFT JOIN m ON m.group_no OPERATOR(pg_catalog.=) r.group_no '
+    'ORDER BY r.group_no',
+    keys_expr, build_query)
+    USING keys, sort_query, search_query, all_query, some_query, groups,
+          images, image_rows, fast, fallback, rel, rel_name, key_columns;
 
   -- Belt and braces: never return with a subscriber's role or claims.
   IF NOT coalesce(pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) role_before, false) THEN
-    RAISE EXCEPTION 'walcast.visible_keys: role was not restored' USING ERRCODE = 'XX000';
+    RAISE EXCEPTION 'walcast.visible_rows: role was not restored' USING ERRCODE = 'XX000';
   END IF;
 END
 $function$;
 
-COMMENT ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) IS
-  'walcast: which candidate keys each (role, claims) group may see in a table, one query per group, a failing group contained; see sql/rls.sql';
+COMMENT ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) IS
+  'walcast: which candidate rows each (role, claims) group may see, decided on the committed rows; see sql/rls.sql';
 
 DO $walcast$
 DECLARE
   role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
 BEGIN
-  REVOKE ALL ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) FROM PUBLIC;
-  REVOKE ALL ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
     EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
     EXECUTE format(
-      'GRANT EXECUTE ON FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]) TO %I',
+      'GRANT EXECUTE ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) TO %I',
       role_name);
     EXECUTE format(
-      'GRANT EXECUTE ON FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]) TO %I',
+      'GRANT EXECUTE ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) TO %I',
       role_name);
-    RAISE NOTICE 'role % may call walcast.visible_keys', quote_ident(role_name);
+    EXECUTE format(
+      'GRANT EXECUTE ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) TO %I',
+      role_name);
+    RAISE NOTICE 'role % may call walcast.visible_rows', quote_ident(role_name);
   ELSE
-    RAISE NOTICE 'role % does not exist; walcast.visible_keys is not granted to it (run sql/role.sql first)',
+    RAISE NOTICE 'role % does not exist; walcast.visible_rows is not granted to it (run sql/role.sql first)',
       quote_ident(role_name);
   END IF;
 END

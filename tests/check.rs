@@ -705,7 +705,7 @@ sql/role.sql: created role authenticated (NOLOGIN NOINHERIT)
 sql/role.sql: granted authenticated to scram_user (it may SET ROLE authenticated)
 sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: created type walcast.rls_subject
-sql/rls.sql: role scram_user may call walcast.visible_keys
+sql/rls.sql: role scram_user may call walcast.visible_rows
 sql/auth_helpers.sql: created schema auth
 sql/auth_helpers.sql: created function auth.uid()
 sql/auth_helpers.sql: created function auth.role()
@@ -724,7 +724,7 @@ sql/role.sql: role scram_user is already a member of authenticated
 sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: schema \"walcast\" already exists, skipping
 sql/rls.sql: type walcast.rls_subject exists; left unchanged
-sql/rls.sql: role scram_user may call walcast.visible_keys
+sql/rls.sql: role scram_user may call walcast.visible_rows
 sql/auth_helpers.sql: schema auth exists
 sql/auth_helpers.sql: function auth.uid() exists; left unchanged
 sql/auth_helpers.sql: function auth.role() exists; left unchanged

@@ -24,6 +24,21 @@ use crate::support::rng::Rng;
 
 const OPTIONS: CheckOptions = within(Duration::from_secs(10));
 
+/// A check without images: every row is looked up in the table as the
+/// group's role (the fallback, and what a row the table still holds as
+/// committed is decided by). `tests/rls_image.rs` checks the images.
+async fn lookup(
+    pool: &Pool,
+    table: &TableRef<'_>,
+    keys: &[Vec<Option<&str>>],
+    groups: &[Group<'_>],
+    options: &CheckOptions,
+) -> Result<Vec<GroupOutcome>, rls::Error> {
+    rls::check(pool, table, keys, None, groups, options)
+        .await
+        .map(|answer| answer.outcomes)
+}
+
 /// Check options with `timeout` and the default choice of sorted keys.
 const fn within(timeout: Duration) -> CheckOptions {
     CheckOptions {
@@ -372,7 +387,7 @@ async fn batched_checks_equal_a_direct_select_as_the_subscriber() {
                 sorted_keys: [SortedKeys::Off, SortedKeys::On, SortedKeys::Auto][round % 3],
                 ..OPTIONS
             };
-            let outcomes = rls::check(&pool, &table, &flat, &groups, &options)
+            let outcomes = lookup(&pool, &table, &flat, &groups, &options)
                 .await
                 .unwrap_or_else(|e| panic!("round {round}, {}: {e}", subject.table));
             assert_eq!(outcomes.len(), groups.len());
@@ -659,7 +674,7 @@ async fn sorted_keys_answer_as_a_direct_select_for_every_key_type() {
                 sorted_keys: mode,
                 ..OPTIONS
             };
-            let out = rls::check(&pool, &table_ref, &keys, &groups, &options)
+            let out = lookup(&pool, &table_ref, &keys, &groups, &options)
                 .await
                 .unwrap_or_else(|e| panic!("{} with sorted keys {mode:?}: {e}", key.sql));
             for (group, outcome) in groups.iter().zip(&out) {
@@ -747,7 +762,7 @@ async fn a_policy_raising_outside_the_candidates_does_not_fail_the_search() {
         key_columns: &["id"],
     };
     for mode in [SortedKeys::Off, SortedKeys::On, SortedKeys::Auto] {
-        let out = rls::check(
+        let out = lookup(
             &pool,
             &table,
             &keys,
@@ -768,7 +783,7 @@ async fn a_policy_raising_outside_the_candidates_does_not_fail_the_search() {
         }
     }
     // The row itself, as a candidate, still fails its group.
-    let out = rls::check(&pool, &table, &ids(&["1", "1000"]), &groups, &OPTIONS)
+    let out = lookup(&pool, &table, &ids(&["1", "1000"]), &groups, &OPTIONS)
         .await
         .expect("check");
     assert!(
@@ -848,7 +863,7 @@ async fn a_raising_policy_fails_its_group_only() {
             rows: Rows::All,
         },
     ];
-    let out = rls::check(&pool, &OWNED, &ids(&candidates), &groups, &OPTIONS)
+    let out = lookup(&pool, &OWNED, &ids(&candidates), &groups, &OPTIONS)
         .await
         .expect("check");
     let flags = |v: &[bool]| GroupOutcome::Visible(v.to_vec());
@@ -925,7 +940,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         rows: Rows::All,
     });
     let one_and_four = ids(&["1", "4"]);
-    let out = rls::check(&pool, &OWNED, &one_and_four, &groups, &OPTIONS)
+    let out = lookup(&pool, &OWNED, &one_and_four, &groups, &OPTIONS)
         .await
         .expect("check");
     assert_eq!(
@@ -955,7 +970,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         name: "owned\"; DROP TABLE owned; --",
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_table, &one_and_four, &groups[..1], &OPTIONS)
+    let err = lookup(&pool, &bad_table, &one_and_four, &groups[..1], &OPTIONS)
         .await
         .expect_err("no such table");
     assert!(matches!(err, rls::Error::NoSuchTable { .. }), "{err}");
@@ -964,7 +979,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         key_columns: &["id\" = id OR true; --"],
         ..OWNED
     };
-    let err = rls::check(&pool, &bad_column, &one_and_four, &groups[..1], &OPTIONS)
+    let err = lookup(&pool, &bad_column, &one_and_four, &groups[..1], &OPTIONS)
         .await
         .expect_err("no such column");
     assert!(matches!(err, rls::Error::NoSuchColumn(_)), "{err}");
@@ -975,7 +990,7 @@ async fn hostile_roles_fail_their_group_and_execute_nothing() {
         claims: &claims_a,
         rows: Rows::All,
     }];
-    let err = rls::check(&pool, &OWNED, &ids(&["1) OR (true"]), &bad_key, &OPTIONS)
+    let err = lookup(&pool, &OWNED, &ids(&["1) OR (true"]), &bad_key, &OPTIONS)
         .await
         .expect_err("not a bigint");
     let code = match &err {
@@ -1017,11 +1032,11 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
 
     // After a check whose last group succeeded, and one whose last failed.
     let one = ids(&["1"]);
-    rls::check(&pool, &OWNED, &one, &groups, &OPTIONS)
+    lookup(&pool, &OWNED, &one, &groups, &OPTIONS)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
+    lookup(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
         .await
         .expect("check");
     assert_clean(session_state(&pool).await);
@@ -1049,7 +1064,7 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
         rows: Rows::All,
     }];
     let started = Instant::now();
-    let err = rls::check(
+    let err = lookup(
         &pool,
         &slow,
         &ids(&many),
@@ -1071,7 +1086,7 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
     // rolled back and the pool's Clean recycling resets the session.
     let dropped = tokio::time::timeout(
         Duration::from_millis(100),
-        rls::check(
+        lookup(
             &pool,
             &slow,
             &ids(&many),
@@ -1082,7 +1097,7 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
     .await;
     assert!(dropped.is_err(), "the check should still have been running");
     assert_clean(session_state(&pool).await);
-    rls::check(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
+    lookup(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
         .await
         .expect("pool still works");
 }
@@ -1223,7 +1238,7 @@ async fn a_missing_function_is_a_definite_error() {
         claims: &claims,
         rows: Rows::All,
     }];
-    let err = rls::check(&pool, &OWNED, &ids(&["1"]), &groups, &OPTIONS)
+    let err = lookup(&pool, &OWNED, &ids(&["1"]), &groups, &OPTIONS)
         .await
         .expect_err("missing");
     assert!(matches!(err, rls::Error::NotInstalled(_)), "{err}");
@@ -1412,7 +1427,7 @@ async fn measure_batched_rls_against_naive() {
     };
     let long = &within(Duration::from_secs(120));
     // Warm up caches and the connections.
-    rls::check(&pool, &table, &all_keys, &groups_for(10, false), long)
+    lookup(&pool, &table, &all_keys, &groups_for(10, false), long)
         .await
         .expect("warm-up");
 
@@ -1436,7 +1451,7 @@ async fn measure_batched_rls_against_naive() {
                 .sum();
 
             let started = Instant::now();
-            let outcomes = rls::check(&pool, &table, &all_keys, &groups, long)
+            let outcomes = lookup(&pool, &table, &all_keys, &groups, long)
                 .await
                 .expect("check");
             let batched = started.elapsed().as_secs_f64();
@@ -1452,8 +1467,8 @@ async fn measure_batched_rls_against_naive() {
                 let (left, right) = groups.split_at(n / 2);
                 let started = Instant::now();
                 let (a, b) = tokio::join!(
-                    rls::check(&pool, &table, &all_keys, left, long),
-                    rls::check(&pool, &table, &all_keys, right, long)
+                    lookup(&pool, &table, &all_keys, left, long),
+                    lookup(&pool, &table, &all_keys, right, long)
                 );
                 a.expect("left");
                 b.expect("right");

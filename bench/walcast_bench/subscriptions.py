@@ -178,7 +178,7 @@ def scenarios(rls_subscribers: list[int], rls_users: int, filtered: int) -> list
 
 
 def prepare(cluster: Cluster, rls_users: int, filtered_users: int) -> None:
-    """Roles, tables, policy and walcast.visible_keys; before any slot."""
+    """Roles, tables, policy and walcast.visible_rows; before any slot."""
     with cluster.client() as client:
         for table, users in (("rls_items", rls_users), ("open_items", max(1, filtered_users))):
             client.query(TABLE_DDL.format(table=table))

@@ -52,6 +52,14 @@ pub const RLS_DENIED: &str = "walcast_rls_denied_total";
 /// Deliveries denied because the check failed (a policy raised, a
 /// timeout, no connection); the gateway is sent an error instead.
 pub const RLS_ERRORS: &str = "walcast_rls_errors_total";
+/// (Group, row) pairs decided by the group's policies on the committed row
+/// (the change's new image), because the table no longer holds it.
+pub const RLS_BY_IMAGE: &str = "walcast_rls_decided_by_image_total";
+/// (Group, row) pairs decided by looking the row up in the table because
+/// its image could not decide: a value the policies read was not in the
+/// WAL (an unchanged TOASTed column, a generated column), or a policy
+/// reads a system column. Exact while the row is unchanged since.
+pub const RLS_FALLBACK: &str = "walcast_rls_fallback_total";
 /// Subscriptions in the registry.
 pub const SUBSCRIPTIONS: &str = "walcast_subscriptions";
 /// The acknowledged LSN (everything before it is in Redis), as a number.
@@ -185,6 +193,18 @@ pub const ALL: &[Metric] = &[
         "deliveries denied because the row level security check failed",
     ),
     metric(
+        RLS_BY_IMAGE,
+        Type::Counter,
+        Unit::Count,
+        "(group, row) pairs decided by the policies on the committed row",
+    ),
+    metric(
+        RLS_FALLBACK,
+        Type::Counter,
+        Unit::Count,
+        "(group, row) pairs decided by a table lookup because the committed row lacked a value the policies read",
+    ),
+    metric(
         SUBSCRIPTIONS,
         Type::Gauge,
         Unit::Count,
@@ -298,6 +318,8 @@ fn describe() {
         RLS_CHECKS,
         RLS_DENIED,
         RLS_ERRORS,
+        RLS_BY_IMAGE,
+        RLS_FALLBACK,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -1,6 +1,8 @@
 //! One batched check: every (role, claims) group of one table, one call of
-//! `walcast.visible_keys` in one read-only transaction. The candidate rows'
-//! keys travel once; each group names the rows it is a candidate for.
+//! `walcast.visible_rows` in one read-only, repeatable-read transaction
+//! (what the table holds and what each group may see of it are read in one
+//! snapshot). The candidate rows' keys and committed images travel once;
+//! each group names the rows it is a candidate for.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::Error;
-use super::param::{Groups, Keys, WireGroup};
+use super::param::{Groups, Keys, Positions, WireGroup};
 
 /// How much longer than the server's `statement_timeout` the client waits
 /// before giving up on the connection itself (a server that does not answer
@@ -107,6 +109,35 @@ impl Rows {
     }
 }
 
+/// The committed new rows (the changes' images) of a check's candidates, in
+/// the order of its keys: what each group's policies are evaluated on when
+/// the table no longer holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct Images<'a> {
+    /// The columns the images carry, by name, in the relation's order (as
+    /// pgoutput describes it: generated columns and columns a publication
+    /// leaves out are absent, and count as unknown).
+    pub columns: &'a [&'a str],
+    /// One per candidate row: per column its text, `None` for NULL.
+    pub rows: &'a [Vec<Option<&'a str>>],
+    /// (row, column) indexes of values the WAL did not carry (an unchanged
+    /// TOASTed column): neither NULL nor known.
+    pub unknown: &'a [(u32, u32)],
+}
+
+/// What one check answered: one outcome per group, and how its rows were
+/// decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Per group, in order.
+    pub outcomes: Vec<GroupOutcome>,
+    /// (Group, candidate) pairs decided on the committed image.
+    pub by_image: u64,
+    /// (Group, candidate) pairs decided by a lookup because the image could
+    /// not decide (see [`crate::metrics::RLS_FALLBACK`]).
+    pub by_fallback: u64,
+}
+
 /// What Postgres answered for one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupOutcome {
@@ -134,36 +165,54 @@ impl GroupOutcome {
     }
 }
 
-/// Which candidates of each group are visible in `table`, asked in one call.
+/// Which candidates of each group may see their row, asked in one call.
 /// `keys` holds the candidate rows' keys: one tuple per row, one text value
-/// per key column (the column's text output, as pgoutput sends it).
+/// per key column (the column's text output, as pgoutput sends it);
+/// `images` their committed new rows. A row the table still holds as
+/// committed (in the values the policies read) is looked up in the table as
+/// the group's role; any other row is decided by the group's policies on its
+/// image; a row whose image lacks a value the policies read is looked up
+/// (the fallback). Without `images` every row is looked up.
 ///
-/// One pooled connection, one `READ ONLY` transaction with
-/// `statement_timeout` and `walcast.rls_sorted_keys` from `options`, one call of
-/// `walcast.visible_keys`;
-/// the answer has one [`GroupOutcome`] per group, in order. A group whose
-/// check raises is [`GroupOutcome::Failed`] and does not affect the others.
-/// An `Err` means nothing is known: deny every group. If the server does
-/// not answer within `timeout` plus a grace period, the connection is
-/// closed rather than returned to the pool.
+/// One pooled connection, one `READ ONLY`, `REPEATABLE READ` transaction
+/// with `statement_timeout` and `walcast.rls_sorted_keys` from `options`,
+/// one call of `walcast.visible_rows`; the answer has one [`GroupOutcome`]
+/// per group, in order. A group whose check raises is
+/// [`GroupOutcome::Failed`] and does not affect the others. An `Err` means
+/// nothing is known: deny every group. If the server does not answer within
+/// `timeout` plus a grace period, the connection is closed rather than
+/// returned to the pool.
 pub async fn check(
     pool: &Pool,
     table: &TableRef<'_>,
     keys: &[Vec<Option<&str>>],
+    images: Option<&Images<'_>>,
     groups: &[Group<'_>],
     options: &CheckOptions,
-) -> Result<Vec<GroupOutcome>, Error> {
+) -> Result<Answer, Error> {
     let timeout = options.timeout;
     if groups.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Answer {
+            outcomes: Vec::new(),
+            by_image: 0,
+            by_fallback: 0,
+        });
     }
     let (keys, wire) = wire_form(table, keys, groups)?;
+    let images = images
+        .map(|images| wire_images(images, keys.keys.len()))
+        .transpose()?;
     let deadline = timeout + CLIENT_GRACE;
     // The pool wait counts against the deadline too.
     let mut client = tokio::time::timeout(deadline, pool.get())
         .await
         .map_err(|_| Error::Timeout(timeout))??;
-    match tokio::time::timeout(deadline, ask(&mut client, table, &keys, &wire, options)).await {
+    match tokio::time::timeout(
+        deadline,
+        ask(&mut client, table, &keys, images.as_ref(), &wire, options),
+    )
+    .await
+    {
         Ok(answer) => outcomes(keys.keys.len(), groups, answer?),
         Err(_) => {
             // The transaction's drop queued a ROLLBACK, but a server this
@@ -218,13 +267,70 @@ fn wire_form<'a>(
     ))
 }
 
-/// The rows of `walcast.visible_keys`: (group_no, visible, code, message).
-type Row = (i32, Option<Vec<i32>>, Option<String>, Option<String>);
+/// The images in wire form, checked against the keys.
+struct WireImages<'a> {
+    columns: Vec<&'a str>,
+    values: Keys<'a>,
+    unknown_rows: Positions,
+    unknown_columns: Vec<&'a str>,
+}
+
+fn wire_images<'a>(images: &Images<'a>, rows: usize) -> Result<WireImages<'a>, Error> {
+    if images.rows.len() != rows {
+        return Err(Error::Images(format!(
+            "{} images for {rows} candidate rows",
+            images.rows.len()
+        )));
+    }
+    let width = images.columns.len();
+    if let Some(row) = images.rows.iter().position(|r| r.len() != width) {
+        return Err(Error::Images(format!(
+            "image {row} has {} values for {width} columns",
+            images.rows[row].len()
+        )));
+    }
+    let mut unknown_rows = Vec::with_capacity(images.unknown.len());
+    let mut unknown_columns = Vec::with_capacity(images.unknown.len());
+    for &(row, column) in images.unknown {
+        let name = images
+            .columns
+            .get(column as usize)
+            .filter(|_| (row as usize) < rows)
+            .ok_or_else(|| {
+                Error::Images(format!(
+                    "unknown value ({row}, {column}) is outside the images"
+                ))
+            })?;
+        unknown_rows.push(row);
+        unknown_columns.push(*name);
+    }
+    Ok(WireImages {
+        columns: images.columns.to_vec(),
+        values: Keys {
+            keys: images.rows,
+            columns: width,
+        },
+        unknown_rows: Positions(unknown_rows),
+        unknown_columns,
+    })
+}
+
+/// The rows of `walcast.visible_rows`: (group_no, visible, by_image,
+/// by_fallback, code, message).
+type Row = (
+    i32,
+    Option<Vec<i32>>,
+    Option<i32>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+);
 
 async fn ask(
     client: &mut Object,
     table: &TableRef<'_>,
     keys: &Keys<'_>,
+    images: Option<&WireImages<'_>>,
     groups: &Groups<'_>,
     options: &CheckOptions,
 ) -> Result<Vec<Row>, Error> {
@@ -233,17 +339,18 @@ async fn ask(
     let tx = client
         .build_transaction()
         .read_only(true)
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .start()
         .await
         .map_err(server)?;
-    let (set_options, visible_keys) = tokio::try_join!(
+    let (set_options, visible_rows) = tokio::try_join!(
         tx.prepare_cached(include_str!("../../sql/rls_options.sql")),
         tx.prepare_cached(include_str!("../../sql/rls_check.sql")),
     )
     .map_err(server)?;
     // A foreign walcast.rls_subject would fail to encode: say so rather
     // than retry forever.
-    if !visible_keys.params().get(4).is_some_and(Groups::fits) {
+    if !visible_rows.params().get(8).is_some_and(Groups::fits) {
         return Err(Error::NotInstalled(
             "walcast.rls_subject is not (role text, claims text, candidates integer[])".into(),
         ));
@@ -253,11 +360,41 @@ async fn ask(
     // Pipelined: the options are in force before the call starts.
     let sorted_keys = options.sorted_keys.as_str();
     let option_params: [&(dyn ToSql + Sync); 2] = [&millis, &sorted_keys];
-    let check_params: [&(dyn ToSql + Sync); 5] =
-        [&table.schema, &table.name, &key_columns, keys, groups];
+    let no_columns: Option<Vec<&str>> = None;
+    let no_values: Option<Keys<'_>> = None;
+    let (columns, values, unknown_rows, unknown_columns): (
+        &(dyn ToSql + Sync),
+        &(dyn ToSql + Sync),
+        &(dyn ToSql + Sync),
+        &(dyn ToSql + Sync),
+    ) = match images {
+        Some(images) => (
+            &images.columns,
+            &images.values,
+            &images.unknown_rows,
+            &images.unknown_columns,
+        ),
+        None => (
+            &no_columns,
+            &no_values,
+            &Positions(Vec::new()),
+            &Vec::<&str>::new(),
+        ),
+    };
+    let check_params: [&(dyn ToSql + Sync); 9] = [
+        &table.schema,
+        &table.name,
+        &key_columns,
+        keys,
+        columns,
+        values,
+        unknown_rows,
+        unknown_columns,
+        groups,
+    ];
     let (_, rows) = tokio::try_join!(
         tx.execute(&set_options, &option_params),
-        tx.query(&visible_keys, &check_params),
+        tx.query(&visible_rows, &check_params),
     )
     .map_err(server)?;
     // Read only: nothing to keep. Ending the transaction also ends every
@@ -270,6 +407,8 @@ async fn ask(
                 row.try_get(1)?,
                 row.try_get(2)?,
                 row.try_get(3)?,
+                row.try_get(4)?,
+                row.try_get(5)?,
             ))
         })
         .collect::<Result<_, tokio_postgres::Error>>()
@@ -305,8 +444,10 @@ fn classify(error: tokio_postgres::Error, table: &TableRef<'_>, timeout: Duratio
     }
 }
 
-/// One outcome per group, checked against what was asked.
-fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<GroupOutcome>, Error> {
+/// One outcome per group, checked against what was asked. The server names
+/// visible rows by their 1-based position in the keys; a group's flags
+/// follow its own candidates.
+fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Answer, Error> {
     if rows.len() != groups.len() {
         return Err(Error::Answer(format!(
             "{} rows for {} groups",
@@ -314,42 +455,65 @@ fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Vec<Gro
             groups.len()
         )));
     }
-    groups
-        .iter()
-        .zip(rows)
-        .enumerate()
-        .map(|(g, (group, (number, visible, code, message)))| {
-            if usize::try_from(number).ok() != Some(g + 1) {
+    let mut answer = Answer {
+        outcomes: Vec::with_capacity(groups.len()),
+        by_image: 0,
+        by_fallback: 0,
+    };
+    for (g, (group, (number, visible, by_image, by_fallback, code, message))) in
+        groups.iter().zip(rows).enumerate()
+    {
+        if usize::try_from(number).ok() != Some(g + 1) {
+            return Err(Error::Answer(format!(
+                "group {number} where {} was due",
+                g + 1
+            )));
+        }
+        answer.by_image += by_image.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        answer.by_fallback += by_fallback.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        let outcome = match (visible, code) {
+            (_, Some(code)) => GroupOutcome::Failed {
+                code,
+                message: message.unwrap_or_default(),
+            },
+            (Some(positions), None) => {
+                let mut flags = vec![false; group.rows.count(keys)];
+                for position in positions {
+                    let row = usize::try_from(position)
+                        .ok()
+                        .and_then(|p| p.checked_sub(1))
+                        .filter(|&row| row < keys);
+                    let index = row.and_then(|row| match &group.rows {
+                        Rows::All => Some(row),
+                        Rows::Only(only) => index_of(only, row),
+                    });
+                    let slot = index.and_then(|i| flags.get_mut(i)).ok_or_else(|| {
+                        Error::Answer(format!("group {number}: position {position}"))
+                    })?;
+                    *slot = true;
+                }
+                GroupOutcome::Visible(flags)
+            }
+            (None, None) => {
                 return Err(Error::Answer(format!(
-                    "group {number} where {} was due",
-                    g + 1
+                    "group {number}: neither rows nor error"
                 )));
             }
-            match (visible, code) {
-                (_, Some(code)) => Ok(GroupOutcome::Failed {
-                    code,
-                    message: message.unwrap_or_default(),
-                }),
-                (Some(positions), None) => {
-                    let mut flags = vec![false; group.rows.count(keys)];
-                    for position in positions {
-                        let slot = usize::try_from(position)
-                            .ok()
-                            .and_then(|p| p.checked_sub(1))
-                            .and_then(|i| flags.get_mut(i))
-                            .ok_or_else(|| {
-                                Error::Answer(format!("group {number}: position {position}"))
-                            })?;
-                        *slot = true;
-                    }
-                    Ok(GroupOutcome::Visible(flags))
-                }
-                (None, None) => Err(Error::Answer(format!(
-                    "group {number}: neither rows nor error"
-                ))),
-            }
-        })
-        .collect()
+        };
+        answer.outcomes.push(outcome);
+    }
+    Ok(answer)
+}
+
+/// Where `row` is among a group's candidates: a binary search, as they come
+/// in increasing order; a linear one otherwise.
+fn index_of(candidates: &[u32], row: usize) -> Option<usize> {
+    let row = u32::try_from(row).ok()?;
+    if candidates.windows(2).all(|w| w[0] < w[1]) {
+        candidates.binary_search(&row).ok()
+    } else {
+        candidates.iter().position(|&r| r == row)
+    }
 }
 
 #[cfg(test)]
@@ -376,17 +540,20 @@ mod tests {
             group(&claims, Rows::Only(vec![1, 2])),
         ];
         let rows = vec![
-            (1, Some(vec![1, 3]), None, None),
+            (1, Some(vec![1, 3]), Some(2), Some(1), None, None),
             (
                 2,
+                None,
+                None,
                 None,
                 Some("22P02".into()),
                 Some("invalid input syntax for type uuid".into()),
             ),
-            (3, Some(vec![]), None, None),
-            (4, Some(vec![2]), None, None),
+            (3, Some(vec![]), Some(0), Some(0), None, None),
+            (4, Some(vec![3]), Some(1), Some(0), None, None),
         ];
-        let out = outcomes(4, &groups, rows).unwrap();
+        let answer = outcomes(4, &groups, rows).unwrap();
+        let out = &answer.outcomes;
         assert_eq!(
             out[0],
             GroupOutcome::Visible(vec![true, false, true, false])
@@ -395,6 +562,7 @@ mod tests {
         assert_eq!(out[2], GroupOutcome::Visible(vec![]));
         assert_eq!(out[3], GroupOutcome::Visible(vec![false, true]));
         assert!(!out[0].is_visible(7));
+        assert_eq!((answer.by_image, answer.by_fallback), (3, 1));
     }
 
     #[test]
@@ -403,13 +571,46 @@ mod tests {
         let groups = [group(&claims, Rows::Only(vec![0]))];
         for rows in [
             vec![],
-            vec![(2, Some(vec![]), None, None)],
-            vec![(1, Some(vec![2]), None, None)],
-            vec![(1, Some(vec![0]), None, None)],
-            vec![(1, None, None, None)],
+            vec![(2, Some(vec![]), None, None, None, None)],
+            vec![(1, Some(vec![2]), None, None, None, None)],
+            vec![(1, Some(vec![0]), None, None, None, None)],
+            vec![(1, None, None, None, None, None)],
         ] {
             assert!(matches!(outcomes(1, &groups, rows), Err(Error::Answer(_))));
         }
+        // A row of the keys that is not among the group's candidates.
+        let groups = [group(&claims, Rows::Only(vec![1]))];
+        assert!(matches!(
+            outcomes(2, &groups, vec![(1, Some(vec![1]), None, None, None, None)]),
+            Err(Error::Answer(_))
+        ));
+    }
+
+    #[test]
+    fn images_must_fit_the_keys_and_their_columns() {
+        let columns = ["id", "owner"];
+        let rows = vec![vec![Some("1"), None]];
+        let fits = Images {
+            columns: &columns,
+            rows: &rows,
+            unknown: &[(0, 1)],
+        };
+        let wire = wire_images(&fits, 1).unwrap();
+        assert_eq!(wire.unknown_columns, ["owner"]);
+        assert_eq!(wire.unknown_rows.0, [0]);
+        assert!(matches!(wire_images(&fits, 2), Err(Error::Images(_))));
+        let outside = Images {
+            unknown: &[(0, 2)],
+            ..fits
+        };
+        assert!(matches!(wire_images(&outside, 1), Err(Error::Images(_))));
+        let narrow = vec![vec![Some("1")]];
+        let short = Images {
+            rows: &narrow,
+            unknown: &[],
+            ..fits
+        };
+        assert!(matches!(wire_images(&short, 1), Err(Error::Images(_))));
     }
 
     #[test]

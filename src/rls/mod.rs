@@ -1,30 +1,40 @@
-//! Who may see which rows: batched Row Level Security checks over the pool.
+//! Who may see which rows: batched Row Level Security checks over the pool,
+//! decided on the rows as they were committed.
 //!
 //! For a table with RLS enabled, the candidate (subscriber, row) pairs of a
 //! batch are grouped by (role, claims). [`check`] asks Postgres about all
 //! groups of one table in **one call** of the server-side function
-//! `walcast.visible_keys` (`sql/rls.sql`): the candidate rows' keys travel
-//! once, each group names the rows it is a candidate for (or all of them),
-//! and per group the function sets the role and `request.jwt.claims`
-//! transaction-locally, runs one query for all of the group's candidates,
-//! and puts role and claims back:
+//! `walcast.visible_rows` (`sql/rls.sql`): the candidate rows' keys and
+//! their committed new images travel once, each group names the rows it is
+//! a candidate for (or all of them), and per group the function sets the
+//! role and `request.jwt.claims` transaction-locally, decides its rows, and
+//! puts role and claims back:
 //!
 //! ```text
-//! daemon ── BEGIN READ ONLY; statement_timeout ─────────────────────────────▶ Postgres
-//!        ── walcast.visible_keys(table, key columns, keys, [group, …]) ─────▶   for each group:
-//!                                                                               SET LOCAL ROLE, claims
-//!                                                                               SELECT candidates that exist  (policies apply)
-//!                                                                               reset; an error fails this group only
-//!        ◀── one row per group: visible positions, or SQLSTATE + message ────
+//! daemon ── BEGIN READ ONLY, REPEATABLE READ; statement_timeout ───────────────▶ Postgres
+//!        ── walcast.visible_rows(table, keys, images, [group, …]) ─────────────▶   (many unfiltered groups: which rows
+//!                                                                                  the table still holds as committed)
+//!                                                                                 for each group:
+//!                                                                                   SET LOCAL ROLE, claims
+//!                                                                                   rows held as committed: looked up
+//!                                                                                   other rows: the role's policies
+//!                                                                                     evaluated on their images
+//!                                                                                   reset; an error fails this group only
+//!        ◀── one row per group: visible positions, or SQLSTATE + message ───────
 //! ```
+//!
+//! An event describes the row as committed, so the policies decide on that
+//! row, not on whatever the table holds when the batch is checked (Supabase
+//! looks the row up then, and loses the events of a row changed again in
+//! the meantime). Where the table still holds the committed values the
+//! policies read, a lookup gives the same answer and, with many groups,
+//! costs less; where the WAL did not carry a value the policies read (an
+//! unchanged TOASTed column, a generated column), the row is looked up: the
+//! fallback, counted in [`crate::metrics::RLS_FALLBACK`].
 //!
 //! Supabase asks once per change per subscriber; round trips and planning
 //! then dominate. Here a batch costs one round trip and one planned query
 //! per group (measurements in `docs/rls.md`).
-//!
-//! What never changes per change is cached in [`Cache`]: whether a table
-//! has RLS enabled, whether a role bypasses it (superuser, `BYPASSRLS`, or
-//! the table's owner unless `FORCE`), and the columns a role may select.
 //!
 //! A check that fails or times out **denies**: [`check`] returns an
 //! [`Error`] for the whole call (deny every group), or
@@ -36,13 +46,15 @@ mod check;
 mod param;
 
 pub use cache::{Access, Cache, Column, TableName};
-pub use check::{CheckOptions, Group, GroupOutcome, Rows, SortedKeys, TableRef, check};
+pub use check::{
+    Answer, CheckOptions, Group, GroupOutcome, Images, Rows, SortedKeys, TableRef, check,
+};
 
 use std::time::Duration;
 
 /// `sql/rls.sql`: the `walcast` schema, the `walcast.rls_subject` type and
-/// the `walcast.visible_keys` function (with its loop,
-/// `walcast.visible_keys_as`), granted to the role named by the
+/// the `walcast.visible_rows` function (with its loop,
+/// `walcast.visible_rows_as`, and `walcast.unchanged_rows`), granted to the role named by the
 /// setting `walcast.role` (default `walcast`). Idempotent; apply it as an
 /// administrator, after `sql/role.sql`.
 pub const INSTALL_SQL: &str = include_str!("../../sql/rls.sql");
@@ -61,9 +73,9 @@ pub enum Error {
     /// `statement_timeout`, or the client-side backstop).
     #[error("rls check timed out after {0:?}")]
     Timeout(Duration),
-    /// `walcast.visible_keys` is missing or the login role may not call it.
+    /// `walcast.visible_rows` is missing or the login role may not call it.
     #[error(
-        "walcast.visible_keys is not installed or not callable ({0}); apply sql/rls.sql with walcast setup"
+        "walcast.visible_rows is not installed or not callable ({0}); apply sql/rls.sql with walcast setup"
     )]
     NotInstalled(String),
     /// The table is not in the catalog (dropped or renamed since).
@@ -90,6 +102,9 @@ pub enum Error {
         /// Key columns of the table.
         want: usize,
     },
+    /// The images do not fit the keys or their own columns.
+    #[error("rls check images: {0}")]
+    Images(String),
     /// A group names a row the check has no key for.
     #[error("group {group} names row {row}, beyond the check's keys")]
     NoSuchRow {
@@ -101,8 +116,8 @@ pub enum Error {
     /// More groups or candidates than Postgres arrays hold.
     #[error("rls check too large: {0}")]
     TooLarge(&'static str),
-    /// `walcast.visible_keys` answered something it never should.
-    #[error("unexpected answer from walcast.visible_keys: {0}")]
+    /// `walcast.visible_rows` answered something it never should.
+    #[error("unexpected answer from walcast.visible_rows: {0}")]
     Answer(String),
 }
 
@@ -122,6 +137,7 @@ impl Error {
             | Error::NoSuchRole(_)
             | Error::KeyArity { .. }
             | Error::NoSuchRow { .. }
+            | Error::Images(_)
             | Error::TooLarge(_)
             | Error::Answer(_) => false,
         }

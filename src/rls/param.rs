@@ -38,6 +38,23 @@ impl ToSql for Keys<'_> {
     to_sql_checked!();
 }
 
+/// 0-based row indexes, sent as 1-based positions: an `integer[]`.
+#[derive(Debug)]
+pub(crate) struct Positions(pub Vec<u32>);
+
+impl ToSql for Positions {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        write_positions(&self.0, out)?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::INT4_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
 /// One group as it goes on the wire.
 #[derive(Debug)]
 pub(crate) struct WireGroup<'a> {
@@ -156,7 +173,7 @@ fn write_keys(
     columns: usize,
     buf: &mut BytesMut,
 ) -> Result<(), BoxError> {
-    let dimensions = if keys.is_empty() {
+    let dimensions = if keys.is_empty() || columns == 0 {
         Vec::new()
     } else {
         vec![dimension(columns)?, dimension(keys.len())?]

@@ -122,14 +122,19 @@ pub async fn authorize(
         })
         .map(|(i, _)| i)
         .collect();
-    let mut tables: Vec<u32> = checked.iter().map(|&i| batch[i].0.relation.id).collect();
+    // One check per table, and per description of it: a table's columns may
+    // change within a batch, and a check's images share their columns.
+    let mut tables: Vec<(u32, *const crate::change::Relation)> = checked
+        .iter()
+        .map(|&i| (batch[i].0.relation.id, Arc::as_ptr(&batch[i].0.relation)))
+        .collect();
     tables.sort_unstable();
     tables.dedup();
     for table in tables {
         let rows: Vec<usize> = checked
             .iter()
             .copied()
-            .filter(|&i| batch[i].0.relation.id == table)
+            .filter(|&i| (batch[i].0.relation.id, Arc::as_ptr(&batch[i].0.relation)) == table)
             .collect();
         visible_rows(pool, rls, batch, &rows, &mut passing, &mut denials).await;
     }
@@ -269,11 +274,13 @@ impl Grouping {
     }
 }
 
-/// Keeps, for each of `rows` (indexes into `batch`, all of one table), the
-/// candidates whose role, with their claims, sees the change's new row in
-/// the table now (Supabase's rule: a lookup by primary key as the
-/// subscriber). The rows' keys go once; each (role, claims) group names
-/// the rows it is a candidate for, or all of them.
+/// Keeps, for each of `rows` (indexes into `batch`, all of one table and
+/// one description of it), the candidates whose role, with their claims,
+/// may see the change's new row as it was committed: the table's policies
+/// decide on the row's image, or by a lookup when the table still holds
+/// it (the same answer) or the image lacks a value they read (the
+/// fallback). The rows' keys and images go once; each (role, claims) group
+/// names the rows it is a candidate for, or all of them.
 async fn visible_rows(
     pool: &Pool,
     rls: &RlsSettings,
@@ -312,6 +319,40 @@ async fn visible_rows(
                 .collect()
         })
         .collect();
+    let columns: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    let mut unknown: Vec<(u32, u32)> = Vec::new();
+    let images: Vec<Vec<Option<&str>>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, &row)| {
+            let (ChangeKind::Insert { new } | ChangeKind::Update { new, .. }) = &batch[row].0.kind
+            else {
+                return vec![None; columns.len()];
+            };
+            new.iter()
+                .enumerate()
+                .map(|(c, datum)| match datum {
+                    Datum::Null => None,
+                    Datum::Text(text) => match std::str::from_utf8(text) {
+                        Ok(text) => Some(text),
+                        Err(_) => {
+                            unknown.push((i as u32, c as u32));
+                            None
+                        }
+                    },
+                    Datum::UnchangedToast | Datum::Json(_) => {
+                        unknown.push((i as u32, c as u32));
+                        None
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let images = rls::Images {
+        columns: &columns,
+        rows: &images,
+        unknown: &unknown,
+    };
     let mut grouping = Grouping::default();
     // Per checked row: the group of each of its shared and indexed entries.
     let mut row_groups: Vec<(Arc<[u32]>, Vec<u32>)> = Vec::with_capacity(rows.len());
@@ -347,7 +388,7 @@ async fn visible_rows(
         name: &relation.table,
         key_columns: &key_columns,
     };
-    let outcomes = checked_in_chunks(pool, rls, &table, &keys, &groups).await;
+    let outcomes = checked_in_chunks(pool, rls, &table, &keys, &images, &groups).await;
     // What each group may see, row by row: rows come in increasing order,
     // so each group's position in its own candidates only moves forward.
     let mut cursor = vec![0usize; groups.len()];
@@ -413,6 +454,7 @@ async fn checked_in_chunks(
     rls: &RlsSettings,
     table: &TableRef<'_>,
     keys: &[Vec<Option<&str>>],
+    images: &rls::Images<'_>,
     groups: &[Group<'_>],
 ) -> Vec<Result<GroupOutcome, String>> {
     let mut chunks: Vec<&[Group<'_>]> = Vec::new();
@@ -435,14 +477,14 @@ async fn checked_in_chunks(
         chunks.push(chunk);
         rest = tail;
     }
-    let answers: Vec<(usize, Result<Vec<GroupOutcome>, rls::Error>)> =
+    let answers: Vec<(usize, Result<rls::Answer, rls::Error>)> =
         stream::iter(chunks.iter().map(|chunk| async move {
             let started = Instant::now();
             let options = rls::CheckOptions {
                 timeout: rls.timeout,
                 sorted_keys: rls.sorted_keys,
             };
-            let checked = rls::check(pool, table, keys, chunk, &options).await;
+            let checked = rls::check(pool, table, keys, Some(images), chunk, &options).await;
             metrics::counter!(metrics::RLS_CHECKS).increment(1);
             metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
             (chunk.len(), checked)
@@ -453,7 +495,11 @@ async fn checked_in_chunks(
     let mut out = Vec::with_capacity(groups.len());
     for (len, answer) in answers {
         match answer {
-            Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
+            Ok(answer) => {
+                metrics::counter!(metrics::RLS_BY_IMAGE).increment(answer.by_image);
+                metrics::counter!(metrics::RLS_FALLBACK).increment(answer.by_fallback);
+                out.extend(answer.outcomes.into_iter().map(Ok));
+            }
             Err(e) => {
                 warn!(schema = %table.schema, table = %table.name, groups = len, error = %e, "rls check failed; denying these changes to their subscribers");
                 let message = format!("RLS policy evaluation failed: {e}");
