@@ -307,6 +307,98 @@ async fn rls_decides_each_subscribers_rows_and_deletes_show_only_keys() {
     assert_eq!(all.len(), 4, "nothing else: {all:?}");
 }
 
+/// The issue-14 scenario: a user's quick writes of their own row (insert,
+/// update, delete, each committed at once) reach them all, though by the
+/// time the batch is checked the row is gone; an owner transfer reaches the
+/// new owner only; a row still in the table is decided alike. With `many`
+/// unfiltered subscribers (ten users, so that the check searches the table
+/// and asks which rows it still holds as committed) and with two (every
+/// row decided on its image).
+async fn events_follow_the_committed_row(many: bool) {
+    let (stack, daemon, mut gateway) = start().await;
+    let users: Vec<String> = (1..=if many { 10 } else { 2 })
+        .map(|u| format!("u{u}"))
+        .collect();
+    for user in &users {
+        gateway.subscribe(as_user(user, user, "private")).await;
+    }
+    for user in &users {
+        assert_eq!(gateway.reply(user, 0).await["type"], "subscribed");
+    }
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO private VALUES (10, 'u1');
+             UPDATE private SET owner = 'u1' WHERE id = 10;
+             DELETE FROM private WHERE id = 10;
+             BEGIN;
+             INSERT INTO private VALUES (11, 'u1');
+             UPDATE private SET owner = 'u2' WHERE id = 11;
+             COMMIT;
+             INSERT INTO private VALUES (12, 'u2');
+             DELETE FROM private WHERE id = 11;",
+        )
+        .await
+        .expect("writes");
+    let all = settled(&stack, &mut gateway).await;
+    let got: Vec<(Value, Value, Value)> = all
+        .iter()
+        .map(|e| {
+            let row = if e["data"]["type"] == "DELETE" {
+                &e["data"]["old_record"]
+            } else {
+                &e["data"]["record"]
+            };
+            (e["data"]["type"].clone(), row.clone(), e["ids"].clone())
+        })
+        .collect();
+    let everyone = json!(users);
+    assert_eq!(
+        got,
+        [
+            (
+                json!("INSERT"),
+                json!({"id": 10, "owner": "u1"}),
+                json!(["u1"])
+            ),
+            (
+                json!("UPDATE"),
+                json!({"id": 10, "owner": "u1"}),
+                json!(["u1"])
+            ),
+            (json!("DELETE"), json!({"id": 10}), everyone.clone()),
+            (
+                json!("INSERT"),
+                json!({"id": 11, "owner": "u1"}),
+                json!(["u1"])
+            ),
+            (
+                json!("UPDATE"),
+                json!({"id": 11, "owner": "u2"}),
+                json!(["u2"])
+            ),
+            (
+                json!("INSERT"),
+                json!({"id": 12, "owner": "u2"}),
+                json!(["u2"])
+            ),
+            (json!("DELETE"), json!({"id": 11}), everyone),
+        ],
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_decided_on_the_committed_row_not_the_tables_current_one() {
+    events_follow_the_committed_row(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_many_subscribers_rows_the_table_still_holds_are_looked_up_the_rest_on_images() {
+    events_follow_the_committed_row(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raising_policy_denies_only_its_subscriber_and_says_so() {
     let (stack, daemon, mut gateway) = start().await;
