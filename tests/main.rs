@@ -13,6 +13,7 @@ mod gateway;
 mod gateway_limits;
 mod harness;
 mod rls;
+mod rls_image;
 mod startup;
 mod subscriptions;
 mod support;
