@@ -40,7 +40,7 @@ use crate::metrics;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher, QueueSender};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::subscription::{self, Candidates, Delivery, Denial, Shared};
-use crate::{bus, pgoutput, pool};
+use crate::{bus, pgoutput, pool, rls};
 
 /// Bytes of messages the replication task may queue ahead of the publisher
 /// (with what the publisher holds in a pipeline): while they wait, no more
@@ -113,6 +113,10 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     )?;
     // Served until this function returns (dropping it aborts the server).
     let admin = Admin::start(settings, &pool, &cancel)?;
+    // Before subscriptions are validated: they are refused on tables with
+    // RLS while the checks' SQL is missing. (Again at each session, for a
+    // database that is not reachable yet.)
+    ensure_rls_sql(&pool).await;
     let names = Names::new(&settings.tenant);
     // The registry outlives replication sessions; the control task keeps it.
     let shared = Arc::new(Shared::default());
@@ -196,6 +200,7 @@ async fn session(
 ) -> Result<(), Error> {
     let publisher = Publisher::connect(&settings.redis_url).await?;
     let mut conn = Connection::connect(&settings.database_url).await?;
+    ensure_rls_sql(pool).await;
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
     conn.check_publication(&settings.publication).await?;
@@ -262,6 +267,20 @@ async fn session(
             stream_loop.publishing.abort();
             Err(e)
         }
+    }
+}
+
+/// Installs or upgrades `sql/rls.sql` where this role may; says so when the
+/// database has another version or none (subscriptions to tables with RLS
+/// are refused meanwhile).
+async fn ensure_rls_sql(pool: &deadpool_postgres::Pool) {
+    match rls::install::ensure(pool).await {
+        Ok(found) => {
+            if let Some(problem) = found.problem() {
+                warn!("{problem}");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not check sql/rls.sql"),
     }
 }
 

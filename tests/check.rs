@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
+use crate::support::gateway::BusGateway;
 use crate::support::stack::{DB, Firehose, Stack};
 use crate::support::{Daemon, PgOptions, TestPostgres, free_port};
 
@@ -241,6 +242,14 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         Some("public.items"),
         "info",
         "public.items: row level security enabled",
+        None,
+    );
+    assert_finding(
+        &json,
+        "rls.sql",
+        None,
+        "ok",
+        "sql/rls.sql version 2 is installed and this role may call walcast.visible_rows",
         None,
     );
     let exists = finding(&json, "slot.exists", None);
@@ -501,6 +510,8 @@ async fn check_warns_about_an_inactive_slot_retaining_wal() {
             "role.subscriber anon",
             "role.subscriber authenticated",
             "publication.tables",
+            // No sql/rls.sql, and no table with row level security yet.
+            "rls.sql",
             "slot.active"
         ],
         "{json:#}"
@@ -957,4 +968,145 @@ fn example_configs_are_valid_settings() {
     assert_eq!(sidecar.tenant, "tenant-a");
     assert!(!sidecar.firehose);
     assert_eq!(sidecar.log_format, LogFormat::Json);
+}
+
+const RLS_SQL_MISSING: &str = "row level security cannot be checked: walcast.visible_rows (sql/rls.sql version 2) is not installed; apply sql/rls.sql with walcast setup --admin-url ... (or let walcast run install it as a role that may create the schema walcast)";
+
+/// Without `sql/rls.sql`, and run as a role that may not install it, the
+/// daemon refuses subscriptions to a table with row level security (saying
+/// what to run) and accepts the others; `check` reports an error. Once an
+/// administrator applies it, the same subscription is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_rls_sql_subscriptions_to_rls_tables_are_refused_and_check_says_so() {
+    let stack = Stack::start().await;
+    stack
+        .client
+        .batch_execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, owner text);
+             ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+             CREATE TABLE open_items (id bigint PRIMARY KEY, owner text);
+             ALTER PUBLICATION supabase_realtime ADD TABLE items, open_items;",
+        )
+        .await
+        .expect("schema");
+    let applied = setup(stack.pg.url("postgres", DB), &[]);
+    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    stack
+        .client
+        .batch_execute(
+            "DROP SCHEMA walcast CASCADE; GRANT SELECT ON items, open_items TO authenticated",
+        )
+        .await
+        .expect("drop the rls sql");
+    let mut env = env_with_url(&stack, stack.pg.url("walcast", DB));
+    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+
+    let (code, json) = check(&env);
+    assert_eq!(code, Some(1), "{json:#}");
+    assert_finding(
+        &json,
+        "rls.sql",
+        None,
+        "error",
+        &format!(
+            "{RLS_SQL_MISSING}; subscriptions to published tables with row level security are refused until then"
+        ),
+        Some(
+            "walcast setup --admin-url 'postgres://ADMIN@HOST/DB' (applies sql/rls.sql), or psql -f sql/rls.sql as an administrator",
+        ),
+    );
+
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let mut gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    let subscribe = |id: &str, table: &str| {
+        json!({
+            "id": id, "topic": format!("realtime:{id}"), "schema": "public", "table": table,
+            "event": "*", "filter": null, "select": null,
+            "claims": {"sub": "u1", "role": "authenticated"}, "role": "authenticated",
+        })
+    };
+    gateway.subscribe(subscribe("secured", "items")).await;
+    gateway.subscribe(subscribe("open", "open_items")).await;
+    let refused = gateway.reply("secured", 0).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["message"].as_str()),
+        (Some("rejected"), Some(RLS_SQL_MISSING)),
+        "{refused}\n{}",
+        daemon.log()
+    );
+    assert_eq!(gateway.reply("open", 0).await["type"], "subscribed");
+    assert!(
+        daemon
+            .log()
+            .contains("could not install sql/rls.sql as this role"),
+        "{}",
+        daemon.log()
+    );
+
+    let applied = setup(stack.pg.url("postgres", DB), &[]);
+    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    // The daemon reads the catalog afresh after at most a couple of
+    // seconds: subscribe again until it accepts.
+    let mut answer = Value::Null;
+    for attempt in 1..=10 {
+        gateway.subscribe(subscribe("secured", "items")).await;
+        answer = gateway.reply("secured", attempt).await;
+        if answer["type"] == "subscribed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(answer["type"], "subscribed", "{answer}\n{}", daemon.log());
+}
+
+/// A daemon whose role may create the schema installs `sql/rls.sql`
+/// itself at start, and checks RLS with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_installs_the_rls_sql_itself_where_its_role_may() {
+    let stack = Stack::start().await;
+    stack
+        .client
+        .batch_execute(
+            "CREATE ROLE authenticated NOLOGIN;
+             CREATE TABLE items (id bigint PRIMARY KEY, owner text);
+             ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON items FOR SELECT USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+             GRANT SELECT ON items TO authenticated;
+             ALTER PUBLICATION supabase_realtime ADD TABLE items;",
+        )
+        .await
+        .expect("schema");
+    let mut env = stack.env();
+    env.retain(|(k, _)| *k != "WALCAST_FIREHOSE");
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let version: i32 = stack
+        .client
+        .query_one("SELECT walcast.sql_version()", &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()))
+        .get(0);
+    assert_eq!(version, 2);
+    assert!(
+        daemon.log().contains("installed sql/rls.sql"),
+        "{}",
+        daemon.log()
+    );
+    let mut gateway = BusGateway::start(&stack.redis.url(), "default", "g1").await;
+    gateway
+        .subscribe(json!({
+            "id": "u1", "topic": "realtime:u1", "schema": "public", "table": "items",
+            "event": "INSERT", "filter": null, "select": null,
+            "claims": {"sub": "u1", "role": "authenticated"}, "role": "authenticated",
+        }))
+        .await;
+    assert_eq!(gateway.reply("u1", 0).await["type"], "subscribed");
+    stack
+        .client
+        .batch_execute("INSERT INTO items VALUES (1, 'u2'), (2, 'u1')")
+        .await
+        .expect("insert");
+    let events = gateway.wait_events(1).await;
+    assert_eq!(events[0]["data"]["record"], json!({"id": 2, "owner": "u1"}));
 }

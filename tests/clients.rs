@@ -24,6 +24,12 @@
 //! daemon confirmed the subscription (realtime-js#525); the `system`
 //! message comes after, and only then is no later write missed.
 //!
+//! Then rows changed again before the daemon checks them (a row of alice's
+//! inserted, edited and deleted, and another given to bob, in one
+//! transaction): each event is decided on the row as committed, so alice
+//! gets her INSERT and UPDATE though the row is gone, and only bob the
+//! UPDATE that made a row his.
+//!
 //! A last transaction inserts one row per user: events to a socket come in
 //! commit order, so once it has arrived nothing earlier is still on its way
 //! and the lists are complete. Then each client leaves its channels and
@@ -421,7 +427,72 @@ async fn scenario(kind: Kind) {
         }
     }
 
-    // 4. The last transaction: one new row each.
+    // 4. Rows changed again before the daemon checks them (issue 14): in
+    // one transaction alice inserts, edits and deletes a row of hers, and
+    // gives another to bob; a second transaction deletes that one. Each
+    // event is decided on the row as committed: alice gets her INSERT and
+    // UPDATE though the row is gone by the check, and the INSERT of the
+    // row she gave away; bob gets only the UPDATE that made it his.
+    let ts = commit(
+        &mut stack.client,
+        &format!(
+            "INSERT INTO notes (id, owner, body) VALUES (5, '{a}', 'quick');
+             UPDATE notes SET body = 'quick (edited)' WHERE id = 5;
+             DELETE FROM notes WHERE id = 5;
+             INSERT INTO notes (id, owner, body) VALUES (6, '{a}', 'gift');
+             UPDATE notes SET owner = '{b}' WHERE id = 6;"
+        ),
+    )
+    .await;
+    let quick = row(5, a, "quick", false, Value::Null, Value::Null);
+    let edited = row(5, a, "quick (edited)", false, Value::Null, Value::Null);
+    let gift = row(6, a, "gift", false, Value::Null, Value::Null);
+    let given = row(6, b, "gift", false, Value::Null, Value::Null);
+    let change = |kind, record: Option<&Value>, old: Option<Value>| Change {
+        kind,
+        timestamp: ts.clone(),
+        record: record.cloned(),
+        old_record: old,
+    };
+    see(
+        &mut expected,
+        0,
+        &CHANNELS,
+        &change("INSERT", Some(&quick), None),
+    );
+    see(
+        &mut expected,
+        0,
+        &CHANNELS,
+        &change("UPDATE", Some(&edited), Some(quick.clone())),
+    );
+    let deleted = change("DELETE", None, Some(json!({"id": 5})));
+    see(&mut expected, 0, &CHANNELS, &deleted);
+    see(&mut expected, 1, &["all"], &deleted);
+    see(
+        &mut expected,
+        0,
+        &CHANNELS,
+        &change("INSERT", Some(&gift), None),
+    );
+    see(
+        &mut expected,
+        1,
+        &CHANNELS,
+        &change("UPDATE", Some(&given), Some(gift.clone())),
+    );
+    let ts = commit(&mut stack.client, "DELETE FROM notes WHERE id = 6").await;
+    let deleted = Change {
+        kind: "DELETE",
+        timestamp: ts,
+        record: None,
+        old_record: Some(json!({"id": 6})),
+    };
+    see(&mut expected, 0, &["all"], &deleted);
+    see(&mut expected, 1, &CHANNELS, &deleted);
+    wait_changes(&clients, &expected).await;
+
+    // 5. The last transaction: one new row each.
     let ts = commit(
         &mut stack.client,
         &format!("INSERT INTO notes (id, owner, body) VALUES (3, '{a}', 'alice: last'), (4, '{b}', 'bob: last')"),

@@ -14,9 +14,7 @@ use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 use walcast::config::DatabaseUrl;
-use walcast::rls::{
-    self, Access, Cache, CheckOptions, Group, GroupOutcome, Rows, SortedKeys, TableName, TableRef,
-};
+use walcast::rls::{self, CheckOptions, Group, GroupOutcome, Rows, SortedKeys, TableRef};
 
 use crate::support::TestPostgres;
 use crate::support::postgres::quote_ident;
@@ -1100,128 +1098,6 @@ async fn no_role_or_claims_survive_a_check_on_the_pooled_connection() {
     lookup(&pool, &OWNED, &one, &groups[..1], &OPTIONS)
         .await
         .expect("pool still works");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cache_knows_rls_flags_bypass_and_column_privileges() {
-    let pg = TestPostgres::start();
-    let (admin, pool) = setup(&pg, "rls_cache", 2).await;
-    admin
-        .batch_execute(
-            "CREATE ROLE table_owner NOLOGIN;
-             GRANT table_owner TO walcast;
-             CREATE TABLE open_table (id bigint PRIMARY KEY, secret text);
-             GRANT SELECT (id) ON open_table TO anon;
-             GRANT SELECT ON open_table TO authenticated;
-             ALTER TABLE owned OWNER TO table_owner;",
-        )
-        .await
-        .expect("setup");
-    let mut cache = Cache::new(pool.clone());
-    let owned = TableName::new("public", "owned");
-    let open = TableName::new("public", "open_table");
-
-    assert!(cache.rls_enabled(&owned).await.expect("flags"));
-    assert!(!cache.rls_enabled(&open).await.expect("flags"));
-    assert_eq!(
-        cache.access("authenticated", &open).await.expect("access"),
-        Access::RlsDisabled
-    );
-    assert_eq!(
-        cache.access("authenticated", &owned).await.expect("access"),
-        Access::Policies
-    );
-    assert_eq!(
-        cache.access("anon", &owned).await.expect("access"),
-        Access::Policies
-    );
-    assert_eq!(
-        cache.access("service_role", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    assert_eq!(
-        cache.access("table_owner", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    assert_eq!(
-        cache.access("postgres", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    assert!(matches!(
-        cache.access("nobody", &owned).await,
-        Err(rls::Error::NoSuchRole(_))
-    ));
-    assert!(matches!(
-        cache
-            .access("anon", &TableName::new("public", "missing"))
-            .await,
-        Err(rls::Error::NoSuchTable { .. })
-    ));
-
-    let selectable = |columns: &[rls::Column]| {
-        columns
-            .iter()
-            .map(|c| (c.name.clone(), c.selectable))
-            .collect::<Vec<_>>()
-    };
-    let anon = cache.columns("anon", &open).await.expect("columns");
-    assert_eq!(
-        selectable(&anon),
-        [("id".into(), true), ("secret".into(), false)]
-    );
-    let authenticated = cache
-        .columns("authenticated", &open)
-        .await
-        .expect("columns");
-    assert_eq!(
-        selectable(&authenticated),
-        [("id".into(), true), ("secret".into(), true)]
-    );
-
-    // Cached until invalidated.
-    admin
-        .batch_execute(
-            "ALTER TABLE owned FORCE ROW LEVEL SECURITY;
-             GRANT SELECT (secret) ON open_table TO anon;
-             ALTER TABLE open_table ENABLE ROW LEVEL SECURITY;",
-        )
-        .await
-        .expect("changes");
-    assert_eq!(
-        cache.access("table_owner", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    assert!(!selectable(&cache.columns("anon", &open).await.expect("columns"))[1].1);
-    cache.invalidate_table(&owned);
-    cache.invalidate_table(&open);
-    assert_eq!(
-        cache.access("table_owner", &owned).await.expect("access"),
-        Access::Policies
-    );
-    assert_eq!(
-        cache.access("postgres", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    assert_eq!(
-        cache.access("anon", &open).await.expect("access"),
-        Access::Policies
-    );
-    assert!(selectable(&cache.columns("anon", &open).await.expect("columns"))[1].1);
-
-    // Role attributes change without a Relation message: the timer's job.
-    admin
-        .batch_execute("ALTER ROLE service_role NOBYPASSRLS")
-        .await
-        .expect("alter role");
-    assert_eq!(
-        cache.access("service_role", &owned).await.expect("access"),
-        Access::Bypass
-    );
-    cache.invalidate_all();
-    assert_eq!(
-        cache.access("service_role", &owned).await.expect("access"),
-        Access::Policies
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

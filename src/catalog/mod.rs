@@ -78,7 +78,11 @@ impl Catalog {
     }
 
     /// Whether row level security is enabled on table `relid`
-    /// (`relrowsecurity`; FORCE is not consulted, as Supabase does not).
+    /// (`relrowsecurity`): then its INSERTs and UPDATEs are checked, and its
+    /// DELETEs show only the key (Supabase's rule). Whether a role's view is
+    /// subject to the policies at all (superuser, `BYPASSRLS`, the owner
+    /// unless `FORCE`d) is decided per role by `walcast.visible_rows`
+    /// (`sql/rls.sql`), the one place those rules live.
     pub async fn row_security(&mut self, relid: Oid) -> Result<bool, Error> {
         if let Some(enabled) = self.row_security.get(&relid) {
             return Ok(*enabled);

@@ -7,7 +7,7 @@
 //! is then 1.
 //!
 //! ```text
-//! postgres ─ connect ─ server ─ role ─ replication connection ─ publication ─ tables ─ slot
+//! postgres ─ connect ─ server ─ role ─ replication connection ─ publication ─ tables ─ rls.sql ─ slot
 //! redis ──── PING                                                      (concurrently)
 //! ```
 //!
@@ -19,6 +19,7 @@ mod publication;
 mod redis;
 mod replication;
 mod report;
+mod rls;
 mod role;
 mod server;
 mod slot;
@@ -59,6 +60,8 @@ pub mod id {
     pub const TABLE_REPLICA_IDENTITY: &str = "table.replica_identity";
     /// A published table's row level security (subject: the table).
     pub const TABLE_RLS: &str = "table.rls";
+    /// `sql/rls.sql` is installed, of this walcast's version, callable.
+    pub const RLS_SQL: &str = "rls.sql";
     /// The slot exists and is a pgoutput slot of this database.
     pub const SLOT_EXISTS: &str = "slot.exists";
     /// Who streams from the slot, or how much WAL it retains unread.
@@ -115,6 +118,9 @@ async fn postgres(settings: &Settings) -> Vec<Finding> {
     }
     if let Err(e) = publication::check(&client, &settings.publication, &mut out).await {
         out.push(query_failed("the publication", &e));
+    }
+    if let Err(e) = rls::check(&client, &settings.publication, &mut out).await {
+        out.push(query_failed("the RLS functions (sql/rls.sql)", &e));
     }
     if let Err(e) = slot::check(&client, &settings.slot, &mut out).await {
         out.push(query_failed("the replication slot", &e));

@@ -18,6 +18,7 @@ use deadpool_postgres::{Object, Pool};
 use crate::bus::Subscription;
 use crate::catalog::{self, Catalog};
 use crate::pgoutput::Oid;
+use crate::rls::install::{self, Installed};
 use crate::subscription::{self as subscription, CompileError, filter};
 use crate::subscription::{Entry, Events};
 
@@ -108,6 +109,10 @@ pub struct Validator {
     filter_columns: Recent<(Oid, String, String), Option<FilterColumn>>,
     /// (table, role) → each column and whether the role may select it.
     columns: Recent<(Oid, String), Vec<(String, bool)>>,
+    /// Table → whether it has row level security enabled.
+    secured: Recent<Oid, bool>,
+    /// What the database has of `sql/rls.sql`.
+    rls_sql: Recent<(), Installed>,
 }
 
 /// The pooled connection of one validation, taken when first needed: a
@@ -133,6 +138,8 @@ impl Validator {
             tables: Recent::new(),
             filter_columns: Recent::new(),
             columns: Recent::new(),
+            secured: Recent::new(),
+            rls_sql: Recent::new(),
         }
     }
 
@@ -211,6 +218,42 @@ impl Validator {
         };
         if tables.is_empty() || s.schema.is_empty() || s.table.is_empty() {
             return reject(unable_to_subscribe(s));
+        }
+        // A table with row level security needs sql/rls.sql to be checked:
+        // without it every change would be denied, so the subscription is
+        // refused now, saying what to run.
+        let mut secured = false;
+        for table in &tables {
+            let enabled = match self.secured.get(table) {
+                Some(enabled) => enabled,
+                None => {
+                    let enabled = connection(&self.pool, &mut client)
+                        .await?
+                        .query_opt(
+                            "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid = $1",
+                            &[table],
+                        )
+                        .await?
+                        .is_some_and(|row| row.get::<_, bool>(0));
+                    self.secured.put(*table, enabled);
+                    enabled
+                }
+            };
+            secured |= enabled;
+        }
+        if secured {
+            let found = match self.rls_sql.get(&()) {
+                Some(found) => found,
+                None => {
+                    let client = connection(&self.pool, &mut client).await?;
+                    let found = install::installed(client).await?;
+                    self.rls_sql.put((), found.clone());
+                    found
+                }
+            };
+            if let Some(problem) = found.problem() {
+                return reject(problem);
+            }
         }
         let parsed = match filter::parse(s.filter.as_deref().unwrap_or("")) {
             Ok(parsed) => parsed,

@@ -36,16 +36,20 @@
 //! then dominate. Here a batch costs one round trip and one planned query
 //! per group (measurements in `docs/rls.md`).
 //!
+//! The SQL comes from `sql/rls.sql`, versioned ([`install::SQL_VERSION`]);
+//! the daemon installs or upgrades it at start where its role may
+//! ([`install::ensure`]), and subscriptions to tables with RLS are refused,
+//! saying what to run, while the database has another version or none.
+//!
 //! A check that fails or times out **denies**: [`check`] returns an
 //! [`Error`] for the whole call (deny every group), or
 //! [`GroupOutcome::Failed`] for one group (deny that group); neither ever
 //! reads as visible.
 
-mod cache;
 mod check;
+pub mod install;
 mod param;
 
-pub use cache::{Access, Cache, Column, TableName};
 pub use check::{
     Answer, CheckOptions, Group, GroupOutcome, Images, Rows, SortedKeys, TableRef, check,
 };
@@ -59,7 +63,7 @@ use std::time::Duration;
 /// administrator, after `sql/role.sql`.
 pub const INSTALL_SQL: &str = include_str!("../../sql/rls.sql");
 
-/// Why an RLS check or a cache lookup could not be answered. Every variant
+/// Why an RLS check could not be answered. Every variant
 /// means "deny": nothing is known to be visible.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
