@@ -164,6 +164,64 @@ BEGIN
 END
 $walcast$;
 
+-- The columns of a table that its SELECT policies read (FOR SELECT and FOR
+-- ALL, any role): what a change's image must carry for the policies to be
+-- evaluated on it. Every column a policy reads is among its dependencies
+-- (pg_depend), also from within its subqueries; a whole-row reference
+-- (f(tbl)) is not, and means every column; a system column (xmin, ctid)
+-- cannot be in an image at all: NULL. In column order. The daemon asks it
+-- to send only these columns of each image.
+CREATE OR REPLACE FUNCTION walcast.policy_columns(schema_name text, table_name text)
+RETURNS text[]
+LANGUAGE plpgsql
+STABLE
+SECURITY INVOKER
+AS $function$
+DECLARE
+  rel oid;
+  system_columns boolean;
+  whole_row boolean;
+BEGIN
+  SELECT c.oid INTO rel
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid OPERATOR(pg_catalog.=) c.relnamespace
+  WHERE ns.nspname OPERATOR(pg_catalog.=) schema_name AND c.relname OPERATOR(pg_catalog.=) table_name
+    AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::"char"[]);
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'walcast.policy_columns: table %.% does not exist',
+      pg_catalog.quote_ident(schema_name), pg_catalog.quote_ident(table_name) USING ERRCODE = '42P01';
+  END IF;
+  -- In a policy's stored expression (nodeToString), a Var of attribute 0
+  -- is a whole row, a negative one a system column: counted at any depth
+  -- and of any table, which can only ask for more than is needed.
+  SELECT coalesce(pg_catalog.bool_or(p.polqual::text OPERATOR(pg_catalog.~) ':varattno -'), false),
+         coalesce(pg_catalog.bool_or(p.polqual::text OPERATOR(pg_catalog.~) ':varattno 0 '), false)
+    INTO system_columns, whole_row
+  FROM pg_catalog.pg_policy p
+  WHERE p.polrelid OPERATOR(pg_catalog.=) rel AND p.polcmd OPERATOR(pg_catalog.=) ANY (ARRAY['r', '*']::"char"[])
+    AND p.polqual IS NOT NULL;
+  IF system_columns THEN
+    RETURN NULL;
+  END IF;
+  RETURN ARRAY(
+    SELECT a.attname::text
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid OPERATOR(pg_catalog.=) rel AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+      AND (whole_row OR EXISTS (
+        SELECT FROM pg_catalog.pg_policy p
+        JOIN pg_catalog.pg_depend d
+          ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass
+         AND d.objid OPERATOR(pg_catalog.=) p.oid
+         AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+         AND d.refobjid OPERATOR(pg_catalog.=) rel AND d.refobjsubid OPERATOR(pg_catalog.=) a.attnum
+        WHERE p.polrelid OPERATOR(pg_catalog.=) rel
+          AND p.polcmd OPERATOR(pg_catalog.=) ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL))
+    ORDER BY a.attnum);
+END
+$function$;
+
+COMMENT ON FUNCTION walcast.policy_columns(text, text) IS
+  'walcast: the columns a table''s SELECT policies read (NULL: a system column); see sql/rls.sql';
+
 -- Whether each row of a table still holds, in the given columns, the values
 -- a change committed (its new image, as text): true when the row with that
 -- key exists and each column is byte-for-byte the value the text gives
@@ -249,12 +307,13 @@ BEGIN
     table_side := table_side || format('%st.%I', CASE WHEN c > 1 THEN ', ' END, col.attname);
     image_side := image_side || format('%s(x.v%s)::%s', CASE WHEN c > 1 THEN ', ' END, c, col.sql_type);
   END LOOP;
+  -- One probe of the key's index per row (a join would let the planner
+  -- hash the whole table for a few thousand keys).
   EXECUTE format(
-    'SELECT array_agg((t.%I IS NOT NULL%s) ORDER BY x.i) '
-    'FROM ROWS FROM (%s) WITH ORDINALITY AS x(%si) LEFT JOIN %s t ON %s',
-    key_columns[1],
-    CASE WHEN ncols > 0 THEN format(' AND pg_catalog.record_image_eq(ROW(%s), ROW(%s))', table_side, image_side) ELSE '' END,
-    rtrim(unnests, ', '), names, rel_sql, joins)
+    'SELECT array_agg((SELECT %s FROM %s t WHERE %s) IS TRUE ORDER BY x.i) '
+    'FROM ROWS FROM (%s) WITH ORDINALITY AS x(%si)',
+    CASE WHEN ncols > 0 THEN format('pg_catalog.record_image_eq(ROW(%s), ROW(%s))', table_side, image_side) ELSE 'true' END,
+    rel_sql, joins, rtrim(unnests, ', '), names)
     INTO answer USING keys, vals;
   RETURN answer;
 END
@@ -528,8 +587,6 @@ DECLARE
   keys_expr text;                -- the keys as the loop takes them
   role_before text := pg_catalog.current_setting('role');
   -- What the images can decide.
-  system_columns boolean;        -- a policy reads ctid, xmin...: images cannot say
-  whole_row boolean;             -- a policy reads the whole row: every column needed
   needed text[];                 -- the columns the table's SELECT policies read
   needed_index integer[];        -- their places in image_columns
   incomplete boolean[];          -- per row: a needed value the WAL did not carry
@@ -670,31 +727,12 @@ BEGIN
     fast := pg_catalog.array_fill(true, ARRAY[n]);
     fallback := fast;
   ELSE
-    SELECT coalesce(pg_catalog.bool_or(p.polqual::text ~ ':varattno -'), false),
-           coalesce(pg_catalog.bool_or(p.polqual::text ~ ':varattno 0 '), false)
-      INTO system_columns, whole_row
-    FROM pg_catalog.pg_policy p
-    WHERE p.polrelid = rel AND p.polcmd = ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL;
-    IF system_columns THEN
+    needed := walcast.policy_columns(schema_name, table_name);
+    IF needed IS NULL THEN
+      -- A policy reads a system column (xmin, ctid): no image can say.
       fast := pg_catalog.array_fill(true, ARRAY[n]);
       fallback := fast;
     ELSE
-      IF whole_row THEN
-        needed := ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
-                        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum);
-      ELSE
-        -- Every column a policy reads is a dependency of the policy, also
-        -- from within its subqueries.
-        needed := ARRAY(
-          SELECT DISTINCT a.attname
-          FROM pg_catalog.pg_policy p
-          JOIN pg_catalog.pg_depend d
-            ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
-           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = rel AND d.refobjsubid > 0
-          JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = d.refobjsubid AND NOT a.attisdropped
-          WHERE p.polrelid = rel AND p.polcmd = ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL
-          ORDER BY a.attname);
-      END IF;
       needed_index := ARRAY(SELECT pg_catalog.array_position(image_columns, c) FROM pg_catalog.unnest(needed) AS c);
       IF EXISTS (SELECT FROM pg_catalog.unnest(needed_index) AS i WHERE i IS NULL) THEN
         -- A column the WAL never carries (generated, or left out of the
@@ -730,71 +768,75 @@ BEGIN
       image_rows := ARRAY(SELECT i FROM pg_catalog.generate_series(1, n) AS i WHERE NOT fast[i]);
       IF pg_catalog.cardinality(image_rows) > 0 THEN
         -- The images of image_rows, in the table's row type: ROW(...) of
-        -- every live column in order, each cast from its text, NULL where
-        -- the WAL carried no value (none the policies need).
-        FOR c IN 1..nimage_columns LOOP
-          image_unnests := image_unnests || pg_catalog.format('%spg_catalog.unnest($7[%s:%s])', CASE WHEN c > 1 THEN ', ' END, c, c);
-          image_names := image_names || pg_catalog.format('v%s, ', c);
+        -- every live column in order, the columns the policies read cast
+        -- from their text, the others NULL (no policy reads them; casting
+        -- them would only cost).
+        FOR i IN 1..coalesce(pg_catalog.cardinality(needed_index), 0) LOOP
+          image_unnests := image_unnests || pg_catalog.format('%spg_catalog.unnest($7[%s:%s])',
+            CASE WHEN i > 1 THEN ', ' END, needed_index[i], needed_index[i]);
+          image_names := image_names || pg_catalog.format('v%s, ', needed_index[i]);
         END LOOP;
         SELECT pg_catalog.string_agg(
-                 CASE WHEN pg_catalog.array_position(image_columns, a.attname::text) IS NULL
-                   THEN pg_catalog.format('NULL::%s', pg_catalog.format_type(a.atttypid, a.atttypmod))
-                   ELSE pg_catalog.format('(x.v%s)::%s', pg_catalog.array_position(image_columns, a.attname::text),
-                                          pg_catalog.format_type(a.atttypid, a.atttypmod)) END,
+                 CASE WHEN pg_catalog.array_position(image_columns, a.attname::text) OPERATOR(pg_catalog.=) ANY (needed_index)
+                   THEN pg_catalog.format('(x.v%s)::%s', pg_catalog.array_position(image_columns, a.attname::text),
+                                          pg_catalog.format_type(a.atttypid, a.atttypmod))
+                   ELSE pg_catalog.format('NULL::%s', pg_catalog.format_type(a.atttypid, a.atttypmod)) END,
                  ', ' ORDER BY a.attnum)
           INTO row_exprs
         FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
         build_query := pg_catalog.format(
           'SELECT pg_catalog.array_agg(ROW(%s)::%s ORDER BY r.walcast_row) FROM pg_catalog.unnest($8) AS r(walcast_row)%s',
           row_exprs, rel_sql,
-          CASE WHEN nimage_columns > 0 THEN pg_catalog.format(
+          CASE WHEN image_names <> '' THEN pg_catalog.format(
             ' JOIN ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row) USING (walcast_row)', image_unnests, image_names)
           ELSE '' END);
-        BEGIN
-          -- Tried once here, so that a failure is not the whole call's.
-          EXECUTE pg_catalog.concat('SELECT pg_catalog.cardinality((', build_query, '))')
-            USING NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, images, image_rows;
-        EXCEPTION WHEN OTHERS THEN
-          -- A value that no longer fits its column (the table was altered
-          -- since): those rows are looked up.
-          build_query := NULL;
-          fast := pg_catalog.array_fill(true, ARRAY[n]);
-          fallback := ARRAY(SELECT incomplete[i] OR NOT coalesce(unchanged[i], false) FROM pg_catalog.generate_series(1, n) AS i);
-          image_rows := '{}';
-        END;
       END IF;
     END IF;
   END IF;
   image_rows := coalesce(image_rows, '{}');
-  IF build_query IS NULL THEN
-    build_query := pg_catalog.format('''{}''::%s[]', rel_sql);
-  END IF;
 
 
   -- Groups answered with keys get their positions here, in one join for
   -- all of them; what a lookup answered for a row its image decides is
-  -- dropped, and the image's answer added.
-  RETURN QUERY EXECUTE pg_catalog.format(
-    'WITH c AS MATERIALIZED (SELECT %1$s AS keys), '
-    'i AS MATERIALIZED (SELECT (%2$s) AS images), '
-    'r AS MATERIALIZED ('
-    '  SELECT v.* FROM c, i, walcast.visible_rows_as(c.keys, i.images, $8, $9, $10, $11, $12, $13, $2, $3, $4, $5, $6) AS v), '
-    'm AS ('
-    '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
-    '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
-    '  JOIN (SELECT k.key, k.i FROM c, pg_catalog.unnest(c.keys) WITH ORDINALITY AS k(key, i)) AS k '
-    '    ON k.key OPERATOR(pg_catalog.=) v.key '
-    '  GROUP BY r.group_no) '
-    'SELECT r.group_no, '
-    '  CASE WHEN r.error_code IS NULL THEN ARRAY('
-    '    SELECT p FROM pg_catalog.unnest(coalesce(r.visible, m.visible)) AS p WHERE $9[p] '
-    '    UNION ALL SELECT pg_catalog.unnest(r.image_visible) ORDER BY 1) END, '
-    '  r.by_image, r.by_fallback, r.error_code, r.error_message '
-    'FROM r LEFT JOIN m ON m.group_no OPERATOR(pg_catalog.=) r.group_no '
-    'ORDER BY r.group_no',
-    keys_expr, build_query)
-    USING keys, sort_query, search_query, all_query, some_query, groups,
-          images, image_rows, fast, fallback, rel, rel_name, key_columns;
+  -- dropped, and the image's answer added. Should the images not cast
+  -- (a value that no longer fits its column: the table was altered since),
+  -- the call is made again with those rows looked up. Nothing is returned
+  -- before the whole answer is known (it is sorted), so a failed attempt
+  -- has returned nothing.
+  LOOP
+    BEGIN
+      RETURN QUERY EXECUTE pg_catalog.format(
+        'WITH c AS MATERIALIZED (SELECT %1$s AS keys), '
+        'i AS MATERIALIZED (SELECT (%2$s) AS images), '
+        'r AS MATERIALIZED ('
+        '  SELECT v.* FROM c, i, walcast.visible_rows_as(c.keys, i.images, $8, $9, $10, $11, $12, $13, $2, $3, $4, $5, $6) AS v), '
+        'm AS ('
+        '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
+        '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
+        '  JOIN (SELECT k.key, k.i FROM c, pg_catalog.unnest(c.keys) WITH ORDINALITY AS k(key, i)) AS k '
+        '    ON k.key OPERATOR(pg_catalog.=) v.key '
+        '  GROUP BY r.group_no) '
+        'SELECT r.group_no, '
+        '  CASE WHEN r.error_code IS NULL THEN ARRAY('
+        '    SELECT p FROM pg_catalog.unnest(coalesce(r.visible, m.visible)) AS p WHERE $9[p] '
+        '    UNION ALL SELECT pg_catalog.unnest(r.image_visible) ORDER BY 1) END, '
+        '  r.by_image, r.by_fallback, r.error_code, r.error_message '
+        'FROM r LEFT JOIN m ON m.group_no OPERATOR(pg_catalog.=) r.group_no '
+        'ORDER BY r.group_no',
+        keys_expr, coalesce(build_query, pg_catalog.format('''{}''::%s[]', rel_sql)))
+        USING keys, sort_query, search_query, all_query, some_query, groups,
+              images, image_rows, fast, fallback, rel, rel_name, key_columns;
+      EXIT;
+    EXCEPTION WHEN OTHERS THEN
+      IF build_query IS NULL THEN
+        RAISE;
+      END IF;
+      build_query := NULL;
+      fallback := ARRAY(SELECT fallback[i] OR NOT fast[i] FROM pg_catalog.generate_series(1, n) AS i);
+      fast := pg_catalog.array_fill(true, ARRAY[n]);
+      image_rows := '{}';
+    END;
+  END LOOP;
 
   -- Belt and braces: never return with a subscriber's role or claims.
   IF NOT coalesce(pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) role_before, false) THEN
@@ -813,6 +855,7 @@ BEGIN
   REVOKE ALL ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.policy_columns(text, text) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
     EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
@@ -825,6 +868,7 @@ BEGIN
     EXECUTE format(
       'GRANT EXECUTE ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) TO %I',
       role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.policy_columns(text, text) TO %I', role_name);
     RAISE NOTICE 'role % may call walcast.visible_rows', quote_ident(role_name);
   ELSE
     RAISE NOTICE 'role % does not exist; walcast.visible_rows is not granted to it (run sql/role.sql first)',

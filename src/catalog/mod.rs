@@ -50,6 +50,20 @@ pub struct Catalog {
     types: HashMap<Oid, Arc<TypeInfo>>,
     row_security: HashMap<Oid, bool>,
     selectable: HashMap<(Arc<str>, Oid), Arc<[bool]>>,
+    policy_columns: HashMap<Oid, PolicyColumns>,
+}
+
+/// What a change's image must carry for a table's SELECT policies to be
+/// evaluated on it (`walcast.policy_columns`, `sql/rls.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyColumns {
+    /// These columns (perhaps none), by name.
+    Columns(Arc<[String]>),
+    /// A policy reads a system column: no image can decide, every row is
+    /// looked up.
+    SystemColumns,
+    /// Not known (`sql/rls.sql` is missing or older): send every column.
+    Unknown,
 }
 
 impl Catalog {
@@ -60,6 +74,7 @@ impl Catalog {
             types: HashMap::new(),
             row_security: HashMap::new(),
             selectable: HashMap::new(),
+            policy_columns: HashMap::new(),
         }
     }
 
@@ -68,13 +83,15 @@ impl Catalog {
         self.types.remove(&oid);
     }
 
-    /// Forgets every cached non-built-in type, RLS flag and privilege (a
+    /// Forgets every cached non-built-in type, RLS flag, privilege and
+    /// policy column list (a
     /// `Relation` message: a table or one of its types may have been
     /// altered; also run on a timer, since GRANTs leave no trace in the WAL).
     pub fn invalidate_all(&mut self) {
         self.types.clear();
         self.row_security.clear();
         self.selectable.clear();
+        self.policy_columns.clear();
     }
 
     /// Whether row level security is enabled on table `relid`
@@ -128,6 +145,36 @@ impl Catalog {
         self.selectable
             .insert((role.clone(), relid), allowed.clone());
         Ok(allowed)
+    }
+
+    /// The columns table `relid` (`schema`.`table`) must carry in a change's
+    /// image for its SELECT policies to be evaluated on it. A stale answer
+    /// (a policy created since) costs nothing but a lookup: the check sees
+    /// the column missing from the image and looks the row up.
+    pub async fn policy_columns(
+        &mut self,
+        relid: Oid,
+        schema: &str,
+        table: &str,
+    ) -> Result<PolicyColumns, Error> {
+        if let Some(known) = self.policy_columns.get(&relid) {
+            return Ok(known.clone());
+        }
+        let client = self.pool.get().await?;
+        let known = match client
+            .query_one("SELECT walcast.policy_columns($1, $2)", &[&schema, &table])
+            .await
+        {
+            Ok(row) => match row.try_get::<_, Option<Vec<String>>>(0)? {
+                Some(columns) => PolicyColumns::Columns(columns.into()),
+                None => PolicyColumns::SystemColumns,
+            },
+            // Missing, older, or the table just went: the check will say.
+            Err(e) if e.as_db_error().is_some() => PolicyColumns::Unknown,
+            Err(e) => return Err(e.into()),
+        };
+        self.policy_columns.insert(relid, known.clone());
+        Ok(known)
     }
 
     /// The type `oid`: built in, cached, or read from the catalog.

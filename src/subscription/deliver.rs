@@ -20,7 +20,7 @@ use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
 use super::{Candidates, CompiledFilter, Entry, Verdict, evaluate_all, evaluate_on_server};
-use crate::catalog::{self, Catalog};
+use crate::catalog::{self, Catalog, PolicyColumns};
 use crate::change::{Change, ChangeKind, Datum, OldRow, Row};
 use crate::config::RlsSettings;
 use crate::metrics;
@@ -52,12 +52,17 @@ impl Error {
 }
 
 /// Candidate keys one check statement is given at most. A batch's groups
-/// are split into checks of about this size so that each statement's work,
-/// and so its time against `rls_timeout`, stays bounded however many
-/// subscribers there are, and so that checks can run side by side on
-/// `rls_connections` connections. (A few hundred milliseconds of a
-/// 2-core server's time with a simple owner policy.)
-const KEYS_PER_CHECK: usize = 1 << 18;
+/// are split into checks of at most this size so that each statement's
+/// work, and so its time against `rls_timeout`, stays bounded however many
+/// subscribers there are (about a second of a 2-core server's time when
+/// every candidate is probed). Each check also asks once which of its rows
+/// the table still holds as committed, so checks are no smaller than
+/// needed: the candidates are shared evenly by `rls_connections` checks,
+/// and none is split below [`MIN_KEYS_PER_CHECK`].
+const KEYS_PER_CHECK: usize = 1 << 19;
+
+/// Below this many candidates a check is not split to run side by side.
+const MIN_KEYS_PER_CHECK: usize = 1 << 14;
 
 /// Subscriptions that may not see a change because their visibility could
 /// not be decided (a policy raised, the check timed out).
@@ -136,7 +141,12 @@ pub async fn authorize(
             .copied()
             .filter(|&i| (batch[i].0.relation.id, Arc::as_ptr(&batch[i].0.relation)) == table)
             .collect();
-        visible_rows(pool, rls, batch, &rows, &mut passing, &mut denials).await;
+        let Some(&first) = rows.first() else { continue };
+        let relation = &batch[first].0.relation;
+        let policy = catalog
+            .policy_columns(relation.id, &relation.schema, &relation.table)
+            .await?;
+        visible_rows(pool, rls, batch, &rows, &policy, &mut passing, &mut denials).await;
     }
     let mut out = Vec::with_capacity(batch.len());
     for (((change, _), entries), (secured, denied)) in batch
@@ -286,6 +296,7 @@ async fn visible_rows(
     rls: &RlsSettings,
     batch: &[(&Change, Candidates)],
     rows: &[usize],
+    policy: &PolicyColumns,
     passing: &mut [Candidates],
     denials: &mut [Vec<Denial>],
 ) {
@@ -319,7 +330,23 @@ async fn visible_rows(
                 .collect()
         })
         .collect();
-    let columns: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    // Only the values the policies read travel (all of them when that is
+    // not known); none when no image can decide.
+    let selected: Vec<usize> = match policy {
+        PolicyColumns::Columns(names) => relation
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| names.iter().any(|n| *n == c.name))
+            .map(|(i, _)| i)
+            .collect(),
+        PolicyColumns::Unknown => (0..relation.columns.len()).collect(),
+        PolicyColumns::SystemColumns => Vec::new(),
+    };
+    let columns: Vec<&str> = selected
+        .iter()
+        .map(|&c| relation.columns[c].name.as_str())
+        .collect();
     let mut unknown: Vec<(u32, u32)> = Vec::new();
     let images: Vec<Vec<Option<&str>>> = rows
         .iter()
@@ -329,30 +356,31 @@ async fn visible_rows(
             else {
                 return vec![None; columns.len()];
             };
-            new.iter()
+            selected
+                .iter()
                 .enumerate()
-                .map(|(c, datum)| match datum {
-                    Datum::Null => None,
-                    Datum::Text(text) => match std::str::from_utf8(text) {
+                .map(|(at, &c)| match new.get(c) {
+                    Some(Datum::Null) => None,
+                    Some(Datum::Text(text)) => match std::str::from_utf8(text) {
                         Ok(text) => Some(text),
                         Err(_) => {
-                            unknown.push((i as u32, c as u32));
+                            unknown.push((i as u32, at as u32));
                             None
                         }
                     },
-                    Datum::UnchangedToast | Datum::Json(_) => {
-                        unknown.push((i as u32, c as u32));
+                    Some(Datum::UnchangedToast | Datum::Json(_)) | None => {
+                        unknown.push((i as u32, at as u32));
                         None
                     }
                 })
                 .collect()
         })
         .collect();
-    let images = rls::Images {
+    let images = (*policy != PolicyColumns::SystemColumns).then_some(rls::Images {
         columns: &columns,
         rows: &images,
         unknown: &unknown,
-    };
+    });
     let mut grouping = Grouping::default();
     // Per checked row: the group of each of its shared and indexed entries.
     let mut row_groups: Vec<(Arc<[u32]>, Vec<u32>)> = Vec::with_capacity(rows.len());
@@ -388,7 +416,7 @@ async fn visible_rows(
         name: &relation.table,
         key_columns: &key_columns,
     };
-    let outcomes = checked_in_chunks(pool, rls, &table, &keys, &images, &groups).await;
+    let outcomes = checked_in_chunks(pool, rls, &table, &keys, images.as_ref(), &groups).await;
     // What each group may see, row by row: rows come in increasing order,
     // so each group's position in its own candidates only moves forward.
     let mut cursor = vec![0usize; groups.len()];
@@ -444,7 +472,7 @@ async fn visible_rows(
     metrics::counter!(metrics::RLS_DENIED).increment(denied_pairs);
 }
 
-/// Checks `groups` in chunks of about [`KEYS_PER_CHECK`] candidates, up to
+/// Checks `groups` in chunks of at most [`KEYS_PER_CHECK`] candidates, up to
 /// `rls_connections` chunks at once, and answers one outcome per group, in
 /// order: what Postgres said, or why nothing is known (the chunk's check
 /// failed as a whole: every group in it is denied, the other chunks are not
@@ -454,9 +482,20 @@ async fn checked_in_chunks(
     rls: &RlsSettings,
     table: &TableRef<'_>,
     keys: &[Vec<Option<&str>>],
-    images: &rls::Images<'_>,
+    images: Option<&rls::Images<'_>>,
     groups: &[Group<'_>],
 ) -> Vec<Result<GroupOutcome, String>> {
+    let candidates_of = |g: &Group<'_>| {
+        match &g.rows {
+            Rows::All => keys.len(),
+            Rows::Only(rows) => rows.len(),
+        }
+        .max(1)
+    };
+    let total: usize = groups.iter().map(candidates_of).sum();
+    let per_check = total
+        .div_ceil(rls.connections.max(1))
+        .clamp(MIN_KEYS_PER_CHECK, KEYS_PER_CHECK);
     let mut chunks: Vec<&[Group<'_>]> = Vec::new();
     let mut rest = groups;
     while !rest.is_empty() {
@@ -464,12 +503,8 @@ async fn checked_in_chunks(
         let size = rest
             .iter()
             .take_while(|g| {
-                candidates += match &g.rows {
-                    Rows::All => keys.len(),
-                    Rows::Only(rows) => rows.len(),
-                }
-                .max(1);
-                candidates <= KEYS_PER_CHECK
+                candidates += candidates_of(g);
+                candidates <= per_check
             })
             .count()
             .max(1);
@@ -484,7 +519,7 @@ async fn checked_in_chunks(
                 timeout: rls.timeout,
                 sorted_keys: rls.sorted_keys,
             };
-            let checked = rls::check(pool, table, keys, Some(images), chunk, &options).await;
+            let checked = rls::check(pool, table, keys, images, chunk, &options).await;
             metrics::counter!(metrics::RLS_CHECKS).increment(1);
             metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed());
             (chunk.len(), checked)
