@@ -337,7 +337,7 @@ async fn visible_rows(
             .columns
             .iter()
             .enumerate()
-            .filter(|(_, c)| names.iter().any(|n| *n == c.name))
+            .filter(|(_, c)| names.contains(&c.name))
             .map(|(i, _)| i)
             .collect(),
         PolicyColumns::Unknown => (0..relation.columns.len()).collect(),
