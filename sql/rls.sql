@@ -310,8 +310,8 @@ BEGIN
   -- One probe of the key's index per row (a join would let the planner
   -- hash the whole table for a few thousand keys).
   EXECUTE format(
-    'SELECT array_agg((SELECT %s FROM %s t WHERE %s) IS TRUE ORDER BY x.i) '
-    'FROM ROWS FROM (%s) WITH ORDINALITY AS x(%si)',
+    'SELECT ARRAY(SELECT (SELECT %s FROM %s t WHERE %s) IS TRUE '
+    'FROM ROWS FROM (%s) WITH ORDINALITY AS x(%si))',
     CASE WHEN ncols > 0 THEN format('pg_catalog.record_image_eq(ROW(%s), ROW(%s))', table_side, image_side) ELSE 'true' END,
     rel_sql, joins, rtrim(unnests, ', '), names)
     INTO answer USING keys, vals;
@@ -784,12 +784,13 @@ BEGIN
                  ', ' ORDER BY a.attnum)
           INTO row_exprs
         FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+        -- $7: the images' text, $9: fast (the rows looked up, not built).
         build_query := pg_catalog.format(
-          'SELECT pg_catalog.array_agg(ROW(%s)::%s ORDER BY r.walcast_row) FROM pg_catalog.unnest($8) AS r(walcast_row)%s',
+          'SELECT ARRAY(SELECT ROW(%s)::%s FROM %s WHERE NOT $9[x.walcast_row])',
           row_exprs, rel_sql,
-          CASE WHEN image_names <> '' THEN pg_catalog.format(
-            ' JOIN ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row) USING (walcast_row)', image_unnests, image_names)
-          ELSE '' END);
+          CASE WHEN image_names <> ''
+            THEN pg_catalog.format('ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row)', image_unnests, image_names)
+            ELSE 'pg_catalog.generate_series(1, pg_catalog.cardinality($9)) AS x(walcast_row)' END);
       END IF;
     END IF;
   END IF;

@@ -61,8 +61,9 @@ impl Error {
 /// and none is split below [`MIN_KEYS_PER_CHECK`].
 const KEYS_PER_CHECK: usize = 1 << 19;
 
-/// Below this many candidates a check is not split to run side by side.
-const MIN_KEYS_PER_CHECK: usize = 1 << 14;
+/// Below this many candidates a check is not split to run side by side:
+/// a split check asks twice which rows the table still holds.
+const MIN_KEYS_PER_CHECK: usize = 1 << 17;
 
 /// Subscriptions that may not see a change because their visibility could
 /// not be decided (a policy raised, the check timed out).
