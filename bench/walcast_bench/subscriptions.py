@@ -157,6 +157,10 @@ class Phase:
     register_seconds: float
     rls_checks: float | None = None
     rls_check_seconds: float | None = None
+    # (group, row) pairs decided on the committed image / by the fallback
+    # lookup (issue 14); None for a walcast without these metrics.
+    rls_by_image: float | None = None
+    rls_fallback: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -240,7 +244,8 @@ def _postgres_cpu(cluster: Cluster) -> dict[int, float]:
 
 
 RLS_METRICS = ("walcast_rls_checks_total", "walcast_rls_check_duration_seconds_sum",
-               "walcast_rls_denied_total", "walcast_rls_errors_total")
+               "walcast_rls_denied_total", "walcast_rls_errors_total",
+               "walcast_rls_decided_by_image_total", "walcast_rls_fallback_total")
 
 
 class Gateway:
@@ -420,6 +425,11 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
             prev_m = before.get("metrics", {})
             checks = m1.get("walcast_rls_checks_total")
             check_s = m1.get("walcast_rls_check_duration_seconds_sum")
+
+            def delta(name: str) -> float | None:
+                now = m1.get(name)
+                return None if now is None else now - prev_m.get(name, 0.0)
+
             phase = Phase(
                 scenario=s.key, title=s.title, rls=s.rls, subscribers=s.subscribers, users=s.users,
                 filtered=s.filtered, shape=shape, changes=changes, transactions=transactions,
@@ -431,6 +441,8 @@ def run_scenario(s: Scenario, binary: Path, cluster: Cluster, redis: RedisServer
                 rls_checks=None if checks is None else checks - prev_m.get("walcast_rls_checks_total", 0.0),
                 rls_check_seconds=None if check_s is None
                 else check_s - prev_m.get("walcast_rls_check_duration_seconds_sum", 0.0),
+                rls_by_image=delta("walcast_rls_decided_by_image_total"),
+                rls_fallback=delta("walcast_rls_fallback_total"),
                 extra={"deliveries_total": got["deliveries"], "messages_total": got["messages"],
                        "bytes_total": got["bytes"], "gateway_cpu_total": got["cpu_seconds"], "metrics": m1,
                        "load_seconds": loaded, "expected_deliveries": total},
@@ -506,9 +518,10 @@ def _table(header, rows, left=1):
 def results_table(phases: list[Phase]) -> str:
     header = [
         ["", "", "", "", "", "", "", "", "events", "walcast", "CPU µs", "peak", "postgres", "redis", "RLS",
-         "RLS check"],
+         "RLS check", "pairs by", "pairs by"],
         ["scenario", "subscribers", "filter", "transactions", "changes", "seconds", "changes/s", "deliveries",
-         "(messages)", "CPU s", "/change", "RSS MB", "CPU s", "CPU s", "checks", "ms/check"],
+         "(messages)", "CPU s", "/change", "RSS MB", "CPU s", "CPU s", "checks", "ms/check", "image",
+         "fallback"],
     ]
     rows = []
     for p in phases:
@@ -520,6 +533,8 @@ def results_table(phases: list[Phase]) -> str:
             "-" if p.rls_checks is None else f"{p.rls_checks:,.0f}",
             "-" if not p.rls_checks or p.rls_check_seconds is None
             else f"{p.rls_check_seconds / p.rls_checks * 1e3:.2f}",
+            "-" if p.rls_by_image is None else f"{p.rls_by_image:,.0f}",
+            "-" if p.rls_fallback is None else f"{p.rls_fallback:,.0f}",
         ])
     return _table(header, rows)
 
