@@ -157,6 +157,9 @@ BEGIN
     DROP FUNCTION walcast.visible_keys(text, text, text[], text[], walcast.rls_subject[]);
     RAISE NOTICE 'dropped the previous walcast.visible_keys (visibility by key lookup only)';
   END IF;
+  IF pg_catalog.to_regprocedure('walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[])') IS NOT NULL THEN
+    DROP FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]);
+  END IF;
   IF pg_catalog.to_regprocedure('walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[])') IS NOT NULL THEN
     DROP FUNCTION walcast.visible_keys_as(anyarray, text, text, text, text, walcast.rls_subject[]);
     RAISE NOTICE 'dropped the previous walcast.visible_keys_as';
@@ -363,6 +366,8 @@ COMMENT ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], t
 CREATE OR REPLACE FUNCTION walcast.visible_rows_as(
   keys anyarray,
   images anycompatiblearray,
+  image_texts text[],
+  image_source text,
   image_rows integer[],
   fast boolean[],
   fallback boolean[],
@@ -537,9 +542,18 @@ BEGIN
         IF NOT policy_may[policy_index] THEN
           RAISE EXCEPTION 'permission denied for table %', alias USING ERRCODE = '42501';
         END IF;
-        EXECUTE pg_catalog.format('SELECT ARRAY(SELECT (%s) IS TRUE FROM pg_catalog.unnest($1) AS %I)',
-                                  policy_exprs[policy_index], alias)
-          INTO flags USING images;
+        IF image_source IS NOT NULL THEN
+          -- The images as a subquery named as the table, its columns those
+          -- the policies read, cast from their text ($1; $2: fast).
+          EXECUTE pg_catalog.format('SELECT ARRAY(SELECT (%s) IS TRUE FROM (%s) AS %I)',
+                                    policy_exprs[policy_index], image_source, alias)
+            INTO flags USING image_texts, fast;
+        ELSE
+          -- Rows of the table's type (a policy reads the whole row).
+          EXECUTE pg_catalog.format('SELECT ARRAY(SELECT (%s) IS TRUE FROM pg_catalog.unnest($1) AS %I)',
+                                    policy_exprs[policy_index], alias)
+            INTO flags USING images;
+        END IF;
         IF grp.candidates IS NULL THEN
           image_visible := ARRAY(SELECT r.p FROM ROWS FROM (pg_catalog.unnest(image_rows), pg_catalog.unnest(flags)) AS r(p, f) WHERE r.f);
           by_image := nimages;
@@ -568,7 +582,7 @@ BEGIN
 END
 $function$;
 
-COMMENT ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) IS
+COMMENT ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, text[], text, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) IS
   'walcast: the per-group loop of walcast.visible_rows (internal; see sql/rls.sql)';
 
 CREATE OR REPLACE FUNCTION walcast.visible_rows(
@@ -612,12 +626,16 @@ DECLARE
   needed text[];                 -- the columns the table's SELECT policies read
   needed_index integer[];        -- their places in image_columns
   incomplete boolean[];          -- per row: a needed value the WAL did not carry
+  any_incomplete boolean := false;
   unchanged boolean[];           -- per row: the table still holds its needed values
   needed_values text[];
   fast boolean[];                -- per row: decided by a lookup
   fallback boolean[];            -- per row: by a lookup because its image cannot decide
   image_rows integer[];          -- the rows their images decide
-  build_query text := NULL;      -- builds the images of image_rows, typed
+  build_query text := NULL;      -- builds the images of image_rows, typed (whole-row policies)
+  image_source text := NULL;     -- or: a subquery of the columns they read
+  whole_row boolean;             -- a policy reads the whole row
+  select_list text := '';
   row_exprs text := '';
   image_unnests text := '';
   image_names text := '';
@@ -760,6 +778,7 @@ BEGIN
         -- A column the WAL never carries (generated, or left out of the
         -- publication's column list): no image can decide.
         incomplete := pg_catalog.array_fill(true, ARRAY[n]);
+        any_incomplete := true;
       ELSE
         incomplete := pg_catalog.array_fill(false, ARRAY[n]);
         FOR probe IN
@@ -767,6 +786,7 @@ BEGIN
           WHERE u.c = ANY (needed) AND u.r BETWEEN 1 AND n
         LOOP
           incomplete[probe] := true;
+          any_incomplete := true;
         END LOOP;
       END IF;
       needed_values := '{}';
@@ -785,34 +805,85 @@ BEGIN
           unchanged := NULL;
         END;
       END IF;
-      fast := ARRAY(SELECT incomplete[i] OR coalesce(unchanged[i], false) FROM pg_catalog.generate_series(1, n) AS i);
+      IF unchanged IS NULL AND NOT any_incomplete THEN
+        -- Every row on its image (the usual case with few groups).
+        fast := pg_catalog.array_fill(false, ARRAY[n]);
+      ELSE
+        fast := ARRAY(SELECT incomplete[i] OR coalesce(unchanged[i], false) FROM pg_catalog.generate_series(1, n) AS i);
+      END IF;
       fallback := incomplete;
-      image_rows := ARRAY(SELECT i FROM pg_catalog.generate_series(1, n) AS i WHERE NOT fast[i]);
+      IF unchanged IS NULL AND NOT any_incomplete THEN
+        image_rows := ARRAY(SELECT pg_catalog.generate_series(1, n));
+      ELSE
+        image_rows := ARRAY(SELECT i FROM pg_catalog.generate_series(1, n) AS i WHERE NOT fast[i]);
+      END IF;
       IF pg_catalog.cardinality(image_rows) > 0 THEN
-        -- The images of image_rows, in the table's row type: ROW(...) of
-        -- every live column in order, the columns the policies read cast
-        -- from their text, the others NULL (no policy reads them; casting
-        -- them would only cost).
         FOR i IN 1..coalesce(pg_catalog.cardinality(needed_index), 0) LOOP
-          image_unnests := image_unnests || pg_catalog.format('%spg_catalog.unnest($7[%s:%s])',
+          image_unnests := image_unnests || pg_catalog.format('%spg_catalog.unnest($%%1$s[%s:%s])',
             CASE WHEN i > 1 THEN ', ' END, needed_index[i], needed_index[i]);
           image_names := image_names || pg_catalog.format('v%s, ', needed_index[i]);
         END LOOP;
-        SELECT pg_catalog.string_agg(
-                 CASE WHEN pg_catalog.array_position(image_columns, a.attname::text) OPERATOR(pg_catalog.=) ANY (needed_index)
-                   THEN pg_catalog.format('(x.v%s)::%s', pg_catalog.array_position(image_columns, a.attname::text),
-                                          pg_catalog.format_type(a.atttypid, a.atttypmod))
-                   ELSE pg_catalog.format('NULL::%s', pg_catalog.format_type(a.atttypid, a.atttypmod)) END,
-                 ', ' ORDER BY a.attnum)
-          INTO row_exprs
-        FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
-        -- $7: the images' text, $9: fast (the rows looked up, not built).
-        build_query := pg_catalog.format(
-          'SELECT ARRAY(SELECT ROW(%s)::%s FROM %s WHERE NOT $9[x.walcast_row])',
-          row_exprs, rel_sql,
-          CASE WHEN image_names <> ''
-            THEN pg_catalog.format('ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row)', image_unnests, image_names)
-            ELSE 'pg_catalog.generate_series(1, pg_catalog.cardinality($9)) AS x(walcast_row)' END);
+        SELECT coalesce(pg_catalog.bool_or(p.polqual::text ~ ':varattno 0 '), false) INTO whole_row
+        FROM pg_catalog.pg_policy p
+        WHERE p.polrelid = rel AND p.polcmd = ANY (ARRAY['r', '*']::"char"[]) AND p.polqual IS NOT NULL;
+        IF whole_row THEN
+          -- The images of image_rows, in the table's row type: ROW(...) of
+          -- every live column in order, each cast from its text.
+          SELECT pg_catalog.string_agg(
+                   CASE WHEN pg_catalog.array_position(image_columns, a.attname::text) OPERATOR(pg_catalog.=) ANY (needed_index)
+                     THEN pg_catalog.format('(x.v%s)::%s', pg_catalog.array_position(image_columns, a.attname::text),
+                                            pg_catalog.format_type(a.atttypid, a.atttypmod))
+                     ELSE pg_catalog.format('NULL::%s', pg_catalog.format_type(a.atttypid, a.atttypmod)) END,
+                   ', ' ORDER BY a.attnum)
+            INTO row_exprs
+          FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+          -- $7: the images' text, $9: fast (the rows looked up, not built).
+          build_query := pg_catalog.format(
+            'SELECT ARRAY(SELECT ROW(%s)::%s FROM %s WHERE NOT $9[x.walcast_row])',
+            row_exprs, rel_sql,
+            CASE WHEN image_names <> ''
+              THEN pg_catalog.format('ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row)',
+                                     pg_catalog.format(image_unnests, 7), image_names)
+              ELSE 'pg_catalog.generate_series(1, pg_catalog.cardinality($9)) AS x(walcast_row)' END);
+        ELSE
+          -- Only the columns the policies read, each cast from its text to
+          -- the column's type, in the column's collation, under its name:
+          -- what the policies see of a row of the table. Nothing else is
+          -- built; each group reads it anew ($1: the images' text, $2:
+          -- fast).
+          SELECT pg_catalog.string_agg(
+                   pg_catalog.format('(x.v%s)::%s%s AS %I',
+                     pg_catalog.array_position(image_columns, a.attname::text),
+                     pg_catalog.format_type(a.atttypid, a.atttypmod),
+                     CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                       THEN (SELECT pg_catalog.format(' COLLATE %I.%I', cn.nspname, co.collname)
+                             FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+                             WHERE co.oid = a.attcollation)
+                       ELSE '' END,
+                     a.attname),
+                   ', ' ORDER BY a.attnum)
+            INTO select_list
+          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+          WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attname::text = ANY (needed);
+          image_source := pg_catalog.format('SELECT %s FROM %s WHERE NOT $2[x.walcast_row]',
+            coalesce(select_list, ''),
+            CASE WHEN image_names <> ''
+              THEN pg_catalog.format('ROWS FROM (%s) WITH ORDINALITY AS x(%swalcast_row)',
+                                     pg_catalog.format(image_unnests, 1), image_names)
+              ELSE 'pg_catalog.generate_series(1, pg_catalog.cardinality($2)) AS x(walcast_row)' END);
+          BEGIN
+            -- Cast once here, so that a value that no longer fits its
+            -- column (the table was altered since) sends those rows to a
+            -- lookup rather than failing every group.
+            EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM (%s) AS s', image_source) INTO probe
+              USING images, fast;
+          EXCEPTION WHEN OTHERS THEN
+            image_source := NULL;
+            fallback := ARRAY(SELECT fallback[i] OR NOT fast[i] FROM pg_catalog.generate_series(1, n) AS i);
+            fast := pg_catalog.array_fill(true, ARRAY[n]);
+            image_rows := '{}';
+          END;
+        END IF;
       END IF;
     END IF;
   END IF;
@@ -832,7 +903,7 @@ BEGIN
         'WITH c AS MATERIALIZED (SELECT %1$s AS keys), '
         'i AS MATERIALIZED (SELECT (%2$s) AS images), '
         'r AS MATERIALIZED ('
-        '  SELECT v.* FROM c, i, walcast.visible_rows_as(c.keys, i.images, $8, $9, $10, $11, $12, $13, $2, $3, $4, $5, $6) AS v), '
+        '  SELECT v.* FROM c, i, walcast.visible_rows_as(c.keys, i.images, $7, $14, $8, $9, $10, $11, $12, $13, $2, $3, $4, $5, $6) AS v), '
         'm AS ('
         '  SELECT r.group_no, pg_catalog.array_agg(DISTINCT k.i::integer) AS visible '
         '  FROM r CROSS JOIN LATERAL pg_catalog.unnest(r.visible_keys) AS v(key) '
@@ -848,7 +919,7 @@ BEGIN
         'ORDER BY r.group_no',
         keys_expr, coalesce(build_query, pg_catalog.format('''{}''::%s[]', rel_sql)))
         USING keys, sort_query, search_query, all_query, some_query, groups,
-              images, image_rows, fast, fallback, rel, rel_name, key_columns;
+              images, image_rows, fast, fallback, rel, rel_name, key_columns, image_source;
       EXIT;
     EXCEPTION WHEN OTHERS THEN
       IF build_query IS NULL THEN
@@ -876,7 +947,7 @@ DECLARE
   role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
 BEGIN
   REVOKE ALL ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) FROM PUBLIC;
-  REVOKE ALL ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, text[], text, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.policy_columns(text, text) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
@@ -886,7 +957,7 @@ BEGIN
       'GRANT EXECUTE ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) TO %I',
       role_name);
     EXECUTE format(
-      'GRANT EXECUTE ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) TO %I',
+      'GRANT EXECUTE ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, text[], text, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) TO %I',
       role_name);
     EXECUTE format(
       'GRANT EXECUTE ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) TO %I',
