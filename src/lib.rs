@@ -13,6 +13,10 @@
 //! | [`change`] | relation cache, transaction assembly, the [`change::Change`] record |
 //! | [`catalog`] | what the daemon knows of the database's types |
 //! | [`encode`] | column values and changes → JSON |
+//! | [`subscription`] | the registry of who listens, filters, and who may see each change |
+//! | [`rls`] | batched Row Level Security checks on the committed rows, and the SQL they call |
+//! | [`control`] | subscription requests from gateways, validated and answered over the bus |
+//! | [`pool`] | the pooled SQL connections (catalog, filters, RLS checks) |
 //! | [`bus`] | the Redis contract: channel names, message envelope |
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
 //! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
