@@ -62,7 +62,7 @@ pub struct GatewayArgs {
     /// Channel joins per second, all sockets together [env: WALCAST_MAX_JOINS_PER_SECOND] [default: 100]
     #[arg(long, value_name = "N")]
     pub max_joins_per_second: Option<String>,
-    /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port]
+    /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port:random]
     #[arg(long, value_name = "ID")]
     pub gateway_id: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]

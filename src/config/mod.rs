@@ -347,7 +347,7 @@ pub struct GatewaySettings {
     pub jwt_claim_validators: ClaimValidators,
     /// Sockets, channels per socket and joins per second.
     pub limits: Limits,
-    /// The gateway's id on the bus, if configured (else `hostname:port`).
+    /// The gateway's id on the bus, if configured (else `hostname:port:random`).
     pub gateway_id: Option<String>,
     /// Log line format.
     pub log_format: LogFormat,

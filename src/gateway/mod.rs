@@ -237,19 +237,25 @@ async fn render_metrics(State(ctx): State<Arc<Context>>) -> Response {
         .into_response()
 }
 
-/// `hostname:port`, or a random id when the hostname is unknown.
+/// `hostname:port:random`, or a random id when the hostname is unknown.
+/// The random part makes it unique per process: two gateways started with
+/// the same host and port (a restart, containers sharing a hostname) never
+/// take each other's registry or answers.
 fn default_id(port: u16) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| {
             !h.is_empty()
+                && h.len() <= 64
                 && h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         });
+    // RandomState's keys come from the OS's randomness.
+    let random = RandomState::new().hash_one((port, std::process::id()));
     match host {
-        Some(host) => format!("{host}:{port}"),
-        None => format!("{:016x}", RandomState::new().hash_one(port)),
+        Some(host) => format!("{host}:{port}:{:08x}", random as u32),
+        None => format!("{random:016x}"),
     }
 }
 
@@ -327,4 +333,32 @@ async fn upgrade(
                 drop(slot);
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_ids_are_unique_per_process_and_valid_bus_names() {
+        let (a, b) = (default_id(4000), default_id(4000));
+        assert_ne!(a, b, "two gateways on one host and port share no id");
+        for id in [&a, &b] {
+            assert!(
+                id.len() <= 128
+                    && id
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c)),
+                "{id}"
+            );
+            // hostname:4000:xxxxxxxx, or 16 hex digits without a hostname.
+            match id.rsplit_once(':') {
+                Some((head, random)) => {
+                    assert!(head.ends_with(":4000"), "{id}");
+                    assert_eq!(random.len(), 8, "{id}");
+                }
+                None => assert_eq!(id.len(), 16, "{id}"),
+            }
+        }
+    }
 }
