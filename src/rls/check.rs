@@ -478,15 +478,13 @@ fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Answer,
             },
             (Some(positions), None) => {
                 let mut flags = vec![false; group.rows.count(keys)];
+                let place = Place::of(&group.rows);
                 for position in positions {
                     let row = usize::try_from(position)
                         .ok()
                         .and_then(|p| p.checked_sub(1))
                         .filter(|&row| row < keys);
-                    let index = row.and_then(|row| match &group.rows {
-                        Rows::All => Some(row),
-                        Rows::Only(only) => index_of(only, row),
-                    });
+                    let index = row.and_then(|row| place.index(row));
                     let slot = index.and_then(|i| flags.get_mut(i)).ok_or_else(|| {
                         Error::Answer(format!("group {number}: position {position}"))
                     })?;
@@ -505,14 +503,32 @@ fn outcomes(keys: usize, groups: &[Group<'_>], rows: Vec<Row>) -> Result<Answer,
     Ok(answer)
 }
 
-/// Where `row` is among a group's candidates: a binary search, as they come
-/// in increasing order; a linear one otherwise.
-fn index_of(candidates: &[u32], row: usize) -> Option<usize> {
-    let row = u32::try_from(row).ok()?;
-    if candidates.windows(2).all(|w| w[0] < w[1]) {
-        candidates.binary_search(&row).ok()
-    } else {
-        candidates.iter().position(|&r| r == row)
+/// Where a row of the keys is among a group's candidates: itself for
+/// [`Rows::All`]; found by binary search when the candidates come in
+/// increasing order (as [`crate::subscription`] lists them), by a linear
+/// one otherwise. Decided once per group.
+enum Place<'a> {
+    All,
+    Sorted(&'a [u32]),
+    Unsorted(&'a [u32]),
+}
+
+impl<'a> Place<'a> {
+    fn of(rows: &'a Rows) -> Place<'a> {
+        match rows {
+            Rows::All => Place::All,
+            Rows::Only(only) if only.windows(2).all(|w| w[0] < w[1]) => Place::Sorted(only),
+            Rows::Only(only) => Place::Unsorted(only),
+        }
+    }
+
+    fn index(&self, row: usize) -> Option<usize> {
+        let row32 = u32::try_from(row).ok()?;
+        match self {
+            Place::All => Some(row),
+            Place::Sorted(only) => only.binary_search(&row32).ok(),
+            Place::Unsorted(only) => only.iter().position(|&r| r == row32),
+        }
     }
 }
 
@@ -563,6 +579,15 @@ mod tests {
         assert_eq!(out[3], GroupOutcome::Visible(vec![false, true]));
         assert!(!out[0].is_visible(7));
         assert_eq!((answer.by_image, answer.by_fallback), (3, 1));
+        // Candidates out of order are found too.
+        let unsorted = [group(&claims, Rows::Only(vec![3, 1]))];
+        let answer = outcomes(
+            4,
+            &unsorted,
+            vec![(1, Some(vec![2]), None, None, None, None)],
+        )
+        .unwrap();
+        assert_eq!(answer.outcomes[0], GroupOutcome::Visible(vec![false, true]));
     }
 
     #[test]

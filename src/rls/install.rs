@@ -88,15 +88,8 @@ pub async fn installed(client: &Client) -> Result<Installed, tokio_postgres::Err
 /// database has then. An install that fails (no privilege, another role
 /// owns the functions) changes nothing and is logged; the answer is what
 /// was there before.
-pub async fn ensure(pool: &Pool) -> Result<Installed, tokio_postgres::Error> {
-    let mut client = match pool.get().await {
-        Ok(client) => client,
-        Err(deadpool_postgres::PoolError::Backend(e)) => return Err(e),
-        Err(e) => {
-            warn!(error = %e, "could not check sql/rls.sql: no database connection");
-            return Ok(Installed::Missing);
-        }
-    };
+pub async fn ensure(pool: &Pool) -> Result<Installed, super::Error> {
+    let mut client = pool.get().await?;
     let before = installed(&client).await?;
     if before == Installed::Current {
         return Ok(before);
