@@ -62,6 +62,18 @@ pub struct GatewayArgs {
     /// Channel joins per second, all sockets together [env: WALCAST_MAX_JOINS_PER_SECOND] [default: 100]
     #[arg(long, value_name = "N")]
     pub max_joins_per_second: Option<String>,
+    /// Bytes of a channel topic [env: WALCAST_MAX_TOPIC_BYTES] [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_topic_bytes: Option<String>,
+    /// postgres_changes bindings of one join [env: WALCAST_MAX_BINDINGS_PER_CHANNEL] [default: 100]
+    #[arg(long, value_name = "N")]
+    pub max_bindings_per_channel: Option<String>,
+    /// Bytes of one postgres_changes binding [env: WALCAST_MAX_BINDING_BYTES] [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_binding_bytes: Option<String>,
+    /// Bytes of a client JWT [env: WALCAST_MAX_JWT_BYTES] [default: 16384]
+    #[arg(long, value_name = "N")]
+    pub max_jwt_bytes: Option<String>,
     /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port:random]
     #[arg(long, value_name = "ID")]
     pub gateway_id: Option<String>,
@@ -111,6 +123,13 @@ impl GatewayArgs {
                 &config::MAX_JOINS_PER_SECOND,
                 self.max_joins_per_second.clone(),
             ),
+            (&config::MAX_TOPIC_BYTES, self.max_topic_bytes.clone()),
+            (
+                &config::MAX_BINDINGS_PER_CHANNEL,
+                self.max_bindings_per_channel.clone(),
+            ),
+            (&config::MAX_BINDING_BYTES, self.max_binding_bytes.clone()),
+            (&config::MAX_JWT_BYTES, self.max_jwt_bytes.clone()),
             (&config::GATEWAY_ID, self.gateway_id.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),

@@ -12,6 +12,7 @@ mod firehose;
 mod gateway;
 mod gateway_limits;
 mod harness;
+mod hostile;
 mod rls;
 mod rls_image;
 mod startup;

@@ -17,8 +17,10 @@ use serde_json::{Map, Value};
 pub struct Subscription {
     /// Unique within its gateway; events name it in `ids`.
     pub id: String,
-    /// The client's channel topic (`realtime:room1`), for the gateway's use.
-    #[serde(default)]
+    /// Unused, and no longer sent: gateways keep a channel's topic
+    /// themselves rather than copy it into every binding. Accepted (and
+    /// ignored) from older gateways.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub topic: String,
     /// Schema; `*` for every published schema.
     pub schema: String,

@@ -132,6 +132,10 @@ keys! {
     MAX_CONCURRENT_USERS: "max_concurrent_users", "WALCAST_MAX_CONCURRENT_USERS", "--max-concurrent-users", Some("200");
     MAX_CHANNELS_PER_CLIENT: "max_channels_per_client", "WALCAST_MAX_CHANNELS_PER_CLIENT", "--max-channels-per-client", Some("100");
     MAX_JOINS_PER_SECOND: "max_joins_per_second", "WALCAST_MAX_JOINS_PER_SECOND", "--max-joins-per-second", Some("100");
+    MAX_TOPIC_BYTES: "max_topic_bytes", "WALCAST_MAX_TOPIC_BYTES", "--max-topic-bytes", Some("1024");
+    MAX_BINDINGS_PER_CHANNEL: "max_bindings_per_channel", "WALCAST_MAX_BINDINGS_PER_CHANNEL", "--max-bindings-per-channel", Some("100");
+    MAX_BINDING_BYTES: "max_binding_bytes", "WALCAST_MAX_BINDING_BYTES", "--max-binding-bytes", Some("4096");
+    MAX_JWT_BYTES: "max_jwt_bytes", "WALCAST_MAX_JWT_BYTES", "--max-jwt-bytes", Some("16384");
 }
 
 /// Why settings could not be resolved.
@@ -444,6 +448,10 @@ impl GatewaySettings {
                 max_concurrent_users: count(&MAX_CONCURRENT_USERS)?,
                 max_channels_per_client: count(&MAX_CHANNELS_PER_CLIENT)?,
                 max_joins_per_second: count(&MAX_JOINS_PER_SECOND)? as u32,
+                max_topic_bytes: count(&MAX_TOPIC_BYTES)?,
+                max_bindings_per_channel: count(&MAX_BINDINGS_PER_CHANNEL)?,
+                max_binding_bytes: count(&MAX_BINDING_BYTES)?,
+                max_jwt_bytes: count(&MAX_JWT_BYTES)?,
             },
             gateway_id: lookup(&GATEWAY_ID)
                 .map(|(v, origin)| parse_gateway_id(&v).map_err(invalid(&GATEWAY_ID, origin)))
@@ -757,8 +765,13 @@ mod tests {
                 max_concurrent_users: 200,
                 max_channels_per_client: 100,
                 max_joins_per_second: 100,
+                max_topic_bytes: 1024,
+                max_bindings_per_channel: 100,
+                max_binding_bytes: 4096,
+                max_jwt_bytes: 16_384,
             }
         );
+        assert_eq!(s.limits, Limits::default());
         assert!(s.jwt_claim_validators.is_empty());
         assert!(s.jwt_jwks.is_none());
         assert_eq!(s.jwt_secret.as_deref(), Some("hush"));

@@ -36,6 +36,24 @@ pub enum AuthError {
     /// `role` or `exp` is absent.
     #[error("Fields `role` and `exp` are required in JWT")]
     MissingFields,
+    /// The token is longer than `max_jwt_bytes`: refused before it is
+    /// decoded, as its claims would be stored with every subscription.
+    #[error("Token is {bytes} bytes; at most {max} are accepted")]
+    TooLarge {
+        /// The token's length.
+        bytes: usize,
+        /// `max_jwt_bytes`.
+        max: usize,
+    },
+    /// `nbf` (not before) or `iat` (issued at) is later than now, beyond
+    /// the allowed clock skew, or not a number.
+    #[error("{}", not_yet_message(.claim, *.seconds))]
+    NotYetValid {
+        /// `nbf` or `iat`.
+        claim: &'static str,
+        /// How far ahead of now it is; `None`: not a number.
+        seconds: Option<i64>,
+    },
     /// Not a JWT at all.
     #[error("The token provided is not a valid JWT")]
     Malformed,
@@ -53,11 +71,22 @@ pub enum AuthError {
     Claim {
         /// The claim's name.
         claim: String,
-        /// What the token has, rendered as Elixir prints it (`nil` when absent).
+        /// What the token has, rendered as Elixir prints it (`nil` when
+        /// absent), clipped to [`super::quiet::CLIP_BYTES`].
         found: String,
         /// What the validator requires, rendered the same way.
         expected: String,
     },
+}
+
+fn not_yet_message(claim: &str, seconds: Option<i64>) -> String {
+    match (claim, seconds) {
+        (_, None) => format!("Token claim `{claim}` must be a number"),
+        ("nbf", Some(s)) => format!("Token is not valid yet: its nbf is {s} seconds from now"),
+        (_, Some(s)) => {
+            format!("Token is issued in the future: its {claim} is {s} seconds from now")
+        }
+    }
 }
 
 fn signer_message(kid: Option<&str>) -> String {
@@ -78,7 +107,9 @@ impl AuthError {
         match self {
             AuthError::Missing => "Unauthorized",
             AuthError::Expired(_) => "InvalidJWTExpiration",
-            AuthError::MissingFields => "InvalidJWTToken",
+            AuthError::MissingFields
+            | AuthError::TooLarge { .. }
+            | AuthError::NotYetValid { .. } => "InvalidJWTToken",
             AuthError::Malformed => "MalformedJWT",
             AuthError::Signature => "JwtSignatureError",
             AuthError::Signer(_) => "JwtSignerError",
@@ -308,7 +339,11 @@ impl ClaimValidators {
             if !found.is_some_and(|found| same(found, expected)) {
                 return Err(AuthError::Claim {
                     claim: claim.clone(),
-                    found: found.map_or_else(|| "nil".to_owned(), elixir),
+                    // The token's value, clipped: it is logged.
+                    found: found.map_or_else(
+                        || "nil".to_owned(),
+                        |v| super::quiet::clip(&elixir(v)).into_owned(),
+                    ),
                     expected: elixir(expected),
                 });
             }
@@ -358,12 +393,17 @@ fn elixir(value: &Value) -> String {
     }
 }
 
+/// Seconds a token's `nbf` or `iat` may lie ahead of this clock (the
+/// issuer's clock may run ahead a little): jsonwebtoken's default leeway.
+pub const CLOCK_SKEW_SECS: i64 = 60;
+
 /// Verifies tokens: HS* with the secret (or an `oct` key of the JWKS
 /// named by `kid`), RS*/ES*/EdDSA with the JWKS key named by `kid`.
 pub struct Verifier {
     secret: Option<DecodingKey>,
     keys: KeySet,
     validators: ClaimValidators,
+    max_bytes: usize,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -372,6 +412,7 @@ impl std::fmt::Debug for Verifier {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("keys", &self.keys)
             .field("validators", &self.validators)
+            .field("max_bytes", &self.max_bytes)
             .finish()
     }
 }
@@ -389,7 +430,14 @@ impl Verifier {
             secret: secret.map(DecodingKey::from_secret),
             keys,
             validators,
+            max_bytes: super::limits::Limits::default().max_jwt_bytes,
         }
+    }
+
+    /// Refuses tokens longer than `max_bytes` (`max_jwt_bytes`).
+    pub fn max_bytes(mut self, max_bytes: usize) -> Verifier {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Verifies `token` now.
@@ -401,6 +449,12 @@ impl Verifier {
     pub fn verify_at(&self, token: &str, now: i64) -> Result<Verified, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
+        }
+        if token.len() > self.max_bytes {
+            return Err(AuthError::TooLarge {
+                bytes: token.len(),
+                max: self.max_bytes,
+            });
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let key = self.key_for(&header)?;
@@ -425,7 +479,27 @@ impl Verifier {
         if let Some(exp) = exp
             && exp <= now
         {
-            return Err(AuthError::Expired(now - exp));
+            return Err(AuthError::Expired(now.saturating_sub(exp)));
+        }
+        for claim in ["nbf", "iat"] {
+            let Some(value) = claims.get(claim) else {
+                continue;
+            };
+            let Some(at) = value
+                .as_i64()
+                .or_else(|| value.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            else {
+                return Err(AuthError::NotYetValid {
+                    claim,
+                    seconds: None,
+                });
+            };
+            if at > now.saturating_add(CLOCK_SKEW_SECS) {
+                return Err(AuthError::NotYetValid {
+                    claim,
+                    seconds: Some(at.saturating_sub(now)),
+                });
+            }
         }
         self.validators.check(&claims)?;
         let role = claims.get("role").and_then(Value::as_str);
@@ -449,10 +523,9 @@ impl Verifier {
                 if let Some(key) = kid.and_then(|kid| self.keys.find(Family::Oct, kid)) {
                     return Ok(key);
                 }
-                return self
-                    .secret
-                    .as_ref()
-                    .ok_or_else(|| AuthError::Signer(kid.map(str::to_owned)));
+                return self.secret.as_ref().ok_or_else(|| {
+                    AuthError::Signer(kid.map(|kid| super::quiet::clip(kid).into_owned()))
+                });
             }
             Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => Family::Rsa,
             Algorithm::ES256 | Algorithm::ES384 => Family::Ec,
@@ -465,7 +538,7 @@ impl Verifier {
         };
         self.keys
             .find(family, kid)
-            .ok_or_else(|| AuthError::Signer(Some(kid.to_owned())))
+            .ok_or_else(|| AuthError::Signer(Some(super::quiet::clip(kid).into_owned())))
     }
 }
 
@@ -537,6 +610,53 @@ mod tests {
         assert_eq!(v.verify_at(&other, 1000), Err(AuthError::Signature));
         assert_eq!(v.verify_at("not.a.jwt", 1000), Err(AuthError::Malformed));
         assert_eq!(v.verify_at("", 1000), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn a_token_from_the_future_or_too_large_is_refused() {
+        let v = Verifier::new(b"secret");
+        let at = |claims: Value| v.verify_at(&sign(Algorithm::HS256, b"secret", claims), 1000);
+        assert!(at(json!({"role": "anon", "exp": 2000, "nbf": 1060, "iat": 1060})).is_ok());
+        assert_eq!(
+            at(json!({"role": "anon", "exp": 2000, "nbf": 1061}))
+                .unwrap_err()
+                .reason(),
+            "InvalidJWTToken: Token is not valid yet: its nbf is 61 seconds from now"
+        );
+        assert_eq!(
+            at(json!({"role": "anon", "exp": 2000, "iat": 4600.4}))
+                .unwrap_err()
+                .reason(),
+            "InvalidJWTToken: Token is issued in the future: its iat is 3600 seconds from now"
+        );
+        assert_eq!(
+            at(json!({"role": "anon", "exp": 2000, "iat": "soon"}))
+                .unwrap_err()
+                .reason(),
+            "InvalidJWTToken: Token claim `iat` must be a number"
+        );
+        assert_eq!(
+            at(json!({"role": "anon", "exp": i64::MIN})).unwrap_err(),
+            AuthError::Expired(i64::MAX),
+            "no overflow"
+        );
+        let big = sign(
+            Algorithm::HS256,
+            b"secret",
+            json!({"role": "anon", "exp": 2000, "pad": "x".repeat(200)}),
+        );
+        let small = Verifier::new(b"secret").max_bytes(100);
+        assert_eq!(
+            small.verify_at(&big, 1000).unwrap_err().reason(),
+            format!(
+                "InvalidJWTToken: Token is {} bytes; at most 100 are accepted",
+                big.len()
+            )
+        );
+        assert_eq!(
+            small.verify_at(&big, 1000).unwrap_err().http_refusal().0,
+            403
+        );
     }
 
     #[test]

@@ -510,7 +510,9 @@ fn deliver(socket: &SocketHandle, delivery: Delivery) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             if !socket.kick.is_cancelled() {
-                warn!(
+                // The session logs the close (rate-limited: a client
+                // chooses to fall behind).
+                debug!(
                     socket = socket.id,
                     "socket falls behind: its send queue is full; closing it"
                 );

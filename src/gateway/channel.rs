@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::auth::{AuthError, Verified, Verifier};
+use super::limits::Limits;
+use super::quiet::clip;
 use crate::bus::Subscription;
 
 /// The payload of `phx_join`; other keys are ignored.
@@ -58,12 +60,46 @@ enum Select {
 /// Why a join was refused; [`reason`](JoinError::reason) goes to the client.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// The topic is not `realtime:<name>` (Supabase routes no other):
+    /// Phoenix's answer for a topic no channel serves.
+    #[error("unmatched topic")]
+    UnmatchedTopic,
     /// The topic is `realtime:` alone.
     #[error("TopicNameRequired: You must provide a topic name")]
     TopicNameRequired,
+    /// The topic is longer than `max_topic_bytes`.
+    #[error("TopicNameTooLong: Topic names are limited to {max} bytes (this one has {bytes})")]
+    TopicTooLong {
+        /// The topic's length.
+        bytes: usize,
+        /// `max_topic_bytes`.
+        max: usize,
+    },
     /// The payload is not what a join carries.
     #[error("InvalidJoinPayload: {0}")]
     InvalidPayload(String),
+    /// More `postgres_changes` bindings than `max_bindings_per_channel`.
+    #[error(
+        "InvalidJoinPayload: A channel may have at most {max} postgres_changes bindings (this join has {count})"
+    )]
+    TooManyBindings {
+        /// The join's bindings.
+        count: usize,
+        /// `max_bindings_per_channel`.
+        max: usize,
+    },
+    /// A binding's JSON text is longer than `max_binding_bytes`.
+    #[error(
+        "InvalidJoinPayload: A postgres_changes binding may have at most {max} bytes (binding {index} has {bytes})"
+    )]
+    BindingTooLarge {
+        /// The binding's position in the join, from 0.
+        index: usize,
+        /// Its length.
+        bytes: usize,
+        /// `max_binding_bytes`.
+        max: usize,
+    },
     /// The token was refused.
     #[error("{}", .0.reason())]
     Auth(#[from] AuthError),
@@ -85,8 +121,12 @@ impl JoinError {
     /// Supabase's error code (the `reason` label of refused joins).
     pub fn code(&self) -> &'static str {
         match self {
+            JoinError::UnmatchedTopic => "UnmatchedTopic",
             JoinError::TopicNameRequired => "TopicNameRequired",
-            JoinError::InvalidPayload(_) => "InvalidJoinPayload",
+            JoinError::TopicTooLong { .. } => "TopicNameTooLong",
+            JoinError::InvalidPayload(_)
+            | JoinError::TooManyBindings { .. }
+            | JoinError::BindingTooLarge { .. } => "InvalidJoinPayload",
             JoinError::Auth(e) => e.code(),
             JoinError::TooManyChannels => "ChannelRateLimitReached",
             JoinError::TooManyJoins => "ClientJoinRateLimitReached",
@@ -94,11 +134,25 @@ impl JoinError {
     }
 }
 
-/// Refuses the topic `realtime:` alone, which Supabase rejects before
-/// anything else (limits included).
+/// Refuses a topic Supabase serves no channel for (anything not
+/// `realtime:*`, `phoenix` and `""` included) and `realtime:` alone, which
+/// it rejects before anything else (limits included).
 pub fn check_topic(topic: &str) -> Result<(), JoinError> {
-    if topic.strip_prefix("realtime:").is_some_and(str::is_empty) {
-        return Err(JoinError::TopicNameRequired);
+    match topic.strip_prefix("realtime:") {
+        None => Err(JoinError::UnmatchedTopic),
+        Some("") => Err(JoinError::TopicNameRequired),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Refuses a topic longer than `max` bytes (checked after the join rate,
+/// so that a flood of them is disconnected like any other).
+pub fn check_topic_length(topic: &str, max: usize) -> Result<(), JoinError> {
+    if topic.len() > max {
+        return Err(JoinError::TopicTooLong {
+            bytes: topic.len(),
+            max,
+        });
     }
     Ok(())
 }
@@ -151,7 +205,8 @@ fn join_token<'a>(payload: &'a JoinPayload<'_>, socket_token: &'a str) -> &'a st
 }
 
 impl Channel {
-    /// Joins `topic` with `payload`; subscription ids are `<prefix>:<i>`.
+    /// Joins `topic` with `payload` within `limits`; subscription ids are
+    /// `<prefix>:<i>`.
     pub fn join(
         topic: &str,
         join_ref: Value,
@@ -159,8 +214,10 @@ impl Channel {
         socket_token: &str,
         verifier: &Verifier,
         prefix: &str,
+        limits: &Limits,
     ) -> Result<Channel, JoinError> {
         check_topic(topic)?;
+        check_topic_length(topic, limits.max_topic_bytes)?;
         let parsed: JoinPayload<'_> = if payload.get() == "null" {
             JoinPayload {
                 config: None,
@@ -168,23 +225,43 @@ impl Channel {
                 user_token: None,
             }
         } else if payload.get().starts_with('{') {
-            serde_json::from_str(payload.get())
-                .map_err(|e| JoinError::InvalidPayload(format!("join payload: {e}")))?
+            // serde's messages quote the offending value: clipped.
+            serde_json::from_str(payload.get()).map_err(|e| {
+                JoinError::InvalidPayload(format!("join payload: {}", clip(&e.to_string())))
+            })?
         } else {
             return Err(JoinError::InvalidPayload(
                 "the join payload must be an object".to_owned(),
             ));
         };
-        let token = join_token(&parsed, socket_token).to_owned();
-        let verified = verifier.verify(&token)?;
         let raw = parsed
             .config
-            .and_then(|c| c.postgres_changes)
+            .as_ref()
+            .and_then(|c| c.postgres_changes.as_deref())
             .unwrap_or_default();
+        // Sizes first: they are cheap, a signature may not be.
+        if raw.len() > limits.max_bindings_per_channel {
+            return Err(JoinError::TooManyBindings {
+                count: raw.len(),
+                max: limits.max_bindings_per_channel,
+            });
+        }
+        if let Some((index, binding)) = raw
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.get().len() > limits.max_binding_bytes)
+        {
+            return Err(JoinError::BindingTooLarge {
+                index,
+                bytes: binding.get().len(),
+                max: limits.max_binding_bytes,
+            });
+        }
+        let token = join_token(&parsed, socket_token).to_owned();
+        let verified = verifier.verify(&token)?;
         let mut bindings = Vec::with_capacity(raw.len());
-        for (index, binding) in raw.into_iter().enumerate() {
+        for (index, binding) in raw.iter().enumerate() {
             bindings.push(binding_of(
-                topic,
                 binding,
                 &verified,
                 &format!("{prefix}:{index}"),
@@ -330,7 +407,7 @@ impl Channel {
     /// are fixed, so the signature (costly for RSA) is not checked again.
     pub fn check_token(&self, now: i64) -> Result<(), AuthError> {
         if self.exp <= now {
-            return Err(AuthError::Expired(now - self.exp));
+            return Err(AuthError::Expired(now.saturating_sub(self.exp)));
         }
         Ok(())
     }
@@ -353,7 +430,6 @@ fn names(ids: &[Arc<str>], id: &str) -> bool {
 }
 
 fn binding_of(
-    topic: &str,
     raw: &RawValue,
     verified: &Verified,
     subscription_id: &str,
@@ -361,7 +437,8 @@ fn binding_of(
     let text = raw.get();
     let fields: BindingFields = serde_json::from_str(text).map_err(|e| {
         JoinError::InvalidPayload(format!(
-            "a postgres_changes binding must be an object of event, schema, table, filter: {e}"
+            "a postgres_changes binding must be an object of event, schema, table, filter: {}",
+            clip(&e.to_string())
         ))
     })?;
     let id = binding_id(text);
@@ -386,7 +463,7 @@ fn binding_of(
         id,
         subscription: Subscription {
             id: subscription_id.to_owned(),
-            topic: topic.to_owned(),
+            topic: String::new(),
             schema: fields.schema.unwrap_or_else(|| "public".to_owned()),
             table: fields.table.unwrap_or_else(|| "*".to_owned()),
             event: fields.event.unwrap_or_else(|| "*".to_owned()),
@@ -435,6 +512,7 @@ mod tests {
             &token("anon"),
             &Verifier::new(b"s"),
             "x:1",
+            &Limits::default(),
         )
     }
 
@@ -552,23 +630,122 @@ mod tests {
             token("authenticated")
         ))
         .unwrap();
-        let c = Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap();
+        let c = Channel::join(
+            "realtime:r",
+            Value::Null,
+            &raw,
+            &token("anon"),
+            &v,
+            "p",
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(c.token, token("authenticated"));
         let raw = RawValue::from_string(r#"{"access_token":null}"#.to_owned()).unwrap();
-        let c = Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap();
+        let c = Channel::join(
+            "realtime:r",
+            Value::Null,
+            &raw,
+            &token("anon"),
+            &v,
+            "p",
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(c.token, token("anon"));
         let raw = RawValue::from_string(r#"{"access_token":"garbage"}"#.to_owned()).unwrap();
-        let e =
-            Channel::join("realtime:r", Value::Null, &raw, &token("anon"), &v, "p").unwrap_err();
+        let e = Channel::join(
+            "realtime:r",
+            Value::Null,
+            &raw,
+            &token("anon"),
+            &v,
+            "p",
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             e.reason(),
             "MalformedJWT: The token provided is not a valid JWT"
         );
-        let e = Channel::join("realtime:", Value::Null, &raw, &token("anon"), &v, "p").unwrap_err();
+        let e = Channel::join(
+            "realtime:",
+            Value::Null,
+            &raw,
+            &token("anon"),
+            &v,
+            "p",
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert!(e.reason().starts_with("TopicNameRequired"));
         assert!(join(r#"{"config":{"postgres_changes":[1]}}"#).is_err());
         assert!(join(r#"[]"#).is_err());
         assert!(join("null").is_ok());
+    }
+
+    #[test]
+    fn topics_bindings_and_their_sizes_are_bounded() {
+        let v = Verifier::new(b"s");
+        let limits = Limits {
+            max_topic_bytes: 16,
+            max_bindings_per_channel: 2,
+            max_binding_bytes: 40,
+            ..Limits::default()
+        };
+        let attempt = |topic: &str, payload: &str| {
+            let raw = RawValue::from_string(payload.to_owned()).unwrap();
+            Channel::join(topic, Value::Null, &raw, &token("anon"), &v, "p", &limits)
+                .map(|c| c.bindings.len())
+                .map_err(|e| e.reason())
+        };
+        for topic in ["", "phoenix", "room1", "Realtime:room1"] {
+            assert_eq!(attempt(topic, "{}"), Err("unmatched topic".to_owned()));
+        }
+        assert_eq!(attempt("realtime:sixteen", "{}"), Ok(0));
+        assert_eq!(
+            attempt("realtime:seventeen", "{}"),
+            Err(
+                "TopicNameTooLong: Topic names are limited to 16 bytes (this one has 18)"
+                    .to_owned()
+            )
+        );
+        assert_eq!(attempt("realtime:r", "{}"), Ok(0));
+        let binding = r#"{"table":"t"}"#;
+        assert_eq!(
+            attempt(
+                "realtime:r",
+                &format!(r#"{{"config":{{"postgres_changes":[{binding},{binding}]}}}}"#)
+            ),
+            Ok(2)
+        );
+        assert_eq!(
+            attempt(
+                "realtime:r",
+                &format!(r#"{{"config":{{"postgres_changes":[{binding},{binding},{binding}]}}}}"#)
+            ),
+            Err("InvalidJoinPayload: A channel may have at most 2 postgres_changes bindings (this join has 3)".to_owned())
+        );
+        let large = format!(r#"{{"table":"t","filter":"id=eq.{}"}}"#, "9".repeat(20));
+        assert_eq!(
+            attempt(
+                "realtime:r",
+                &format!(r#"{{"config":{{"postgres_changes":[{binding},{large}]}}}}"#)
+            ),
+            Err(format!(
+                "InvalidJoinPayload: A postgres_changes binding may have at most 40 bytes (binding 1 has {})",
+                large.len()
+            ))
+        );
+        // serde quotes what it refuses: the reply keeps a clip of it.
+        let huge = "x".repeat(100_000);
+        let reason = attempt("realtime:r", &format!(r#"{{"config":"{huge}"}}"#)).unwrap_err();
+        assert!(
+            reason.starts_with("InvalidJoinPayload: join payload: invalid type: string \"xxx")
+                && reason.contains("bytes)")
+                && reason.len() < 200,
+            "{reason}"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::quiet::clip;
+
 /// The protocol version a socket negotiated with `vsn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Vsn {
@@ -81,8 +83,13 @@ pub fn decode(vsn: Vsn, text: &str) -> Result<Inbound, Malformed> {
 }
 
 fn decode_object(text: &str) -> Result<Inbound, Malformed> {
-    let fields: std::collections::HashMap<&str, &RawValue> = serde_json::from_str(text)
-        .map_err(|e| Malformed::new(format!("expected a JSON object (vsn 1.0.0): {e}")))?;
+    let fields: std::collections::HashMap<&str, &RawValue> =
+        serde_json::from_str(text).map_err(|e| {
+            Malformed::new(format!(
+                "expected a JSON object (vsn 1.0.0): {}",
+                clip(&e.to_string())
+            ))
+        })?;
     let raw = |name: &str| fields.get(name).copied();
     let mut partial = Malformed::new("");
     partial.reference = raw("ref").and_then(|r| reference(r).ok());
@@ -101,7 +108,8 @@ fn decode_object(text: &str) -> Result<Inbound, Malformed> {
 fn decode_array(text: &str) -> Result<Inbound, Malformed> {
     let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
         Malformed::new(format!(
-            "expected a JSON array [join_ref, ref, topic, event, payload] (vsn 2.0.0): {e}"
+            "expected a JSON array [join_ref, ref, topic, event, payload] (vsn 2.0.0): {}",
+            clip(&e.to_string())
         ))
     })?;
     let mut partial = Malformed::new("");

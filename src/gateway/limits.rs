@@ -4,6 +4,11 @@
 //! (`max_joins_per_second`). Supabase counts the first and the last per
 //! tenant across its cluster; a gateway counts them for the sockets it
 //! serves (it shares nothing with other gateways but Redis).
+//!
+//! Supabase has no bound on what one join may carry; walcast adds them
+//! (topic, bindings, binding and token sizes), so that what a socket
+//! costs the gateway and Redis is bounded by these settings, never by
+//! what a client chooses to send.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +23,16 @@ pub struct Limits {
     pub max_channels_per_client: usize,
     /// Joins per second, all sockets together (a burst of this many).
     pub max_joins_per_second: u32,
+    /// Bytes of a channel topic (`realtime:` included).
+    pub max_topic_bytes: usize,
+    /// `postgres_changes` bindings of one join.
+    pub max_bindings_per_channel: usize,
+    /// Bytes of one `postgres_changes` binding's JSON text (its filter,
+    /// `select` and any other field together).
+    pub max_binding_bytes: usize,
+    /// Bytes of a JWT (connect, join or `access_token`): bounds the claims
+    /// stored with every subscription, before any signature is checked.
+    pub max_jwt_bytes: usize,
 }
 
 impl Default for Limits {
@@ -27,6 +42,10 @@ impl Default for Limits {
             max_concurrent_users: 200,
             max_channels_per_client: 100,
             max_joins_per_second: 100,
+            max_topic_bytes: 1024,
+            max_bindings_per_channel: 100,
+            max_binding_bytes: 4096,
+            max_jwt_bytes: 16_384,
         }
     }
 }

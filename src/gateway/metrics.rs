@@ -23,8 +23,13 @@ pub const FRAMES_SENT: &str = "walcast_gateway_frames_sent_total";
 pub const SLOW_CLOSES: &str = "walcast_gateway_slow_sockets_closed_total";
 /// Times the bus connection to Redis was established again after it was lost.
 pub const BUS_RECONNECTS: &str = "walcast_gateway_bus_reconnects_total";
+/// Warnings a client could trigger that were not logged (past their
+/// rate), by `warning` kind.
+pub const WARNINGS_SUPPRESSED: &str = "walcast_gateway_warnings_suppressed_total";
 /// Label of [`JOINS_REFUSED`] and [`CONNECTIONS_REFUSED`].
 pub const REASON: &str = "reason";
+/// Label of [`WARNINGS_SUPPRESSED`].
+pub const WARNING: &str = "warning";
 
 /// Every gateway metric: name, unit and help text, in documentation order.
 pub const ALL: &[(&str, Unit, &str)] = &[
@@ -50,6 +55,11 @@ pub const ALL: &[(&str, Unit, &str)] = &[
         BUS_RECONNECTS,
         Unit::Count,
         "bus connections to redis established again after a loss",
+    ),
+    (
+        WARNINGS_SUPPRESSED,
+        Unit::Count,
+        "client-triggered warnings not logged past their rate, by kind",
     ),
 ];
 
@@ -127,8 +137,18 @@ impl GatewayMetrics {
     }
 
     fn labelled(&self, name: &'static str, reason: &'static str) -> Counter {
-        let key = Key::from_parts(name, vec![Label::new(REASON, reason)]);
+        let label = if name == WARNINGS_SUPPRESSED {
+            WARNING
+        } else {
+            REASON
+        };
+        let key = Key::from_parts(name, vec![Label::new(label, reason)]);
         self.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// A warning of `kind` was not logged: its rate was spent.
+    pub fn warning_suppressed(&self, kind: &'static str) {
+        self.labelled(WARNINGS_SUPPRESSED, kind).increment(1);
     }
 
     /// A join was refused with Supabase's error `code`.

@@ -17,7 +17,8 @@
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
 //! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing |
 //! | [`render`] | a change's frames, each rendered once for every socket that shows it the same way |
-//! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them |
+//! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them; what one join may carry |
+//! | [`quiet`] | client text clipped in logs, client-triggered warnings rate-limited |
 //! | [`metrics`] | what `GET /metrics` renders |
 //!
 //! Besides the WebSocket paths the router serves `GET /health` (200 while
@@ -29,6 +30,7 @@ pub mod channel;
 pub mod frame;
 pub mod limits;
 pub mod metrics;
+pub mod quiet;
 pub mod render;
 pub mod socket;
 
@@ -97,6 +99,8 @@ pub struct Context {
     pub joins: JoinRate,
     /// Open sockets against `max_concurrent_users`.
     open: Arc<Sockets>,
+    /// Warnings clients can trigger, rate-limited.
+    warnings: quiet::Throttle,
     /// The last socket id handed out.
     sockets: AtomicU64,
     tracker: TaskTracker,
@@ -123,10 +127,24 @@ impl Context {
             metrics,
             joins: JoinRate::new(limits.max_joins_per_second),
             open,
+            warnings: quiet::Throttle::default(),
             sockets: AtomicU64::new(0),
             tracker: TaskTracker::new(),
             cancel,
         }
+    }
+}
+
+impl Context {
+    /// Whether a warning of `kind` that a client caused may be logged now;
+    /// one that may not is counted in
+    /// [`WARNINGS_SUPPRESSED`](metrics::WARNINGS_SUPPRESSED).
+    pub fn may_warn(&self, kind: &'static str) -> bool {
+        let allowed = self.warnings.allow(kind);
+        if !allowed {
+            self.metrics.warning_suppressed(kind);
+        }
+        allowed
     }
 }
 
@@ -156,7 +174,8 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         settings.jwt_secret.as_deref().map(str::as_bytes),
         settings.jwt_jwks.clone().unwrap_or_default(),
         settings.jwt_claim_validators.clone(),
-    );
+    )
+    .max_bytes(settings.limits.max_jwt_bytes);
     let ctx = Arc::new(Context::new(
         verifier,
         bus,
@@ -171,6 +190,10 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         max_concurrent_users = settings.limits.max_concurrent_users,
         max_channels_per_client = settings.limits.max_channels_per_client,
         max_joins_per_second = settings.limits.max_joins_per_second,
+        max_topic_bytes = settings.limits.max_topic_bytes,
+        max_bindings_per_channel = settings.limits.max_bindings_per_channel,
+        max_binding_bytes = settings.limits.max_binding_bytes,
+        max_jwt_bytes = settings.limits.max_jwt_bytes,
         jwks_keys = settings.jwt_jwks.as_ref().map_or(0, auth::KeySet::len),
         claim_validators = ?settings.jwt_claim_validators.claims().collect::<Vec<_>>(),
         "gateway listening"
@@ -291,7 +314,9 @@ async fn upgrade(
         ctx.metrics.connection_refused(e.code());
         if matches!(e, AuthError::Claim { .. }) {
             // The client is told only Supabase's generic error.
-            info!(error = %e, "connection refused");
+            if ctx.may_warn("claim_refused") {
+                info!(error = %e, "connection refused");
+            }
         } else {
             debug!(error = %e, "connection refused");
         }
@@ -303,18 +328,22 @@ async fn upgrade(
     // the concurrent sockets, then the join rate.
     let Some(slot) = ctx.open.admit() else {
         ctx.metrics.connection_refused("ConnectionRateLimitReached");
-        warn!(
-            max_concurrent_users = ctx.limits.max_concurrent_users,
-            "connection refused: too many connected users"
-        );
+        if ctx.may_warn("connection_refused") {
+            warn!(
+                max_concurrent_users = ctx.limits.max_concurrent_users,
+                "connection refused: too many connected users"
+            );
+        }
         return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users");
     };
     if ctx.joins.exhausted(Instant::now()) {
         ctx.metrics.connection_refused("JoinsRateLimitReached");
-        warn!(
-            max_joins_per_second = ctx.limits.max_joins_per_second,
-            "connection refused: too many joins per second"
-        );
+        if ctx.may_warn("connection_refused") {
+            warn!(
+                max_joins_per_second = ctx.limits.max_joins_per_second,
+                "connection refused: too many joins per second"
+            );
+        }
         return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many joins per second");
     }
     let id = ctx.sockets.fetch_add(1, Ordering::Relaxed) + 1;

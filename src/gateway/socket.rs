@@ -22,6 +22,7 @@ use super::auth::{AuthError, unix_now};
 use super::bus::{Delivery, INTERRUPTED_MESSAGE, SocketHandle};
 use super::channel::{self, Channel, JoinError};
 use super::frame::{self, Inbound, Outbound, Vsn};
+use super::quiet::clip;
 
 /// Deliveries a session may have queued before it counts as too slow.
 pub const DELIVERY_QUEUE: usize = 1024;
@@ -36,6 +37,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_TOO_SLOW: u16 = 1013;
 /// Close code on shutdown ("going away").
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a frame over the size limit ("message too big"), as
+/// Cowboy closes Supabase's sockets.
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code for an idle socket, and for one disconnected for joining
 /// too fast (Phoenix's `disconnect` closes normally, without a reason).
 const CLOSE_NORMAL: u16 = 1000;
@@ -150,7 +154,9 @@ pub async fn serve(
             break End::Close(CLOSE_GOING_AWAY, "server shutting down");
         }
         if kick.is_cancelled() {
-            warn!(socket = id, "closing a socket that fell behind");
+            if session.ctx.may_warn("slow_socket") {
+                warn!(socket = id, "closing a socket that fell behind");
+            }
             session.ctx.metrics.slow_closes.increment(1);
             break End::Close(CLOSE_TOO_SLOW, "too slow: send queue full");
         }
@@ -172,7 +178,10 @@ pub async fn serve(
                     }
                 }
                 Some(Err(e)) => {
-                    debug!(socket = id, error = %e, "socket read failed");
+                    if too_big(e) {
+                        debug!(socket = id, "closing a socket that sent a frame over the size limit");
+                        break End::Close(CLOSE_TOO_BIG, "message too big");
+                    }
                     break End::Gone;
                 }
                 None => break End::Gone,
@@ -228,6 +237,23 @@ pub async fn serve(
     debug!(socket = id, "socket closed");
 }
 
+/// Whether a read failed because the client's frame or message was over
+/// the size limit (the connection itself is still usable for a close).
+fn too_big(e: axum::Error) -> bool {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => true,
+        Some(other) => {
+            debug!(error = %other, "socket read failed");
+            false
+        }
+        None => {
+            debug!(error = %inner, "socket read failed");
+            false
+        }
+    }
+}
+
 impl Session {
     fn push(
         &mut self,
@@ -275,7 +301,7 @@ impl Session {
     fn on_binary(&mut self, bytes: &[u8]) {
         match frame::decode_binary(bytes) {
             Ok(push) => {
-                debug!(socket = self.handle.id, topic = %push.topic, event = %push.event, "ignoring a binary broadcast push (broadcast is not supported yet)")
+                debug!(socket = self.handle.id, topic = %clip(&push.topic), event = %clip(&push.event), "ignoring a binary broadcast push (broadcast is not supported yet)")
             }
             Err(e) => debug!(socket = self.handle.id, error = %e, "ignoring a binary frame"),
         }
@@ -294,13 +320,14 @@ impl Session {
             (_, "phx_leave") => self.leave(f),
             (_, "access_token") => self.refresh(f),
             (topic, event) => {
-                debug!(socket = self.handle.id, %topic, %event, "ignoring an unsupported event")
+                debug!(socket = self.handle.id, topic = %clip(topic), event = %clip(event), "ignoring an unsupported event")
             }
         }
     }
 
     /// Supabase's order: the topic name, the join rate, the channel count,
-    /// then the payload and the token.
+    /// then (in [`Channel::join`]) the topic's length, the payload and the
+    /// token.
     fn admit(&self, topic: &str) -> Result<(), JoinError> {
         channel::check_topic(topic)?;
         if !self.ctx.joins.try_join(Instant::now()) {
@@ -328,6 +355,7 @@ impl Session {
                 &self.token,
                 &self.ctx.verifier,
                 &prefix,
+                &self.ctx.limits,
             )
         });
         match joined {
@@ -340,23 +368,28 @@ impl Session {
                 self.ctx.bus.register(&self.handle, &subscriptions);
                 let reply = channel.reply_payload();
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
-                debug!(socket = self.handle.id, topic = %f.topic, bindings = subscriptions.len(), "joined");
+                debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = subscriptions.len(), "joined");
                 self.ctx.metrics.channels.increment(1.0);
                 self.channels.insert(f.topic, channel);
             }
             Err(e) => {
                 self.ctx.metrics.join_refused(e.code());
+                let topic = clip(&f.topic);
                 match &e {
                     JoinError::TooManyJoins | JoinError::TooManyChannels => {
-                        warn!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused");
+                        if self.ctx.may_warn("join_refused") {
+                            warn!(socket = self.handle.id, %topic, error = %e, "join refused");
+                        }
                     }
                     JoinError::Auth(claim @ AuthError::Claim { .. }) => {
                         // The client is told only "Unknown Error on
                         // Channel", as by Supabase: say here which claim.
-                        info!(socket = self.handle.id, topic = %f.topic, error = %claim, "join refused");
+                        if self.ctx.may_warn("claim_refused") {
+                            info!(socket = self.handle.id, %topic, error = %claim, "join refused");
+                        }
                     }
                     _ => {
-                        debug!(socket = self.handle.id, topic = %f.topic, error = %e, "join refused")
+                        debug!(socket = self.handle.id, %topic, error = %e, "join refused")
                     }
                 }
                 self.reply_error(&f.join_ref, &f.reference, &f.topic, &e.reason());
@@ -410,10 +443,10 @@ impl Session {
             Ok(None) => {}
             Ok(Some(subscriptions)) => {
                 self.ctx.bus.register(&self.handle, &subscriptions);
-                debug!(socket = self.handle.id, topic = %f.topic, "token refreshed");
+                debug!(socket = self.handle.id, topic = %clip(&f.topic), "token refreshed");
             }
             Err(e) => {
-                debug!(socket = self.handle.id, topic = %f.topic, error = %e, "token refresh refused");
+                debug!(socket = self.handle.id, topic = %clip(&f.topic), error = %e, "token refresh refused");
                 self.fail_channel(&f.topic, &e.system_message());
             }
         }

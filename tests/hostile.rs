@@ -1,0 +1,301 @@
+//! A hostile client with only the public anon key, against a real stack
+//! (Postgres, Redis, daemon, gateway): each probe gets its exact reply or
+//! close code, costs the gateway, Redis and the log no more than the
+//! limits allow, and a bystander on another socket keeps receiving its
+//! changes throughout (issue 15).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SECRET, now};
+use crate::support::stack::Stack;
+use crate::support::{Daemon, eventually};
+
+/// How long something the gateway is about to do may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+const SETUP: &str = "
+    CREATE ROLE anon NOLOGIN;
+    CREATE ROLE authenticated NOLOGIN;
+    CREATE TABLE todos (id int PRIMARY KEY, task text, owner text);
+    GRANT SELECT ON todos TO anon, authenticated;
+    ALTER PUBLICATION supabase_realtime ADD TABLE todos;
+";
+
+/// The stack, the daemon, the gateway and a bystander subscribed to
+/// every change of `todos`.
+struct Scene {
+    stack: Stack,
+    _daemon: Daemon,
+    gateway: Gateway,
+    bystander: Client,
+    /// The id of the next row the bystander must see.
+    next_row: i32,
+}
+
+impl Scene {
+    async fn start(gateway_env: &[(&str, String)]) -> Scene {
+        let stack = Stack::start().await;
+        stack.client.batch_execute(SETUP).await.expect("setup");
+        let daemon = stack.spawn_gateway_daemon().await;
+        let gateway = Gateway::spawn_with(&stack.redis.url(), gateway_env).await;
+        let mut bystander = gateway.connect(Some("2.0.0")).await;
+        bystander
+            .send(r#"["1","1","realtime:bystander","phx_join",{"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos"}]}}]"#)
+            .await;
+        assert_eq!(bystander.recv().await[4]["status"], "ok");
+        assert_eq!(
+            bystander.recv().await[4]["message"],
+            "Subscribed to PostgreSQL"
+        );
+        let mut scene = Scene {
+            stack,
+            _daemon: daemon,
+            gateway,
+            bystander,
+            next_row: 1,
+        };
+        scene.bystander_receives().await;
+        scene
+    }
+
+    /// Inserts a row and asserts that the bystander receives exactly it.
+    async fn bystander_receives(&mut self) {
+        let id = self.next_row;
+        self.next_row += 1;
+        self.stack
+            .client
+            .execute("INSERT INTO todos VALUES ($1, 'task', 'u1')", &[&id])
+            .await
+            .expect("insert");
+        let event = self.bystander.recv().await;
+        assert_eq!(
+            (&event[3], &event[4]["data"]["record"]["id"]),
+            (&json!("postgres_changes"), &json!(id)),
+            "{event}"
+        );
+    }
+
+    /// The registry's entries in Redis (the gateway's subscriptions).
+    async fn registered(&self) -> usize {
+        self.gateway.registry().await.len()
+    }
+}
+
+/// The error reply of a refused join, as sent (vsn 2.0.0).
+fn refused(n: u32, topic: &str, reason: &str) -> String {
+    format!(
+        r#"["{n}","{n}",{},"phx_reply",{{"status":"error","response":{{"reason":{}}}}}]"#,
+        Value::from(topic),
+        Value::from(reason)
+    )
+}
+
+fn join(n: u32, topic: &str, payload: &str) -> String {
+    format!(
+        r#"["{n}","{n}",{},"phx_join",{payload}]"#,
+        Value::from(topic)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_over_the_size_limits_are_refused_stored_nowhere_and_logged_in_clips() {
+    let mut scene = Scene::start(&[]).await;
+    let mut hostile = scene.gateway.connect(Some("2.0.0")).await;
+    let log_before = scene.gateway.process.log().len();
+    // Five joins of a 1 MB topic with 100 bindings each: the issue's probe.
+    let topic = format!("realtime:{}", "t".repeat(1_000_000));
+    let bindings = vec![r#"{"event":"*","schema":"public","table":"todos"}"#; 100].join(",");
+    let payload = format!(r#"{{"config":{{"postgres_changes":[{bindings}]}}}}"#);
+    for n in 1..=5 {
+        hostile.send(&join(n, &topic, &payload)).await;
+        assert_eq!(
+            hostile.recv_text().await,
+            refused(
+                n,
+                &topic,
+                "TopicNameTooLong: Topic names are limited to 1024 bytes (this one has 1000009)"
+            )
+        );
+    }
+    scene.bystander_receives().await;
+    // 101 bindings; one binding of 4097 bytes.
+    let many = vec![r#"{"table":"todos"}"#; 101].join(",");
+    hostile
+        .send(&join(
+            6,
+            "realtime:many",
+            &format!(r#"{{"config":{{"postgres_changes":[{many}]}}}}"#),
+        ))
+        .await;
+    assert_eq!(
+        hostile.recv_text().await,
+        refused(
+            6,
+            "realtime:many",
+            "InvalidJoinPayload: A channel may have at most 100 postgres_changes bindings (this join has 101)"
+        )
+    );
+    let large = format!(
+        r#"{{"table":"todos","filter":"id=in.({})"}}"#,
+        "1,".repeat(2029) + "12"
+    );
+    assert_eq!(large.len(), 4097);
+    hostile
+        .send(&join(
+            7,
+            "realtime:large",
+            &format!(r#"{{"config":{{"postgres_changes":[{{"table":"todos"}},{large}]}}}}"#),
+        ))
+        .await;
+    assert_eq!(
+        hostile.recv_text().await,
+        refused(
+            7,
+            "realtime:large",
+            "InvalidJoinPayload: A postgres_changes binding may have at most 4096 bytes (binding 1 has 4097)"
+        )
+    );
+    // A token of 16,385 bytes, at join and at connect.
+    let claims = json!({"role": "anon", "exp": now() + 3600, "pad": "p".repeat(12_200)});
+    let big = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    assert!(big.len() > 16_384, "{}", big.len());
+    hostile
+        .send(&join(
+            8,
+            "realtime:token",
+            &format!(r#"{{"access_token":"{big}"}}"#),
+        ))
+        .await;
+    assert_eq!(
+        hostile.recv_text().await,
+        refused(
+            8,
+            "realtime:token",
+            &format!(
+                "InvalidJWTToken: Token is {} bytes; at most 16384 are accepted",
+                big.len()
+            )
+        )
+    );
+    assert_eq!(
+        scene.gateway.refused(&big).await,
+        (
+            403,
+            format!(
+                r#"{{"error":"Token is {} bytes; at most 16384 are accepted"}}"#,
+                big.len()
+            )
+        )
+    );
+    // Topics Supabase routes no channel for.
+    for (n, topic) in [(9, ""), (10, "phoenix"), (11, "room1")] {
+        hostile.send(&join(n, topic, "{}")).await;
+        assert_eq!(
+            hostile.recv_text().await,
+            refused(n, topic, "unmatched topic")
+        );
+    }
+    // At the limits exactly, a join is accepted.
+    let at_limit = format!("realtime:{}", "a".repeat(1024 - 9));
+    let largest = format!(
+        r#"{{"table":"todos","filter":"id=in.({})"}}"#,
+        "1,".repeat(2029) + "1"
+    );
+    assert_eq!(largest.len(), 4096);
+    let hundred = vec![largest.as_str(); 100].join(",");
+    hostile
+        .send(&join(
+            12,
+            &at_limit,
+            &format!(r#"{{"config":{{"postgres_changes":[{hundred}]}}}}"#),
+        ))
+        .await;
+    assert_eq!(hostile.recv().await[4]["status"], "ok");
+    scene.bystander_receives().await;
+    // Nothing refused reached Redis: the bystander's one binding and the
+    // accepted join's hundred (written to Redis as the bus task gets to them).
+    eventually("101 subscriptions registered", WAIT, || async {
+        scene.registered().await == 101
+    })
+    .await;
+    scene.bystander_receives().await;
+    assert_eq!(scene.registered().await, 101);
+    let grown = scene.gateway.process.log().len() - log_before;
+    assert!(
+        grown < 64 * 1024,
+        "five 1 MB topics and the rest added {grown} bytes of log"
+    );
+    scene.bystander_receives().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_5_mb_closes_the_socket_with_1009_and_nothing_else() {
+    let mut scene = Scene::start(&[]).await;
+    let mut hostile = scene.gateway.connect(Some("2.0.0")).await;
+    let frame = format!(
+        r#"[null,"1","phoenix","heartbeat",{{"x":"{}"}}]"#,
+        "x".repeat(5_000_000)
+    );
+    // The server may close before the whole frame is written.
+    let _ = hostile.ws.send(Message::Text(frame.into())).await;
+    let end = match tokio::time::timeout(FRAME_TIMEOUT, hostile.ws.next())
+        .await
+        .expect("the socket ends in time")
+    {
+        Some(Ok(Message::Close(frame))) => frame.map(|f| u16::from(f.code)),
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+    assert_eq!(end, Some(1009));
+    scene.bystander_receives().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_the_future_are_refused_at_connect_and_join() {
+    let mut scene = Scene::start(&[]).await;
+    let sign = |claims: Value| {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let exp = now() + 7200;
+    let early = sign(json!({"role": "anon", "exp": exp, "nbf": now() + 3600}));
+    let (status, body) = scene.gateway.refused(&early).await;
+    assert_eq!(status, 403);
+    assert!(
+        body.starts_with(r#"{"error":"Token is not valid yet: its nbf is "#),
+        "{body}"
+    );
+    let mut hostile = scene.gateway.connect(Some("2.0.0")).await;
+    let future = sign(json!({"role": "anon", "exp": exp, "iat": now() + 3600}));
+    hostile
+        .send(&join(
+            1,
+            "realtime:t",
+            &format!(r#"{{"access_token":"{future}"}}"#),
+        ))
+        .await;
+    let reply = hostile.recv().await;
+    let reason = reply[4]["response"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.starts_with("InvalidJWTToken: Token is issued in the future: its iat is 3"),
+        "{reason}"
+    );
+    // Within the 60 s the issuer's clock may run ahead, a token is accepted.
+    let skewed = sign(json!({"role": "anon", "exp": exp, "iat": now() + 30, "nbf": now() + 30}));
+    let mut fine = scene.gateway.connect_with(&skewed, Some("2.0.0")).await;
+    fine.sync(true, "1").await;
+    scene.bystander_receives().await;
+}
