@@ -299,3 +299,145 @@ async fn tokens_from_the_future_are_refused_at_connect_and_join() {
     fine.sync(true, "1").await;
     scene.bystander_receives().await;
 }
+
+/// Every message the daemon sends the test gateway, as received.
+struct GatewayChannel {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl GatewayChannel {
+    async fn listen(redis_url: &str) -> GatewayChannel {
+        let client = redis::Client::open(redis_url).expect("redis url");
+        let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+        pubsub
+            .subscribe(walcast::bus::Names::new("default").gateway("gw-test"))
+            .await
+            .expect("subscribe");
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(message) = stream.next().await {
+                let text: String = message.get_payload().expect("text");
+                let value = serde_json::from_str(&text).expect("json");
+                sink.lock().expect("lock").push(value);
+            }
+        });
+        GatewayChannel {
+            messages,
+            _task: task,
+        }
+    }
+
+    /// The subscription ids named by the changes received so far.
+    fn change_ids(&self) -> Vec<String> {
+        let messages = self.messages.lock().expect("lock");
+        messages
+            .iter()
+            .filter(|m| m["type"] == "change")
+            .flat_map(|m| m["ids"].as_array().cloned().unwrap_or_default())
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn user_token(role: &str, sub: &str, exp: i64) -> String {
+    encode(
+        &Header::default(),
+        &json!({"role": role, "sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refresh_the_daemon_refuses_ends_the_channel_and_its_subscriptions() {
+    let mut scene = Scene::start(&[]).await;
+    scene
+        .stack
+        .client
+        .batch_execute(
+            "CREATE TABLE secrets (id int PRIMARY KEY, owner text);
+             GRANT SELECT ON secrets TO authenticated;
+             ALTER PUBLICATION supabase_realtime ADD TABLE secrets;",
+        )
+        .await
+        .expect("setup");
+    let listener = GatewayChannel::listen(&scene.stack.redis.url()).await;
+    let binding = r#"{"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"secrets","filter":"owner=eq.alice"}]}"#;
+    // Refreshed to the anon key, which may not read `owner`; to a role
+    // the daemon does not allow.
+    let refusals = [
+        (
+            user_token("anon", "anon", now() + 3600),
+            "invalid column for filter owner",
+        ),
+        (
+            user_token("service_role", "svc", now() + 3600),
+            r#"role \"service_role\" may not subscribe (allowed roles: anon, authenticated)"#,
+        ),
+    ];
+    for (n, (refresh, message)) in refusals.iter().enumerate() {
+        let topic = format!("realtime:alice{n}");
+        let alice = user_token("authenticated", "alice", now() + 3600);
+        let mut client = scene.gateway.connect(Some("2.0.0")).await;
+        client
+            .send(&join(
+                1,
+                &topic,
+                &format!(r#"{binding},"access_token":"{alice}"}}"#),
+            ))
+            .await;
+        assert_eq!(client.recv().await[4]["status"], "ok");
+        assert_eq!(
+            client.recv().await[4]["message"],
+            "Subscribed to PostgreSQL"
+        );
+        let id = 100 * (n as i32 + 1);
+        scene
+            .stack
+            .client
+            .execute("INSERT INTO secrets VALUES ($1, 'alice')", &[&id])
+            .await
+            .expect("insert");
+        assert_eq!(client.recv().await[4]["data"]["record"]["id"], json!(id));
+        client
+            .send(&format!(
+                r#"["1","2",{},"access_token",{{"access_token":"{refresh}"}}]"#,
+                Value::from(topic.as_str())
+            ))
+            .await;
+        let name = topic.trim_start_matches("realtime:");
+        assert_eq!(
+            client.recv_text().await,
+            format!(
+                r#"["1",null,"{topic}","system",{{"channel":"{name}","extension":"system","message":"{message}","status":"error"}}]"#
+            )
+        );
+        assert_eq!(
+            client.recv_text().await,
+            format!(r#"["1","1","{topic}","phx_close",{{}}]"#)
+        );
+        // The daemon holds neither identity any more: the bystander's
+        // binding is all that is registered, and alice's next row is
+        // sent to no subscription of this socket.
+        eventually("only the bystander registered", WAIT, || async {
+            scene.registered().await == 1
+        })
+        .await;
+        scene
+            .stack
+            .client
+            .execute("INSERT INTO secrets VALUES ($1, 'alice')", &[&(id + 1)])
+            .await
+            .expect("insert");
+        scene.bystander_receives().await;
+        client.sync(true, "3").await;
+    }
+    let ids = listener.change_ids();
+    let secrets: Vec<&String> = ids.iter().filter(|id| !id.starts_with("1:")).collect();
+    // Each socket saw its first row under its join's subscription
+    // (socket 2 and 3, join 1, binding 0), and nothing after.
+    assert_eq!(secrets, ["2:1:0", "3:1:0"], "{ids:?}");
+}

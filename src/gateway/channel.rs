@@ -6,6 +6,12 @@
 //! hash of the binding so a rejoin gets the same number. The `system`
 //! "Subscribed to PostgreSQL" message is due only once the daemon has
 //! answered `subscribed` for every binding.
+//!
+//! A token refresh (`access_token`) changes nothing until the daemon has
+//! accepted the new identity: the bindings are registered again under new
+//! ids (`<prefix>:<index>.<generation>`) and the old ones stay in force —
+//! their events, their token's expiry — until every new one is confirmed;
+//! then the old ones are retired. A refused new one ends the channel.
 
 use std::sync::Arc;
 
@@ -169,6 +175,48 @@ pub struct Binding {
     confirmed: bool,
 }
 
+/// A token refresh the daemon has not yet accepted for every binding.
+#[derive(Debug)]
+struct Pending {
+    token: String,
+    exp: i64,
+    /// The bindings again, in order, under new subscription ids.
+    bindings: Vec<Binding>,
+}
+
+/// What the daemon's `subscribed` changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Confirmed {
+    /// The `system` payload to send ("Subscribed to PostgreSQL"), if due.
+    pub system: Option<String>,
+    /// Subscriptions a completed refresh replaced: to unregister.
+    pub retired: Vec<String>,
+}
+
+/// What the daemon's `rejected` means for the channel.
+#[derive(Debug, PartialEq)]
+pub enum Rejection {
+    /// Nothing to tell (not this channel's, or already told).
+    None,
+    /// A binding was refused: the `postgres_changes` `system` error
+    /// payload; the channel stays.
+    Binding(String),
+    /// A refreshed token's binding was refused: the channel ends (system
+    /// error with this message, then `phx_close`), and every subscription
+    /// of it, old and new, is withdrawn.
+    Refresh(String),
+}
+
+/// What an `access_token` asks.
+#[derive(Debug, PartialEq)]
+pub enum Refresh {
+    /// Nothing: not a string, `sb_`-prefixed, or the latest token.
+    Ignored,
+    /// Register these subscriptions (the new identity) and unregister
+    /// those (an earlier refresh still pending, now superseded).
+    Register(Vec<Subscription>, Vec<String>),
+}
+
 /// A joined channel.
 #[derive(Debug)]
 pub struct Channel {
@@ -176,12 +224,16 @@ pub struct Channel {
     pub topic: String,
     /// The join's `join_ref` (`null` when the client sent none).
     pub join_ref: Value,
-    /// The token the channel runs with.
+    /// The token in force.
     token: String,
     /// When that token expires (its `exp`, Unix seconds).
     exp: i64,
-    /// The bindings, in request order.
+    /// The bindings in force, in request order.
     pub bindings: Vec<Binding>,
+    /// A refresh waiting for the daemon.
+    pending: Option<Pending>,
+    /// Refreshes so far: the suffix of the next one's subscription ids.
+    generation: u32,
     /// A binding was rejected: the channel will not report itself live.
     failed: bool,
     /// "Subscribed to PostgreSQL" was sent for the current registration.
@@ -273,6 +325,8 @@ impl Channel {
             token,
             exp: verified.exp,
             bindings,
+            pending: None,
+            generation: 0,
             failed: false,
             live: false,
             announced: false,
@@ -297,32 +351,84 @@ impl Channel {
         out
     }
 
-    /// The daemon confirmed `subscription_id`. Returns the `system` payload
-    /// to send when that completes the channel.
-    pub fn confirm(&mut self, subscription_id: &str) -> Option<String> {
-        let binding = self
+    /// The daemon confirmed `subscription_id`: the `system` payload when
+    /// that completes the channel (or a refresh), and what a completed
+    /// refresh retired.
+    pub fn confirm(&mut self, subscription_id: &str) -> Confirmed {
+        if let Some(pending) = &mut self.pending {
+            if let Some(b) = pending
+                .bindings
+                .iter_mut()
+                .find(|b| b.subscription.id == subscription_id)
+            {
+                b.confirmed = true;
+            }
+            if pending.bindings.iter().all(|b| b.confirmed) {
+                return self.switch();
+            }
+        }
+        let Some(binding) = self
             .bindings
             .iter_mut()
-            .find(|b| b.subscription.id == subscription_id)?;
+            .find(|b| b.subscription.id == subscription_id)
+        else {
+            return Confirmed::default();
+        };
         binding.confirmed = true;
         if self.failed || self.live || !self.bindings.iter().all(|b| b.confirmed) {
-            return None;
+            return Confirmed::default();
         }
         self.live = true;
         self.announced = true;
-        Some(self.postgres_system("ok", "Subscribed to PostgreSQL"))
+        Confirmed {
+            system: Some(self.postgres_system("ok", "Subscribed to PostgreSQL")),
+            retired: Vec::new(),
+        }
     }
 
-    /// The daemon rejected `subscription_id`: the `system` error payload,
-    /// once per channel (the daemon rejects again whenever it reads the
-    /// registry back, after a restart or a lost bus).
-    pub fn reject(&mut self, subscription_id: &str, message: &str) -> Option<String> {
-        let first = self.owns(subscription_id) && !self.failed;
-        first.then(|| {
-            self.failed = true;
-            self.announced = false;
-            self.postgres_system("error", message)
-        })
+    /// The pending refresh is accepted: its token and bindings take over
+    /// (Supabase says "Subscribed to PostgreSQL" again after a refresh).
+    fn switch(&mut self) -> Confirmed {
+        let Some(pending) = self.pending.take() else {
+            return Confirmed::default();
+        };
+        let old = std::mem::replace(&mut self.bindings, pending.bindings);
+        for (new, old) in self.bindings.iter_mut().zip(&old) {
+            new.echo.clone_from(&old.echo);
+        }
+        self.token = pending.token;
+        self.exp = pending.exp;
+        self.failed = false;
+        let system = (!self.bindings.is_empty()).then(|| {
+            self.live = true;
+            self.announced = true;
+            self.postgres_system("ok", "Subscribed to PostgreSQL")
+        });
+        Confirmed {
+            system,
+            retired: old.into_iter().map(|b| b.subscription.id).collect(),
+        }
+    }
+
+    /// The daemon rejected `subscription_id`: for a binding in force, the
+    /// `system` error payload, once per channel (the daemon rejects again
+    /// whenever it reads the registry back, after a restart or a lost
+    /// bus); for a refreshed one, the end of the channel.
+    pub fn reject(&mut self, subscription_id: &str, message: &str) -> Rejection {
+        let refreshed = self.pending.as_ref().is_some_and(|p| {
+            p.bindings
+                .iter()
+                .any(|b| b.subscription.id == subscription_id)
+        });
+        if refreshed {
+            return Rejection::Refresh(message.to_owned());
+        }
+        if !self.owns_in_force(subscription_id) || self.failed {
+            return Rejection::None;
+        }
+        self.failed = true;
+        self.announced = false;
+        Rejection::Binding(self.postgres_system("error", message))
     }
 
     /// The gateway lost the bus: changes published meanwhile never reach
@@ -334,7 +440,8 @@ impl Channel {
     /// (the database away), and the daemon's new answer decides. (The
     /// socket sends the payload to v2 clients only.)
     pub fn interrupt(&mut self, message: &str) -> Option<String> {
-        for b in &mut self.bindings {
+        let pending = self.pending.iter_mut().flat_map(|p| p.bindings.iter_mut());
+        for b in self.bindings.iter_mut().chain(pending) {
             b.confirmed = false;
         }
         self.live = false;
@@ -343,11 +450,26 @@ impl Channel {
             .then(|| self.postgres_system("error", message))
     }
 
-    /// Whether `subscription_id` is one of this channel's.
+    /// Whether `subscription_id` is one of this channel's (in force or
+    /// pending).
     pub fn owns(&self, subscription_id: &str) -> bool {
+        self.subscription_ids().any(|id| id == subscription_id)
+    }
+
+    fn owns_in_force(&self, subscription_id: &str) -> bool {
         self.bindings
             .iter()
             .any(|b| b.subscription.id == subscription_id)
+    }
+
+    /// Every subscription of the channel, in force and pending: what
+    /// leaving it withdraws.
+    pub fn subscription_ids(&self) -> impl Iterator<Item = &str> {
+        let pending = self.pending.iter().flat_map(|p| p.bindings.iter());
+        self.bindings
+            .iter()
+            .chain(pending)
+            .map(|b| b.subscription.id.as_str())
     }
 
     /// The client's ids of this channel's bindings among
@@ -370,36 +492,54 @@ impl Channel {
             .then(|| self.postgres_system("error", message))
     }
 
-    /// `access_token`: `Ok(None)` when the value is to be ignored (not a
-    /// string, `sb_`-prefixed or the current token); `Ok(Some(subs))`
-    /// with the subscriptions to register again under the new claims.
-    pub fn refresh(
-        &mut self,
-        token: &Value,
-        verifier: &Verifier,
-    ) -> Result<Option<Vec<Subscription>>, AuthError> {
+    /// `access_token`: a verified new token is registered under new
+    /// subscription ids and waits for the daemon ([`Channel::confirm`],
+    /// [`Channel::reject`]); until then the current identity stays in
+    /// force. A channel without bindings switches at once.
+    pub fn refresh(&mut self, token: &Value, verifier: &Verifier) -> Result<Refresh, AuthError> {
         let Some(token) = token.as_str() else {
-            return Ok(None);
+            return Ok(Refresh::Ignored);
         };
-        if token.starts_with("sb_") || token == self.token {
-            return Ok(None);
+        let latest = self.pending.as_ref().map_or(&self.token, |p| &p.token);
+        if token.starts_with("sb_") || token == latest {
+            return Ok(Refresh::Ignored);
         }
         let verified = verifier.verify(token)?;
-        self.token = token.to_owned();
-        self.exp = verified.exp;
-        self.live = false;
-        self.failed = false;
-        for b in &mut self.bindings {
-            b.confirmed = false;
-            b.subscription.claims = verified.claims.clone();
-            b.subscription.role = verified.role.clone();
+        let superseded: Vec<String> = self
+            .pending
+            .take()
+            .map(|p| p.bindings.into_iter().map(|b| b.subscription.id).collect())
+            .unwrap_or_default();
+        self.generation += 1;
+        let bindings: Vec<Binding> = self
+            .bindings
+            .iter()
+            .map(|b| Binding {
+                id: b.id,
+                subscription: Subscription {
+                    id: format!(
+                        "{}.{}",
+                        b.subscription.id.split('.').next().unwrap_or_default(),
+                        self.generation
+                    ),
+                    claims: verified.claims.clone(),
+                    role: verified.role.clone(),
+                    ..b.subscription.clone()
+                },
+                echo: String::new(),
+                confirmed: false,
+            })
+            .collect();
+        let subscriptions = bindings.iter().map(|b| b.subscription.clone()).collect();
+        self.pending = Some(Pending {
+            token: token.to_owned(),
+            exp: verified.exp,
+            bindings,
+        });
+        if self.bindings.is_empty() {
+            self.switch();
         }
-        Ok(Some(
-            self.bindings
-                .iter()
-                .map(|b| b.subscription.clone())
-                .collect(),
-        ))
+        Ok(Refresh::Register(subscriptions, superseded))
     }
 
     /// Whether the channel's token is still unexpired at `now` (Unix
@@ -503,6 +643,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The `postgres_changes` error payload of a binding's rejection.
+    fn binding_error(rejection: Rejection) -> Option<String> {
+        match rejection {
+            Rejection::Binding(payload) => Some(payload),
+            Rejection::None => None,
+            Rejection::Refresh(m) => panic!("a refresh was rejected: {m}"),
+        }
+    }
+
     fn join(payload: &str) -> Result<Channel, JoinError> {
         let raw = RawValue::from_string(payload.to_owned()).unwrap();
         Channel::join(
@@ -541,15 +690,19 @@ mod tests {
     #[test]
     fn system_ok_only_after_every_binding_is_confirmed() {
         let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
-        assert_eq!(c.confirm("x:1:0"), None);
-        assert_eq!(c.confirm("nope"), None);
+        assert_eq!(c.confirm("x:1:0").system, None);
+        assert_eq!(c.confirm("nope").system, None);
         assert_eq!(
-            c.confirm("x:1:1").as_deref(),
+            c.confirm("x:1:1").system.as_deref(),
             Some(
                 r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#
             )
         );
-        assert_eq!(c.confirm("x:1:1"), None, "a duplicate reply is harmless");
+        assert_eq!(
+            c.confirm("x:1:1").system,
+            None,
+            "a duplicate reply is harmless"
+        );
         assert_eq!(
             c.binding_ids(&[Arc::from("x:1:1"), Arc::from("other")]),
             [c.bindings[1].id]
@@ -561,8 +714,8 @@ mod tests {
     fn a_bus_loss_errors_a_live_channel_once_and_the_new_confirmations_make_it_live_again() {
         let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
         assert_eq!(c.interrupt("lost"), None, "nothing was promised yet");
-        c.confirm("x:1:0");
-        assert!(c.confirm("x:1:1").is_some());
+        c.confirm("x:1:0").system;
+        assert!(c.confirm("x:1:1").system.is_some());
         assert_eq!(
             c.interrupt("lost").as_deref(),
             Some(
@@ -570,9 +723,9 @@ mod tests {
             )
         );
         assert_eq!(c.interrupt("lost"), None, "one error per loss");
-        assert_eq!(c.confirm("x:1:0"), None, "every binding again");
+        assert_eq!(c.confirm("x:1:0").system, None, "every binding again");
         assert_eq!(
-            c.confirm("x:1:1").as_deref(),
+            c.confirm("x:1:1").system.as_deref(),
             Some(
                 r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#
             )
@@ -586,24 +739,37 @@ mod tests {
             r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"}]}}"#,
         )
         .unwrap();
-        assert!(c.confirm("x:1:0").is_some());
-        assert!(
-            c.refresh(&json!(token("authenticated")), &v)
-                .unwrap()
-                .is_some()
-        );
+        assert!(c.confirm("x:1:0").system.is_some());
+        assert!(matches!(
+            c.refresh(&json!(token("authenticated")), &v),
+            Ok(Refresh::Register(..))
+        ));
         assert!(
             c.interrupt("lost").is_some(),
             "the client still counts on the channel while the new token is confirmed"
         );
-        assert!(c.reject("x:1:0", "database away").is_some());
+        assert!(
+            c.confirm("x:1:0").system.is_some(),
+            "the identity in force is live again"
+        );
+        assert_eq!(
+            c.confirm("x:1:0.1"),
+            Confirmed {
+                system: Some(
+                    r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#.to_owned()
+                ),
+                retired: vec!["x:1:0".to_owned()],
+            },
+            "then the refresh completes"
+        );
+        assert!(binding_error(c.reject("x:1:0.1", "database away")).is_some());
         assert_eq!(
             c.interrupt("lost"),
             None,
             "the client was told of the rejection"
         );
         assert!(
-            c.confirm("x:1:0").is_some(),
+            c.confirm("x:1:0.1").system.is_some(),
             "after a loss the daemon's new answer decides"
         );
     }
@@ -612,14 +778,22 @@ mod tests {
     fn a_rejection_is_a_postgres_changes_error_and_no_ok_follows() {
         let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
         assert_eq!(
-            c.reject("x:1:0", "no such table").as_deref(),
+            binding_error(c.reject("x:1:0", "no such table")).as_deref(),
             Some(
                 r#"{"channel":"room1","extension":"postgres_changes","message":"no such table","status":"error"}"#
             )
         );
-        assert_eq!(c.confirm("x:1:1"), None);
-        assert_eq!(c.reject("x:1:0", "no such table"), None, "said once");
-        assert_eq!(c.reject("x:1:1", "no such table"), None, "said once");
+        assert_eq!(c.confirm("x:1:1").system, None);
+        assert_eq!(
+            binding_error(c.reject("x:1:0", "no such table")),
+            None,
+            "said once"
+        );
+        assert_eq!(
+            binding_error(c.reject("x:1:1", "no such table")),
+            None,
+            "said once"
+        );
     }
 
     #[test]
@@ -748,25 +922,102 @@ mod tests {
         );
     }
 
+    fn token_until(role: &str, exp: i64) -> String {
+        let claims = json!({"role": role, "exp": exp, "sub": "u1"});
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn refresh_ignores_the_same_token_and_re_registers_on_a_new_one() {
+    fn a_refresh_takes_over_only_once_the_daemon_confirmed_every_binding() {
         let v = Verifier::new(b"s");
         let mut c = join(
-            r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"}]}}"#,
+            r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#,
         )
         .unwrap();
-        assert_eq!(c.refresh(&json!(token("anon")), &v), Ok(None));
-        assert_eq!(c.refresh(&Value::Null, &v), Ok(None));
-        assert_eq!(c.refresh(&json!("sb_publishable_x"), &v), Ok(None));
-        let again = c
-            .refresh(&json!(token("authenticated")), &v)
-            .unwrap()
-            .unwrap();
+        let ids: Vec<u32> = c.bindings.iter().map(|b| b.id).collect();
+        c.confirm("x:1:0");
+        assert!(c.confirm("x:1:1").system.is_some());
+        assert_eq!(c.refresh(&json!(token("anon")), &v), Ok(Refresh::Ignored));
+        assert_eq!(c.refresh(&Value::Null, &v), Ok(Refresh::Ignored));
         assert_eq!(
-            (again[0].id.as_str(), again[0].role.as_str()),
-            ("x:1:0", "authenticated")
+            c.refresh(&json!("sb_publishable_x"), &v),
+            Ok(Refresh::Ignored)
+        );
+        let later = token_until("authenticated", 5_000_000_000);
+        let Ok(Refresh::Register(first, superseded)) = c.refresh(&json!(later), &v) else {
+            panic!("a new token registers");
+        };
+        assert_eq!(superseded, Vec::<String>::new());
+        assert_eq!(
+            first
+                .iter()
+                .map(|s| (s.id.as_str(), s.role.as_str()))
+                .collect::<Vec<_>>(),
+            [("x:1:0.1", "authenticated"), ("x:1:1.1", "authenticated")]
+        );
+        // Until the daemon accepts it, the old identity is in force: its
+        // events, its expiry.
+        assert_eq!(c.binding_ids(&[Arc::from("x:1:0.1")]), Vec::<u32>::new());
+        assert_eq!(c.binding_ids(&[Arc::from("x:1:0")]), [ids[0]]);
+        assert_eq!(c.check_token(4_000_000_005), Err(AuthError::Expired(5)));
+        // A second refresh supersedes the first.
+        let Ok(Refresh::Register(second, superseded)) =
+            c.refresh(&json!(token("authenticated")), &v)
+        else {
+            panic!("a newer token registers");
+        };
+        assert_eq!(superseded, ["x:1:0.1", "x:1:1.1"]);
+        assert_eq!(second[1].id, "x:1:1.2");
+        assert_eq!(
+            c.refresh(&json!(token("authenticated")), &v),
+            Ok(Refresh::Ignored),
+            "the pending token is the latest"
+        );
+        assert_eq!(c.confirm("x:1:0.1"), Confirmed::default(), "superseded");
+        assert_eq!(c.confirm("x:1:0.2"), Confirmed::default());
+        let done = c.confirm("x:1:1.2");
+        assert!(done.system.is_some());
+        assert_eq!(done.retired, ["x:1:0", "x:1:1"]);
+        assert_eq!(c.binding_ids(&[Arc::from("x:1:1.2")]), [ids[1]]);
+        assert_eq!(c.binding_ids(&[Arc::from("x:1:1")]), Vec::<u32>::new());
+        assert_eq!(
+            c.reply_payload(),
+            join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#)
+                .unwrap()
+                .reply_payload(),
+            "the echo is kept"
+        );
+        // A refresh the daemon refuses ends the channel.
+        let Ok(Refresh::Register(..)) = c.refresh(&json!(later), &v) else {
+            panic!("registers");
+        };
+        assert_eq!(
+            c.reject("x:1:0.3", "invalid column for filter owner_id"),
+            Rejection::Refresh("invalid column for filter owner_id".to_owned())
+        );
+        assert_eq!(
+            c.subscription_ids().collect::<Vec<_>>(),
+            ["x:1:0.2", "x:1:1.2", "x:1:0.3", "x:1:1.3"],
+            "what closing the channel withdraws"
         );
         assert!(c.refresh(&json!("bad"), &v).is_err());
+    }
+
+    #[test]
+    fn a_channel_without_bindings_takes_a_new_token_at_once() {
+        let v = Verifier::new(b"s");
+        let mut c = join("{}").unwrap();
+        let later = token_until("authenticated", 5_000_000_000);
+        assert_eq!(
+            c.refresh(&json!(later), &v),
+            Ok(Refresh::Register(Vec::new(), Vec::new()))
+        );
+        assert_eq!(c.check_token(4_000_000_005), Ok(()));
     }
 
     #[test]

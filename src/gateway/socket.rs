@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::Context;
 use super::auth::{AuthError, unix_now};
 use super::bus::{Delivery, INTERRUPTED_MESSAGE, SocketHandle};
-use super::channel::{self, Channel, JoinError};
+use super::channel::{self, Channel, JoinError, Refresh, Rejection};
 use super::frame::{self, Inbound, Outbound, Vsn};
 use super::quiet::clip;
 
@@ -209,7 +209,7 @@ pub async fn serve(
     let ids: Vec<String> = session
         .channels
         .values()
-        .flat_map(|c| c.bindings.iter().map(|b| b.subscription.id.clone()))
+        .flat_map(|c| c.subscription_ids().map(str::to_owned))
         .collect();
     session.ctx.bus.unregister(ids.iter().map(String::as_str));
     session
@@ -413,9 +413,7 @@ impl Session {
     /// Removes `channel`'s subscriptions and tells the client it is closed.
     fn close_channel(&mut self, channel: Channel) {
         self.ctx.metrics.channels.decrement(1.0);
-        self.ctx
-            .bus
-            .unregister(channel.bindings.iter().map(|b| b.subscription.id.as_str()));
+        self.ctx.bus.unregister(channel.subscription_ids());
         let join_ref = channel.join_ref.clone();
         self.push(&join_ref, &join_ref, &channel.topic, "phx_close", "{}");
     }
@@ -440,8 +438,11 @@ impl Session {
             return;
         };
         match channel.refresh(&token, &self.ctx.verifier) {
-            Ok(None) => {}
-            Ok(Some(subscriptions)) => {
+            Ok(Refresh::Ignored) => {}
+            Ok(Refresh::Register(subscriptions, superseded)) => {
+                self.ctx
+                    .bus
+                    .unregister(superseded.iter().map(String::as_str));
                 self.ctx.bus.register(&self.handle, &subscriptions);
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), "token refreshed");
             }
@@ -472,17 +473,28 @@ impl Session {
         let mut frames: Vec<(Value, String, &'static str, String)> = Vec::new();
         match &delivery {
             Delivery::Subscribed(id) => {
-                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id))
-                    && let Some(payload) = c.confirm(id)
-                {
-                    frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id)) {
+                    let confirmed = c.confirm(id);
+                    if let Some(payload) = confirmed.system {
+                        frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                    }
+                    self.ctx
+                        .bus
+                        .unregister(confirmed.retired.iter().map(String::as_str));
                 }
             }
             Delivery::Rejected(id, message) => {
-                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id))
-                    && let Some(payload) = c.reject(id, message)
-                {
-                    frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                if let Some(c) = self.channels.values_mut().find(|c| c.owns(id)) {
+                    match c.reject(id, message) {
+                        Rejection::None => {}
+                        Rejection::Binding(payload) => {
+                            frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                        }
+                        Rejection::Refresh(message) => {
+                            let topic = c.topic.clone();
+                            self.fail_channel(&topic, &message);
+                        }
+                    }
                 }
             }
             Delivery::Error(ids, message) => {
