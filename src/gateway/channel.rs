@@ -714,7 +714,7 @@ mod tests {
     fn a_bus_loss_errors_a_live_channel_once_and_the_new_confirmations_make_it_live_again() {
         let mut c = join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#).unwrap();
         assert_eq!(c.interrupt("lost"), None, "nothing was promised yet");
-        c.confirm("x:1:0").system;
+        c.confirm("x:1:0");
         assert!(c.confirm("x:1:1").system.is_some());
         assert_eq!(
             c.interrupt("lost").as_deref(),
