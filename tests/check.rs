@@ -127,6 +127,24 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         .await
         .expect("active_pid")
         .get(0);
+    // A healthy bus needs a password: connections already open (the
+    // daemon's) stay authenticated, new ones give it.
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("bus-secret")
+        .query_async(&mut redis)
+        .await
+        .expect("requirepass");
+    let mut env = env;
+    env.retain(|(k, _)| *k != "WALCAST_REDIS_URL");
+    let redis_url = stack
+        .redis
+        .url()
+        .replacen("redis://", "redis://:bus-secret@", 1);
+    env.push(("WALCAST_REDIS_URL", redis_url));
+    let shown = stack.redis.url().replacen("redis://", "redis://:***@", 1);
 
     let (code, json) = check(&env);
 
@@ -283,7 +301,15 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         "redis.ping",
         None,
         "ok",
-        &format!("redis at {} answers PING", stack.redis.url()),
+        &format!("redis at {shown} answers PING"),
+        None,
+    );
+    assert_finding(
+        &json,
+        "redis.auth",
+        None,
+        "ok",
+        &format!("redis at {shown} refuses commands without a password"),
         None,
     );
     assert_finding(
@@ -512,7 +538,8 @@ async fn check_warns_about_an_inactive_slot_retaining_wal() {
             "publication.tables",
             // No sql/rls.sql, and no table with row level security yet.
             "rls.sql",
-            "slot.active"
+            "slot.active",
+            "redis.auth"
         ],
         "{json:#}"
     );
@@ -839,9 +866,10 @@ done. next: give role \"scram_user\" a password (psql: \\password scram_user), a
     );
 
     // check agrees, as the same role; a wrong password is reported as such.
+    // (The test Redis has no password.)
     let (code, json) = check(&env);
     assert_eq!(code, Some(0), "{json:#}");
-    assert_eq!(at_level(&json, "warning"), Vec::<String>::new(), "{json:#}");
+    assert_eq!(at_level(&json, "warning"), ["redis.auth"], "{json:#}");
     assert_finding(
         &json,
         "role.privileges",

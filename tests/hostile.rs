@@ -441,3 +441,49 @@ async fn a_token_refresh_the_daemon_refuses_ends_the_channel_and_its_subscriptio
     // (socket 2 and 3, join 1, binding 0), and nothing after.
     assert_eq!(secrets, ["2:1:0", "3:1:0"], "{ids:?}");
 }
+
+/// Publishes `text` on the tenant's control channel, as anyone who can
+/// write to the bus's Redis could.
+async fn forge_control(redis_url: &str, text: &str) {
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::AsyncCommands::publish(
+        &mut conn,
+        walcast::bus::Names::new("default").control(),
+        text,
+    )
+    .await
+    .expect("publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_or_unsubscribe_the_gateway_did_not_send_is_noticed_and_repaired() {
+    let mut scene = Scene::start(&[]).await;
+    let gap = r#"["1",null,"realtime:bystander","system",{"channel":"bystander","extension":"postgres_changes","message":"Lost the connection to the change stream: changes may be missed until this channel is subscribed to PostgreSQL again","status":"error"}]"#;
+    let again = r#"["1",null,"realtime:bystander","system",{"channel":"bystander","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}]"#;
+    let forged = [
+        r#"{"v":1,"gateway":"gw-test","op":"leave"}"#.to_owned(),
+        r#"{"v":1,"gateway":"gw-test","op":"unsubscribe","id":"1:1:0"}"#.to_owned(),
+    ];
+    for (n, text) in forged.iter().enumerate() {
+        forge_control(&scene.stack.redis.url(), text).await;
+        // The bystander is told of the gap, then that it is live again.
+        assert_eq!(scene.bystander.recv_text().await, gap, "{text}");
+        assert_eq!(scene.bystander.recv_text().await, again, "{text}");
+        scene.bystander_receives().await;
+        let metrics = scene.gateway.get("/metrics").await.2;
+        let restored = format!("walcast_gateway_subscriptions_restored_total {}", n + 1);
+        assert!(metrics.lines().any(|l| l == restored), "{metrics}");
+    }
+    // A leave of another gateway id touches nobody here.
+    forge_control(
+        &scene.stack.redis.url(),
+        r#"{"v":1,"gateway":"gw-other","op":"leave"}"#,
+    )
+    .await;
+    scene.bystander_receives().await;
+    assert_eq!(scene.registered().await, 1);
+}

@@ -99,6 +99,16 @@ pub enum Reply {
         /// Why.
         message: String,
     },
+    /// The daemon no longer holds these subscriptions of the gateway: an
+    /// `unsubscribe` or `leave` on the control channel (the gateway's own,
+    /// or not), an expired lease, an entry its registry hash lost. A
+    /// gateway that still serves one registers it again.
+    Dropped {
+        /// Format version.
+        v: u32,
+        /// The subscriptions.
+        ids: Vec<String>,
+    },
     /// Visibility of a change could not be decided for these subscriptions
     /// (their RLS policy raised or timed out); they do not receive it.
     Error {

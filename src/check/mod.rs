@@ -72,6 +72,8 @@ pub mod id {
     pub const REDIS_PING: &str = "redis.ping";
     /// Redis keeps the bus's keys: no memory limit, or `noeviction`.
     pub const REDIS_EVICTION: &str = "redis.eviction";
+    /// Redis refuses clients without a password.
+    pub const REDIS_AUTH: &str = "redis.auth";
 }
 
 /// Runs every check against the database and Redis of `settings`.

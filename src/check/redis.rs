@@ -1,5 +1,5 @@
 //! Redis: reachable, and answering, exactly as the daemon connects to it;
-//! and keeping the bus's keys.
+//! keeping the bus's keys; and closed to clients without a password.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +26,55 @@ pub(super) async fn check(url: &str, out: &mut Vec<Finding>) {
         }
     }
     out.push(eviction(url).await);
+    out.push(authentication(url).await);
+}
+
+/// Whether Redis at `url` answers someone who has no password: whoever
+/// can write to the bus is trusted (docs/bus.md), so that must not be
+/// anyone who can reach the port.
+async fn authentication(url: &str) -> Finding {
+    let Some(anonymous) = without_credentials(url) else {
+        return Finding::ok(
+            id::REDIS_AUTH,
+            "redis is reached through a unix socket: its file permissions decide who may write to the bus",
+        );
+    };
+    let shown = redact(url);
+    let ping = async {
+        let client = redis::Client::open(anonymous.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(CONFIG_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Finding::warning(
+            id::REDIS_AUTH,
+            format!("redis at {shown} accepts commands without a password: anyone who can reach it can subscribe as any user and read every change (docs/bus.md)"),
+        )
+        .fix("give Redis a password or ACL users (requirepass, or ACL SETUSER walcast on >PASSWORD ~walcast:* &walcast:* +@all) and put them in redis_url (redis://walcast:PASSWORD@host:6379); keep it off public networks"),
+        Ok(Err(e)) if e.code() == Some("NOAUTH") || e.kind() == redis::ErrorKind::AuthenticationFailed => {
+            Finding::ok(id::REDIS_AUTH, format!("redis at {shown} refuses commands without a password"))
+        }
+        Ok(Err(e)) => Finding::info(
+            id::REDIS_AUTH,
+            format!("could not tell whether redis at {shown} requires a password ({e}); make sure it does"),
+        ),
+        Err(_) => Finding::info(
+            id::REDIS_AUTH,
+            format!("could not tell within {}s whether redis at {shown} requires a password; make sure it does", CONFIG_TIMEOUT.as_secs()),
+        ),
+    }
+}
+
+/// `url` without user and password (a TCP url), for trying Redis as an
+/// anonymous client; `None` for a unix socket.
+fn without_credentials(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys") {
+        return None;
+    }
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host_start = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+    Some(format!("{scheme}://{}", &rest[host_start..]))
 }
 
 /// Whether Redis may evict keys: the gateways' subscription registry and
@@ -100,6 +149,20 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_left_out_to_try_redis_anonymously() {
+        assert_eq!(
+            without_credentials("rediss://app:s3cr@t@cache:6380/0").as_deref(),
+            Some("rediss://cache:6380/0")
+        );
+        assert_eq!(
+            without_credentials("redis://127.0.0.1:6379").as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
+        assert_eq!(without_credentials("redis+unix:///run/redis.sock"), None);
+        assert_eq!(without_credentials("unix:///run/redis.sock"), None);
+    }
 
     #[test]
     fn passwords_are_not_shown() {

@@ -196,13 +196,16 @@ impl ControlTask {
                 let removed = self.shared.remove(&gateway, &id);
                 self.count_subscriptions();
                 debug!(%gateway, %id, removed, "unsubscribed");
+                if removed {
+                    self.dropped(conn, &gateway, vec![id]).await?;
+                }
                 Ok(())
             }
             ControlOp::Leave => {
                 let removed = self.shared.remove_gateway(&gateway);
                 self.count_subscriptions();
-                info!(%gateway, removed, "gateway left");
-                Ok(())
+                info!(%gateway, removed = removed.len(), "gateway left");
+                self.dropped(conn, &gateway, removed).await
             }
         }
     }
@@ -309,7 +312,7 @@ impl ControlTask {
         }
         self.count_subscriptions();
         info!(%gateway, withdrawn = stale.len(), "withdrew subscriptions its registry hash no longer holds");
-        Ok(())
+        self.dropped(conn, gateway, stale).await
     }
 
     async fn lease_alive(
@@ -329,8 +332,28 @@ impl ControlTask {
         self.count_subscriptions();
         let _: () = conn.del(self.names.subscriptions(gateway)).await?;
         let _: () = conn.srem(self.names.gateways(), gateway).await?;
-        info!(%gateway, removed, "gateway lease expired; its subscriptions are gone");
-        Ok(())
+        info!(%gateway, removed = removed.len(), "gateway lease expired; its subscriptions are gone");
+        // A gateway that was only stalled hears it and registers again.
+        self.dropped(conn, gateway, removed).await
+    }
+
+    /// Tells `gateway` that the daemon no longer holds `ids`: a gateway
+    /// that did not ask for it (a forged or duplicated `leave`, a lease
+    /// that expired while it stalled) registers them again.
+    async fn dropped(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        ids: Vec<impl AsRef<str>>,
+    ) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let reply = Reply::Dropped {
+            v: bus::VERSION,
+            ids: ids.iter().map(|id| id.as_ref().to_owned()).collect(),
+        };
+        self.reply(conn, gateway, &reply).await
     }
 
     /// Sets the subscriptions gauge from the registry.

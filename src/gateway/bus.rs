@@ -57,6 +57,11 @@ pub enum Delivery {
     /// lost for this socket (Redis pub/sub keeps nothing for an absent
     /// subscriber). The daemon confirms its subscriptions again then.
     Interrupted,
+    /// The daemon dropped these subscriptions though the socket still
+    /// holds them (a `leave` or `unsubscribe` the gateway did not send, a
+    /// lease that expired while it stalled): changes were missed, and the
+    /// gateway has registered them again, to be confirmed anew.
+    Dropped(Vec<Arc<str>>),
 }
 
 /// What a live channel is told when the gateway loses the bus.
@@ -116,10 +121,13 @@ pub struct BusTask {
     gateway: String,
     connected: Arc<AtomicBool>,
     reconnects: metrics::Counter,
+    restored: metrics::Counter,
 }
 
 /// A handle and its task for gateway `gateway` of the tenant of `names`;
-/// `reconnects` counts the times the connection comes back after a loss.
+/// `reconnects` counts the times the connection comes back after a loss,
+/// `restored` the subscriptions registered again after the daemon dropped
+/// them unasked.
 ///
 /// Commands are queued unbounded so a socket never waits on Redis; their
 /// number is bounded by the sockets' joins.
@@ -128,6 +136,7 @@ pub fn new(
     names: Names,
     gateway: String,
     reconnects: metrics::Counter,
+    restored: metrics::Counter,
 ) -> (Bus, BusTask) {
     let routes = Arc::new(Mutex::new(HashMap::new()));
     let connected = Arc::new(AtomicBool::new(false));
@@ -146,6 +155,7 @@ pub fn new(
             gateway,
             connected,
             reconnects,
+            restored,
         },
     )
 }
@@ -280,7 +290,9 @@ impl BusTask {
                 }
                 message = messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
-                    self.route(message.get_payload_bytes());
+                    for command in self.route(message.get_payload_bytes()) {
+                        self.execute(&mut conn, command).await?;
+                    }
                 }
                 command = self.commands.recv() => {
                     let Some(command) = command else { continue };
@@ -432,13 +444,14 @@ impl BusTask {
         }
     }
 
-    /// Hands one daemon message to the sockets it concerns.
-    fn route(&self, payload: &[u8]) {
+    /// Hands one daemon message to the sockets it concerns; returns the
+    /// subscriptions to register again (those the daemon dropped unasked).
+    fn route(&self, payload: &[u8]) -> Vec<Command> {
         let envelope: Envelope<'_> = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "ignoring a malformed message on the gateway channel");
-                return;
+                return Vec::new();
             }
         };
         if envelope.v != bus::VERSION {
@@ -446,7 +459,7 @@ impl BusTask {
                 v = envelope.v,
                 "ignoring a gateway message of another bus version"
             );
-            return;
+            return Vec::new();
         }
         let message = envelope.message.unwrap_or_default();
         let routes = lock(&self.routes);
@@ -469,15 +482,43 @@ impl BusTask {
             ("change", _) => {
                 let Some(data) = envelope.data else {
                     warn!("ignoring a change without data");
-                    return;
+                    return Vec::new();
                 };
                 let event = Arc::new(ChangeEvent::new(data.get()));
                 for (socket, ids) in by_socket(&routes, &envelope.ids) {
                     deliver(socket, Delivery::Change(ids, event.clone()));
                 }
             }
-            (kind, _) => debug!(%kind, "ignoring an unknown gateway message"),
+            ("dropped", _) => {
+                // Ids this gateway let go of have no route any more: only
+                // those it still serves were dropped unasked.
+                let mut again = Vec::new();
+                for (socket, ids) in by_socket(&routes, &envelope.ids) {
+                    for id in &ids {
+                        if let Some(route) = routes.get(&**id) {
+                            again.push(Command::Subscribe {
+                                id: id.to_string(),
+                                json: route.json.clone(),
+                            });
+                        }
+                    }
+                    deliver(socket, Delivery::Dropped(ids));
+                }
+                if !again.is_empty() {
+                    warn!(
+                        gateway = %self.gateway,
+                        subscriptions = again.len(),
+                        "the daemon dropped subscriptions this gateway still serves (a leave or unsubscribe it did not send, or its lease expired); registering them again"
+                    );
+                    self.restored.increment(again.len() as u64);
+                }
+                return again;
+            }
+            (kind, _) => {
+                debug!(kind = %crate::gateway::quiet::clip(kind), "ignoring an unknown gateway message")
+            }
         }
+        Vec::new()
     }
 }
 

@@ -450,6 +450,34 @@ impl Channel {
             .then(|| self.postgres_system("error", message))
     }
 
+    /// The daemon dropped `subscription_ids` unasked and the gateway has
+    /// registered them again: those of this channel wait for their new
+    /// confirmation, and a channel the client counts on gets the `system`
+    /// error payload of a gap (as for a lost bus) now, "Subscribed to
+    /// PostgreSQL" again once they are confirmed. Its other bindings are
+    /// untouched: the daemon still holds them.
+    pub fn dropped(&mut self, subscription_ids: &[Arc<str>], message: &str) -> Option<String> {
+        let mut in_force = false;
+        for b in &mut self.bindings {
+            if names(subscription_ids, &b.subscription.id) {
+                b.confirmed = false;
+                in_force = true;
+            }
+        }
+        for b in self.pending.iter_mut().flat_map(|p| p.bindings.iter_mut()) {
+            if names(subscription_ids, &b.subscription.id) {
+                b.confirmed = false;
+            }
+        }
+        if !in_force {
+            return None;
+        }
+        self.live = false;
+        self.failed = false;
+        std::mem::replace(&mut self.announced, false)
+            .then(|| self.postgres_system("error", message))
+    }
+
     /// Whether `subscription_id` is one of this channel's (in force or
     /// pending).
     pub fn owns(&self, subscription_id: &str) -> bool {

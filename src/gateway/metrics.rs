@@ -23,6 +23,9 @@ pub const FRAMES_SENT: &str = "walcast_gateway_frames_sent_total";
 pub const SLOW_CLOSES: &str = "walcast_gateway_slow_sockets_closed_total";
 /// Times the bus connection to Redis was established again after it was lost.
 pub const BUS_RECONNECTS: &str = "walcast_gateway_bus_reconnects_total";
+/// Subscriptions registered again because the daemon dropped them while
+/// the gateway still served them.
+pub const SUBSCRIPTIONS_RESTORED: &str = "walcast_gateway_subscriptions_restored_total";
 /// Warnings a client could trigger that were not logged (past their
 /// rate), by `warning` kind.
 pub const WARNINGS_SUPPRESSED: &str = "walcast_gateway_warnings_suppressed_total";
@@ -57,6 +60,11 @@ pub const ALL: &[(&str, Unit, &str)] = &[
         "bus connections to redis established again after a loss",
     ),
     (
+        SUBSCRIPTIONS_RESTORED,
+        Unit::Count,
+        "subscriptions registered again after the daemon dropped them unasked",
+    ),
+    (
         WARNINGS_SUPPRESSED,
         Unit::Count,
         "client-triggered warnings not logged past their rate, by kind",
@@ -86,6 +94,8 @@ pub struct GatewayMetrics {
     pub slow_closes: Counter,
     /// [`BUS_RECONNECTS`].
     pub bus_reconnects: Counter,
+    /// [`SUBSCRIPTIONS_RESTORED`].
+    pub subscriptions_restored: Counter,
 }
 
 impl Default for GatewayMetrics {
@@ -116,6 +126,7 @@ impl GatewayMetrics {
             frames_sent: counter(FRAMES_SENT),
             slow_closes: counter(SLOW_CLOSES),
             bus_reconnects: counter(BUS_RECONNECTS),
+            subscriptions_restored: counter(SUBSCRIPTIONS_RESTORED),
             recorder,
         };
         metrics.sockets.set(0.0);
@@ -124,6 +135,7 @@ impl GatewayMetrics {
             &metrics.frames_sent,
             &metrics.slow_closes,
             &metrics.bus_reconnects,
+            &metrics.subscriptions_restored,
         ] {
             c.increment(0);
         }

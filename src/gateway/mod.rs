@@ -167,6 +167,7 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         Names::new(&settings.tenant),
         gateway.clone(),
         metrics.bus_reconnects.clone(),
+        metrics.subscriptions_restored.clone(),
     );
     let bus_cancel = CancellationToken::new();
     let bus_handle = tokio::spawn(bus_task.run(bus_cancel.clone()));

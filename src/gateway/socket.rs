@@ -520,6 +520,16 @@ impl Session {
                     }
                 }
             }
+            Delivery::Dropped(ids) => {
+                for c in self.channels.values_mut() {
+                    // Told to v2 sockets only, as for a lost bus.
+                    if let Some(payload) = c.dropped(ids, INTERRUPTED_MESSAGE)
+                        && self.vsn == Vsn::V2
+                    {
+                        frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
+                    }
+                }
+            }
             Delivery::Change(ids, event) => {
                 for c in self.channels.values() {
                     let bindings = c.binding_ids(ids);

@@ -250,10 +250,11 @@ impl Registry {
         true
     }
 
-    /// Removes every subscription of `gateway`; how many there were.
-    pub fn remove_gateway(&mut self, gateway: &str) -> usize {
-        let ids = self.ids_of(gateway);
-        ids.iter().filter(|id| self.remove(gateway, id)).count()
+    /// Removes every subscription of `gateway`; their ids.
+    pub fn remove_gateway(&mut self, gateway: &str) -> Vec<Arc<str>> {
+        let mut ids = self.ids_of(gateway);
+        ids.retain(|id| self.remove(gateway, id));
+        ids
     }
 
     /// The subscriptions that may want `change`: those of its table that
@@ -355,8 +356,8 @@ impl Shared {
         self.write().remove(gateway, id)
     }
 
-    /// Removes every subscription of a gateway; how many there were.
-    pub fn remove_gateway(&self, gateway: &str) -> usize {
+    /// Removes every subscription of a gateway; their ids.
+    pub fn remove_gateway(&self, gateway: &str) -> Vec<Arc<str>> {
         self.write().remove_gateway(gateway)
     }
 
@@ -446,7 +447,7 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert!(r.remove("g2", "a"));
         assert!(!r.remove("g2", "a"));
-        assert_eq!(r.remove_gateway("g1"), 2);
+        assert_eq!(r.remove_gateway("g1").len(), 2);
         assert!(r.is_empty());
     }
 
