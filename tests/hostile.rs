@@ -487,3 +487,62 @@ async fn a_leave_or_unsubscribe_the_gateway_did_not_send_is_noticed_and_repaired
     scene.bystander_receives().await;
     assert_eq!(scene.registered().await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_select_on_an_rls_table_gets_supabases_401_not_an_error_per_change() {
+    let mut scene = Scene::start(&[]).await;
+    scene
+        .stack
+        .client
+        .batch_execute(walcast::rls::INSTALL_SQL)
+        .await
+        .expect("install sql/rls.sql");
+    scene
+        .stack
+        .client
+        .batch_execute(
+            "CREATE TABLE notes (id int PRIMARY KEY, owner text, body text);
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON notes FOR SELECT USING (owner = current_setting('request.jwt.claims', true)::jsonb->>'sub');
+             GRANT SELECT ON notes TO authenticated;
+             ALTER PUBLICATION supabase_realtime ADD TABLE notes;",
+        )
+        .await
+        .expect("setup");
+    let mut anon = scene.gateway.connect(Some("2.0.0")).await;
+    anon.send(&join(
+        1,
+        "realtime:notes",
+        r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"notes"}]}}"#,
+    ))
+    .await;
+    let reply = anon.recv().await;
+    let id = reply[4]["response"]["postgres_changes"][0]["id"].clone();
+    assert_eq!(anon.recv().await[4]["message"], "Subscribed to PostgreSQL");
+    for n in 1..=3 {
+        scene
+            .stack
+            .client
+            .execute("INSERT INTO notes VALUES ($1, 'alice', 'secret')", &[&n])
+            .await
+            .expect("insert");
+        let event = anon.recv().await;
+        assert_eq!(
+            event,
+            json!([null, null, "realtime:notes", "postgres_changes", {
+                "ids": [id],
+                "data": {
+                    "columns": [],
+                    "commit_timestamp": null,
+                    "errors": ["Error 401: Unauthorized"],
+                    "record": {},
+                    "schema": "public",
+                    "table": "notes",
+                    "type": "INSERT"
+                }
+            }])
+        );
+        scene.bystander_receives().await;
+    }
+    anon.sync(true, "2").await;
+}

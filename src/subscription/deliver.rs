@@ -147,7 +147,17 @@ pub async fn authorize(
         let policy = catalog
             .policy_columns(relation.id, &relation.schema, &relation.table)
             .await?;
-        visible_rows(pool, rls, batch, &rows, &policy, &mut passing, &mut denials).await;
+        visible_rows(
+            catalog,
+            pool,
+            rls,
+            batch,
+            &rows,
+            &policy,
+            &mut passing,
+            &mut denials,
+        )
+        .await?;
     }
     let mut out = Vec::with_capacity(batch.len());
     for (((change, _), entries), (secured, denied)) in batch
@@ -292,7 +302,9 @@ impl Grouping {
 /// it (the same answer) or the image lacks a value they read (the
 /// fallback). The rows' keys and images go once; each (role, claims) group
 /// names the rows it is a candidate for, or all of them.
+#[allow(clippy::too_many_arguments)]
 async fn visible_rows(
+    catalog: &mut Catalog,
     pool: &Pool,
     rls: &RlsSettings,
     batch: &[(&Change, Candidates)],
@@ -300,8 +312,10 @@ async fn visible_rows(
     policy: &PolicyColumns,
     passing: &mut [Candidates],
     denials: &mut [Vec<Denial>],
-) {
-    let Some(&first) = rows.first() else { return };
+) -> Result<(), Error> {
+    let Some(&first) = rows.first() else {
+        return Ok(());
+    };
     let relation = &batch[first].0.relation;
     let key_columns: Vec<&str> = relation
         .columns
@@ -398,11 +412,36 @@ async fn visible_rows(
         }
         row_groups.push((shared, indexed));
     }
+    // A role that may not select the primary key is not checked against
+    // the policies: it gets Supabase's `Error 401` payload (its view hides
+    // the key), as on a table without row level security, decided from
+    // its privileges alone (cached per role and table) rather than from a
+    // permission error per change.
+    let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    let mut unauthorized = Vec::with_capacity(grouping.asking.len());
+    for a in &grouping.asking {
+        let selectable = catalog
+            .selectable(&a.first.role, relation.id, &names)
+            .await?;
+        unauthorized.push(
+            relation
+                .columns
+                .iter()
+                .zip(selectable.iter())
+                .any(|(c, &may)| c.is_primary_key && !may),
+        );
+    }
     let all = rows.len();
-    let groups: Vec<Group<'_>> = grouping
-        .asking
-        .iter_mut()
-        .map(|a| Group {
+    // Group number → its place among the checked groups.
+    let mut checked_as: Vec<Option<usize>> = Vec::with_capacity(grouping.asking.len());
+    let mut groups: Vec<Group<'_>> = Vec::with_capacity(grouping.asking.len());
+    for (a, &unauthorized) in grouping.asking.iter_mut().zip(&unauthorized) {
+        if unauthorized {
+            checked_as.push(None);
+            continue;
+        }
+        checked_as.push(Some(groups.len()));
+        groups.push(Group {
             role: &a.first.role,
             claims: &a.first.claims,
             rows: if a.rows.len() == all {
@@ -410,8 +449,8 @@ async fn visible_rows(
             } else {
                 Rows::Only(std::mem::take(&mut a.rows))
             },
-        })
-        .collect();
+        });
+    }
     let table = TableRef {
         schema: &relation.schema,
         name: &relation.table,
@@ -427,7 +466,14 @@ async fn visible_rows(
         let mut visible = Vec::new();
         let mut failed: Vec<(u32, Vec<Arc<Entry>>)> = Vec::new();
         for (entry, &g) in entries.iter().zip(shared.iter().chain(&indexed)) {
-            let gi = g as usize;
+            let Some(gi) = checked_as.get(g as usize).copied() else {
+                continue;
+            };
+            let Some(gi) = gi else {
+                // Unauthorized: shown the 401 payload.
+                visible.push(entry.clone());
+                continue;
+            };
             let (Some(group), Some(outcome)) = (groups.get(gi), outcomes.get(gi)) else {
                 continue;
             };
@@ -458,7 +504,12 @@ async fn visible_rows(
             }
         }
         for (g, entries) in failed {
-            let message = match outcomes.get(g as usize) {
+            let outcome = checked_as
+                .get(g as usize)
+                .copied()
+                .flatten()
+                .and_then(|gi| outcomes.get(gi));
+            let message = match outcome {
                 Some(Ok(GroupOutcome::Failed { code, message })) => {
                     debug!(%code, %message, "rls policy raised for a group; denied");
                     format!("RLS policy evaluation failed: {code}: {message}")
@@ -471,6 +522,7 @@ async fn visible_rows(
         passing[row] = Candidates::from(visible);
     }
     metrics::counter!(metrics::RLS_DENIED).increment(denied_pairs);
+    Ok(())
 }
 
 /// Checks `groups` in chunks of at most [`KEYS_PER_CHECK`] candidates, up to
