@@ -110,6 +110,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     let pool = pool::build(
         &settings.database_url,
         POOL_CONNECTIONS + settings.rls.connections,
+        Some(settings.rls.timeout),
     )?;
     // Served until this function returns (dropping it aborts the server).
     let admin = Admin::start(settings, &pool, &cancel)?;

@@ -52,9 +52,22 @@ pub fn pg_config(url: &DatabaseUrl) -> tokio_postgres::Config {
     config
 }
 
-/// A pool of at most `size` connections to `url`.
-pub fn build(url: &DatabaseUrl, size: usize) -> Result<Pool, Error> {
-    let config = pg_config(url);
+/// A pool of at most `size` connections to `url`; every statement on them
+/// runs under `statement_timeout` when given (the daemon's `rls_timeout`),
+/// so that no query the stream waits on — a catalog lookup, a filter a
+/// client chose that only the server can evaluate — can stall the tenant.
+/// (A session default: `DISCARD ALL` on recycling keeps it.)
+pub fn build(
+    url: &DatabaseUrl,
+    size: usize,
+    statement_timeout: Option<std::time::Duration>,
+) -> Result<Pool, Error> {
+    let mut config = pg_config(url);
+    if let Some(timeout) = statement_timeout {
+        let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+        let options = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{options} -c statement_timeout={millis}"));
+    }
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Clean,
     };

@@ -550,7 +550,7 @@ fn datum(value: &Option<String>) -> Datum {
 /// A pool on `db` with walcast's session settings.
 fn pool(pg: &TestPostgres, db: &str) -> Pool {
     let url = DatabaseUrl::parse(&pg.url("postgres", db)).expect("url");
-    walcast::pool::build(&url, 2).expect("pool")
+    walcast::pool::build(&url, 2, None).expect("pool")
 }
 
 #[derive(Default)]
@@ -1038,6 +1038,39 @@ async fn refusals_carry_supabase_texts_and_failures_stay_with_their_item() {
         .await
         .expect("server");
     assert!(matches!(verdicts[0], Err(FilterFailure::NotText(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_filters_past_the_statement_timeout_fail_their_items_not_the_session() {
+    let pg = TestPostgres::start();
+    pg.create_database("slow").await;
+    let admin = pg.client("slow").await;
+    admin
+        .batch_execute("CREATE TABLE t (s text)")
+        .await
+        .expect("schema");
+    let plain = pool(&pg, "slow");
+    let mut catalog = Catalog::new(plain.clone());
+    let client = plain.get().await.expect("pool connection");
+    let s = column_of(&client, &mut catalog, "t", "s").await;
+    let like = compile_on(&client, &s, "s=like.a%").await.unwrap();
+    // 1 ms: no statement of 10,000 casts and comparisons finishes in it.
+    let url = DatabaseUrl::parse(&pg.url("postgres", "slow")).expect("url");
+    let timed =
+        walcast::pool::build(&url, 1, Some(std::time::Duration::from_millis(1))).expect("pool");
+    let timed = timed.get().await.expect("pool connection");
+    let abc = Datum::Text(Bytes::from_static(b"abc"));
+    let items = vec![(&like, &abc); 12_001];
+    let verdicts = evaluate_on_server(&timed, &items)
+        .await
+        .expect("a timeout is the items' failure, not the session's");
+    assert_eq!(verdicts.len(), 12_001);
+    for verdict in &verdicts {
+        assert!(
+            matches!(verdict, Err(FilterFailure::Server { message, .. }) if message == "canceling statement due to statement timeout"),
+            "{verdict:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,7 +104,7 @@ async fn setup(pg: &TestPostgres, db: &str, pool_size: usize) -> (Client, Pool) 
         .expect("sql/rls.sql again");
     admin.batch_execute(SCHEMA).await.expect("schema");
     let url = DatabaseUrl::parse(&pg.url("walcast", db)).expect("url");
-    let pool = walcast::pool::build(&url, pool_size).expect("pool");
+    let pool = walcast::pool::build(&url, pool_size, None).expect("pool");
     (admin, pool)
 }
 

@@ -104,7 +104,7 @@ async fn setup(pg: &TestPostgres, db: &str, install: &str) -> (Client, Pool) {
         .expect("walcast.role");
     admin.batch_execute(install).await.expect("sql/rls.sql");
     let url = DatabaseUrl::parse(&pg.url("walcast", db)).expect("url");
-    (admin, walcast::pool::build(&url, 2).expect("pool"))
+    (admin, walcast::pool::build(&url, 2, None).expect("pool"))
 }
 
 /// A new random policy set, table flags, members and rows.

@@ -188,7 +188,7 @@ const CASES: &[(&str, &str)] = &[
 /// A pool on the test database with walcast's session settings.
 fn pool(pg: &TestPostgres, db: &str) -> Pool {
     let url = DatabaseUrl::parse(&pg.url("postgres", db)).expect("url");
-    walcast::pool::build(&url, 2).expect("pool")
+    walcast::pool::build(&url, 2, None).expect("pool")
 }
 
 /// The server's text output of `expr::ty`, its type oid, and `to_jsonb`.

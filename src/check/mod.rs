@@ -132,7 +132,7 @@ async fn postgres(settings: &Settings) -> Vec<Finding> {
 
 /// One pooled connection, built exactly as the daemon builds its pool.
 async fn connect(url: &DatabaseUrl) -> Result<deadpool_postgres::Object, String> {
-    let pool = pool::build(url, 1).map_err(|e| e.to_string())?;
+    let pool = pool::build(url, 1, None).map_err(|e| e.to_string())?;
     pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Backend(e) => describe(&e),
         other => other.to_string(),

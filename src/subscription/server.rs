@@ -20,8 +20,9 @@ use super::filter::{IsTarget, Op, Operand};
 /// Items per statement: two parameters each, under Postgres's 65,535.
 const MAX_ITEMS_PER_STATEMENT: usize = 10_000;
 
-/// Why the server could not decide one item of a batch. The item's
-/// subscription is not matched; the rest of the batch is unaffected.
+/// Why the server could not decide one item of a batch (or, on a timeout,
+/// a statement's worth of them). The item's subscription is not matched;
+/// the rest of the batch is unaffected.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FilterFailure {
     /// The value is rendered JSON (`Datum::Json`), not the type's text:
@@ -140,6 +141,18 @@ pub async fn evaluate_on_server(
             Err(e) => e,
         };
         match error.as_db_error() {
+            // The pool's statement_timeout (`rls_timeout`): splitting would
+            // wait that long again per half, so the whole part is denied,
+            // as an RLS check that times out denies its groups.
+            Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => {
+                warn!(items = part.len(), error = %db.message(), "server-side filters timed out; their subscriptions do not receive this change");
+                for &n in part {
+                    results[n] = Err(FilterFailure::Server {
+                        column: items[n].0.column,
+                        message: db.message().to_owned(),
+                    });
+                }
+            }
             Some(db) if is_items_fault(db) => match part {
                 [n] => {
                     let column = items[*n].0.column;
