@@ -1,0 +1,95 @@
+//! Everything a client's frame goes through before anything is stored:
+//! the v1 (JSON object) and v2 (JSON array) decoders, the v2 binary
+//! decoder, and a join's payload. The first byte picks the decoder.
+//!
+//! Beyond "never panics", it checks what the gateway promises about
+//! hostile input: an error says what is wrong in bounded text (it is
+//! logged and echoed), and a decoded frame encodes back to one that
+//! decodes to the same fields.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use walcast::gateway::auth::Verifier;
+use walcast::gateway::channel::Channel;
+use walcast::gateway::frame::{self, Outbound, Vsn};
+use walcast::gateway::limits::Limits;
+
+/// The longest error text any refusal may carry, whatever the input.
+const MAX_REASON: usize = 512;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, input)) = data.split_first() else {
+        return;
+    };
+    match selector % 3 {
+        0 => text(Vsn::V1, input),
+        1 => text(Vsn::V2, input),
+        _ => binary(input),
+    }
+});
+
+fn text(vsn: Vsn, input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let inbound = match frame::decode(vsn, text) {
+        Ok(inbound) => inbound,
+        Err(malformed) => {
+            assert!(
+                malformed.reason.len() <= MAX_REASON,
+                "a {}-byte reason",
+                malformed.reason.len()
+            );
+            return;
+        }
+    };
+    // Encoded as the server would (a v1 frame has no join_ref) and read
+    // back, the frame is the same.
+    let encoded = frame::encode(
+        vsn,
+        Outbound {
+            join_ref: &inbound.join_ref,
+            reference: &inbound.reference,
+            topic: &inbound.topic,
+            event: &inbound.event,
+            payload: inbound.payload.get(),
+        },
+    );
+    let again = frame::decode(vsn, &encoded).expect("an encoded frame decodes");
+    assert_eq!(again.topic, inbound.topic);
+    assert_eq!(again.event, inbound.event);
+    assert_eq!(again.reference, inbound.reference);
+    assert_eq!(again.payload.get(), inbound.payload.get());
+    if vsn == Vsn::V2 {
+        assert_eq!(again.join_ref, inbound.join_ref);
+    }
+    if inbound.event == "phx_join" {
+        join(&inbound.topic, &inbound.payload);
+    }
+}
+
+fn join(topic: &str, payload: &serde_json::value::RawValue) {
+    // A token that does not verify: the payload is still read first, as
+    // far as it must be to find the token.
+    let verifier = Verifier::new(b"fuzz");
+    let limits = Limits::default();
+    match Channel::join(topic, Value::Null, payload, "", &verifier, "f", &limits) {
+        Ok(channel) => assert!(channel.bindings.len() <= limits.max_bindings_per_channel),
+        Err(e) => {
+            let reason = e.reason();
+            assert!(reason.len() <= MAX_REASON, "a {}-byte reason", reason.len());
+        }
+    }
+}
+
+fn binary(input: &[u8]) {
+    match frame::decode_binary(input) {
+        Ok(push) => assert!(
+            push.join_ref.len() + push.reference.len() + push.topic.len() + push.event.len()
+                <= input.len()
+        ),
+        Err(malformed) => assert!(malformed.reason.len() <= MAX_REASON),
+    }
+}
