@@ -10,6 +10,9 @@ use tracing_subscriber::EnvFilter;
 use walcast::cli::{CheckArgs, Cli, Command, SetupArgs};
 use walcast::config::LogFormat;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

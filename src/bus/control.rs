@@ -36,7 +36,8 @@ pub struct Subscription {
     #[serde(default)]
     pub select: Option<Vec<String>>,
     /// The verified JWT claims; set as `request.jwt.claims` for RLS.
-    pub claims: Map<String, Value>,
+    /// Shared: a gateway's bindings of one join hold one copy.
+    pub claims: std::sync::Arc<Map<String, Value>>,
     /// The database role to check visibility as (the claims' `role`).
     pub role: String,
 }

@@ -342,8 +342,8 @@ impl Validator {
             id: Arc::from(s.id.as_str()),
             events: Events::parse(&s.event),
             role: Arc::from(s.role.as_str()),
-            claims: serde_json::Value::Object(s.claims.clone()),
-            claims_text: Arc::from(serde_json::Value::Object(s.claims.clone()).to_string()),
+            claims: serde_json::Value::Object((*s.claims).clone()),
+            claims_text: Arc::from(serde_json::to_string(&*s.claims).unwrap_or_default()),
             select: s.select.clone(),
             filters,
         };

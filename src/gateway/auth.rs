@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 /// A token that verified: its claims and the role they name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
-    /// Every claim of the token.
-    pub claims: Map<String, Value>,
+    /// Every claim of the token (shared by the subscriptions it authorizes).
+    pub claims: std::sync::Arc<Map<String, Value>>,
     /// The `role` claim: the database role subscriptions run as.
     pub role: String,
     /// The `exp` claim, seconds since the Unix epoch.
@@ -509,7 +509,7 @@ impl Verifier {
         Ok(Verified {
             role: role.to_owned(),
             exp,
-            claims,
+            claims: std::sync::Arc::new(claims),
         })
     }
 

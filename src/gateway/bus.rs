@@ -80,14 +80,20 @@ pub struct SocketHandle {
 
 struct Route {
     socket: SocketHandle,
-    json: String,
+    /// Kept to register it again; shared with the socket's channel (and
+    /// its claims with the join's other bindings).
+    subscription: Arc<Subscription>,
     /// The subscription id, shared with every delivery that names it.
     id: Arc<str>,
 }
 
 enum Command {
-    Subscribe { id: String, json: String },
-    Unsubscribe { id: String },
+    /// Written to the registry and announced; serialized only then, so a
+    /// queued command holds no copy of the claims.
+    Subscribe(Arc<Subscription>),
+    Unsubscribe {
+        id: String,
+    },
 }
 
 /// Why the bus task lost Redis (it reconnects by itself).
@@ -171,28 +177,18 @@ impl Bus {
     }
 
     /// Registers (or registers again, same ids) `subscriptions` for `socket`.
-    pub fn register(&self, socket: &SocketHandle, subscriptions: &[Subscription]) {
+    pub fn register(&self, socket: &SocketHandle, subscriptions: &[Arc<Subscription>]) {
         let mut routes = lock(&self.routes);
         for subscription in subscriptions {
-            let json = match serde_json::to_string(subscription) {
-                Ok(json) => json,
-                Err(e) => {
-                    warn!(id = %subscription.id, error = %e, "cannot serialize a subscription; skipping it");
-                    continue;
-                }
-            };
             routes.insert(
                 subscription.id.clone(),
                 Route {
                     socket: socket.clone(),
-                    json: json.clone(),
+                    subscription: subscription.clone(),
                     id: Arc::from(subscription.id.as_str()),
                 },
             );
-            let _ = self.commands.send(Command::Subscribe {
-                id: subscription.id.clone(),
-                json,
-            });
+            let _ = self.commands.send(Command::Subscribe(subscription.clone()));
         }
     }
 
@@ -323,9 +319,9 @@ impl BusTask {
     /// empty) and announces each; the daemon answers `subscribed` again.
     /// Commands still queued run after this: duplicates are harmless.
     async fn resync(&mut self, conn: &mut MultiplexedConnection, again: bool) -> Result<(), Error> {
-        let current: Vec<(String, String)> = lock(&self.routes)
-            .iter()
-            .map(|(id, route)| (id.clone(), route.json.clone()))
+        let current: Vec<Arc<Subscription>> = lock(&self.routes)
+            .values()
+            .map(|route| route.subscription.clone())
             .collect();
         let hash = self.names.subscriptions(&self.gateway);
         if again {
@@ -362,8 +358,8 @@ impl BusTask {
                 .query_async::<()>(conn)
                 .await?;
         }
-        for (id, json) in current {
-            self.execute(conn, Command::Subscribe { id, json }).await?;
+        for subscription in current {
+            self.execute(conn, Command::Subscribe(subscription)).await?;
         }
         Ok(())
     }
@@ -375,15 +371,18 @@ impl BusTask {
     ) -> Result<(), Error> {
         let hash = self.names.subscriptions(&self.gateway);
         match command {
-            Command::Subscribe { id, json } => {
-                let subscription: Subscription = match serde_json::from_str(&json) {
-                    Ok(s) => s,
+            Command::Subscribe(subscription) => {
+                let json = match serde_json::to_string(&subscription) {
+                    Ok(json) => json,
                     Err(e) => {
-                        warn!(%id, error = %e, "unreadable subscription; not registered");
+                        warn!(id = %subscription.id, error = %e, "cannot serialize a subscription; not registered");
                         return Ok(());
                     }
                 };
-                let control = self.control(ControlOp::Subscribe { subscription });
+                let id = subscription.id.clone();
+                let control = self.control(ControlOp::Subscribe {
+                    subscription: Subscription::clone(&subscription),
+                });
                 redis::pipe()
                     .hset(&hash, &id, &json)
                     .ignore()
@@ -496,10 +495,7 @@ impl BusTask {
                 for (socket, ids) in by_socket(&routes, &envelope.ids) {
                     for id in &ids {
                         if let Some(route) = routes.get(&**id) {
-                            again.push(Command::Subscribe {
-                                id: id.to_string(),
-                                json: route.json.clone(),
-                            });
+                            again.push(Command::Subscribe(route.subscription.clone()));
                         }
                     }
                     deliver(socket, Delivery::Dropped(ids));
@@ -571,7 +567,17 @@ mod tests {
     fn route(socket: &SocketHandle, id: &str) -> (String, Route) {
         let route = Route {
             socket: socket.clone(),
-            json: String::new(),
+            subscription: Arc::new(Subscription {
+                id: id.to_owned(),
+                topic: String::new(),
+                schema: "public".to_owned(),
+                table: "t".to_owned(),
+                event: "*".to_owned(),
+                filter: None,
+                select: None,
+                claims: Arc::default(),
+                role: "anon".to_owned(),
+            }),
             id: Arc::from(id),
         };
         (id.to_owned(), route)

@@ -169,7 +169,7 @@ pub struct Binding {
     /// The client's integer id for it.
     pub id: u32,
     /// The bus subscription.
-    pub subscription: Subscription,
+    pub subscription: Arc<Subscription>,
     /// The binding as received with `id` added: the join reply's entry.
     echo: String,
     confirmed: bool,
@@ -214,7 +214,7 @@ pub enum Refresh {
     Ignored,
     /// Register these subscriptions (the new identity) and unregister
     /// those (an earlier refresh still pending, now superseded).
-    Register(Vec<Subscription>, Vec<String>),
+    Register(Vec<Arc<Subscription>>, Vec<String>),
 }
 
 /// A joined channel.
@@ -406,7 +406,7 @@ impl Channel {
         });
         Confirmed {
             system,
-            retired: old.into_iter().map(|b| b.subscription.id).collect(),
+            retired: old.into_iter().map(|b| b.subscription.id.clone()).collect(),
         }
     }
 
@@ -536,7 +536,12 @@ impl Channel {
         let superseded: Vec<String> = self
             .pending
             .take()
-            .map(|p| p.bindings.into_iter().map(|b| b.subscription.id).collect())
+            .map(|p| {
+                p.bindings
+                    .into_iter()
+                    .map(|b| b.subscription.id.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         self.generation += 1;
         let bindings: Vec<Binding> = self
@@ -544,7 +549,7 @@ impl Channel {
             .iter()
             .map(|b| Binding {
                 id: b.id,
-                subscription: Subscription {
+                subscription: Arc::new(Subscription {
                     id: format!(
                         "{}.{}",
                         b.subscription.id.split('.').next().unwrap_or_default(),
@@ -552,8 +557,8 @@ impl Channel {
                     ),
                     claims: verified.claims.clone(),
                     role: verified.role.clone(),
-                    ..b.subscription.clone()
-                },
+                    ..(*b.subscription).clone()
+                }),
                 echo: String::new(),
                 confirmed: false,
             })
@@ -629,7 +634,7 @@ fn binding_of(
     });
     Ok(Binding {
         id,
-        subscription: Subscription {
+        subscription: Arc::new(Subscription {
             id: subscription_id.to_owned(),
             topic: String::new(),
             schema: fields.schema.unwrap_or_else(|| "public".to_owned()),
@@ -639,7 +644,7 @@ fn binding_of(
             select,
             claims: verified.claims.clone(),
             role: verified.role.clone(),
-        },
+        }),
         echo,
         confirmed: false,
     })
