@@ -546,3 +546,32 @@ async fn a_role_without_select_on_an_rls_table_gets_supabases_401_not_an_error_p
     }
     anon.sync(true, "2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_and_joins_log_ten_warnings_per_10_s_and_count_the_rest() {
+    let mut scene = Scene::start(&[("WALCAST_MAX_CONCURRENT_USERS", "2".to_owned())]).await;
+    // The bystander holds one place; a second socket takes the other.
+    let mut second = scene.gateway.connect(Some("2.0.0")).await;
+    let log_before = scene.gateway.process.log();
+    for _ in 0..30 {
+        assert_eq!(
+            scene.gateway.refused(&crate::gateway::valid("anon")).await,
+            (429, r#"{"error":"Too many connected users"}"#.to_owned())
+        );
+    }
+    let log = scene.gateway.process.log();
+    let new = &log[log_before.len()..];
+    let warned = new
+        .lines()
+        .filter(|l| l.contains("connection refused: too many connected users"))
+        .count();
+    assert_eq!(warned, 10, "{new}");
+    let metrics = scene.gateway.get("/metrics").await.2;
+    assert!(
+        metrics.lines().any(|l| l
+            == r#"walcast_gateway_warnings_suppressed_total{warning="connection_refused"} 20"#),
+        "{metrics}"
+    );
+    second.sync(true, "1").await;
+    scene.bystander_receives().await;
+}
