@@ -74,6 +74,9 @@ pub struct GatewayArgs {
     /// Bytes of a client JWT [env: WALCAST_MAX_JWT_BYTES] [default: 16384]
     #[arg(long, value_name = "N")]
     pub max_jwt_bytes: Option<String>,
+    /// Sockets one client address may hold; 0 for no limit [env: WALCAST_MAX_SOCKETS_PER_ADDRESS] [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_sockets_per_address: Option<String>,
     /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port:random]
     #[arg(long, value_name = "ID")]
     pub gateway_id: Option<String>,
@@ -130,6 +133,10 @@ impl GatewayArgs {
             ),
             (&config::MAX_BINDING_BYTES, self.max_binding_bytes.clone()),
             (&config::MAX_JWT_BYTES, self.max_jwt_bytes.clone()),
+            (
+                &config::MAX_SOCKETS_PER_ADDRESS,
+                self.max_sockets_per_address.clone(),
+            ),
             (&config::GATEWAY_ID, self.gateway_id.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),

@@ -11,7 +11,7 @@ use walcast::cli::{CheckArgs, Cli, Command, SetupArgs};
 use walcast::config::LogFormat;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

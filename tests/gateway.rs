@@ -170,8 +170,33 @@ impl Gateway {
         }
     }
 
-    /// The subscriptions in the gateway's registry hash.
+    /// The subscriptions in the gateway's registry hash, each with its
+    /// channel's role and claims (a channel join is stored once, as
+    /// `channel:<id>`).
     pub(crate) async fn registry(&self) -> Vec<(String, Value)> {
+        self.registry_fields()
+            .await
+            .into_iter()
+            .flat_map(|(field, channel)| {
+                assert!(field.starts_with("channel:"), "{field}");
+                let (role, claims) = (channel["role"].clone(), channel["claims"].clone());
+                channel["subscriptions"]
+                    .as_array()
+                    .expect("subscriptions")
+                    .iter()
+                    .map(|b| {
+                        let mut s = b.clone();
+                        s["role"] = role.clone();
+                        s["claims"] = claims.clone();
+                        (b["id"].as_str().expect("id").to_owned(), s)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The gateway's registry hash as stored: field → JSON.
+    pub(crate) async fn registry_fields(&self) -> Vec<(String, Value)> {
         let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
         let mut conn = client
             .get_multiplexed_async_connection()

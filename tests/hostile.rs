@@ -230,6 +230,8 @@ async fn joins_over_the_size_limits_are_refused_stored_nowhere_and_logged_in_cli
     .await;
     scene.bystander_receives().await;
     assert_eq!(scene.registered().await, 101);
+    // Each join is stored once, its claims with it: two registry fields.
+    assert_eq!(scene.gateway.registry_fields().await.len(), 2);
     let grown = scene.gateway.process.log().len() - log_before;
     assert!(
         grown < 64 * 1024,
@@ -573,5 +575,38 @@ async fn refused_connections_and_joins_log_ten_warnings_per_10_s_and_count_the_r
         "{metrics}"
     );
     second.sync(true, "1").await;
+    scene.bystander_receives().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_max_sockets_per_address() {
+    let mut scene = Scene::start(&[("WALCAST_MAX_SOCKETS_PER_ADDRESS", "3".to_owned())]).await;
+    // The bystander is one of this address's three.
+    let mut second = scene.gateway.connect(Some("2.0.0")).await;
+    let third = scene.gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        scene.gateway.refused(&crate::gateway::valid("anon")).await,
+        (
+            429,
+            r#"{"error":"Too many connections from this address"}"#.to_owned()
+        )
+    );
+    // A closed socket frees its place.
+    let mut third = third;
+    third.ws.close(None).await.expect("close");
+    while let Some(Ok(_)) = third.ws.next().await {}
+    crate::support::eventually("the place is free", WAIT, || async {
+        scene
+            .gateway
+            .get("/metrics")
+            .await
+            .2
+            .lines()
+            .any(|l| l == "walcast_gateway_sockets 2")
+    })
+    .await;
+    let mut again = scene.gateway.connect(Some("2.0.0")).await;
+    again.sync(true, "1").await;
+    second.sync(true, "2").await;
     scene.bystander_receives().await;
 }

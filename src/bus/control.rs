@@ -46,6 +46,72 @@ fn all_events() -> String {
     "*".to_owned()
 }
 
+/// The bindings of one client channel join, registered as one: the
+/// claims (up to a JWT's worth) travel and are stored once, not once per
+/// binding. A gateway stores it in its registry hash under
+/// `channel:<id>` and announces it with [`ControlOp::SubscribeChannel`];
+/// the daemon answers about each subscription by its own id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRegistration {
+    /// Unique within its gateway (the registry field is `channel:<id>`).
+    pub id: String,
+    /// The database role of every subscription (the claims' `role`).
+    pub role: String,
+    /// The verified JWT claims of every subscription.
+    pub claims: std::sync::Arc<Map<String, Value>>,
+    /// The subscriptions, without role and claims.
+    pub subscriptions: Vec<Binding>,
+}
+
+/// One subscription of a [`ChannelRegistration`]: a [`Subscription`]
+/// without its role and claims.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// Unique within its gateway; events name it in `ids`.
+    pub id: String,
+    /// Schema; `*` for every published schema.
+    pub schema: String,
+    /// Table; `*` for every published table of the schema.
+    pub table: String,
+    /// `INSERT`, `UPDATE`, `DELETE` or `*`.
+    #[serde(default = "all_events")]
+    pub event: String,
+    /// Filter in Supabase's grammar, if any.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Columns to receive (the primary key always comes too), if not all.
+    #[serde(default)]
+    pub select: Option<Vec<String>>,
+}
+
+/// The registry hash field of channel `id`.
+pub fn channel_field(id: &str) -> String {
+    format!("{CHANNEL_FIELD_PREFIX}{id}")
+}
+
+/// What starts a registry field holding a [`ChannelRegistration`] (other
+/// fields hold one [`Subscription`] each, under its id).
+pub const CHANNEL_FIELD_PREFIX: &str = "channel:";
+
+impl ChannelRegistration {
+    /// Its subscriptions in full, each sharing the claims.
+    pub fn expand(&self) -> impl Iterator<Item = Subscription> + '_ {
+        self.subscriptions.iter().map(|b| Subscription {
+            id: b.id.clone(),
+            topic: String::new(),
+            schema: b.schema.clone(),
+            table: b.table.clone(),
+            event: b.event.clone(),
+            filter: b.filter.clone(),
+            select: b.select.clone(),
+            claims: self.claims.clone(),
+            role: self.role.clone(),
+        })
+    }
+}
+
 /// A message on the control channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Control {
@@ -66,6 +132,11 @@ pub enum ControlOp {
     Subscribe {
         /// The subscription, as also stored in the gateway's registry hash.
         subscription: Subscription,
+    },
+    /// Add (or replace, same ids) the subscriptions of one channel join.
+    SubscribeChannel {
+        /// The channel, as also stored in the gateway's registry hash.
+        channel: ChannelRegistration,
     },
     /// Remove a subscription.
     Unsubscribe {

@@ -6,7 +6,10 @@ mod control;
 mod event;
 mod names;
 
-pub use control::{Control, ControlOp, Reply, Subscription};
+pub use control::{
+    Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Reply, Subscription,
+    channel_field,
+};
 pub use event::{write_change_event, write_gateway_event};
 pub use names::Names;
 

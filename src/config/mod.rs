@@ -136,6 +136,7 @@ keys! {
     MAX_BINDINGS_PER_CHANNEL: "max_bindings_per_channel", "WALCAST_MAX_BINDINGS_PER_CHANNEL", "--max-bindings-per-channel", Some("100");
     MAX_BINDING_BYTES: "max_binding_bytes", "WALCAST_MAX_BINDING_BYTES", "--max-binding-bytes", Some("4096");
     MAX_JWT_BYTES: "max_jwt_bytes", "WALCAST_MAX_JWT_BYTES", "--max-jwt-bytes", Some("16384");
+    MAX_SOCKETS_PER_ADDRESS: "max_sockets_per_address", "WALCAST_MAX_SOCKETS_PER_ADDRESS", "--max-sockets-per-address", Some("0");
 }
 
 /// Why settings could not be resolved.
@@ -452,6 +453,16 @@ impl GatewaySettings {
                 max_bindings_per_channel: count(&MAX_BINDINGS_PER_CHANNEL)?,
                 max_binding_bytes: count(&MAX_BINDING_BYTES)?,
                 max_jwt_bytes: count(&MAX_JWT_BYTES)?,
+                max_sockets_per_address: {
+                    let (value, origin) = required(&MAX_SOCKETS_PER_ADDRESS)?;
+                    if value == "0" {
+                        0
+                    } else {
+                        parse_count(&value, 1_000_000)
+                            .map_err(|e| format!("{e} (or 0 for no limit)"))
+                            .map_err(invalid(&MAX_SOCKETS_PER_ADDRESS, origin))?
+                    }
+                },
             },
             gateway_id: lookup(&GATEWAY_ID)
                 .map(|(v, origin)| parse_gateway_id(&v).map_err(invalid(&GATEWAY_ID, origin)))
@@ -769,6 +780,7 @@ mod tests {
                 max_bindings_per_channel: 100,
                 max_binding_bytes: 4096,
                 max_jwt_bytes: 16_384,
+                max_sockets_per_address: 0,
             }
         );
         assert_eq!(s.limits, Limits::default());

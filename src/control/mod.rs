@@ -28,7 +28,9 @@ use tracing::{debug, info, warn};
 
 pub use validate::{Validator, Verdict};
 
-use crate::bus::{self, Control, ControlOp, Names, Reply, Subscription};
+use crate::bus::{
+    self, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names, Reply, Subscription,
+};
 use crate::metrics;
 use crate::subscription::Shared;
 
@@ -55,6 +57,24 @@ pub enum Error {
     /// The control channel's subscription ended (Redis went away).
     #[error("control: the control channel subscription ended")]
     Disconnected,
+}
+
+/// One field of a gateway's registry hash.
+enum Registered {
+    /// `<id>` → one subscription.
+    One(Subscription),
+    /// `channel:<id>` → one channel join's subscriptions.
+    Channel(ChannelRegistration),
+}
+
+impl Registered {
+    fn parse(field: &str, json: &str) -> Result<Registered, serde_json::Error> {
+        if field.starts_with(CHANNEL_FIELD_PREFIX) {
+            serde_json::from_str(json).map(Registered::Channel)
+        } else {
+            serde_json::from_str(json).map(Registered::One)
+        }
+    }
 }
 
 /// The control task's state.
@@ -149,20 +169,32 @@ impl ControlTask {
             }
             let stored: Vec<(String, String)> =
                 conn.hgetall(self.names.subscriptions(&gateway)).await?;
-            for (id, json) in stored {
-                match serde_json::from_str::<Subscription>(&json) {
-                    Ok(subscription) => {
+            for (field, json) in stored {
+                match Registered::parse(&field, &json) {
+                    Ok(Registered::One(subscription)) => {
                         self.subscribe(conn, &gateway, &subscription).await?;
                         recovered += 1;
                     }
+                    Ok(Registered::Channel(channel)) => {
+                        for subscription in channel.expand() {
+                            self.subscribe(conn, &gateway, &subscription).await?;
+                            recovered += 1;
+                        }
+                    }
+                    // A channel entry that cannot be read names no id to
+                    // reject: its gateway's channel waits, as it would for
+                    // a daemon that is away.
+                    Err(e) if field.starts_with(CHANNEL_FIELD_PREFIX) => {
+                        warn!(%gateway, field = %field, error = %e, "unreadable channel in the registry; skipping it");
+                    }
                     Err(e) => {
-                        warn!(%gateway, %id, error = %e, "unreadable subscription in the registry; rejecting it");
+                        warn!(%gateway, id = %field, error = %e, "unreadable subscription in the registry; rejecting it");
                         self.reply(
                             conn,
                             &gateway,
                             &Reply::Rejected {
                                 v: bus::VERSION,
-                                id,
+                                id: field,
                                 message: format!("malformed subscription: {e}"),
                             },
                         )
@@ -191,6 +223,12 @@ impl ControlTask {
         match control.op {
             ControlOp::Subscribe { subscription } => {
                 self.subscribe(conn, &gateway, &subscription).await
+            }
+            ControlOp::SubscribeChannel { channel } => {
+                for subscription in channel.expand() {
+                    self.subscribe(conn, &gateway, &subscription).await?;
+                }
+                Ok(())
             }
             ControlOp::Unsubscribe { id } => {
                 let removed = self.shared.remove(&gateway, &id);
@@ -296,7 +334,18 @@ impl ControlTask {
         conn: &mut MultiplexedConnection,
         gateway: &str,
     ) -> Result<(), Error> {
-        let registered: HashSet<String> = conn.hkeys(self.names.subscriptions(gateway)).await?;
+        let stored: Vec<(String, String)> = conn.hgetall(self.names.subscriptions(gateway)).await?;
+        let mut registered: HashSet<String> = HashSet::new();
+        for (field, json) in stored {
+            match Registered::parse(&field, &json) {
+                Ok(Registered::Channel(channel)) => {
+                    registered.extend(channel.subscriptions.into_iter().map(|b| b.id));
+                }
+                Ok(Registered::One(_)) | Err(_) => {
+                    registered.insert(field);
+                }
+            }
+        }
         let stale: Vec<Arc<str>> = self
             .shared
             .read()

@@ -113,7 +113,18 @@ pub struct Validator {
     secured: Recent<Oid, bool>,
     /// What the database has of `sql/rls.sql`.
     rls_sql: Recent<(), Installed>,
+    /// The claims of the last subscription validated, as entries hold
+    /// them: the subscriptions of one channel join share one map, and so
+    /// their entries share one copy.
+    last_claims: Option<SharedClaims>,
 }
+
+/// Claims as a message carried them and as entries hold them.
+type SharedClaims = (
+    Arc<serde_json::Map<String, serde_json::Value>>,
+    Arc<serde_json::Value>,
+    Arc<str>,
+);
 
 /// The pooled connection of one validation, taken when first needed: a
 /// validation answered from [`Recent`] answers needs none (taking one
@@ -140,7 +151,25 @@ impl Validator {
             columns: Recent::new(),
             secured: Recent::new(),
             rls_sql: Recent::new(),
+            last_claims: None,
         }
+    }
+
+    /// `claims` as entries hold them (value and text), shared with the
+    /// previous subscription's when they are the same map.
+    fn claims_of(
+        &mut self,
+        claims: &Arc<serde_json::Map<String, serde_json::Value>>,
+    ) -> (Arc<serde_json::Value>, Arc<str>) {
+        if let Some((map, value, text)) = &self.last_claims
+            && Arc::ptr_eq(map, claims)
+        {
+            return (value.clone(), text.clone());
+        }
+        let value = Arc::new(serde_json::Value::Object((**claims).clone()));
+        let text: Arc<str> = Arc::from(value.to_string());
+        self.last_claims = Some((claims.clone(), value.clone(), text.clone()));
+        (value, text)
     }
 
     /// Decides on `subscription` of `gateway`.
@@ -337,13 +366,14 @@ impl Validator {
                 }
             }
         }
+        let (claims, claims_text) = self.claims_of(&s.claims);
         let entry = Entry {
             gateway: Arc::from(gateway),
             id: Arc::from(s.id.as_str()),
             events: Events::parse(&s.event),
             role: Arc::from(s.role.as_str()),
-            claims: serde_json::Value::Object((*s.claims).clone()),
-            claims_text: Arc::from(serde_json::to_string(&*s.claims).unwrap_or_default()),
+            claims,
+            claims_text,
             select: s.select.clone(),
             filters,
         };

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::render::ChangeEvent;
-use crate::bus::{self, Control, ControlOp, Names, Subscription};
+use crate::bus::{self, ChannelRegistration, Control, ControlOp, Names};
 
 /// Lease lifetime: the daemon drops the gateway's subscriptions this long
 /// after the gateway stops refreshing it.
@@ -80,20 +80,20 @@ pub struct SocketHandle {
 
 struct Route {
     socket: SocketHandle,
-    /// Kept to register it again; shared with the socket's channel (and
-    /// its claims with the join's other bindings).
-    subscription: Arc<Subscription>,
+    /// The channel registration it belongs to.
+    channel: Arc<ChannelRegistration>,
     /// The subscription id, shared with every delivery that names it.
     id: Arc<str>,
 }
 
+/// What the bus task writes to Redis, in order.
 enum Command {
-    /// Written to the registry and announced; serialized only then, so a
-    /// queued command holds no copy of the claims.
-    Subscribe(Arc<Subscription>),
-    Unsubscribe {
-        id: String,
-    },
+    /// A channel join's registration: written to the registry under
+    /// `channel:<id>` and announced, its claims once. Serialized only
+    /// then, so a queued command holds no copy.
+    Subscribe(Arc<ChannelRegistration>),
+    /// Its withdrawal: the registry field deleted, each id unsubscribed.
+    Unsubscribe(Arc<ChannelRegistration>),
 }
 
 /// Why the bus task lost Redis (it reconnects by itself).
@@ -176,31 +176,35 @@ impl Bus {
         self.connected.load(Ordering::Acquire)
     }
 
-    /// Registers (or registers again, same ids) `subscriptions` for `socket`.
-    pub fn register(&self, socket: &SocketHandle, subscriptions: &[Arc<Subscription>]) {
+    /// Registers (or registers again, same ids) `channel`'s subscriptions
+    /// for `socket`.
+    pub fn register(&self, socket: &SocketHandle, channel: &Arc<ChannelRegistration>) {
+        if channel.subscriptions.is_empty() {
+            return;
+        }
         let mut routes = lock(&self.routes);
-        for subscription in subscriptions {
+        for binding in &channel.subscriptions {
             routes.insert(
-                subscription.id.clone(),
+                binding.id.clone(),
                 Route {
                     socket: socket.clone(),
-                    subscription: subscription.clone(),
-                    id: Arc::from(subscription.id.as_str()),
+                    channel: channel.clone(),
+                    id: Arc::from(binding.id.as_str()),
                 },
             );
-            let _ = self.commands.send(Command::Subscribe(subscription.clone()));
         }
+        let _ = self.commands.send(Command::Subscribe(channel.clone()));
     }
 
-    /// Removes subscriptions by id.
-    pub fn unregister<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+    /// Withdraws `channel`'s subscriptions.
+    pub fn unregister(&self, channel: &Arc<ChannelRegistration>) {
         let mut routes = lock(&self.routes);
-        for id in ids {
-            if routes.remove(id).is_some() {
-                let _ = self
-                    .commands
-                    .send(Command::Unsubscribe { id: id.to_owned() });
-            }
+        let mut held = false;
+        for binding in &channel.subscriptions {
+            held |= routes.remove(&binding.id).is_some();
+        }
+        if held {
+            let _ = self.commands.send(Command::Unsubscribe(channel.clone()));
         }
     }
 }
@@ -319,10 +323,7 @@ impl BusTask {
     /// empty) and announces each; the daemon answers `subscribed` again.
     /// Commands still queued run after this: duplicates are harmless.
     async fn resync(&mut self, conn: &mut MultiplexedConnection, again: bool) -> Result<(), Error> {
-        let current: Vec<Arc<Subscription>> = lock(&self.routes)
-            .values()
-            .map(|route| route.subscription.clone())
-            .collect();
+        let current = self.channels();
         let hash = self.names.subscriptions(&self.gateway);
         if again {
             // Not a leave: a daemon reading the registry back at this
@@ -330,21 +331,33 @@ impl BusTask {
             // and drop it until its subscribe message came — a gap after
             // "Subscribed to PostgreSQL". Only what this process no longer
             // holds is withdrawn; the rest is replaced in place.
-            let stored: Vec<String> = conn.hkeys(&hash).await?;
-            let stale: Vec<String> = {
-                let routes = lock(&self.routes);
-                stored
-                    .into_iter()
-                    .filter(|id| !routes.contains_key(id))
-                    .collect()
-            };
-            if !stale.is_empty() {
-                let mut pipe = redis::pipe();
-                for id in stale {
-                    let control = self.control(ControlOp::Unsubscribe { id: id.clone() });
-                    pipe.hdel(&hash, &id).ignore();
-                    pipe.publish(self.names.control(), control).ignore();
+            let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
+            let held: HashSet<String> = current.iter().map(|c| bus::channel_field(&c.id)).collect();
+            let mut pipe = redis::pipe();
+            let mut stale = 0;
+            for (field, json) in stored {
+                if held.contains(&field) {
+                    continue;
                 }
+                stale += 1;
+                pipe.hdel(&hash, &field).ignore();
+                // A channel's subscriptions by their own ids; another
+                // field is one subscription's id.
+                let ids = match serde_json::from_str::<ChannelRegistration>(&json) {
+                    Ok(channel) if field.starts_with(bus::CHANNEL_FIELD_PREFIX) => {
+                        channel.subscriptions.into_iter().map(|b| b.id).collect()
+                    }
+                    _ => vec![field],
+                };
+                for id in ids {
+                    pipe.publish(
+                        self.names.control(),
+                        self.control(ControlOp::Unsubscribe { id }),
+                    )
+                    .ignore();
+                }
+            }
+            if stale > 0 {
                 pipe.query_async::<()>(conn).await?;
             }
         } else {
@@ -358,10 +371,21 @@ impl BusTask {
                 .query_async::<()>(conn)
                 .await?;
         }
-        for subscription in current {
-            self.execute(conn, Command::Subscribe(subscription)).await?;
+        for channel in current {
+            self.execute(conn, Command::Subscribe(channel)).await?;
         }
         Ok(())
+    }
+
+    /// Every channel registration some route holds, once each.
+    fn channels(&self) -> Vec<Arc<ChannelRegistration>> {
+        let routes = lock(&self.routes);
+        let mut seen = HashSet::new();
+        routes
+            .values()
+            .filter(|r| seen.insert(Arc::as_ptr(&r.channel)))
+            .map(|r| r.channel.clone())
+            .collect()
     }
 
     async fn execute(
@@ -371,37 +395,41 @@ impl BusTask {
     ) -> Result<(), Error> {
         let hash = self.names.subscriptions(&self.gateway);
         match command {
-            Command::Subscribe(subscription) => {
-                let json = match serde_json::to_string(&subscription) {
+            Command::Subscribe(channel) => {
+                let json = match serde_json::to_string(&*channel) {
                     Ok(json) => json,
                     Err(e) => {
-                        warn!(id = %subscription.id, error = %e, "cannot serialize a subscription; not registered");
+                        warn!(channel = %channel.id, error = %e, "cannot serialize a channel registration; not registered");
                         return Ok(());
                     }
                 };
-                let id = subscription.id.clone();
-                let control = self.control(ControlOp::Subscribe {
-                    subscription: Subscription::clone(&subscription),
-                });
+                // The control message embeds the same text: no second
+                // serialization, no clone of the registration.
+                let control = format!(
+                    r#"{{"v":{},"gateway":{},"op":"subscribe_channel","channel":{json}}}"#,
+                    bus::VERSION,
+                    serde_json::Value::from(self.gateway.as_str())
+                );
                 redis::pipe()
-                    .hset(&hash, &id, &json)
+                    .hset(&hash, bus::channel_field(&channel.id), &json)
                     .ignore()
                     .publish(self.names.control(), control)
                     .ignore()
                     .query_async::<()>(conn)
                     .await?;
-                debug!(%id, "subscription registered");
+                debug!(channel = %channel.id, subscriptions = channel.subscriptions.len(), "channel registered");
             }
-            Command::Unsubscribe { id } => {
-                let control = self.control(ControlOp::Unsubscribe { id: id.clone() });
-                redis::pipe()
-                    .hdel(&hash, &id)
-                    .ignore()
-                    .publish(self.names.control(), control)
-                    .ignore()
-                    .query_async::<()>(conn)
-                    .await?;
-                debug!(%id, "subscription removed");
+            Command::Unsubscribe(channel) => {
+                let mut pipe = redis::pipe();
+                pipe.hdel(&hash, bus::channel_field(&channel.id)).ignore();
+                for binding in &channel.subscriptions {
+                    let control = self.control(ControlOp::Unsubscribe {
+                        id: binding.id.clone(),
+                    });
+                    pipe.publish(self.names.control(), control).ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+                debug!(channel = %channel.id, "channel withdrawn");
             }
         }
         Ok(())
@@ -491,24 +519,28 @@ impl BusTask {
             ("dropped", _) => {
                 // Ids this gateway let go of have no route any more: only
                 // those it still serves were dropped unasked.
-                let mut again = Vec::new();
+                let mut again: Vec<Arc<ChannelRegistration>> = Vec::new();
+                let mut restored = 0u64;
                 for (socket, ids) in by_socket(&routes, &envelope.ids) {
                     for id in &ids {
                         if let Some(route) = routes.get(&**id) {
-                            again.push(Command::Subscribe(route.subscription.clone()));
+                            restored += 1;
+                            if !again.iter().any(|c| Arc::ptr_eq(c, &route.channel)) {
+                                again.push(route.channel.clone());
+                            }
                         }
                     }
                     deliver(socket, Delivery::Dropped(ids));
                 }
-                if !again.is_empty() {
+                if restored > 0 {
                     warn!(
                         gateway = %self.gateway,
-                        subscriptions = again.len(),
+                        subscriptions = restored,
                         "the daemon dropped subscriptions this gateway still serves (a leave or unsubscribe it did not send, or its lease expired); registering them again"
                     );
-                    self.restored.increment(again.len() as u64);
+                    self.restored.increment(restored);
                 }
-                return again;
+                return again.into_iter().map(Command::Subscribe).collect();
             }
             (kind, _) => {
                 debug!(kind = %crate::gateway::quiet::clip(kind), "ignoring an unknown gateway message")
@@ -567,16 +599,11 @@ mod tests {
     fn route(socket: &SocketHandle, id: &str) -> (String, Route) {
         let route = Route {
             socket: socket.clone(),
-            subscription: Arc::new(Subscription {
-                id: id.to_owned(),
-                topic: String::new(),
-                schema: "public".to_owned(),
-                table: "t".to_owned(),
-                event: "*".to_owned(),
-                filter: None,
-                select: None,
-                claims: Arc::default(),
+            channel: Arc::new(ChannelRegistration {
+                id: "c".to_owned(),
                 role: "anon".to_owned(),
+                claims: Arc::default(),
+                subscriptions: Vec::new(),
             }),
             id: Arc::from(id),
         };

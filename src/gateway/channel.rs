@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::auth::{AuthError, Verified, Verifier};
+use super::auth::{AuthError, Verifier};
 use super::limits::Limits;
 use super::quiet::clip;
-use crate::bus::Subscription;
+use crate::bus::{self, ChannelRegistration};
 
 /// The payload of `phx_join`; other keys are ignored.
 #[derive(Debug, Deserialize)]
@@ -168,8 +168,8 @@ pub fn check_topic_length(topic: &str, max: usize) -> Result<(), JoinError> {
 pub struct Binding {
     /// The client's integer id for it.
     pub id: u32,
-    /// The bus subscription.
-    pub subscription: Arc<Subscription>,
+    /// Its bus subscription's id.
+    pub subscription_id: String,
     /// The binding as received with `id` added: the join reply's entry.
     echo: String,
     confirmed: bool,
@@ -180,6 +180,8 @@ pub struct Binding {
 struct Pending {
     token: String,
     exp: i64,
+    /// The new identity's registration.
+    registration: Arc<ChannelRegistration>,
     /// The bindings again, in order, under new subscription ids.
     bindings: Vec<Binding>,
 }
@@ -189,8 +191,8 @@ struct Pending {
 pub struct Confirmed {
     /// The `system` payload to send ("Subscribed to PostgreSQL"), if due.
     pub system: Option<String>,
-    /// Subscriptions a completed refresh replaced: to unregister.
-    pub retired: Vec<String>,
+    /// The registration a completed refresh replaced: to unregister.
+    pub retired: Option<Arc<ChannelRegistration>>,
 }
 
 /// What the daemon's `rejected` means for the channel.
@@ -212,9 +214,9 @@ pub enum Rejection {
 pub enum Refresh {
     /// Nothing: not a string, `sb_`-prefixed, or the latest token.
     Ignored,
-    /// Register these subscriptions (the new identity) and unregister
-    /// those (an earlier refresh still pending, now superseded).
-    Register(Vec<Arc<Subscription>>, Vec<String>),
+    /// Register this (the new identity) and unregister that (an earlier
+    /// refresh still pending, now superseded).
+    Register(Arc<ChannelRegistration>, Option<Arc<ChannelRegistration>>),
 }
 
 /// A joined channel.
@@ -230,6 +232,8 @@ pub struct Channel {
     exp: i64,
     /// The bindings in force, in request order.
     pub bindings: Vec<Binding>,
+    /// Their bus registration (one per join: the claims once).
+    pub registration: Arc<ChannelRegistration>,
     /// A refresh waiting for the daemon.
     pending: Option<Pending>,
     /// Refreshes so far: the suffix of the next one's subscription ids.
@@ -312,19 +316,25 @@ impl Channel {
         let token = join_token(&parsed, socket_token).to_owned();
         let verified = verifier.verify(&token)?;
         let mut bindings = Vec::with_capacity(raw.len());
+        let mut subscriptions = Vec::with_capacity(raw.len());
         for (index, binding) in raw.iter().enumerate() {
-            bindings.push(binding_of(
-                binding,
-                &verified,
-                &format!("{prefix}:{index}"),
-            )?);
+            let (binding, subscription) = binding_of(binding, &format!("{prefix}:{index}"))?;
+            bindings.push(binding);
+            subscriptions.push(subscription);
         }
+        let registration = Arc::new(ChannelRegistration {
+            id: prefix.to_owned(),
+            role: verified.role.clone(),
+            claims: verified.claims.clone(),
+            subscriptions,
+        });
         Ok(Channel {
             topic: topic.to_owned(),
             join_ref,
             token,
             exp: verified.exp,
             bindings,
+            registration,
             pending: None,
             generation: 0,
             failed: false,
@@ -359,7 +369,7 @@ impl Channel {
             if let Some(b) = pending
                 .bindings
                 .iter_mut()
-                .find(|b| b.subscription.id == subscription_id)
+                .find(|b| b.subscription_id == subscription_id)
             {
                 b.confirmed = true;
             }
@@ -370,7 +380,7 @@ impl Channel {
         let Some(binding) = self
             .bindings
             .iter_mut()
-            .find(|b| b.subscription.id == subscription_id)
+            .find(|b| b.subscription_id == subscription_id)
         else {
             return Confirmed::default();
         };
@@ -382,7 +392,7 @@ impl Channel {
         self.announced = true;
         Confirmed {
             system: Some(self.postgres_system("ok", "Subscribed to PostgreSQL")),
-            retired: Vec::new(),
+            retired: None,
         }
     }
 
@@ -393,9 +403,10 @@ impl Channel {
             return Confirmed::default();
         };
         let old = std::mem::replace(&mut self.bindings, pending.bindings);
-        for (new, old) in self.bindings.iter_mut().zip(&old) {
-            new.echo.clone_from(&old.echo);
+        for (new, old) in self.bindings.iter_mut().zip(old) {
+            new.echo = old.echo;
         }
+        let retired = std::mem::replace(&mut self.registration, pending.registration);
         self.token = pending.token;
         self.exp = pending.exp;
         self.failed = false;
@@ -406,7 +417,7 @@ impl Channel {
         });
         Confirmed {
             system,
-            retired: old.into_iter().map(|b| b.subscription.id.clone()).collect(),
+            retired: Some(retired),
         }
     }
 
@@ -418,7 +429,7 @@ impl Channel {
         let refreshed = self.pending.as_ref().is_some_and(|p| {
             p.bindings
                 .iter()
-                .any(|b| b.subscription.id == subscription_id)
+                .any(|b| b.subscription_id == subscription_id)
         });
         if refreshed {
             return Rejection::Refresh(message.to_owned());
@@ -459,13 +470,13 @@ impl Channel {
     pub fn dropped(&mut self, subscription_ids: &[Arc<str>], message: &str) -> Option<String> {
         let mut in_force = false;
         for b in &mut self.bindings {
-            if names(subscription_ids, &b.subscription.id) {
+            if names(subscription_ids, &b.subscription_id) {
                 b.confirmed = false;
                 in_force = true;
             }
         }
         for b in self.pending.iter_mut().flat_map(|p| p.bindings.iter_mut()) {
-            if names(subscription_ids, &b.subscription.id) {
+            if names(subscription_ids, &b.subscription_id) {
                 b.confirmed = false;
             }
         }
@@ -487,17 +498,21 @@ impl Channel {
     fn owns_in_force(&self, subscription_id: &str) -> bool {
         self.bindings
             .iter()
-            .any(|b| b.subscription.id == subscription_id)
+            .any(|b| b.subscription_id == subscription_id)
     }
 
-    /// Every subscription of the channel, in force and pending: what
-    /// leaving it withdraws.
+    /// Its registrations, in force and pending: what leaving withdraws.
+    pub fn registrations(&self) -> impl Iterator<Item = &Arc<ChannelRegistration>> {
+        std::iter::once(&self.registration).chain(self.pending.iter().map(|p| &p.registration))
+    }
+
+    /// Every subscription of the channel, in force and pending.
     pub fn subscription_ids(&self) -> impl Iterator<Item = &str> {
         let pending = self.pending.iter().flat_map(|p| p.bindings.iter());
         self.bindings
             .iter()
             .chain(pending)
-            .map(|b| b.subscription.id.as_str())
+            .map(|b| b.subscription_id.as_str())
     }
 
     /// The client's ids of this channel's bindings among
@@ -506,7 +521,7 @@ impl Channel {
     pub fn binding_ids(&self, subscription_ids: &[Arc<str>]) -> Vec<u32> {
         self.bindings
             .iter()
-            .filter(|b| names(subscription_ids, &b.subscription.id))
+            .filter(|b| names(subscription_ids, &b.subscription_id))
             .map(|b| b.id)
             .collect()
     }
@@ -516,7 +531,7 @@ impl Channel {
     pub fn error_payload(&self, subscription_ids: &[Arc<str>], message: &str) -> Option<String> {
         self.bindings
             .iter()
-            .any(|b| names(subscription_ids, &b.subscription.id))
+            .any(|b| names(subscription_ids, &b.subscription_id))
             .then(|| self.postgres_system("error", message))
     }
 
@@ -533,46 +548,44 @@ impl Channel {
             return Ok(Refresh::Ignored);
         }
         let verified = verifier.verify(token)?;
-        let superseded: Vec<String> = self
-            .pending
-            .take()
-            .map(|p| {
-                p.bindings
-                    .into_iter()
-                    .map(|b| b.subscription.id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let superseded = self.pending.take().map(|p| p.registration);
         self.generation += 1;
+        let generation = self.generation;
+        let renamed = |id: &str| format!("{}.{generation}", id.split('.').next().unwrap_or(id));
+        let registration = Arc::new(ChannelRegistration {
+            id: renamed(&self.registration.id),
+            role: verified.role.clone(),
+            claims: verified.claims.clone(),
+            subscriptions: self
+                .registration
+                .subscriptions
+                .iter()
+                .map(|b| bus::Binding {
+                    id: renamed(&b.id),
+                    ..b.clone()
+                })
+                .collect(),
+        });
         let bindings: Vec<Binding> = self
             .bindings
             .iter()
             .map(|b| Binding {
                 id: b.id,
-                subscription: Arc::new(Subscription {
-                    id: format!(
-                        "{}.{}",
-                        b.subscription.id.split('.').next().unwrap_or_default(),
-                        self.generation
-                    ),
-                    claims: verified.claims.clone(),
-                    role: verified.role.clone(),
-                    ..(*b.subscription).clone()
-                }),
+                subscription_id: renamed(&b.subscription_id),
                 echo: String::new(),
                 confirmed: false,
             })
             .collect();
-        let subscriptions = bindings.iter().map(|b| b.subscription.clone()).collect();
         self.pending = Some(Pending {
             token: token.to_owned(),
             exp: verified.exp,
+            registration: registration.clone(),
             bindings,
         });
         if self.bindings.is_empty() {
             self.switch();
         }
-        Ok(Refresh::Register(subscriptions, superseded))
+        Ok(Refresh::Register(registration, superseded))
     }
 
     /// Whether the channel's token is still unexpired at `now` (Unix
@@ -602,11 +615,7 @@ fn names(ids: &[Arc<str>], id: &str) -> bool {
     ids.iter().any(|i| &**i == id)
 }
 
-fn binding_of(
-    raw: &RawValue,
-    verified: &Verified,
-    subscription_id: &str,
-) -> Result<Binding, JoinError> {
+fn binding_of(raw: &RawValue, subscription_id: &str) -> Result<(Binding, bus::Binding), JoinError> {
     let text = raw.get();
     let fields: BindingFields = serde_json::from_str(text).map_err(|e| {
         JoinError::InvalidPayload(format!(
@@ -632,22 +641,22 @@ fn binding_of(
             .filter(|c| !c.is_empty())
             .collect(),
     });
-    Ok(Binding {
-        id,
-        subscription: Arc::new(Subscription {
+    Ok((
+        Binding {
+            id,
+            subscription_id: subscription_id.to_owned(),
+            echo,
+            confirmed: false,
+        },
+        bus::Binding {
             id: subscription_id.to_owned(),
-            topic: String::new(),
             schema: fields.schema.unwrap_or_else(|| "public".to_owned()),
             table: fields.table.unwrap_or_else(|| "*".to_owned()),
             event: fields.event.unwrap_or_else(|| "*".to_owned()),
             filter: fields.filter,
             select,
-            claims: verified.claims.clone(),
-            role: verified.role.clone(),
-        }),
-        echo,
-        confirmed: false,
-    })
+        },
+    ))
 }
 
 /// A binding's client id: FNV-1a of its JSON text, in `[1, 2^27)` like
@@ -712,12 +721,18 @@ mod tests {
             )
         );
         assert_eq!(reply["response"]["postgres_changes"][1]["table"], "t");
-        let s = &c.bindings[0].subscription;
+        let r = &c.registration;
         assert_eq!(
-            (s.id.as_str(), s.role.as_str(), s.event.as_str()),
-            ("x:1:0", "anon", "INSERT")
+            (
+                r.id.as_str(),
+                r.role.as_str(),
+                r.subscriptions[0].id.as_str(),
+                r.subscriptions[0].event.as_str()
+            ),
+            ("x:1", "anon", "x:1:0", "INSERT")
         );
-        assert_eq!(c.bindings[1].subscription.schema, "public");
+        assert_eq!(r.subscriptions[1].schema, "public");
+        assert_eq!(c.bindings[1].subscription_id, "x:1:1");
     }
 
     #[test]
@@ -785,16 +800,15 @@ mod tests {
             c.confirm("x:1:0").system.is_some(),
             "the identity in force is live again"
         );
+        let done = c.confirm("x:1:0.1");
         assert_eq!(
-            c.confirm("x:1:0.1"),
-            Confirmed {
-                system: Some(
-                    r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#.to_owned()
-                ),
-                retired: vec!["x:1:0".to_owned()],
-            },
+            done.system.as_deref(),
+            Some(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"Subscribed to PostgreSQL","status":"ok"}"#
+            ),
             "then the refresh completes"
         );
+        assert_eq!(done.retired.map(|r| r.id.clone()).as_deref(), Some("x:1"));
         assert!(binding_error(c.reject("x:1:0.1", "database away")).is_some());
         assert_eq!(
             c.interrupt("lost"),
@@ -985,13 +999,18 @@ mod tests {
         let Ok(Refresh::Register(first, superseded)) = c.refresh(&json!(later), &v) else {
             panic!("a new token registers");
         };
-        assert_eq!(superseded, Vec::<String>::new());
+        assert_eq!(superseded, None);
+        assert_eq!(
+            (first.id.as_str(), first.role.as_str()),
+            ("x:1.1", "authenticated")
+        );
         assert_eq!(
             first
+                .subscriptions
                 .iter()
-                .map(|s| (s.id.as_str(), s.role.as_str()))
+                .map(|b| (b.id.as_str(), b.table.as_str()))
                 .collect::<Vec<_>>(),
-            [("x:1:0.1", "authenticated"), ("x:1:1.1", "authenticated")]
+            [("x:1:0.1", "a"), ("x:1:1.1", "b")]
         );
         // Until the daemon accepts it, the old identity is in force: its
         // events, its expiry.
@@ -1004,8 +1023,8 @@ mod tests {
         else {
             panic!("a newer token registers");
         };
-        assert_eq!(superseded, ["x:1:0.1", "x:1:1.1"]);
-        assert_eq!(second[1].id, "x:1:1.2");
+        assert_eq!(superseded.map(|r| r.id.clone()).as_deref(), Some("x:1.1"));
+        assert_eq!(second.subscriptions[1].id, "x:1:1.2");
         assert_eq!(
             c.refresh(&json!(token("authenticated")), &v),
             Ok(Refresh::Ignored),
@@ -1015,7 +1034,12 @@ mod tests {
         assert_eq!(c.confirm("x:1:0.2"), Confirmed::default());
         let done = c.confirm("x:1:1.2");
         assert!(done.system.is_some());
-        assert_eq!(done.retired, ["x:1:0", "x:1:1"]);
+        assert_eq!(
+            done.retired.map(|r| r.subscriptions.len()),
+            Some(2),
+            "the join's registration"
+        );
+        assert_eq!(c.registration.id, "x:1.2");
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1.2")]), [ids[1]]);
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1")]), Vec::<u32>::new());
         assert_eq!(
@@ -1046,11 +1070,12 @@ mod tests {
         let v = Verifier::new(b"s");
         let mut c = join("{}").unwrap();
         let later = token_until("authenticated", 5_000_000_000);
-        assert_eq!(
-            c.refresh(&json!(later), &v),
-            Ok(Refresh::Register(Vec::new(), Vec::new()))
-        );
+        let Ok(Refresh::Register(registration, None)) = c.refresh(&json!(later), &v) else {
+            panic!("registers nothing to wait for");
+        };
+        assert!(registration.subscriptions.is_empty());
         assert_eq!(c.check_token(4_000_000_005), Ok(()));
+        assert_eq!(c.registration.role, "authenticated");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! costs the gateway and Redis is bounded by these settings, never by
 //! what a client chooses to send.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,8 +33,11 @@ pub struct Limits {
     /// `select` and any other field together).
     pub max_binding_bytes: usize,
     /// Bytes of a JWT (connect, join or `access_token`): bounds the claims
-    /// stored with every subscription, before any signature is checked.
+    /// stored with every channel, before any signature is checked.
     pub max_jwt_bytes: usize,
+    /// Sockets one client address may hold at once; 0: no limit (the
+    /// default: behind a proxy every client has the proxy's address).
+    pub max_sockets_per_address: usize,
 }
 
 impl Default for Limits {
@@ -46,7 +51,71 @@ impl Default for Limits {
             max_bindings_per_channel: 100,
             max_binding_bytes: 4096,
             max_jwt_bytes: 16_384,
+            max_sockets_per_address: 0,
         }
+    }
+}
+
+/// Sockets per client address against `max_sockets_per_address`.
+#[derive(Debug)]
+pub struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+/// A socket's place among its address's; dropping it frees the place.
+#[derive(Debug)]
+pub struct AddressSlot {
+    addresses: Arc<PerAddress>,
+    address: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.addresses.lock();
+        if let Some(n) = open.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl PerAddress {
+    /// At most `max` sockets per address; 0: no limit.
+    pub fn new(max: usize) -> PerAddress {
+        PerAddress {
+            open: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for one more socket from `address`, or `None` when it holds
+    /// `max` already. (Without a limit, nothing is counted.)
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Option<AddressSlot>> {
+        if self.max == 0 {
+            return Some(None);
+        }
+        let mut open = self.lock();
+        let n = open.entry(address).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(AddressSlot {
+            addresses: self.clone(),
+            address,
+        }))
+    }
+
+    /// Addresses holding a socket now (0 without a limit).
+    pub fn addresses(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -179,6 +248,22 @@ mod tests {
         assert!(c.is_some());
         drop((b, c));
         assert_eq!(sockets.open(), 0);
+    }
+
+    #[test]
+    fn each_address_holds_at_most_its_share_and_frees_it() {
+        let per = Arc::new(PerAddress::new(2));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::1".parse().unwrap());
+        let first = per.admit(a).unwrap();
+        let second = per.admit(a).unwrap();
+        assert!(per.admit(a).is_none());
+        assert!(per.admit(b).unwrap().is_some(), "another address");
+        drop(first);
+        let third = per.admit(a).unwrap();
+        drop((second, third));
+        assert_eq!(per.addresses(), 0, "no entry is left behind");
+        let unlimited = Arc::new(PerAddress::new(0));
+        assert!((0..1000).all(|_| matches!(unlimited.admit(a), Some(None))));
     }
 
     #[test]

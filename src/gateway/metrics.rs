@@ -74,7 +74,11 @@ pub const ALL: &[(&str, Unit, &str)] = &[
 /// Refusal reasons listed at zero from the start, so alerts can be set
 /// on them before they first happen.
 const LIMIT_REASONS: &[&str] = &["ChannelRateLimitReached", "ClientJoinRateLimitReached"];
-const CONNECTION_REASONS: &[&str] = &["ConnectionRateLimitReached", "JoinsRateLimitReached"];
+const CONNECTION_REASONS: &[&str] = &[
+    "ConnectionRateLimitReached",
+    "JoinsRateLimitReached",
+    "AddressRateLimitReached",
+];
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));

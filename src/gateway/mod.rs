@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -52,7 +52,7 @@ use tracing::{debug, info, warn};
 
 use self::auth::{AuthError, Verifier};
 use self::frame::Vsn;
-use self::limits::{JoinRate, Limits, Sockets};
+use self::limits::{JoinRate, Limits, PerAddress, Sockets};
 use self::metrics::GatewayMetrics;
 use crate::bus::Names;
 use crate::config::GatewaySettings;
@@ -99,6 +99,8 @@ pub struct Context {
     pub joins: JoinRate,
     /// Open sockets against `max_concurrent_users`.
     open: Arc<Sockets>,
+    /// Open sockets per client address against `max_sockets_per_address`.
+    per_address: Arc<PerAddress>,
     /// Warnings clients can trigger, rate-limited.
     warnings: quiet::Throttle,
     /// The last socket id handed out.
@@ -127,6 +129,7 @@ impl Context {
             metrics,
             joins: JoinRate::new(limits.max_joins_per_second),
             open,
+            per_address: Arc::new(PerAddress::new(limits.max_sockets_per_address)),
             warnings: quiet::Throttle::default(),
             sockets: AtomicU64::new(0),
             tracker: TaskTracker::new(),
@@ -195,6 +198,7 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         max_bindings_per_channel = settings.limits.max_bindings_per_channel,
         max_binding_bytes = settings.limits.max_binding_bytes,
         max_jwt_bytes = settings.limits.max_jwt_bytes,
+        max_sockets_per_address = settings.limits.max_sockets_per_address,
         jwks_keys = settings.jwt_jwks.as_ref().map_or(0, auth::KeySet::len),
         claim_validators = ?settings.jwt_claim_validators.claims().collect::<Vec<_>>(),
         "gateway listening"
@@ -207,10 +211,13 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
             debug!(error = %e, "could not set TCP_NODELAY on a connection");
         }
     });
-    let served = axum::serve(listener, router(ctx.clone()))
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .await
-        .map_err(Error::Serve);
+    let served = axum::serve(
+        listener,
+        router(ctx.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(cancel.clone().cancelled_owned())
+    .await
+    .map_err(Error::Serve);
     ctx.tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
         .await
@@ -295,6 +302,7 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 
 async fn upgrade(
     State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -325,8 +333,23 @@ async fn upgrade(
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
         return refuse(status, &message);
     }
-    // Supabase's `TenantRateLimiters.check_tenant`, after authentication:
-    // the concurrent sockets, then the join rate.
+    // walcast's per-address share first (off by default), then Supabase's
+    // `TenantRateLimiters.check_tenant`, after authentication: the
+    // concurrent sockets, then the join rate.
+    let Some(address_slot) = ctx.per_address.admit(peer.ip()) else {
+        ctx.metrics.connection_refused("AddressRateLimitReached");
+        if ctx.may_warn("connection_refused") {
+            warn!(
+                max_sockets_per_address = ctx.limits.max_sockets_per_address,
+                address = %peer.ip(),
+                "connection refused: too many sockets from one address"
+            );
+        }
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many connections from this address",
+        );
+    };
     let Some(slot) = ctx.open.admit() else {
         ctx.metrics.connection_refused("ConnectionRateLimitReached");
         if ctx.may_warn("connection_refused") {
@@ -359,8 +382,8 @@ async fn upgrade(
             let tracker = ctx.tracker.clone();
             tracker.track_future(async move {
                 socket::serve(socket, ctx, id, vsn, token, cancel).await;
-                // The place is free once the session has ended.
-                drop(slot);
+                // The places are free once the session has ended.
+                drop((slot, address_slot));
             })
         })
 }

@@ -206,12 +206,11 @@ pub async fn serve(
             }
         }
     };
-    let ids: Vec<String> = session
-        .channels
-        .values()
-        .flat_map(|c| c.subscription_ids().map(str::to_owned))
-        .collect();
-    session.ctx.bus.unregister(ids.iter().map(String::as_str));
+    for channel in session.channels.values() {
+        for registration in channel.registrations() {
+            session.ctx.bus.unregister(registration);
+        }
+    }
     session
         .ctx
         .metrics
@@ -360,15 +359,10 @@ impl Session {
         });
         match joined {
             Ok(channel) => {
-                let subscriptions: Vec<_> = channel
-                    .bindings
-                    .iter()
-                    .map(|b| b.subscription.clone())
-                    .collect();
-                self.ctx.bus.register(&self.handle, &subscriptions);
+                self.ctx.bus.register(&self.handle, &channel.registration);
                 let reply = channel.reply_payload();
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
-                debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = subscriptions.len(), "joined");
+                debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = channel.bindings.len(), "joined");
                 self.ctx.metrics.channels.increment(1.0);
                 self.channels.insert(f.topic, channel);
             }
@@ -413,7 +407,9 @@ impl Session {
     /// Removes `channel`'s subscriptions and tells the client it is closed.
     fn close_channel(&mut self, channel: Channel) {
         self.ctx.metrics.channels.decrement(1.0);
-        self.ctx.bus.unregister(channel.subscription_ids());
+        for registration in channel.registrations() {
+            self.ctx.bus.unregister(registration);
+        }
         let join_ref = channel.join_ref.clone();
         self.push(&join_ref, &join_ref, &channel.topic, "phx_close", "{}");
     }
@@ -439,11 +435,11 @@ impl Session {
         };
         match channel.refresh(&token, &self.ctx.verifier) {
             Ok(Refresh::Ignored) => {}
-            Ok(Refresh::Register(subscriptions, superseded)) => {
-                self.ctx
-                    .bus
-                    .unregister(superseded.iter().map(String::as_str));
-                self.ctx.bus.register(&self.handle, &subscriptions);
+            Ok(Refresh::Register(registration, superseded)) => {
+                if let Some(superseded) = &superseded {
+                    self.ctx.bus.unregister(superseded);
+                }
+                self.ctx.bus.register(&self.handle, &registration);
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), "token refreshed");
             }
             Err(e) => {
@@ -478,9 +474,9 @@ impl Session {
                     if let Some(payload) = confirmed.system {
                         frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
                     }
-                    self.ctx
-                        .bus
-                        .unregister(confirmed.retired.iter().map(String::as_str));
+                    if let Some(retired) = &confirmed.retired {
+                        self.ctx.bus.unregister(retired);
+                    }
                 }
             }
             Delivery::Rejected(id, message) => {

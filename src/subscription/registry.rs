@@ -58,8 +58,9 @@ pub struct Entry {
     pub events: Events,
     /// The role to check visibility as.
     pub role: Arc<str>,
-    /// The verified JWT claims, set as `request.jwt.claims` for RLS.
-    pub claims: serde_json::Value,
+    /// The verified JWT claims, set as `request.jwt.claims` for RLS
+    /// (shared by the entries of one channel join).
+    pub claims: Arc<serde_json::Value>,
     /// The claims as JSON text: with `role`, what RLS checks group by.
     pub claims_text: Arc<str>,
     /// Columns to send besides the primary key; `None` for all.
@@ -390,7 +391,7 @@ mod tests {
             id: id.into(),
             events,
             role: "anon".into(),
-            claims: serde_json::json!({}),
+            claims: Arc::new(serde_json::json!({})),
             claims_text: "{}".into(),
             select: None,
             filters: Vec::new(),
