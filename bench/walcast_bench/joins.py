@@ -14,7 +14,8 @@ subscription carries. Then:
   of `max_binding_bytes` (4,096): 10,000 subscriptions, every byte the
   limits allow.
 - **closed**: the socket closes; the gateway unregisters everything;
-  measured 12 s later (jemalloc returns freed pages after 10 s).
+  measured once RSS has held still for 3 s (jemalloc returns freed pages
+  over its 10 s + 10 s decay; at most 40 s).
 
 After each, read from /proc and Redis: the gateway's VmRSS, Redis's
 `used_memory`, and the bytes the gateway's log grew by (`WALCAST_LOG=info`,
@@ -261,9 +262,15 @@ def run(binary: Path, redis, logs: Path, log, smoke: bool) -> list[Step]:
         step(f"{channels} maximal joins")
         ws.close()
         _settle("the registry emptied", lambda: _registered(redis.port) == 0)
-        # jemalloc's background thread gives freed pages back after its
-        # dirty decay (10 s).
-        time.sleep(1.0 if smoke else 12.0)
+        # jemalloc's background thread gives freed pages back over its
+        # decay time (10 s dirty, then 10 s muzzy): read until RSS holds
+        # still for 3 s, at most 40 s.
+        deadline, last, still = time.monotonic() + (2 if smoke else 40), _rss(gateway.pid), 0
+        while time.monotonic() < deadline and still < 3:
+            time.sleep(1.0)
+            rss = _rss(gateway.pid)
+            still = still + 1 if rss >= last else 0
+            last = rss
         step("socket closed")
     except BenchError:
         raise

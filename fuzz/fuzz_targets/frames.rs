@@ -76,7 +76,11 @@ fn join(topic: &str, payload: &serde_json::value::RawValue) {
     let verifier = Verifier::new(b"fuzz");
     let limits = Limits::default();
     match Channel::join(topic, Value::Null, payload, "", &verifier, "f", &limits) {
-        Ok(channel) => assert!(channel.bindings.len() <= limits.max_bindings_per_channel),
+        Ok((channel, reply)) => {
+            assert!(channel.bindings.len() <= limits.max_bindings_per_channel);
+            // The reply echoes the payload's bindings: it is JSON.
+            serde_json::from_str::<Value>(&reply).expect("the join reply is JSON");
+        }
         Err(e) => {
             let reason = e.reason();
             assert!(reason.len() <= MAX_REASON, "a {}-byte reason", reason.len());

@@ -170,8 +170,6 @@ pub struct Binding {
     pub id: u32,
     /// Its bus subscription's id.
     pub subscription_id: String,
-    /// The binding as received with `id` added: the join reply's entry.
-    echo: String,
     confirmed: bool,
 }
 
@@ -262,7 +260,9 @@ fn join_token<'a>(payload: &'a JoinPayload<'_>, socket_token: &'a str) -> &'a st
 
 impl Channel {
     /// Joins `topic` with `payload` within `limits`; subscription ids are
-    /// `<prefix>:<i>`.
+    /// `<prefix>:<i>`. Returns the channel and the join reply's payload:
+    /// every binding as received, plus its id (built here and not kept,
+    /// so a binding's text is held once, in the registration).
     pub fn join(
         topic: &str,
         join_ref: Value,
@@ -271,7 +271,7 @@ impl Channel {
         verifier: &Verifier,
         prefix: &str,
         limits: &Limits,
-    ) -> Result<Channel, JoinError> {
+    ) -> Result<(Channel, String), JoinError> {
         check_topic(topic)?;
         check_topic_length(topic, limits.max_topic_bytes)?;
         let parsed: JoinPayload<'_> = if payload.get() == "null" {
@@ -317,18 +317,24 @@ impl Channel {
         let verified = verifier.verify(&token)?;
         let mut bindings = Vec::with_capacity(raw.len());
         let mut subscriptions = Vec::with_capacity(raw.len());
+        let mut reply = String::from(r#"{"status":"ok","response":{"postgres_changes":["#);
         for (index, binding) in raw.iter().enumerate() {
-            let (binding, subscription) = binding_of(binding, &format!("{prefix}:{index}"))?;
+            if index > 0 {
+                reply.push(',');
+            }
+            let (binding, subscription) =
+                binding_of(binding, &format!("{prefix}:{index}"), &mut reply)?;
             bindings.push(binding);
             subscriptions.push(subscription);
         }
+        reply.push_str("]}}");
         let registration = Arc::new(ChannelRegistration {
             id: prefix.to_owned(),
             role: verified.role.clone(),
             claims: verified.claims.clone(),
             subscriptions,
         });
-        Ok(Channel {
+        let channel = Channel {
             topic: topic.to_owned(),
             join_ref,
             token,
@@ -340,25 +346,13 @@ impl Channel {
             failed: false,
             live: false,
             announced: false,
-        })
+        };
+        Ok((channel, reply))
     }
 
     /// The sub-topic: the topic without `realtime:`.
     pub fn name(&self) -> &str {
         self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
-    }
-
-    /// The join reply's payload: every binding as received, plus its id.
-    pub fn reply_payload(&self) -> String {
-        let mut out = String::from(r#"{"status":"ok","response":{"postgres_changes":["#);
-        for (i, b) in self.bindings.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&b.echo);
-        }
-        out.push_str("]}}");
-        out
     }
 
     /// The daemon confirmed `subscription_id`: the `system` payload when
@@ -402,10 +396,7 @@ impl Channel {
         let Some(pending) = self.pending.take() else {
             return Confirmed::default();
         };
-        let old = std::mem::replace(&mut self.bindings, pending.bindings);
-        for (new, old) in self.bindings.iter_mut().zip(old) {
-            new.echo = old.echo;
-        }
+        self.bindings = pending.bindings;
         let retired = std::mem::replace(&mut self.registration, pending.registration);
         self.token = pending.token;
         self.exp = pending.exp;
@@ -572,7 +563,6 @@ impl Channel {
             .map(|b| Binding {
                 id: b.id,
                 subscription_id: renamed(&b.subscription_id),
-                echo: String::new(),
                 confirmed: false,
             })
             .collect();
@@ -615,7 +605,14 @@ fn names(ids: &[Arc<str>], id: &str) -> bool {
     ids.iter().any(|i| &**i == id)
 }
 
-fn binding_of(raw: &RawValue, subscription_id: &str) -> Result<(Binding, bus::Binding), JoinError> {
+/// A binding of the join payload: the channel's side, the bus's side, and
+/// its entry of the join reply appended to `reply` (the binding as
+/// received, byte for byte, with `id` added).
+fn binding_of(
+    raw: &RawValue,
+    subscription_id: &str,
+    reply: &mut String,
+) -> Result<(Binding, bus::Binding), JoinError> {
     let text = raw.get();
     let fields: BindingFields = serde_json::from_str(text).map_err(|e| {
         JoinError::InvalidPayload(format!(
@@ -624,15 +621,21 @@ fn binding_of(raw: &RawValue, subscription_id: &str) -> Result<(Binding, bus::Bi
         ))
     })?;
     let id = binding_id(text);
-    let echo = match text.strip_suffix('}') {
-        Some(open) if open.trim_end().ends_with('{') => format!("{open}\"id\":{id}}}"),
-        Some(open) => format!("{open},\"id\":{id}}}"),
+    match text.strip_suffix('}') {
+        Some(open) if open.trim_end().ends_with('{') => {
+            reply.push_str(open);
+            reply.push_str(&format!("\"id\":{id}}}"));
+        }
+        Some(open) => {
+            reply.push_str(open);
+            reply.push_str(&format!(",\"id\":{id}}}"));
+        }
         None => {
             return Err(JoinError::InvalidPayload(
                 "a postgres_changes binding must be an object".to_owned(),
             ));
         }
-    };
+    }
     let select = fields.select.map(|s| match s {
         Select::List(list) => list,
         Select::Text(text) => text
@@ -645,7 +648,6 @@ fn binding_of(raw: &RawValue, subscription_id: &str) -> Result<(Binding, bus::Bi
         Binding {
             id,
             subscription_id: subscription_id.to_owned(),
-            echo,
             confirmed: false,
         },
         bus::Binding {
@@ -695,6 +697,11 @@ mod tests {
     }
 
     fn join(payload: &str) -> Result<Channel, JoinError> {
+        joined(payload).map(|(c, _)| c)
+    }
+
+    /// The channel and its join reply.
+    fn joined(payload: &str) -> Result<(Channel, String), JoinError> {
         let raw = RawValue::from_string(payload.to_owned()).unwrap();
         Channel::join(
             "realtime:room1",
@@ -709,12 +716,12 @@ mod tests {
 
     #[test]
     fn the_reply_echoes_bindings_byte_for_byte_with_integer_ids() {
-        let c = join(r#"{"config":{"broadcast":{"self":false},"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos","filter":"owner_id=eq.\u00e9"},{ "table" : "t" },{}]}}"#).unwrap();
-        let reply: Value = serde_json::from_str(&c.reply_payload()).unwrap();
+        let (c, reply_text) = joined(r#"{"config":{"broadcast":{"self":false},"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos","filter":"owner_id=eq.\u00e9"},{ "table" : "t" },{}]}}"#).unwrap();
+        let reply: Value = serde_json::from_str(&reply_text).unwrap();
         let ids: Vec<u32> = c.bindings.iter().map(|b| b.id).collect();
         assert!(ids.iter().all(|id| *id > 0 && *id < 1 << 27));
         assert_eq!(
-            c.reply_payload(),
+            reply_text,
             format!(
                 r#"{{"status":"ok","response":{{"postgres_changes":[{{"event":"INSERT","schema":"public","table":"todos","filter":"owner_id=eq.\u00e9","id":{}}},{{ "table" : "t" ,"id":{}}},{{"id":{}}}]}}}}"#,
                 ids[0], ids[1], ids[2]
@@ -861,7 +868,7 @@ mod tests {
             &Limits::default(),
         )
         .unwrap();
-        assert_eq!(c.token, token("authenticated"));
+        assert_eq!(c.0.token, token("authenticated"));
         let raw = RawValue::from_string(r#"{"access_token":null}"#.to_owned()).unwrap();
         let c = Channel::join(
             "realtime:r",
@@ -873,7 +880,7 @@ mod tests {
             &Limits::default(),
         )
         .unwrap();
-        assert_eq!(c.token, token("anon"));
+        assert_eq!(c.0.token, token("anon"));
         let raw = RawValue::from_string(r#"{"access_token":"garbage"}"#.to_owned()).unwrap();
         let e = Channel::join(
             "realtime:r",
@@ -917,7 +924,7 @@ mod tests {
         let attempt = |topic: &str, payload: &str| {
             let raw = RawValue::from_string(payload.to_owned()).unwrap();
             Channel::join(topic, Value::Null, &raw, &token("anon"), &v, "p", &limits)
-                .map(|c| c.bindings.len())
+                .map(|(c, _)| c.bindings.len())
                 .map_err(|e| e.reason())
         };
         for topic in ["", "phoenix", "room1", "Realtime:room1"] {
@@ -1042,13 +1049,6 @@ mod tests {
         assert_eq!(c.registration.id, "x:1.2");
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1.2")]), [ids[1]]);
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1")]), Vec::<u32>::new());
-        assert_eq!(
-            c.reply_payload(),
-            join(r#"{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"a"},{"event":"*","schema":"public","table":"b"}]}}"#)
-                .unwrap()
-                .reply_payload(),
-            "the echo is kept"
-        );
         // A refresh the daemon refuses ends the channel.
         let Ok(Refresh::Register(..)) = c.refresh(&json!(later), &v) else {
             panic!("registers");

@@ -358,9 +358,8 @@ impl Session {
             )
         });
         match joined {
-            Ok(channel) => {
+            Ok((channel, reply)) => {
                 self.ctx.bus.register(&self.handle, &channel.registration);
-                let reply = channel.reply_payload();
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = channel.bindings.len(), "joined");
                 self.ctx.metrics.channels.increment(1.0);
