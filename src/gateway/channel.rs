@@ -480,10 +480,22 @@ impl Channel {
             .then(|| self.postgres_system("error", message))
     }
 
-    /// Whether `subscription_id` is one of this channel's (in force or
-    /// pending).
+    /// Whether `subscription_id` is one of this channel's join (in force,
+    /// pending or superseded: [`Channel::confirm`] and [`Channel::reject`]
+    /// tell them apart). Decided by the id's join prefix, without looking
+    /// through the bindings: a socket may hold 100 channels of 100
+    /// bindings, and every answer of the daemon is routed this way.
     pub fn owns(&self, subscription_id: &str) -> bool {
-        self.subscription_ids().any(|id| id == subscription_id)
+        let base = self
+            .registration
+            .id
+            .split('.')
+            .next()
+            .unwrap_or(&self.registration.id);
+        // `<join>:<index>[.<generation>]` → `<join>`.
+        subscription_id
+            .rsplit_once(':')
+            .is_some_and(|(join, _)| join == base)
     }
 
     fn owns_in_force(&self, subscription_id: &str) -> bool {
@@ -1047,6 +1059,8 @@ mod tests {
             "the join's registration"
         );
         assert_eq!(c.registration.id, "x:1.2");
+        assert!(c.owns("x:1:0.2") && c.owns("x:1:1") && c.owns("x:1:0.1"));
+        assert!(!c.owns("x:10:0") && !c.owns("x:1") && !c.owns("y:1:0"));
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1.2")]), [ids[1]]);
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1")]), Vec::<u32>::new());
         // A refresh the daemon refuses ends the channel.
