@@ -14,8 +14,8 @@ subscription carries. Then:
   of `max_binding_bytes` (4,096): 10,000 subscriptions, every byte the
   limits allow.
 - **closed**: the socket closes; the gateway unregisters everything;
-  measured once RSS has held still for 3 s (jemalloc returns freed pages
-  over its 10 s + 10 s decay; at most 40 s).
+  measured 20 s later, once RSS has held still for 3 s (jemalloc returns
+  freed pages over its 10 s + 10 s decay; at most 40 s).
 
 After each, read from /proc and Redis: the gateway's VmRSS, Redis's
 `used_memory`, and the bytes the gateway's log grew by (`WALCAST_LOG=info`,
@@ -263,10 +263,12 @@ def run(binary: Path, redis, logs: Path, log, smoke: bool) -> list[Step]:
         ws.close()
         _settle("the registry emptied", lambda: _registered(redis.port) == 0)
         # jemalloc's background thread gives freed pages back over its
-        # decay time (10 s dirty, then 10 s muzzy): read until RSS holds
-        # still for 3 s, at most 40 s.
-        deadline, last, still = time.monotonic() + (2 if smoke else 40), _rss(gateway.pid), 0
-        while time.monotonic() < deadline and still < 3:
+        # decay time (10 s dirty, then 10 s muzzy), starting a few seconds
+        # after the free: read after 20 s, then until RSS holds still for
+        # 3 s, at most 40 s.
+        started = time.monotonic()
+        deadline, last, still = started + (2 if smoke else 40), _rss(gateway.pid), 0
+        while time.monotonic() < deadline and (still < 3 or time.monotonic() - started < 20 and not smoke):
             time.sleep(1.0)
             rss = _rss(gateway.pid)
             still = still + 1 if rss >= last else 0
