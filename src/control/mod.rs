@@ -421,3 +421,38 @@ impl ControlTask {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_field_holds_a_channel_or_one_subscription() {
+        let channel = r#"{"id":"3:2","role":"anon","claims":{"role":"anon","sub":"u"},"subscriptions":[{"id":"3:2:0","schema":"public","table":"a","event":"*","filter":null,"select":null},{"id":"3:2:1","schema":"public","table":"b"}]}"#;
+        let Ok(Registered::Channel(parsed)) = Registered::parse("channel:3:2", channel) else {
+            panic!("a channel field");
+        };
+        let expanded: Vec<Subscription> = parsed.expand().collect();
+        assert_eq!(
+            expanded
+                .iter()
+                .map(|s| (
+                    s.id.as_str(),
+                    s.table.as_str(),
+                    s.event.as_str(),
+                    s.role.as_str()
+                ))
+                .collect::<Vec<_>>(),
+            [("3:2:0", "a", "*", "anon"), ("3:2:1", "b", "*", "anon")]
+        );
+        assert!(
+            std::sync::Arc::ptr_eq(&expanded[0].claims, &expanded[1].claims),
+            "one copy of the claims"
+        );
+        let one = r#"{"id":"s1","schema":"public","table":"a","claims":{},"role":"anon"}"#;
+        assert!(matches!(Registered::parse("s1", one), Ok(Registered::One(s)) if s.id == "s1"));
+        // A channel's text under a plain id, or the reverse, is refused.
+        assert!(Registered::parse("s1", channel).is_err());
+        assert!(Registered::parse("channel:s1", one).is_err());
+    }
+}
