@@ -11,9 +11,13 @@
 //! accepted the new identity: the bindings are registered again under new
 //! ids (`<prefix>:<index>.<generation>`) and the old ones stay in force —
 //! their events, their token's expiry — until every new one is confirmed;
-//! then the old ones are retired. A refused new one ends the channel.
+//! then the old ones are retired, after [`RETIRE_AFTER`]: changes
+//! committed before the new ones were confirmed may still be on their way
+//! under the old ids. A refused new one ends the channel (unless its old
+//! twin was refused too: then it is that binding's error again).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -163,6 +167,12 @@ pub fn check_topic_length(topic: &str, max: usize) -> Result<(), JoinError> {
     Ok(())
 }
 
+/// How long a refresh's old subscriptions stay routed after the new ones
+/// took over: the daemon confirms from its control task while changes
+/// committed earlier may still be in an RLS check (up to `rls_timeout`)
+/// or queued for Redis, naming the old ids only.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(15);
+
 /// One binding of a joined channel.
 #[derive(Debug)]
 pub struct Binding {
@@ -171,6 +181,8 @@ pub struct Binding {
     /// Its bus subscription's id.
     pub subscription_id: String,
     confirmed: bool,
+    /// The daemon refused it.
+    rejected: bool,
 }
 
 /// A token refresh the daemon has not yet accepted for every binding.
@@ -188,9 +200,9 @@ struct Pending {
 #[derive(Debug, Default, PartialEq)]
 pub struct Confirmed {
     /// The `system` payload to send ("Subscribed to PostgreSQL"), if due.
+    /// (A registration a completed refresh replaced is withdrawn later,
+    /// by [`Channel::retire`].)
     pub system: Option<String>,
-    /// The registration a completed refresh replaced: to unregister.
-    pub retired: Option<Arc<ChannelRegistration>>,
 }
 
 /// What the daemon's `rejected` means for the channel.
@@ -234,6 +246,9 @@ pub struct Channel {
     pub registration: Arc<ChannelRegistration>,
     /// A refresh waiting for the daemon.
     pending: Option<Pending>,
+    /// Registrations a completed refresh replaced, still routed until
+    /// [`RETIRE_AFTER`] has passed since: their bindings and when.
+    retiring: Vec<(Arc<ChannelRegistration>, Vec<Binding>, Instant)>,
     /// Refreshes so far: the suffix of the next one's subscription ids.
     generation: u32,
     /// A binding was rejected: the channel will not report itself live.
@@ -342,6 +357,7 @@ impl Channel {
             bindings,
             registration,
             pending: None,
+            retiring: Vec::new(),
             generation: 0,
             failed: false,
             live: false,
@@ -367,7 +383,7 @@ impl Channel {
             {
                 b.confirmed = true;
             }
-            if pending.bindings.iter().all(|b| b.confirmed) {
+            if pending.bindings.iter().all(|b| b.confirmed || b.rejected) {
                 return self.switch();
             }
         }
@@ -386,7 +402,6 @@ impl Channel {
         self.announced = true;
         Confirmed {
             system: Some(self.postgres_system("ok", "Subscribed to PostgreSQL")),
-            retired: None,
         }
     }
 
@@ -396,20 +411,22 @@ impl Channel {
         let Some(pending) = self.pending.take() else {
             return Confirmed::default();
         };
-        self.bindings = pending.bindings;
+        let old = std::mem::replace(&mut self.bindings, pending.bindings);
         let retired = std::mem::replace(&mut self.registration, pending.registration);
+        if !old.is_empty() {
+            self.retiring.push((retired, old, Instant::now()));
+        }
         self.token = pending.token;
         self.exp = pending.exp;
-        self.failed = false;
-        let system = (!self.bindings.is_empty()).then(|| {
+        // A binding refused under the old token and again under the new
+        // one keeps the channel from being live, as it did before.
+        self.failed = self.bindings.iter().any(|b| b.rejected);
+        let system = (!self.bindings.is_empty() && !self.failed).then(|| {
             self.live = true;
             self.announced = true;
             self.postgres_system("ok", "Subscribed to PostgreSQL")
         });
-        Confirmed {
-            system,
-            retired: Some(retired),
-        }
+        Confirmed { system }
     }
 
     /// The daemon rejected `subscription_id`: for a binding in force, the
@@ -417,15 +434,37 @@ impl Channel {
     /// whenever it reads the registry back, after a restart or a lost
     /// bus); for a refreshed one, the end of the channel.
     pub fn reject(&mut self, subscription_id: &str, message: &str) -> Rejection {
-        let refreshed = self.pending.as_ref().is_some_and(|p| {
+        let refreshed = self.pending.as_mut().and_then(|p| {
             p.bindings
-                .iter()
-                .any(|b| b.subscription_id == subscription_id)
+                .iter_mut()
+                .position(|b| b.subscription_id == subscription_id)
+                .map(|at| (p, at))
         });
-        if refreshed {
-            return Rejection::Refresh(message.to_owned());
+        if let Some((pending, at)) = refreshed {
+            // Its twin in force was refused too (a filter on a column that
+            // does not exist): the same answer again, not a refused
+            // identity; the refresh goes on without it.
+            let twin_refused = self.bindings.get(at).is_some_and(|b| b.rejected);
+            if !twin_refused {
+                return Rejection::Refresh(message.to_owned());
+            }
+            pending.bindings[at].rejected = true;
+            let done = pending.bindings.iter().all(|b| b.confirmed || b.rejected);
+            let payload = self.postgres_system("error", message);
+            if done {
+                self.switch();
+            }
+            return Rejection::Binding(payload);
         }
-        if !self.owns_in_force(subscription_id) || self.failed {
+        let Some(binding) = self
+            .bindings
+            .iter_mut()
+            .find(|b| b.subscription_id == subscription_id)
+        else {
+            return Rejection::None;
+        };
+        binding.rejected = true;
+        if self.failed {
             return Rejection::None;
         }
         self.failed = true;
@@ -445,6 +484,7 @@ impl Channel {
         let pending = self.pending.iter_mut().flat_map(|p| p.bindings.iter_mut());
         for b in self.bindings.iter_mut().chain(pending) {
             b.confirmed = false;
+            b.rejected = false;
         }
         self.live = false;
         self.failed = false;
@@ -463,12 +503,14 @@ impl Channel {
         for b in &mut self.bindings {
             if names(subscription_ids, &b.subscription_id) {
                 b.confirmed = false;
+                b.rejected = false;
                 in_force = true;
             }
         }
         for b in self.pending.iter_mut().flat_map(|p| p.bindings.iter_mut()) {
             if names(subscription_ids, &b.subscription_id) {
                 b.confirmed = false;
+                b.rejected = false;
             }
         }
         if !in_force {
@@ -498,15 +540,21 @@ impl Channel {
             .is_some_and(|(join, _)| join == base)
     }
 
-    fn owns_in_force(&self, subscription_id: &str) -> bool {
-        self.bindings
-            .iter()
-            .any(|b| b.subscription_id == subscription_id)
-    }
-
     /// Its registrations, in force and pending: what leaving withdraws.
     pub fn registrations(&self) -> impl Iterator<Item = &Arc<ChannelRegistration>> {
-        std::iter::once(&self.registration).chain(self.pending.iter().map(|p| &p.registration))
+        std::iter::once(&self.registration)
+            .chain(self.pending.iter().map(|p| &p.registration))
+            .chain(self.retiring.iter().map(|(r, _, _)| r))
+    }
+
+    /// The retiring registrations whose [`RETIRE_AFTER`] has passed at
+    /// `now`: to unregister.
+    pub fn retire(&mut self, now: Instant) -> Vec<Arc<ChannelRegistration>> {
+        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|(_, _, since)| now.saturating_duration_since(*since) >= RETIRE_AFTER);
+        self.retiring = kept;
+        due.into_iter().map(|(r, _, _)| r).collect()
     }
 
     /// Every subscription of the channel, in force and pending.
@@ -522,11 +570,17 @@ impl Channel {
     /// `subscription_ids`, in binding order; empty when none is this
     /// channel's.
     pub fn binding_ids(&self, subscription_ids: &[Arc<str>]) -> Vec<u32> {
-        self.bindings
-            .iter()
-            .filter(|b| names(subscription_ids, &b.subscription_id))
-            .map(|b| b.id)
-            .collect()
+        // A retiring binding stands for its successor (same client id): a
+        // change committed before the refresh took over arrives under the
+        // old id, a later one under both (listed once).
+        let retiring = self.retiring.iter().flat_map(|(_, bindings, _)| bindings);
+        let mut ids: Vec<u32> = Vec::new();
+        for b in self.bindings.iter().chain(retiring) {
+            if names(subscription_ids, &b.subscription_id) && !ids.contains(&b.id) {
+                ids.push(b.id);
+            }
+        }
+        ids
     }
 
     /// A `postgres_changes` `system` error for the bindings among
@@ -538,18 +592,26 @@ impl Channel {
             .then(|| self.postgres_system("error", message))
     }
 
+    /// Whether an `access_token` value would be acted on: a string, not
+    /// `sb_`-prefixed, not the latest token (pending, else in force).
+    pub fn is_new_token(&self, token: &Value) -> bool {
+        let latest = self.pending.as_ref().map_or(&self.token, |p| &p.token);
+        token
+            .as_str()
+            .is_some_and(|t| !t.starts_with("sb_") && t != latest)
+    }
+
     /// `access_token`: a verified new token is registered under new
     /// subscription ids and waits for the daemon ([`Channel::confirm`],
     /// [`Channel::reject`]); until then the current identity stays in
     /// force. A channel without bindings switches at once.
     pub fn refresh(&mut self, token: &Value, verifier: &Verifier) -> Result<Refresh, AuthError> {
+        if !self.is_new_token(token) {
+            return Ok(Refresh::Ignored);
+        }
         let Some(token) = token.as_str() else {
             return Ok(Refresh::Ignored);
         };
-        let latest = self.pending.as_ref().map_or(&self.token, |p| &p.token);
-        if token.starts_with("sb_") || token == latest {
-            return Ok(Refresh::Ignored);
-        }
         let verified = verifier.verify(token)?;
         let superseded = self.pending.take().map(|p| p.registration);
         self.generation += 1;
@@ -576,6 +638,7 @@ impl Channel {
                 id: b.id,
                 subscription_id: renamed(&b.subscription_id),
                 confirmed: false,
+                rejected: false,
             })
             .collect();
         self.pending = Some(Pending {
@@ -661,6 +724,7 @@ fn binding_of(
             id,
             subscription_id: subscription_id.to_owned(),
             confirmed: false,
+            rejected: false,
         },
         bus::Binding {
             id: subscription_id.to_owned(),
@@ -827,7 +891,15 @@ mod tests {
             ),
             "then the refresh completes"
         );
-        assert_eq!(done.retired.map(|r| r.id.clone()).as_deref(), Some("x:1"));
+        assert_eq!(c.retire(Instant::now()), Vec::new(), "not yet");
+        let later = Instant::now() + RETIRE_AFTER;
+        assert_eq!(
+            c.retire(later)
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>(),
+            ["x:1"]
+        );
         assert!(binding_error(c.reject("x:1:0.1", "database away")).is_some());
         assert_eq!(
             c.interrupt("lost"),
@@ -1053,16 +1125,25 @@ mod tests {
         assert_eq!(c.confirm("x:1:0.2"), Confirmed::default());
         let done = c.confirm("x:1:1.2");
         assert!(done.system.is_some());
-        assert_eq!(
-            done.retired.map(|r| r.subscriptions.len()),
-            Some(2),
-            "the join's registration"
-        );
         assert_eq!(c.registration.id, "x:1.2");
+        // Changes committed before the switch may still come under the
+        // old ids: they reach the same bindings until the old ones retire.
+        assert_eq!(
+            c.binding_ids(&[Arc::from("x:1:1"), Arc::from("x:1:1.2")]),
+            [ids[1]],
+            "once, under either id"
+        );
+        let retired = c.retire(Instant::now() + RETIRE_AFTER);
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].subscriptions.len(), 2, "the join's registration");
         assert!(c.owns("x:1:0.2") && c.owns("x:1:1") && c.owns("x:1:0.1"));
         assert!(!c.owns("x:10:0") && !c.owns("x:1") && !c.owns("y:1:0"));
         assert_eq!(c.binding_ids(&[Arc::from("x:1:1.2")]), [ids[1]]);
-        assert_eq!(c.binding_ids(&[Arc::from("x:1:1")]), Vec::<u32>::new());
+        assert_eq!(
+            c.binding_ids(&[Arc::from("x:1:1")]),
+            Vec::<u32>::new(),
+            "retired"
+        );
         // A refresh the daemon refuses ends the channel.
         let Ok(Refresh::Register(..)) = c.refresh(&json!(later), &v) else {
             panic!("registers");
@@ -1077,6 +1158,36 @@ mod tests {
             "what closing the channel withdraws"
         );
         assert!(c.refresh(&json!("bad"), &v).is_err());
+    }
+
+    #[test]
+    fn a_binding_refused_before_and_after_a_refresh_does_not_end_the_channel() {
+        let v = Verifier::new(b"s");
+        let mut c =
+            join(r#"{"config":{"postgres_changes":[{"table":"a"},{"table":"nope"}]}}"#).unwrap();
+        assert_eq!(c.confirm("x:1:0"), Confirmed::default());
+        assert!(binding_error(c.reject("x:1:1", "no such table")).is_some());
+        let Ok(Refresh::Register(..)) = c.refresh(&json!(token("authenticated")), &v) else {
+            panic!("registers");
+        };
+        assert_eq!(c.confirm("x:1:0.1"), Confirmed::default());
+        assert_eq!(
+            c.reject("x:1:1.1", "no such table"),
+            Rejection::Binding(
+                r#"{"channel":"room1","extension":"postgres_changes","message":"no such table","status":"error"}"#.to_owned()
+            ),
+            "its error again, the channel stays"
+        );
+        assert_eq!(c.registration.id, "x:1.1", "the refresh took over");
+        assert_eq!(c.binding_ids(&[Arc::from("x:1:0.1")]), [c.bindings[0].id]);
+        // A binding that worked before and is refused now ends the channel.
+        let Ok(Refresh::Register(..)) = c.refresh(&json!(token("anon")), &v) else {
+            panic!("registers");
+        };
+        assert_eq!(
+            c.reject("x:1:0.2", "invalid column for filter owner"),
+            Rejection::Refresh("invalid column for filter owner".to_owned())
+        );
     }
 
     #[test]

@@ -203,6 +203,7 @@ pub async fn serve(
                     break End::Close(CLOSE_NORMAL, "heartbeat timeout");
                 }
                 session.check_tokens();
+                session.retire_due();
             }
         }
     };
@@ -432,6 +433,15 @@ impl Session {
         let Some(channel) = self.channels.get_mut(&f.topic) else {
             return;
         };
+        // A refresh registers the channel again, like a join: it is paid
+        // from the join rate, so alternating tokens cannot churn the bus.
+        if channel.is_new_token(&token) && !self.ctx.joins.try_join(Instant::now()) {
+            self.ctx.metrics.join_refused("ClientJoinRateLimitReached");
+            if self.ctx.may_warn("join_refused") {
+                warn!(socket = self.handle.id, topic = %clip(&f.topic), "access_token ignored: the join rate is spent");
+            }
+            return;
+        }
         match channel.refresh(&token, &self.ctx.verifier) {
             Ok(Refresh::Ignored) => {}
             Ok(Refresh::Register(registration, superseded)) => {
@@ -444,6 +454,17 @@ impl Session {
             Err(e) => {
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), error = %e, "token refresh refused");
                 self.fail_channel(&f.topic, &e.system_message());
+            }
+        }
+    }
+
+    /// Unregisters the old subscriptions of refreshes that took over
+    /// [`channel::RETIRE_AFTER`] ago.
+    fn retire_due(&mut self) {
+        let now = Instant::now();
+        for channel in self.channels.values_mut() {
+            for registration in channel.retire(now) {
+                self.ctx.bus.unregister(&registration);
             }
         }
     }
@@ -472,9 +493,6 @@ impl Session {
                     let confirmed = c.confirm(id);
                     if let Some(payload) = confirmed.system {
                         frames.push((c.join_ref.clone(), c.topic.clone(), "system", payload));
-                    }
-                    if let Some(retired) = &confirmed.retired {
-                        self.ctx.bus.unregister(retired);
                     }
                 }
             }
