@@ -23,7 +23,7 @@ const GATEWAY_ID: &str = "gw-test";
 /// How long a frame that is due may take.
 pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
 
-const SETUP: &str = "
+pub(crate) const SETUP: &str = "
     CREATE ROLE anon NOLOGIN;
     CREATE ROLE authenticated NOLOGIN;
     CREATE TABLE todos (id int PRIMARY KEY, task text, owner text);

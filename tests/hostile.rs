@@ -11,20 +11,12 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SECRET, now};
+use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SECRET, SETUP, now};
 use crate::support::stack::Stack;
 use crate::support::{Daemon, eventually};
 
 /// How long something the gateway is about to do may take.
 const WAIT: Duration = Duration::from_secs(20);
-
-const SETUP: &str = "
-    CREATE ROLE anon NOLOGIN;
-    CREATE ROLE authenticated NOLOGIN;
-    CREATE TABLE todos (id int PRIMARY KEY, task text, owner text);
-    GRANT SELECT ON todos TO anon, authenticated;
-    ALTER PUBLICATION supabase_realtime ADD TABLE todos;
-";
 
 /// The stack, the daemon, the gateway and a bystander subscribed to
 /// every change of `todos`.
@@ -555,6 +547,7 @@ async fn refused_connections_and_joins_log_ten_warnings_per_10_s_and_count_the_r
     // The bystander holds one place; a second socket takes the other.
     let mut second = scene.gateway.connect(Some("2.0.0")).await;
     let log_before = scene.gateway.process.log();
+    let started = std::time::Instant::now();
     for _ in 0..30 {
         assert_eq!(
             scene.gateway.refused(&crate::gateway::valid("anon")).await,
@@ -567,12 +560,25 @@ async fn refused_connections_and_joins_log_ten_warnings_per_10_s_and_count_the_r
         .lines()
         .filter(|l| l.contains("connection refused: too many connected users"))
         .count();
-    assert_eq!(warned, 10, "{new}");
+    // Ten per 10 s window: exactly ten when the thirty fit in one window
+    // (they take well under a second), ten more per window otherwise.
+    let windows = started.elapsed().as_secs() / 10 + 1;
+    if windows == 1 {
+        assert_eq!(warned, 10, "{new}");
+    } else {
+        assert!(
+            warned >= 10 && warned as u64 <= 10 * windows,
+            "{warned} in {windows} windows\n{new}"
+        );
+    }
     let metrics = scene.gateway.get("/metrics").await.2;
+    let suppressed = format!(
+        r#"walcast_gateway_warnings_suppressed_total{{warning="connection_refused"}} {}"#,
+        30 - warned
+    );
     assert!(
-        metrics.lines().any(|l| l
-            == r#"walcast_gateway_warnings_suppressed_total{warning="connection_refused"} 20"#),
-        "{metrics}"
+        metrics.lines().any(|l| l == suppressed),
+        "{suppressed}\n{metrics}"
     );
     second.sync(true, "1").await;
     scene.bystander_receives().await;

@@ -107,8 +107,7 @@ class WebSocket:
             header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
         else:
             header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data)) if n < 4096 else _mask(data, mask)
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(header + mask + _mask(data, mask))
 
     def _read(self, n: int) -> bytes:
         while len(self.buffer) < n:

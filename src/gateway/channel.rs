@@ -776,6 +776,19 @@ mod tests {
         joined(payload).map(|(c, _)| c)
     }
 
+    /// `payload` joined to `topic` with an anon socket token, default limits.
+    fn join_raw(topic: &str, raw: &RawValue) -> Result<(Channel, String), JoinError> {
+        Channel::join(
+            topic,
+            Value::Null,
+            raw,
+            &token("anon"),
+            &Verifier::new(b"s"),
+            "p",
+            &Limits::default(),
+        )
+    }
+
     /// The channel and its join reply.
     fn joined(payload: &str) -> Result<(Channel, String), JoinError> {
         let raw = RawValue::from_string(payload.to_owned()).unwrap();
@@ -936,60 +949,23 @@ mod tests {
 
     #[test]
     fn token_precedence_and_refusals() {
-        let v = Verifier::new(b"s");
         let raw = RawValue::from_string(format!(
             r#"{{"access_token":"{}"}}"#,
             token("authenticated")
         ))
         .unwrap();
-        let c = Channel::join(
-            "realtime:r",
-            Value::Null,
-            &raw,
-            &token("anon"),
-            &v,
-            "p",
-            &Limits::default(),
-        )
-        .unwrap();
+        let c = join_raw("realtime:r", &raw).unwrap();
         assert_eq!(c.0.token, token("authenticated"));
         let raw = RawValue::from_string(r#"{"access_token":null}"#.to_owned()).unwrap();
-        let c = Channel::join(
-            "realtime:r",
-            Value::Null,
-            &raw,
-            &token("anon"),
-            &v,
-            "p",
-            &Limits::default(),
-        )
-        .unwrap();
+        let c = join_raw("realtime:r", &raw).unwrap();
         assert_eq!(c.0.token, token("anon"));
         let raw = RawValue::from_string(r#"{"access_token":"garbage"}"#.to_owned()).unwrap();
-        let e = Channel::join(
-            "realtime:r",
-            Value::Null,
-            &raw,
-            &token("anon"),
-            &v,
-            "p",
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = join_raw("realtime:r", &raw).unwrap_err();
         assert_eq!(
             e.reason(),
             "MalformedJWT: The token provided is not a valid JWT"
         );
-        let e = Channel::join(
-            "realtime:",
-            Value::Null,
-            &raw,
-            &token("anon"),
-            &v,
-            "p",
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = join_raw("realtime:", &raw).unwrap_err();
         assert!(e.reason().starts_with("TopicNameRequired"));
         assert!(join(r#"{"config":{"postgres_changes":[1]}}"#).is_err());
         assert!(join(r#"[]"#).is_err());
