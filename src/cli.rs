@@ -77,6 +77,24 @@ pub struct GatewayArgs {
     /// Sockets one client address may hold; 0 for no limit [env: WALCAST_MAX_SOCKETS_PER_ADDRESS] [default: 0]
     #[arg(long, value_name = "N")]
     pub max_sockets_per_address: Option<String>,
+    /// Broadcast messages per second in and out, one-minute average [env: WALCAST_MAX_EVENTS_PER_SECOND] [default: 100]
+    #[arg(long, value_name = "N")]
+    pub max_events_per_second: Option<String>,
+    /// Largest broadcast payload or presence meta, in KB [env: WALCAST_MAX_PAYLOAD_SIZE_IN_KB] [default: 3000]
+    #[arg(long, value_name = "KB")]
+    pub max_payload_size_in_kb: Option<String>,
+    /// Presence messages per second, one-minute average [env: WALCAST_MAX_PRESENCE_EVENTS_PER_SECOND] [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub max_presence_events_per_second: Option<String>,
+    /// Presence calls one channel may make per window [env: WALCAST_MAX_CLIENT_PRESENCE_EVENTS_PER_WINDOW] [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_client_presence_events_per_window: Option<String>,
+    /// That window [env: WALCAST_CLIENT_PRESENCE_WINDOW] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub client_presence_window: Option<String>,
+    /// Lifetime of the gateway's lease on the bus [env: WALCAST_GATEWAY_LEASE] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub gateway_lease: Option<String>,
     /// This gateway's id on the bus [env: WALCAST_GATEWAY_ID] [default: hostname:port:random]
     #[arg(long, value_name = "ID")]
     pub gateway_id: Option<String>,
@@ -137,6 +155,27 @@ impl GatewayArgs {
                 &config::MAX_SOCKETS_PER_ADDRESS,
                 self.max_sockets_per_address.clone(),
             ),
+            (
+                &config::MAX_EVENTS_PER_SECOND,
+                self.max_events_per_second.clone(),
+            ),
+            (
+                &config::MAX_PAYLOAD_SIZE_IN_KB,
+                self.max_payload_size_in_kb.clone(),
+            ),
+            (
+                &config::MAX_PRESENCE_EVENTS_PER_SECOND,
+                self.max_presence_events_per_second.clone(),
+            ),
+            (
+                &config::MAX_CLIENT_PRESENCE_EVENTS_PER_WINDOW,
+                self.max_client_presence_events_per_window.clone(),
+            ),
+            (
+                &config::CLIENT_PRESENCE_WINDOW,
+                self.client_presence_window.clone(),
+            ),
+            (&config::GATEWAY_LEASE, self.gateway_lease.clone()),
             (&config::GATEWAY_ID, self.gateway_id.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),

@@ -17,11 +17,11 @@
 //! | [`rls`] | batched Row Level Security checks on the committed rows, and the SQL they call |
 //! | [`control`] | subscription requests from gateways, validated and answered over the bus |
 //! | [`pool`] | the pooled SQL connections (catalog, filters, RLS checks) |
-//! | [`bus`] | the Redis contract: channel names, message envelope |
+//! | [`bus`] | the Redis contract: channel names, message envelope, room messages between gateways |
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
 //! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
 //! | [`metrics`](crate::metrics) | metric names, the Prometheus recorder, the slot's retained WAL |
-//! | [`gateway`] | `walcast gateway`: Phoenix Channels over WebSocket for Supabase clients; talks to the bus only |
+//! | [`gateway`] | `walcast gateway`: Phoenix Channels over WebSocket for Supabase clients (Postgres Changes, Broadcast, Presence); talks to the bus only |
 //! | [`admin`] | the admin HTTP server: `/metrics`, `/health`, `/ready` |
 //! | [`config`] | settings from file, environment and flags |
 //! | [`check`] | `walcast check`: is a database, its slot and Redis ready? findings with fixes |

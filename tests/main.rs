@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod rls;
 mod rls_image;
+mod rooms;
 mod startup;
 mod subscriptions;
 mod support;

@@ -11,7 +11,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
+use walcast::bus::room;
 use walcast::gateway::auth::Verifier;
+use walcast::gateway::broadcast::{self, binary, event};
 use walcast::gateway::channel::Channel;
 use walcast::gateway::frame::{self, Outbound, Vsn};
 use walcast::gateway::limits::Limits;
@@ -90,12 +92,48 @@ fn join(topic: &str, payload: &serde_json::value::RawValue) {
     }
 }
 
+/// A binary frame: decoded without panic, its parts within the input,
+/// and (as the gateway would send it on) a bus message and the kind 4
+/// frames each socket gets, every one readable again.
 fn binary(input: &[u8]) {
-    match frame::decode_binary(input) {
-        Ok(push) => assert!(
-            push.join_ref.len() + push.reference.len() + push.topic.len() + push.event.len()
-                <= input.len()
-        ),
-        Err(malformed) => assert!(malformed.reason.len() <= MAX_REASON),
+    let push = match binary::decode(input) {
+        Ok(push) => push,
+        Err(malformed) => {
+            assert!(malformed.to_string().len() <= MAX_REASON);
+            return;
+        }
+    };
+    assert!(
+        push.join_ref.len()
+            + push.reference.len()
+            + push.topic.len()
+            + push.event.len()
+            + push.metadata.len()
+            + push.payload.len()
+            + 7
+            == input.len()
+    );
+    let Ok(message) = broadcast::from_push(&push, Some("gw 1:1".to_owned()), usize::MAX) else {
+        return;
+    };
+    let (header, body) = room::read(&message).expect("a bus message reads back");
+    assert_eq!(body, push.payload);
+    assert!(matches!(header, room::Header::Broadcast(_)));
+    let user = event::User {
+        event: push.event.to_owned(),
+        encoding: push.encoding,
+        meta: Vec::new(),
+    };
+    let topic = std::sync::Arc::from(push.topic);
+    let rendered = event::Broadcast::new(topic, None, Some(user), body.to_vec());
+    for vsn in [Vsn::V1, Vsn::V2] {
+        match rendered.frame(vsn) {
+            Some(axum::extract::ws::Message::Text(text)) => {
+                serde_json::from_str::<Value>(text.as_str()).expect("a JSON frame");
+            }
+            Some(axum::extract::ws::Message::Binary(bytes)) => assert_eq!(bytes[0], 4),
+            Some(other) => panic!("{other:?}"),
+            None => assert!(vsn == Vsn::V1 && push.encoding == room::Encoding::Binary),
+        }
     }
 }

@@ -5,6 +5,7 @@
 mod control;
 mod event;
 mod names;
+pub mod room;
 
 pub use control::{
     Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Reply, Subscription,

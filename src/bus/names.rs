@@ -45,6 +45,26 @@ impl Names {
     pub fn lease(&self, gateway: &str) -> String {
         format!("{}gateway:{gateway}:lease", self.prefix)
     }
+
+    /// Channel: gateways ↔ gateways, the Broadcast and Presence messages
+    /// ([`super::room`]) of the public topic `realtime:<room>`. Private
+    /// topics, a different room of the same name, will be
+    /// `room:private:<room>`.
+    pub fn room(&self, room: &str) -> String {
+        format!("{}room:public:{room}", self.prefix)
+    }
+
+    /// Hash: the presences of a public room, `<gateway>|<ref>` →
+    /// [`super::room::Presence`] JSON. Each gateway writes its own sockets'.
+    pub fn presences(&self, room: &str) -> String {
+        format!("{}presence:public:{room}", self.prefix)
+    }
+
+    /// Set: the rooms a gateway holds presences in, so that whoever
+    /// finds its lease expired can remove them.
+    pub fn presence_rooms(&self, gateway: &str) -> String {
+        format!("{}gateway:{gateway}:presence", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -60,5 +80,8 @@ mod tests {
         assert_eq!(n.gateways(), "walcast:t1:gateways");
         assert_eq!(n.subscriptions("g1"), "walcast:t1:gateway:g1:subscriptions");
         assert_eq!(n.lease("g1"), "walcast:t1:gateway:g1:lease");
+        assert_eq!(n.room("a:b"), "walcast:t1:room:public:a:b");
+        assert_eq!(n.presences("a:b"), "walcast:t1:presence:public:a:b");
+        assert_eq!(n.presence_rooms("g1"), "walcast:t1:gateway:g1:presence");
     }
 }

@@ -137,6 +137,12 @@ keys! {
     MAX_BINDING_BYTES: "max_binding_bytes", "WALCAST_MAX_BINDING_BYTES", "--max-binding-bytes", Some("4096");
     MAX_JWT_BYTES: "max_jwt_bytes", "WALCAST_MAX_JWT_BYTES", "--max-jwt-bytes", Some("16384");
     MAX_SOCKETS_PER_ADDRESS: "max_sockets_per_address", "WALCAST_MAX_SOCKETS_PER_ADDRESS", "--max-sockets-per-address", Some("0");
+    MAX_EVENTS_PER_SECOND: "max_events_per_second", "WALCAST_MAX_EVENTS_PER_SECOND", "--max-events-per-second", Some("100");
+    MAX_PAYLOAD_SIZE_IN_KB: "max_payload_size_in_kb", "WALCAST_MAX_PAYLOAD_SIZE_IN_KB", "--max-payload-size-in-kb", Some("3000");
+    MAX_PRESENCE_EVENTS_PER_SECOND: "max_presence_events_per_second", "WALCAST_MAX_PRESENCE_EVENTS_PER_SECOND", "--max-presence-events-per-second", Some("1000");
+    MAX_CLIENT_PRESENCE_EVENTS_PER_WINDOW: "max_client_presence_events_per_window", "WALCAST_MAX_CLIENT_PRESENCE_EVENTS_PER_WINDOW", "--max-client-presence-events-per-window", Some("5");
+    CLIENT_PRESENCE_WINDOW: "client_presence_window", "WALCAST_CLIENT_PRESENCE_WINDOW", "--client-presence-window", Some("30s");
+    GATEWAY_LEASE: "gateway_lease", "WALCAST_GATEWAY_LEASE", "--gateway-lease", Some("30s");
 }
 
 /// Why settings could not be resolved.
@@ -354,6 +360,9 @@ pub struct GatewaySettings {
     pub limits: Limits,
     /// The gateway's id on the bus, if configured (else `hostname:port:random`).
     pub gateway_id: Option<String>,
+    /// How long the gateway's lease on the bus lives: after it dies, its
+    /// presences leave within this plus 5 s.
+    pub gateway_lease: Duration,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
@@ -374,6 +383,7 @@ impl std::fmt::Debug for GatewaySettings {
             .field("jwt_claim_validators", &self.jwt_claim_validators)
             .field("limits", &self.limits)
             .field("gateway_id", &self.gateway_id)
+            .field("gateway_lease", &self.gateway_lease)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()
@@ -463,6 +473,29 @@ impl GatewaySettings {
                             .map_err(invalid(&MAX_SOCKETS_PER_ADDRESS, origin))?
                     }
                 },
+                max_events_per_second: count(&MAX_EVENTS_PER_SECOND)? as u32,
+                max_payload_size_in_kb: count(&MAX_PAYLOAD_SIZE_IN_KB)?,
+                max_presence_events_per_second: count(&MAX_PRESENCE_EVENTS_PER_SECOND)? as u32,
+                max_client_presence_events_per_window: count(
+                    &MAX_CLIENT_PRESENCE_EVENTS_PER_WINDOW,
+                )? as u32,
+                client_presence_window: {
+                    let (value, origin) = required(&CLIENT_PRESENCE_WINDOW)?;
+                    parse_duration(&value).map_err(invalid(&CLIENT_PRESENCE_WINDOW, origin))?
+                },
+            },
+            gateway_lease: {
+                let (value, origin) = required(&GATEWAY_LEASE)?;
+                parse_duration(&value)
+                    .and_then(|d| {
+                        if d < Duration::from_secs(3) {
+                            Err("must be at least 3s (it is refreshed every third of it)"
+                                .to_owned())
+                        } else {
+                            Ok(d)
+                        }
+                    })
+                    .map_err(invalid(&GATEWAY_LEASE, origin))?
             },
             gateway_id: lookup(&GATEWAY_ID)
                 .map(|(v, origin)| parse_gateway_id(&v).map_err(invalid(&GATEWAY_ID, origin)))
@@ -781,8 +814,14 @@ mod tests {
                 max_binding_bytes: 4096,
                 max_jwt_bytes: 16_384,
                 max_sockets_per_address: 0,
+                max_events_per_second: 100,
+                max_payload_size_in_kb: 3000,
+                max_presence_events_per_second: 1000,
+                max_client_presence_events_per_window: 5,
+                client_presence_window: Duration::from_secs(30),
             }
         );
+        assert_eq!(s.gateway_lease, Duration::from_secs(30));
         assert_eq!(s.limits, Limits::default());
         assert!(s.jwt_claim_validators.is_empty());
         assert!(s.jwt_jwks.is_none());

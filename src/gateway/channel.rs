@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use super::auth::{AuthError, Verifier};
 use super::limits::Limits;
 use super::quiet::clip;
+use super::{broadcast, presence};
 use crate::bus::{self, ChannelRegistration};
 
 /// The payload of `phx_join`; other keys are ignored.
@@ -43,6 +44,12 @@ struct JoinPayload<'a> {
 struct JoinConfig<'a> {
     #[serde(default, borrow)]
     postgres_changes: Option<Vec<&'a RawValue>>,
+    #[serde(default, borrow)]
+    broadcast: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    presence: Option<&'a RawValue>,
+    #[serde(default)]
+    private: Option<Value>,
 }
 
 /// The fields of a binding walcast reads.
@@ -120,6 +127,12 @@ pub enum JoinError {
     /// disconnected after the reply, as Supabase does.
     #[error("ClientJoinRateLimitReached: Too many joins per second")]
     TooManyJoins,
+    /// `config.private: true`: authorization on `realtime.messages` is
+    /// not there yet, and such a channel is never treated as public.
+    #[error(
+        "PrivateChannelsUnsupported: This walcast does not authorize private channels (config.private) yet; join without private: true"
+    )]
+    Private,
 }
 
 impl JoinError {
@@ -140,6 +153,7 @@ impl JoinError {
             JoinError::Auth(e) => e.code(),
             JoinError::TooManyChannels => "ChannelRateLimitReached",
             JoinError::TooManyJoins => "ClientJoinRateLimitReached",
+            JoinError::Private => "PrivateChannelsUnsupported",
         }
     }
 }
@@ -232,8 +246,19 @@ pub enum Refresh {
 /// A joined channel.
 #[derive(Debug)]
 pub struct Channel {
+    /// Its id on this gateway: the join's prefix, also its room
+    /// membership's and the sender id of its broadcasts.
+    pub id: Arc<str>,
     /// `realtime:<name>`.
     pub topic: String,
+    /// `config.broadcast`.
+    pub broadcast: broadcast::Config,
+    /// `config.presence`.
+    pub presence: presence::Config,
+    /// Presence calls in the current window.
+    pub presence_window: presence::Window,
+    /// A hash of the meta last tracked: tracking it again does nothing.
+    pub tracked: Option<u64>,
     /// The join's `join_ref` (`null` when the client sent none).
     pub join_ref: Value,
     /// The token in force.
@@ -305,9 +330,15 @@ impl Channel {
                 "the join payload must be an object".to_owned(),
             ));
         };
-        let raw = parsed
-            .config
-            .as_ref()
+        let config = parsed.config.as_ref();
+        if config
+            .and_then(|c| c.private.as_ref())
+            .and_then(broadcast::flexible_bool)
+            .unwrap_or(false)
+        {
+            return Err(JoinError::Private);
+        }
+        let raw = config
             .and_then(|c| c.postgres_changes.as_deref())
             .unwrap_or_default();
         // Sizes first: they are cheap, a signature may not be.
@@ -350,7 +381,15 @@ impl Channel {
             subscriptions,
         });
         let channel = Channel {
+            id: Arc::from(prefix),
             topic: topic.to_owned(),
+            broadcast: broadcast::Config::parse(config.and_then(|c| c.broadcast)),
+            presence: presence::Config::parse(config.and_then(|c| c.presence)),
+            presence_window: presence::Window::new(
+                limits.max_client_presence_events_per_window,
+                limits.client_presence_window,
+            ),
+            tracked: None,
             join_ref,
             token,
             exp: verified.exp,

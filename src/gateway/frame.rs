@@ -214,60 +214,6 @@ pub fn encode(vsn: Vsn, frame: Outbound<'_>) -> String {
     }
 }
 
-/// The header of a v2 binary frame.
-#[derive(Debug, PartialEq, Eq)]
-pub struct BinaryPush {
-    /// Join ref.
-    pub join_ref: String,
-    /// Ref.
-    pub reference: String,
-    /// Topic.
-    pub topic: String,
-    /// The user event (a broadcast's `event`).
-    pub event: String,
-}
-
-/// Kind byte of a client's binary broadcast push.
-const KIND_USER_PUSH: u8 = 3;
-
-/// Reads the header of a v2 binary frame (kind 3, a client's broadcast:
-/// kind, lengths of join_ref, ref, topic, event, metadata, the payload
-/// encoding, then the strings and the payload).
-pub fn decode_binary(bytes: &[u8]) -> Result<BinaryPush, Malformed> {
-    let Some((&kind, rest)) = bytes.split_first() else {
-        return Err(Malformed::new("empty binary frame"));
-    };
-    if kind != KIND_USER_PUSH {
-        return Err(Malformed::new(format!(
-            "binary frame of kind {kind}: only kind 3 (a client push) is accepted"
-        )));
-    }
-    let Some((lengths, mut rest)) = rest.split_at_checked(6) else {
-        return Err(Malformed::new("binary frame header is truncated"));
-    };
-    let mut take = |len: u8| -> Result<String, Malformed> {
-        let Some((field, tail)) = rest.split_at_checked(usize::from(len)) else {
-            return Err(Malformed::new(
-                "binary frame is shorter than its header says",
-            ));
-        };
-        rest = tail;
-        String::from_utf8(field.to_vec())
-            .map_err(|_| Malformed::new("binary frame field is not UTF-8"))
-    };
-    let join_ref = take(lengths[0])?;
-    let reference = take(lengths[1])?;
-    let topic = take(lengths[2])?;
-    let event = take(lengths[3])?;
-    take(lengths[4])?; // metadata
-    Ok(BinaryPush {
-        join_ref,
-        reference,
-        topic,
-        event,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,20 +298,6 @@ mod tests {
                     assert!(decode(vsn, prefix).is_err(), "{prefix}");
                 }
             }
-        }
-        let mut binary = vec![3u8, 1, 1, 3, 2, 0, 1];
-        binary.extend_from_slice(b"12r:aev{}");
-        assert_eq!(
-            decode_binary(&binary).unwrap(),
-            BinaryPush {
-                join_ref: "1".into(),
-                reference: "2".into(),
-                topic: "r:a".into(),
-                event: "ev".into()
-            }
-        );
-        for end in 0..7 + 7 {
-            assert!(decode_binary(&binary[..end]).is_err(), "{end}");
         }
     }
 

@@ -10,11 +10,11 @@
 //! costs the gateway and Redis is bounded by these settings, never by
 //! what a client chooses to send.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The limits' values (`GatewaySettings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,27 @@ pub struct Limits {
     /// Sockets one client address may hold at once; 0: no limit (the
     /// default: behind a proxy every client has the proxy's address).
     pub max_sockets_per_address: usize,
+    /// Broadcast messages per second, in and out, all sockets together
+    /// (Supabase's rolling one-minute average).
+    pub max_events_per_second: u32,
+    /// Bytes of a broadcast payload or presence meta, in KB (1000 bytes).
+    pub max_payload_size_in_kb: usize,
+    /// Presence messages per second, all sockets together (the same
+    /// rolling average).
+    pub max_presence_events_per_second: u32,
+    /// Presence calls (track, untrack) one channel may make per window.
+    pub max_client_presence_events_per_window: u32,
+    /// That window.
+    pub client_presence_window: Duration,
+}
+
+impl Limits {
+    /// The largest payload in bytes: Supabase's `kb * 1000 + 500`.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_size_in_kb
+            .saturating_mul(1000)
+            .saturating_add(500)
+    }
 }
 
 impl Default for Limits {
@@ -52,7 +73,108 @@ impl Default for Limits {
             max_binding_bytes: 4096,
             max_jwt_bytes: 16_384,
             max_sockets_per_address: 0,
+            max_events_per_second: 100,
+            max_payload_size_in_kb: 3000,
+            max_presence_events_per_second: 1000,
+            max_client_presence_events_per_window: 5,
+            client_presence_window: Duration::from_secs(30),
         }
+    }
+}
+
+/// Supabase's `RateCounter`: events counted in 5 s buckets, the average
+/// rate over the last 12 (one minute) compared with a limit at each tick.
+/// Counting is one atomic add; the tick runs on the first check after it
+/// is due.
+#[derive(Debug)]
+pub struct RateCounter {
+    limit: u64,
+    current: AtomicU64,
+    triggered: AtomicBool,
+    /// The average at the last tick, events per second.
+    average: AtomicU64,
+    /// When the next tick is due, in ms since `start`.
+    next_tick_ms: AtomicU64,
+    start: Instant,
+    buckets: Mutex<VecDeque<u64>>,
+}
+
+/// A bucket's length.
+const RATE_TICK: Duration = Duration::from_secs(5);
+/// Buckets averaged.
+const RATE_BUCKETS: usize = 12;
+
+impl RateCounter {
+    /// Triggered when the average reaches `limit` per second.
+    pub fn new(limit: u32) -> RateCounter {
+        RateCounter {
+            limit: u64::from(limit),
+            current: AtomicU64::new(0),
+            triggered: AtomicBool::new(false),
+            average: AtomicU64::new(0),
+            next_tick_ms: AtomicU64::new(RATE_TICK.as_millis() as u64),
+            start: Instant::now(),
+            buckets: Mutex::new(VecDeque::with_capacity(RATE_BUCKETS)),
+        }
+    }
+
+    /// Counts `n` events.
+    pub fn add(&self, n: u64) {
+        self.current.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether the average over the last minute, as of the last tick
+    /// before `now`, reached the limit.
+    pub fn triggered(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.start).as_millis() as u64;
+        if elapsed >= self.next_tick_ms.load(Ordering::Acquire) {
+            self.tick(elapsed);
+        }
+        self.triggered.load(Ordering::Acquire)
+    }
+
+    /// The average rate at the last tick before `now`, per second.
+    pub fn average(&self, now: Instant) -> u64 {
+        self.triggered(now);
+        self.average.load(Ordering::Acquire)
+    }
+
+    /// The limit, per second.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn tick(&self, elapsed_ms: u64) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let tick = RATE_TICK.as_millis() as u64;
+        let mut next = self.next_tick_ms.load(Ordering::Acquire);
+        if elapsed_ms < next {
+            return; // another thread ticked meanwhile
+        }
+        // The events so far belong to the first due bucket; the others
+        // (the counter was not checked for a while) were empty.
+        buckets.push_back(self.current.swap(0, Ordering::AcqRel));
+        next += tick;
+        let mut empty = 0;
+        while elapsed_ms >= next && empty < RATE_BUCKETS {
+            buckets.push_back(0);
+            next += tick;
+            empty += 1;
+        }
+        if elapsed_ms >= next {
+            next = elapsed_ms - elapsed_ms % tick + tick;
+        }
+        while buckets.len() > RATE_BUCKETS {
+            buckets.pop_front();
+        }
+        let sum: u64 = buckets.iter().sum();
+        let window_secs = RATE_TICK.as_secs() * RATE_BUCKETS as u64;
+        self.average.store(sum / window_secs, Ordering::Release);
+        self.triggered.store(
+            sum >= self.limit.saturating_mul(window_secs),
+            Ordering::Release,
+        );
+        self.next_tick_ms.store(next, Ordering::Release);
     }
 }
 
@@ -264,6 +386,21 @@ mod tests {
         assert_eq!(per.addresses(), 0, "no entry is left behind");
         let unlimited = Arc::new(PerAddress::new(0));
         assert!((0..1000).all(|_| matches!(unlimited.admit(a), Some(None))));
+    }
+
+    #[test]
+    fn the_rate_counter_triggers_on_the_minute_average_at_a_tick() {
+        let rate = RateCounter::new(10);
+        let t0 = rate.start;
+        // 600 events in the first bucket: 10 per second over the minute.
+        rate.add(599);
+        assert!(!rate.triggered(t0 + Duration::from_secs(1)), "no tick yet");
+        assert!(!rate.triggered(t0 + Duration::from_secs(5)), "599 < 600");
+        rate.add(1);
+        assert!(rate.triggered(t0 + Duration::from_secs(10)));
+        // A minute and more later, the buckets hold nothing again.
+        assert!(!rate.triggered(t0 + Duration::from_secs(300)));
+        assert_eq!(rate.buckets.lock().unwrap().len(), RATE_BUCKETS);
     }
 
     #[test]

@@ -29,8 +29,16 @@ pub const SUBSCRIPTIONS_RESTORED: &str = "walcast_gateway_subscriptions_restored
 /// Warnings a client could trigger that were not logged (past their
 /// rate), by `warning` kind.
 pub const WARNINGS_SUPPRESSED: &str = "walcast_gateway_warnings_suppressed_total";
+/// Client broadcasts (WebSocket and REST), by `result`: `sent`,
+/// `too_large`, `refused`, `rate_limited`.
+pub const BROADCASTS: &str = "walcast_gateway_broadcasts_total";
+/// Presence calls, by `result`: `track`, `untrack`, `too_large`,
+/// `rate_limited`.
+pub const PRESENCE_CALLS: &str = "walcast_gateway_presence_calls_total";
 /// Label of [`JOINS_REFUSED`] and [`CONNECTIONS_REFUSED`].
 pub const REASON: &str = "reason";
+/// Label of [`BROADCASTS`] and [`PRESENCE_CALLS`].
+pub const RESULT: &str = "result";
 /// Label of [`WARNINGS_SUPPRESSED`].
 pub const WARNING: &str = "warning";
 
@@ -69,6 +77,12 @@ pub const ALL: &[(&str, Unit, &str)] = &[
         Unit::Count,
         "client-triggered warnings not logged past their rate, by kind",
     ),
+    (
+        BROADCASTS,
+        Unit::Count,
+        "client broadcasts (websocket and rest), by result",
+    ),
+    (PRESENCE_CALLS, Unit::Count, "presence calls, by result"),
 ];
 
 /// Refusal reasons listed at zero from the start, so alerts can be set
@@ -149,14 +163,20 @@ impl GatewayMetrics {
         for reason in CONNECTION_REASONS {
             metrics.labelled(CONNECTIONS_REFUSED, reason).increment(0);
         }
+        for result in ["sent", "too_large", "refused", "rate_limited"] {
+            metrics.labelled(BROADCASTS, result).increment(0);
+        }
+        for result in ["track", "untrack", "too_large", "rate_limited"] {
+            metrics.labelled(PRESENCE_CALLS, result).increment(0);
+        }
         metrics
     }
 
     fn labelled(&self, name: &'static str, reason: &'static str) -> Counter {
-        let label = if name == WARNINGS_SUPPRESSED {
-            WARNING
-        } else {
-            REASON
+        let label = match name {
+            WARNINGS_SUPPRESSED => WARNING,
+            BROADCASTS | PRESENCE_CALLS => RESULT,
+            _ => REASON,
         };
         let key = Key::from_parts(name, vec![Label::new(label, reason)]);
         self.recorder.register_counter(&key, &METADATA)
@@ -165,6 +185,16 @@ impl GatewayMetrics {
     /// A warning of `kind` was not logged: its rate was spent.
     pub fn warning_suppressed(&self, kind: &'static str) {
         self.labelled(WARNINGS_SUPPRESSED, kind).increment(1);
+    }
+
+    /// A client broadcast ended with `result`.
+    pub fn broadcast(&self, result: &'static str) {
+        self.labelled(BROADCASTS, result).increment(1);
+    }
+
+    /// A presence call ended with `result`.
+    pub fn presence(&self, result: &'static str) {
+        self.labelled(PRESENCE_CALLS, result).increment(1);
     }
 
     /// A join was refused with Supabase's error `code`.

@@ -1,7 +1,8 @@
 //! `walcast gateway`: Phoenix Channels over WebSocket, as Supabase
-//! Realtime's clients speak them, for Postgres Changes. It talks to Redis
-//! only (never to Postgres) and keeps no state a restart would lose, so a
-//! deployment scales by running more of them.
+//! Realtime's clients speak them: Postgres Changes, Broadcast and
+//! Presence on one channel. It talks to Redis only (never to Postgres) and
+//! keeps no state a restart would lose, so a deployment scales by running
+//! more of them.
 //!
 //! ```text
 //! client ──ws──▶ socket (one select! per session) ──register──▶ bus ──HSET, PUBLISH control──▶ Redis ──▶ daemon
@@ -13,23 +14,28 @@
 //! |---|---|
 //! | [`frame`] | Phoenix frames ↔ text, no I/O |
 //! | [`auth`] | JWT verification with Supabase's error codes |
-//! | [`channel`] | a joined channel: bindings, ids, echo, readiness |
+//! | [`channel`] | a joined channel: its token, its config, its `postgres_changes` bindings, ids, echo, readiness |
+//! | [`broadcast`] | Broadcast: client messages to the room, binary frames, their rendering, `POST /api/broadcast` |
+//! | [`presence`] | Presence: `config.presence`, track/untrack, a room's presences, `phx_ref`s |
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
-//! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing |
+//! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing; [`bus::rooms`]: room channels and presences |
 //! | [`render`] | a change's frames, each rendered once for every socket that shows it the same way |
 //! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them; what one join may carry |
 //! | [`quiet`] | client text clipped in logs, client-triggered warnings rate-limited |
 //! | [`metrics`] | what `GET /metrics` renders |
 //!
-//! Besides the WebSocket paths the router serves `GET /health` (200 while
-//! the bus is connected to Redis, else 503) and `GET /metrics`.
+//! Besides the WebSocket paths the router serves `POST /api/broadcast`
+//! ([`broadcast::rest`]), `GET /health` (200 while the bus is connected to
+//! Redis, else 503) and `GET /metrics`.
 
 pub mod auth;
+pub mod broadcast;
 pub mod bus;
 pub mod channel;
 pub mod frame;
 pub mod limits;
 pub mod metrics;
+pub mod presence;
 pub mod quiet;
 pub mod render;
 pub mod socket;
@@ -41,18 +47,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use self::auth::{AuthError, Verifier};
 use self::frame::Vsn;
-use self::limits::{JoinRate, Limits, PerAddress, Sockets};
+use self::limits::{JoinRate, Limits, PerAddress, RateCounter, Sockets};
 use self::metrics::GatewayMetrics;
 use crate::bus::Names;
 use crate::config::GatewaySettings;
@@ -87,6 +94,8 @@ pub enum Error {
 
 /// What every session shares.
 pub struct Context {
+    /// This gateway's id on the bus.
+    pub gateway: String,
     /// Verifies client tokens.
     pub verifier: Verifier,
     /// The bus handle.
@@ -97,6 +106,11 @@ pub struct Context {
     pub metrics: GatewayMetrics,
     /// Joins per second, all sockets together.
     pub joins: JoinRate,
+    /// Broadcasts in and out against `max_events_per_second`.
+    pub events: RateCounter,
+    /// Presence tracks, states and diffs against
+    /// `max_presence_events_per_second`.
+    pub presence_events: RateCounter,
     /// Open sockets against `max_concurrent_users`.
     open: Arc<Sockets>,
     /// Open sockets per client address against `max_sockets_per_address`.
@@ -110,8 +124,10 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for sockets verified by `verifier`, on `bus`, within `limits`.
+    /// A context for the sockets of gateway `gateway`, verified by
+    /// `verifier`, on `bus`, within `limits`.
     pub fn new(
+        gateway: String,
         verifier: Verifier,
         bus: bus::Bus,
         limits: Limits,
@@ -123,11 +139,14 @@ impl Context {
             metrics.sockets.clone(),
         ));
         Context {
+            gateway,
             verifier,
             bus,
             limits,
             metrics,
             joins: JoinRate::new(limits.max_joins_per_second),
+            events: RateCounter::new(limits.max_events_per_second),
+            presence_events: RateCounter::new(limits.max_presence_events_per_second),
             open,
             per_address: Arc::new(PerAddress::new(limits.max_sockets_per_address)),
             warnings: quiet::Throttle::default(),
@@ -172,6 +191,7 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         metrics.bus_reconnects.clone(),
         metrics.subscriptions_restored.clone(),
     );
+    let bus_task = bus_task.with_lease(settings.gateway_lease);
     let bus_cancel = CancellationToken::new();
     let bus_handle = tokio::spawn(bus_task.run(bus_cancel.clone()));
     let verifier = Verifier::with_keys(
@@ -181,6 +201,7 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
     )
     .max_bytes(settings.limits.max_jwt_bytes);
     let ctx = Arc::new(Context::new(
+        gateway.clone(),
         verifier,
         bus,
         settings.limits,
@@ -199,6 +220,10 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         max_binding_bytes = settings.limits.max_binding_bytes,
         max_jwt_bytes = settings.limits.max_jwt_bytes,
         max_sockets_per_address = settings.limits.max_sockets_per_address,
+        max_events_per_second = settings.limits.max_events_per_second,
+        max_payload_size_in_kb = settings.limits.max_payload_size_in_kb,
+        max_presence_events_per_second = settings.limits.max_presence_events_per_second,
+        gateway_lease = ?settings.gateway_lease,
         jwks_keys = settings.jwt_jwks.as_ref().map_or(0, auth::KeySet::len),
         claim_validators = ?settings.jwt_claim_validators.claims().collect::<Vec<_>>(),
         "gateway listening"
@@ -231,11 +256,16 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
     served
 }
 
-/// The WebSocket routes, `/health` and `/metrics`.
+/// The WebSocket routes, `POST /api/broadcast`, `/health` and `/metrics`.
 pub fn router(ctx: Arc<Context>) -> Router {
+    let rest = post(broadcast::rest::post)
+        .options(broadcast::rest::preflight)
+        .layer(DefaultBodyLimit::max(broadcast::rest::MAX_BODY_BYTES));
     Router::new()
         .route("/socket/websocket", get(upgrade))
         .route("/realtime/v1/websocket", get(upgrade))
+        .route("/api/broadcast", rest.clone())
+        .route("/realtime/v1/api/broadcast", rest)
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
         .with_state(ctx)

@@ -7,6 +7,7 @@
 //! that stops reading is closed (1013) instead of slowing anyone down.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,20 @@ use tracing::{debug, info, warn};
 
 use super::Context;
 use super::auth::{AuthError, unix_now};
+use super::broadcast::{self, Refused, binary};
+use super::bus::rooms::{Member, RoomEvent};
 use super::bus::{Delivery, INTERRUPTED_MESSAGE, SocketHandle};
 use super::channel::{self, Channel, JoinError, Refresh, Rejection};
 use super::frame::{self, Inbound, Outbound, Vsn};
+use super::presence::{self, Request};
 use super::quiet::clip;
+
+/// A reply without content.
+const OK_REPLY: &str = r#"{"status":"ok","response":{}}"#;
+/// The `system` message of a channel closed for the broadcast rate.
+const TOO_MANY_MESSAGES: &str = "Too many messages per second";
+/// The `system` message of a channel closed for the presence rate.
+const TOO_MANY_PRESENCE: &str = "Too many presence messages per second";
 
 /// Deliveries a session may have queued before it counts as too slow.
 pub const DELIVERY_QUEUE: usize = 1024;
@@ -211,6 +222,10 @@ pub async fn serve(
         for registration in channel.registrations() {
             session.ctx.bus.unregister(registration);
         }
+        session
+            .ctx
+            .bus
+            .leave_room(channel.name(), channel.id.clone());
     }
     session
         .ctx
@@ -298,12 +313,175 @@ impl Session {
         }
     }
 
+    /// A binary frame: realtime-js's broadcast push (kind 3). Anything
+    /// else is dropped and the socket stays, as on Supabase.
     fn on_binary(&mut self, bytes: &[u8]) {
-        match frame::decode_binary(bytes) {
-            Ok(push) => {
-                debug!(socket = self.handle.id, topic = %clip(&push.topic), event = %clip(&push.event), "ignoring a binary broadcast push (broadcast is not supported yet)")
+        let push = match binary::decode(bytes) {
+            Ok(push) => push,
+            Err(e) => {
+                debug!(socket = self.handle.id, error = %e, "ignoring a binary frame");
+                return;
             }
-            Err(e) => debug!(socket = self.handle.id, error = %e, "ignoring a binary frame"),
+        };
+        let Some(channel) = self.channels.get(push.topic) else {
+            debug!(socket = self.handle.id, topic = %clip(push.topic), "ignoring a binary broadcast to a topic not joined");
+            return;
+        };
+        let message = broadcast::from_push(
+            &push,
+            self.sender(channel),
+            self.ctx.limits.max_payload_bytes(),
+        );
+        let (join_ref, reference) = (Value::from(push.join_ref), Value::from(push.reference));
+        let topic = push.topic.to_owned();
+        self.send_broadcast(&topic, &join_ref, &reference, message);
+    }
+
+    /// A `broadcast` text frame.
+    fn on_broadcast(&mut self, f: Inbound) {
+        let Some(channel) = self.channels.get(&f.topic) else {
+            return;
+        };
+        let message = broadcast::from_text(
+            &f.payload,
+            self.sender(channel),
+            self.ctx.limits.max_payload_bytes(),
+        );
+        self.send_broadcast(&f.topic, &f.join_ref, &f.reference, message);
+    }
+
+    /// Who a broadcast of `channel` is from, on the bus: `None` when it
+    /// asked for its own (`self`), so that nobody is skipped.
+    fn sender(&self, channel: &Channel) -> Option<String> {
+        (!channel.broadcast.echo).then(|| format!("{} {}", self.ctx.gateway, channel.id))
+    }
+
+    /// Sends a client's broadcast to its room and answers it if the
+    /// channel acks: `ok`, or Supabase's error for an oversized payload.
+    /// Without ack a refused broadcast is dropped silently, as there.
+    fn send_broadcast(
+        &mut self,
+        topic: &str,
+        join_ref: &Value,
+        reference: &Value,
+        message: Result<Vec<u8>, Refused>,
+    ) {
+        let Some(channel) = self.channels.get(topic) else {
+            return;
+        };
+        let (ack, room) = (channel.broadcast.ack, channel.name().to_owned());
+        // Counted in and checked here as well as on delivery: a sender
+        // nobody hears would otherwise never be stopped.
+        self.ctx.events.add(1);
+        if self.ctx.events.triggered(Instant::now()) {
+            self.ctx.metrics.broadcast("rate_limited");
+            self.fail_channel(topic, TOO_MANY_MESSAGES);
+            return;
+        }
+        let sent = message.and_then(|message| {
+            if self.ctx.bus.broadcast(&room, message) {
+                Ok(())
+            } else {
+                Err(Refused::Invalid(
+                    "The broadcast was not sent: the gateway lost its connection to Redis",
+                ))
+            }
+        });
+        self.ctx.metrics.broadcast(match &sent {
+            Ok(()) => "sent",
+            Err(Refused::TooLarge) => "too_large",
+            Err(Refused::Invalid(_)) => "refused",
+        });
+        if let Err(e) = &sent {
+            debug!(socket = self.handle.id, topic = %clip(topic), error = %e, "broadcast not sent");
+        }
+        if !ack {
+            return;
+        }
+        match sent {
+            Ok(()) => self.push(join_ref, reference, topic, "phx_reply", OK_REPLY),
+            Err(Refused::TooLarge) => self.push(
+                join_ref,
+                reference,
+                topic,
+                "phx_reply",
+                r#"{"status":"error","response":"payload_size_exceeded"}"#,
+            ),
+            Err(Refused::Invalid(reason)) => self.reply_error(join_ref, reference, topic, reason),
+        }
+    }
+
+    /// A `presence` frame: track or untrack, answered as Supabase
+    /// answers; a channel over its call window, the tenant's presence
+    /// rate or the meta size is closed.
+    fn on_presence(&mut self, f: Inbound) {
+        let request = presence::request(&f.payload);
+        let max_bytes = self.ctx.limits.max_payload_bytes();
+        let Some(channel) = self.channels.get_mut(&f.topic) else {
+            return;
+        };
+        if request == Request::Nothing {
+            self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+            return;
+        }
+        if !channel.presence_window.allow(Instant::now()) {
+            self.ctx.metrics.presence("rate_limited");
+            self.fail_channel(&f.topic, "Client presence rate limit exceeded");
+            return;
+        }
+        match request {
+            Request::Nothing => {}
+            Request::Track(meta) => {
+                let text = Value::Object(meta).to_string();
+                let hash = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default()
+                    .hash_one(&text);
+                if channel.tracked == Some(hash) {
+                    self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+                    return;
+                }
+                if text.len() > max_bytes {
+                    self.ctx.metrics.presence("too_large");
+                    self.fail_channel(&f.topic, "Track message size exceeded");
+                    return;
+                }
+                self.ctx.presence_events.add(1);
+                if self.ctx.presence_events.triggered(Instant::now()) {
+                    self.ctx.metrics.presence("rate_limited");
+                    self.fail_channel(&f.topic, TOO_MANY_PRESENCE);
+                    return;
+                }
+                let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(&text) else {
+                    return;
+                };
+                channel.tracked = Some(hash);
+                self.ctx.bus.track(
+                    channel.name(),
+                    channel.id.clone(),
+                    channel.presence.key.clone(),
+                    meta,
+                );
+                self.ctx.metrics.presence("track");
+                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+            }
+            Request::Untrack => {
+                channel.tracked = None;
+                self.ctx.bus.untrack(channel.name(), channel.id.clone());
+                self.ctx.metrics.presence("untrack");
+                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+            }
+            Request::NotAMap => self.reply_error(
+                &f.join_ref,
+                &f.reference,
+                &f.topic,
+                "Presence track payload must be a map",
+            ),
+            Request::Unknown => self.push(
+                &f.join_ref,
+                &f.reference,
+                &f.topic,
+                "phx_reply",
+                r#"{"status":"error","response":{}}"#,
+            ),
         }
     }
 
@@ -319,6 +497,8 @@ impl Session {
             }
             (_, "phx_leave") => self.leave(f),
             (_, "access_token") => self.refresh(f),
+            (_, "broadcast") => self.on_broadcast(f),
+            (_, "presence") => self.on_presence(f),
             (topic, event) => {
                 debug!(socket = self.handle.id, topic = %clip(topic), event = %clip(event), "ignoring an unsupported event")
             }
@@ -362,6 +542,14 @@ impl Session {
             Ok((channel, reply)) => {
                 self.ctx.bus.register(&self.handle, &channel.registration);
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
+                self.ctx.bus.join_room(
+                    channel.name(),
+                    Member::new(
+                        self.handle.clone(),
+                        channel.id.clone(),
+                        channel.presence.enabled,
+                    ),
+                );
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = channel.bindings.len(), "joined");
                 self.ctx.metrics.channels.increment(1.0);
                 self.channels.insert(f.topic, channel);
@@ -410,6 +598,7 @@ impl Session {
         for registration in channel.registrations() {
             self.ctx.bus.unregister(registration);
         }
+        self.ctx.bus.leave_room(channel.name(), channel.id.clone());
         let join_ref = channel.join_ref.clone();
         self.push(&join_ref, &join_ref, &channel.topic, "phx_close", "{}");
     }
@@ -485,9 +674,50 @@ impl Session {
         }
     }
 
+    /// A room's broadcast or presence diff for channel `id`.
+    fn on_room(&mut self, id: &str, event: &RoomEvent) {
+        let topic = event.topic();
+        let Some(channel) = self.channels.get(topic).filter(|c| &*c.id == id) else {
+            return;
+        };
+        match event {
+            RoomEvent::Broadcast(b) => {
+                if b.from.as_deref() == Some(id) {
+                    return;
+                }
+                let Some(frame) = b.frame(self.vsn) else {
+                    return;
+                };
+                self.ctx.events.add(1);
+                if self.ctx.events.triggered(Instant::now()) {
+                    let topic = channel.topic.clone();
+                    self.fail_channel(&topic, TOO_MANY_MESSAGES);
+                    return;
+                }
+                self.out.push_back(frame);
+            }
+            RoomEvent::PresenceDiff(diff) => {
+                self.ctx.presence_events.add(1);
+                self.out.push_back(diff.frame(self.vsn));
+            }
+        }
+    }
+
     fn on_delivery(&mut self, delivery: Delivery) {
         let mut frames: Vec<(Value, String, &'static str, String)> = Vec::new();
         match &delivery {
+            Delivery::Room(id, event) => self.on_room(id, event),
+            Delivery::PresenceState(id, topic, payload) => {
+                if let Some(c) = self.channels.get(&**topic).filter(|c| c.id == *id) {
+                    self.ctx.presence_events.add(1);
+                    frames.push((
+                        c.join_ref.clone(),
+                        c.topic.clone(),
+                        "presence_state",
+                        payload.to_string(),
+                    ));
+                }
+            }
             Delivery::Subscribed(id) => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.owns(id)) {
                     let confirmed = c.confirm(id);

@@ -1,12 +1,15 @@
 //! The gateway's side of the bus (`docs/bus.md`): one Redis task per
 //! gateway. It holds the lease, writes subscriptions to the registry hash
 //! and announces them on the control channel, and routes what the daemon
-//! sends on the gateway's channel to the sockets by subscription id.
+//! sends on the gateway's channel to the sockets by subscription id. It
+//! also keeps the [`rooms`] (Broadcast and Presence) this gateway's
+//! sockets are in.
 //!
 //! ```text
 //! sockets ──register/unregister──▶ Bus (routes) ──commands──▶ bus task ──HSET, PUBLISH control──▶ Redis
 //!    ▲                                                          │
 //!    └──try_send Delivery (full: the socket is kicked) ◀── route ◀── SUBSCRIBE walcast:{tenant}:gateway:{id}
+//!                                                       ◀── rooms ◀── SUBSCRIBE walcast:{tenant}:room:public:{room}
 //! ```
 //!
 //! Routing never waits on a socket: a socket whose queue is full is too
@@ -14,7 +17,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,14 +30,23 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub mod rooms;
+
+use serde_json::{Map, Value};
+
+use self::rooms::{Member, RoomEvent, Rooms};
 use super::render::ChangeEvent;
 use crate::bus::{self, ChannelRegistration, Control, ControlOp, Names};
 
-/// Lease lifetime: the daemon drops the gateway's subscriptions this long
-/// after the gateway stops refreshing it.
-const LEASE_SECS: u64 = 30;
-/// How often the lease is refreshed, well within its lifetime.
-const LEASE_REFRESH: Duration = Duration::from_secs(10);
+/// Lease lifetime by default: the daemon drops the gateway's
+/// subscriptions, and other gateways its presences, this long after the
+/// gateway stops refreshing it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// How often other gateways' leases are checked for their presences.
+const PRESENCE_CHECK: Duration = Duration::from_secs(5);
+/// Bytes of broadcasts queued for Redis at most; more are refused (the
+/// bus is away or slower than its senders).
+const MAX_QUEUED_BROADCAST_BYTES: usize = 64 * 1024 * 1024;
 /// How long Redis may take to connect or answer.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest pause between reconnection attempts.
@@ -62,6 +74,10 @@ pub enum Delivery {
     /// lease that expired while it stalled): changes were missed, and the
     /// gateway has registered them again, to be confirmed anew.
     Dropped(Vec<Arc<str>>),
+    /// A broadcast or presence diff for the channel (by id) of a room.
+    Room(Arc<str>, Arc<RoomEvent>),
+    /// `presence_state` for the channel (by id) of a topic: the payload.
+    PresenceState(Arc<str>, Arc<str>, Arc<str>),
 }
 
 /// What a live channel is told when the gateway loses the bus.
@@ -94,6 +110,16 @@ enum Command {
     Subscribe(Arc<ChannelRegistration>),
     /// Its withdrawal: the registry field deleted, each id unsubscribed.
     Unsubscribe(Arc<ChannelRegistration>),
+    /// A channel joins a room.
+    JoinRoom(String, Member),
+    /// A channel leaves a room (and its presence with it).
+    LeaveRoom(String, Arc<str>),
+    /// A broadcast message for a room's channel.
+    Broadcast(String, Vec<u8>),
+    /// A channel tracks its presence: room, channel, key, meta.
+    Track(String, Arc<str>, String, Map<String, Value>),
+    /// A channel untracks its presence.
+    Untrack(String, Arc<str>),
 }
 
 /// Why the bus task lost Redis (it reconnects by itself).
@@ -116,6 +142,8 @@ pub struct Bus {
     routes: Arc<Mutex<HashMap<String, Route>>>,
     commands: mpsc::UnboundedSender<Command>,
     connected: Arc<AtomicBool>,
+    /// Bytes of broadcasts queued and not yet published.
+    queued: Arc<AtomicUsize>,
 }
 
 /// The bus task, to be run once: [`BusTask::run`].
@@ -126,6 +154,9 @@ pub struct BusTask {
     names: Names,
     gateway: String,
     connected: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+    rooms: Rooms,
+    lease: Duration,
     reconnects: metrics::Counter,
     restored: metrics::Counter,
 }
@@ -146,20 +177,25 @@ pub fn new(
 ) -> (Bus, BusTask) {
     let routes = Arc::new(Mutex::new(HashMap::new()));
     let connected = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Bus {
             routes: routes.clone(),
             commands: tx,
             connected: connected.clone(),
+            queued: queued.clone(),
         },
         BusTask {
             routes,
             commands: rx,
             redis_url,
+            rooms: Rooms::new(names.clone(), gateway.clone()),
             names,
             gateway,
             connected,
+            queued,
+            lease: DEFAULT_LEASE,
             reconnects,
             restored,
         },
@@ -206,6 +242,51 @@ impl Bus {
         if held {
             let _ = self.commands.send(Command::Unsubscribe(channel.clone()));
         }
+    }
+
+    /// Puts `member` in `room` (the topic without `realtime:`).
+    pub fn join_room(&self, room: &str, member: Member) {
+        let _ = self
+            .commands
+            .send(Command::JoinRoom(room.to_owned(), member));
+    }
+
+    /// Takes `channel` out of `room`; its presence there leaves.
+    pub fn leave_room(&self, room: &str, channel: Arc<str>) {
+        let _ = self
+            .commands
+            .send(Command::LeaveRoom(room.to_owned(), channel));
+    }
+
+    /// Queues a broadcast message for `room`; false (nothing queued) while
+    /// the bus is away or too far behind.
+    pub fn broadcast(&self, room: &str, message: Vec<u8>) -> bool {
+        if !self.connected() {
+            return false;
+        }
+        let bytes = message.len();
+        if self.queued.fetch_add(bytes, Ordering::AcqRel) + bytes > MAX_QUEUED_BROADCAST_BYTES {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        let _ = self
+            .commands
+            .send(Command::Broadcast(room.to_owned(), message));
+        true
+    }
+
+    /// Tracks (or updates) `channel`'s presence in `room`.
+    pub fn track(&self, room: &str, channel: Arc<str>, key: String, meta: Map<String, Value>) {
+        let _ = self
+            .commands
+            .send(Command::Track(room.to_owned(), channel, key, meta));
+    }
+
+    /// Untracks `channel`'s presence in `room`.
+    pub fn untrack(&self, room: &str, channel: Arc<str>) {
+        let _ = self
+            .commands
+            .send(Command::Untrack(room.to_owned(), channel));
     }
 }
 
@@ -271,17 +352,26 @@ impl BusTask {
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(self.names.gateway(&self.gateway)).await?;
+        let pubsub = client.get_async_pubsub().await?;
+        let (mut listener, mut messages) = pubsub.split();
+        let gateway_channel = self.names.gateway(&self.gateway);
+        listener.subscribe(&gateway_channel).await?;
         self.refresh_lease(&mut conn).await?;
         self.resync(&mut conn, again).await?;
+        if again {
+            self.rooms.resync(&mut conn, &mut listener).await?;
+        } else {
+            // A configured id may be an earlier process's: its presences
+            // leave before this one's are written.
+            self.rooms.remove_gateway(&mut conn, &self.gateway).await?;
+        }
         info!(gateway = %self.gateway, "gateway registered on the bus");
         self.connected.store(true, Ordering::Release);
         if again {
             self.reconnects.increment(1);
         }
-        let (mut listener, mut messages) = pubsub.split();
-        let mut lease = tokio::time::interval(LEASE_REFRESH);
+        let mut lease = tokio::time::interval(self.lease / 3);
+        let mut presence_check = tokio::time::interval(PRESENCE_CHECK);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => {
@@ -290,13 +380,19 @@ impl BusTask {
                 }
                 message = messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
-                    for command in self.route(message.get_payload_bytes()) {
-                        self.execute(&mut conn, command).await?;
+                    let channel = message.get_channel_name();
+                    if channel == gateway_channel {
+                        for command in self.route(message.get_payload_bytes()) {
+                            self.execute(&mut conn, &mut listener, command).await?;
+                        }
+                    } else if let Some(room) = self.rooms.room_of(channel) {
+                        let room = room.to_owned();
+                        self.rooms.on_message(&room, message.get_payload_bytes());
                     }
                 }
                 command = self.commands.recv() => {
                     let Some(command) = command else { continue };
-                    self.execute(&mut conn, command).await?;
+                    self.execute(&mut conn, &mut listener, command).await?;
                 }
                 _ = lease.tick() => {
                     self.refresh_lease(&mut conn).await?;
@@ -307,13 +403,28 @@ impl BusTask {
                         .await
                         .map_err(|_| Error::Unresponsive)??;
                 }
+                _ = presence_check.tick() => {
+                    self.rooms.check_leases(&mut conn).await?;
+                }
             }
         }
     }
 
+    /// Sets how long the gateway's lease lives (refreshed every third of
+    /// it); the presences of a gateway that died leave at most this plus
+    /// 5 s later.
+    pub fn with_lease(mut self, lease: Duration) -> BusTask {
+        self.lease = lease;
+        self
+    }
+
     async fn refresh_lease(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
         let _: () = conn
-            .set_ex(self.names.lease(&self.gateway), "1", LEASE_SECS)
+            .set_ex(
+                self.names.lease(&self.gateway),
+                "1",
+                self.lease.as_secs().max(1),
+            )
             .await?;
         let _: () = conn.sadd(self.names.gateways(), &self.gateway).await?;
         Ok(())
@@ -372,7 +483,7 @@ impl BusTask {
                 .await?;
         }
         for channel in current {
-            self.execute(conn, Command::Subscribe(channel)).await?;
+            self.subscribe(conn, &channel).await?;
         }
         Ok(())
     }
@@ -389,36 +500,28 @@ impl BusTask {
     }
 
     async fn execute(
-        &self,
+        &mut self,
         conn: &mut MultiplexedConnection,
+        sink: &mut redis::aio::PubSubSink,
         command: Command,
     ) -> Result<(), Error> {
         let hash = self.names.subscriptions(&self.gateway);
         match command {
-            Command::Subscribe(channel) => {
-                let json = match serde_json::to_string(&*channel) {
-                    Ok(json) => json,
-                    Err(e) => {
-                        warn!(channel = %channel.id, error = %e, "cannot serialize a channel registration; not registered");
-                        return Ok(());
-                    }
-                };
-                // The control message embeds the same text: no second
-                // serialization, no clone of the registration.
-                let control = format!(
-                    r#"{{"v":{},"gateway":{},"op":"subscribe_channel","channel":{json}}}"#,
-                    bus::VERSION,
-                    serde_json::Value::from(self.gateway.as_str())
-                );
-                redis::pipe()
-                    .hset(&hash, bus::channel_field(&channel.id), &json)
-                    .ignore()
-                    .publish(self.names.control(), control)
-                    .ignore()
-                    .query_async::<()>(conn)
-                    .await?;
-                debug!(channel = %channel.id, subscriptions = channel.subscriptions.len(), "channel registered");
+            Command::Subscribe(channel) => self.subscribe(conn, &channel).await?,
+            Command::JoinRoom(room, member) => self.rooms.join(conn, sink, room, member).await?,
+            Command::LeaveRoom(room, channel) => {
+                self.rooms.leave(conn, sink, room, channel).await?;
             }
+            Command::Broadcast(room, message) => {
+                let bytes = message.len();
+                let sent = self.rooms.broadcast(conn, &room, message).await;
+                self.queued.fetch_sub(bytes, Ordering::AcqRel);
+                sent?;
+            }
+            Command::Track(room, channel, key, meta) => {
+                self.rooms.track(conn, room, channel, key, meta).await?;
+            }
+            Command::Untrack(room, channel) => self.rooms.untrack(conn, room, channel).await?,
             Command::Unsubscribe(channel) => {
                 let mut pipe = redis::pipe();
                 pipe.hdel(&hash, bus::channel_field(&channel.id)).ignore();
@@ -432,6 +535,38 @@ impl BusTask {
                 debug!(channel = %channel.id, "channel withdrawn");
             }
         }
+        Ok(())
+    }
+
+    /// Writes a channel registration to the registry and announces it.
+    async fn subscribe(
+        &self,
+        conn: &mut MultiplexedConnection,
+        channel: &ChannelRegistration,
+    ) -> Result<(), Error> {
+        let hash = self.names.subscriptions(&self.gateway);
+        let json = match serde_json::to_string(channel) {
+            Ok(json) => json,
+            Err(e) => {
+                warn!(channel = %channel.id, error = %e, "cannot serialize a channel registration; not registered");
+                return Ok(());
+            }
+        };
+        // The control message embeds the same text: no second
+        // serialization, no clone of the registration.
+        let control = format!(
+            r#"{{"v":{},"gateway":{},"op":"subscribe_channel","channel":{json}}}"#,
+            bus::VERSION,
+            serde_json::Value::from(self.gateway.as_str())
+        );
+        redis::pipe()
+            .hset(&hash, bus::channel_field(&channel.id), &json)
+            .ignore()
+            .publish(self.names.control(), control)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+        debug!(channel = %channel.id, subscriptions = channel.subscriptions.len(), "channel registered");
         Ok(())
     }
 

@@ -1,0 +1,316 @@
+//! `POST /api/broadcast` (also under `/realtime/v1`, as clients reach it
+//! through Supabase's API gateway): a batch of broadcasts from a server or
+//! from realtime-js's `send()` when its channel is not joined.
+//!
+//! ```text
+//! POST /api/broadcast  Authorization: Bearer <jwt> | apikey: <jwt>
+//! {"messages":[{"topic":"room:42","event":"cursor","payload":{"x":1},"private":false,"id":"<uuid>"}]}
+//! ```
+//!
+//! Answers as Supabase does: 202 and no body when every message went out;
+//! 401 `{"message":"Unauthorized"}` for a missing or refused token; 422
+//! with an error object per message (`{}` for a good one) when any is
+//! invalid, and then none is sent; 429 when the events rate is spent or
+//! the batch would spend it. `topic` is the sub-topic (no `realtime:`).
+//! `private: true` is refused (422) until private channels are supported.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tracing::debug;
+
+use super::flexible_bool;
+use crate::bus::room::{self, BroadcastHeader};
+use crate::gateway::Context;
+
+/// Bytes of a request body at most (Supabase's parser's default).
+pub const MAX_BODY_BYTES: usize = 8_000_000;
+
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(default, borrow)]
+    messages: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default)]
+    topic: Option<Value>,
+    #[serde(default)]
+    event: Option<Value>,
+    #[serde(default, borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    private: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// A message ready to go: its room and bus message.
+struct Ready {
+    room: String,
+    message: Vec<u8>,
+}
+
+/// `POST /api/broadcast`.
+pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
+    let token = bearer(&headers).or_else(|| header_text(&headers, "apikey"));
+    let verified = token.map(|t| ctx.verifier.verify(t));
+    if !matches!(verified, Some(Ok(_))) {
+        if let Some(Err(e)) = verified {
+            debug!(error = %e, "REST broadcast refused");
+        }
+        return answer(StatusCode::UNAUTHORIZED, json!({"message": "Unauthorized"}));
+    }
+    let batch: Batch<'_> = match serde_json::from_slice(&body) {
+        Ok(batch) => batch,
+        Err(e) => {
+            let message = format!(
+                "The body must be JSON: {{\"messages\":[{{\"topic\",\"event\",\"payload\"}}]}} ({})",
+                crate::gateway::quiet::clip(&e.to_string())
+            );
+            return answer(StatusCode::BAD_REQUEST, json!({ "message": message }));
+        }
+    };
+    let Some(messages) = batch.messages else {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"messages": ["can't be blank"]}}),
+        );
+    };
+    let mut ready = Vec::with_capacity(messages.len());
+    let mut errors = Vec::with_capacity(messages.len());
+    let mut failed = false;
+    for raw in &messages {
+        match check(&ctx, raw) {
+            Ok(r) => {
+                ready.push(r);
+                errors.push(json!({}));
+            }
+            Err(e) => {
+                failed = true;
+                errors.push(e);
+            }
+        }
+    }
+    if failed {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"messages": errors}}),
+        );
+    }
+    let now = Instant::now();
+    if ctx.events.triggered(now) {
+        ctx.metrics.broadcast("rate_limited");
+        return answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "You have exceeded your rate limit"}),
+        );
+    }
+    if ready.len() as u64 + ctx.events.average(now) > ctx.events.limit() {
+        ctx.metrics.broadcast("rate_limited");
+        return answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "Too many messages to broadcast, please reduce the batch size"}),
+        );
+    }
+    for r in ready {
+        ctx.events.add(1);
+        if !ctx.bus.broadcast(&r.room, r.message) {
+            ctx.metrics.broadcast("refused");
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"message": "The gateway lost its connection to Redis; try again"}),
+            );
+        }
+        ctx.metrics.broadcast("sent");
+    }
+    let mut response = StatusCode::ACCEPTED.into_response();
+    cors(response.headers_mut());
+    response
+}
+
+/// The CORS preflight of browsers calling `POST /api/broadcast`.
+pub async fn preflight() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    cors(headers);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, apikey, content-type, x-client-info"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
+}
+
+/// One message's errors as Supabase's changeset shows them, or the
+/// message ready to go.
+fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
+    let Ok(message) = serde_json::from_str::<Message<'_>>(raw.get()) else {
+        return Err(json!({"message": ["is invalid"]}));
+    };
+    let mut errors = serde_json::Map::new();
+    let blank = || json!(["can't be blank"]);
+    let topic = match &message.topic {
+        Some(Value::String(t)) if !t.is_empty() => Some(t.as_str()),
+        None | Some(Value::Null) | Some(Value::String(_)) => {
+            errors.insert("topic".into(), blank());
+            None
+        }
+        Some(_) => {
+            errors.insert("topic".into(), json!(["is invalid"]));
+            None
+        }
+    };
+    if let Some(topic) = topic
+        && topic.len() + "realtime:".len() > ctx.limits.max_topic_bytes
+    {
+        errors.insert(
+            "topic".into(),
+            json!([format!(
+                "is too long: topics are limited to {} bytes with realtime:",
+                ctx.limits.max_topic_bytes
+            )]),
+        );
+    }
+    let event = match &message.event {
+        Some(Value::String(e)) if !e.is_empty() => Some(e.as_str()),
+        None | Some(Value::Null) | Some(Value::String(_)) => {
+            errors.insert("event".into(), blank());
+            None
+        }
+        Some(_) => {
+            errors.insert("event".into(), json!(["is invalid"]));
+            None
+        }
+    };
+    let payload = match message.payload {
+        Some(p) if p.get().starts_with('{') => Some(p.get()),
+        None => {
+            errors.insert("payload".into(), blank());
+            None
+        }
+        Some(p) if p.get() == "null" => {
+            errors.insert("payload".into(), blank());
+            None
+        }
+        Some(_) => {
+            errors.insert("payload".into(), json!(["is invalid"]));
+            None
+        }
+    };
+    if payload.is_some_and(|p| p.len() > ctx.limits.max_payload_bytes()) {
+        errors.insert(
+            "payload".into(),
+            json!(["Payload size exceeds tenant limit"]),
+        );
+    }
+    match message.private.as_ref().map(flexible_bool) {
+        None | Some(Some(false)) => {}
+        Some(Some(true)) => {
+            errors.insert(
+                "private".into(),
+                json!([
+                    "private messages need authorization on realtime.messages, which this walcast does not support yet"
+                ]),
+            );
+        }
+        Some(None) if message.private == Some(Value::Null) => {}
+        Some(None) => {
+            errors.insert("private".into(), json!(["is invalid"]));
+        }
+    }
+    let id = match &message.id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if is_uuid(id) => Some(id.as_str()),
+        Some(_) => {
+            errors.insert("id".into(), json!(["is invalid"]));
+            None
+        }
+    };
+    let (Some(topic), Some(event), Some(payload), true) =
+        (topic, event, payload, errors.is_empty())
+    else {
+        return Err(Value::Object(errors));
+    };
+    // Supabase's batch message, keys in its order (sorted).
+    let event = Value::from(event).to_string();
+    let meta = id.map_or_else(String::new, |id| format!(r#","meta":{{"id":"{id}"}}"#));
+    let body = format!(r#"{{"event":{event}{meta},"payload":{payload},"type":"broadcast"}}"#);
+    Ok(Ready {
+        room: topic.to_owned(),
+        message: room::write_broadcast(&BroadcastHeader::phoenix(None), body.as_bytes()),
+    })
+}
+
+/// Whether `id` is a UUID in its text form.
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+/// The token of `Authorization: Bearer <token>` (any case of "bearer").
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = header_text(headers, "authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn cors(headers: &mut HeaderMap) {
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    cors(response.headers_mut());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_and_bearer_tokens_are_read_strictly() {
+        assert!(is_uuid("006554ce-4a7b-4c4a-9a6e-0123456789ab"));
+        assert!(!is_uuid("006554ce4a7b-4c4a-9a6e-0123456789abc"));
+        assert!(!is_uuid("x"));
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("BEARER abc"));
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+}

@@ -1,0 +1,551 @@
+//! The bus task's rooms: one per topic with a socket joined on this
+//! gateway. A room's Redis channel is subscribed while it has a member
+//! and not longer; its presences ([`State`]) are read from the room's
+//! hash when it is first joined (and again after a lost connection) and
+//! kept by the diffs that come on its channel.
+//!
+//! ```text
+//! socket ──JoinRoom/Broadcast/Track──▶ bus task ──SUBSCRIBE, PUBLISH, HSET──▶ Redis room channel and hash
+//!    ▲                                    │
+//!    └──Delivery::Room (try_send) ◀── on_message ◀── room channel (every gateway's messages, ours too)
+//! ```
+//!
+//! Everything here runs on the bus task, in command order: a socket's
+//! broadcasts reach Redis in the order it sent them, and a member gets its
+//! `presence_state` before any diff that follows it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use redis::AsyncCommands;
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tracing::{debug, info, warn};
+
+use super::{Delivery, Error, SocketHandle, deliver};
+use crate::bus::Names;
+use crate::bus::room::{
+    self, BroadcastHeader, Encoding, Header, Presence, PresenceHeader, field_gateway,
+    presence_field,
+};
+use crate::gateway::broadcast::event::{Broadcast, User};
+use crate::gateway::presence::state::{Changed, State};
+use crate::gateway::presence::{Diff, References};
+use crate::gateway::quiet::clip;
+
+/// What a room sends a socket.
+#[derive(Debug)]
+pub enum RoomEvent {
+    /// A broadcast.
+    Broadcast(Broadcast),
+    /// A presence diff.
+    PresenceDiff(Diff),
+}
+
+impl RoomEvent {
+    /// `realtime:<room>`.
+    pub fn topic(&self) -> &str {
+        match self {
+            RoomEvent::Broadcast(b) => &b.topic,
+            RoomEvent::PresenceDiff(d) => &d.topic,
+        }
+    }
+}
+
+/// A channel in a room.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its socket.
+    pub socket: SocketHandle,
+    /// The channel's id on this gateway (its join's).
+    pub channel: Arc<str>,
+    /// Presence enabled at join: it gets `presence_state`.
+    pub presence: bool,
+    /// `presence_state` was sent.
+    state_sent: bool,
+}
+
+impl Member {
+    /// `channel` of `socket`; `presence`: send it `presence_state`.
+    pub fn new(socket: SocketHandle, channel: Arc<str>, presence: bool) -> Member {
+        Member {
+            socket,
+            channel,
+            presence,
+            state_sent: false,
+        }
+    }
+}
+
+struct Room {
+    topic: Arc<str>,
+    members: Vec<Member>,
+    state: State,
+}
+
+/// The rooms of this gateway and its own presences.
+pub struct Rooms {
+    names: Names,
+    gateway: String,
+    /// The room channels' common prefix (`names.room("")`).
+    prefix: String,
+    rooms: HashMap<String, Room>,
+    /// This gateway's presences, by room and channel.
+    own: HashMap<(String, Arc<str>), Presence>,
+    refs: References,
+}
+
+impl Rooms {
+    /// No rooms yet, for `gateway`.
+    pub fn new(names: Names, gateway: String) -> Rooms {
+        Rooms {
+            prefix: names.room(""),
+            names,
+            gateway,
+            rooms: HashMap::new(),
+            own: HashMap::new(),
+            refs: References::default(),
+        }
+    }
+
+    /// The room a channel name is of, if it is a room channel.
+    pub fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
+        channel.strip_prefix(&self.prefix)
+    }
+
+    /// Adds `member` to `room`, subscribing its channel and reading its
+    /// presences when it is the room's first.
+    pub async fn join(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+        room: String,
+        member: Member,
+    ) -> Result<(), Error> {
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.members.retain(|m| m.channel != member.channel);
+            r.members.push(member);
+            send_states(r);
+            return Ok(());
+        }
+        // In place before any await: a lost connection resubscribes it.
+        self.rooms.insert(
+            room.clone(),
+            Room {
+                topic: Arc::from(format!("realtime:{room}")),
+                members: vec![member],
+                state: State::default(),
+            },
+        );
+        sink.subscribe(self.names.room(&room)).await?;
+        let state = self.load(conn, &room).await?;
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.state = state;
+            send_states(r);
+        }
+        debug!(room = %clip(&room), "room subscribed");
+        Ok(())
+    }
+
+    /// Removes `channel` from `room` (its presence leaves); the room's
+    /// channel is unsubscribed when no member is left.
+    pub async fn leave(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+        room: String,
+        channel: Arc<str>,
+    ) -> Result<(), Error> {
+        self.untrack(conn, room.clone(), channel.clone()).await?;
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return Ok(());
+        };
+        r.members.retain(|m| m.channel != channel);
+        if r.members.is_empty() {
+            self.rooms.remove(&room);
+            sink.unsubscribe(self.names.room(&room)).await?;
+            debug!(room = %clip(&room), "room unsubscribed");
+        }
+        Ok(())
+    }
+
+    /// Publishes a broadcast message on `room`'s channel.
+    pub async fn broadcast(
+        &self,
+        conn: &mut MultiplexedConnection,
+        room: &str,
+        message: Vec<u8>,
+    ) -> Result<(), Error> {
+        let _: () = conn.publish(self.names.room(room), message).await?;
+        Ok(())
+    }
+
+    /// Tracks `channel`'s presence in `room` under `key` with `meta`: a
+    /// join, or an update of the one it tracked (a join carrying
+    /// `phx_ref_prev` and the leave of the old meta, in one diff).
+    pub async fn track(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        room: String,
+        channel: Arc<str>,
+        key: String,
+        mut meta: Map<String, Value>,
+    ) -> Result<(), Error> {
+        let reference = self.refs.next();
+        let slot = (room, channel);
+        let previous = self.own.get(&slot).cloned();
+        meta.insert("phx_ref".to_owned(), Value::from(reference.as_str()));
+        if let Some(previous) = &previous {
+            meta.insert(
+                "phx_ref_prev".to_owned(),
+                Value::from(previous.reference.as_str()),
+            );
+        }
+        // A map with string keys always serializes.
+        let meta =
+            serde_json::value::to_raw_value(&meta).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        let presence = Presence {
+            reference,
+            key,
+            meta,
+        };
+        let (room, _) = &slot;
+        let hash = self.names.presences(room);
+        let mut pipe = redis::pipe();
+        pipe.hset(
+            &hash,
+            presence_field(&self.gateway, &presence.reference),
+            to_json(&presence),
+        )
+        .ignore()
+        .sadd(self.names.presence_rooms(&self.gateway), room)
+        .ignore();
+        if let Some(previous) = &previous {
+            pipe.hdel(&hash, presence_field(&self.gateway, &previous.reference))
+                .ignore();
+        }
+        pipe.publish(
+            self.names.room(room),
+            room::presence_diff(
+                &self.gateway,
+                vec![presence.clone()],
+                previous.into_iter().collect(),
+            ),
+        )
+        .ignore();
+        pipe.query_async::<()>(conn).await?;
+        self.own.insert(slot, presence);
+        Ok(())
+    }
+
+    /// Untracks `channel`'s presence in `room`, if it has one.
+    pub async fn untrack(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        room: String,
+        channel: Arc<str>,
+    ) -> Result<(), Error> {
+        let Some(previous) = self.own.remove(&(room.clone(), channel)) else {
+            return Ok(());
+        };
+        let mut pipe = redis::pipe();
+        pipe.hdel(
+            self.names.presences(&room),
+            presence_field(&self.gateway, &previous.reference),
+        )
+        .ignore()
+        .publish(
+            self.names.room(&room),
+            room::presence_diff(&self.gateway, Vec::new(), vec![previous]),
+        )
+        .ignore();
+        if !self.own.keys().any(|(r, _)| *r == room) {
+            pipe.srem(self.names.presence_rooms(&self.gateway), &room)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+        Ok(())
+    }
+
+    /// Hands a message of `room`'s channel to its members.
+    pub fn on_message(&mut self, room: &str, message: &[u8]) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let (header, body) = match room::read(message) {
+            Ok(read) => read,
+            Err(e) => {
+                warn!(room = %clip(room), error = %e, "ignoring a malformed room message");
+                return;
+            }
+        };
+        match header {
+            Header::Broadcast(BroadcastHeader {
+                from,
+                event,
+                encoding,
+                meta,
+                ..
+            }) => {
+                // Only a channel of this gateway can be the sender.
+                let from = from.and_then(|f| {
+                    f.strip_prefix(&self.gateway)
+                        .and_then(|rest| rest.strip_prefix(' '))
+                        .map(Arc::from)
+                });
+                let user = event.map(|event| User {
+                    event,
+                    encoding: encoding.unwrap_or(Encoding::Json),
+                    meta: meta
+                        .map(|m| m.get().as_bytes().to_vec())
+                        .unwrap_or_default(),
+                });
+                let event = Arc::new(RoomEvent::Broadcast(Broadcast::new(
+                    r.topic.clone(),
+                    from,
+                    user,
+                    body.to_vec(),
+                )));
+                for member in &r.members {
+                    deliver(
+                        &member.socket,
+                        Delivery::Room(member.channel.clone(), event.clone()),
+                    );
+                }
+            }
+            Header::Presence(PresenceHeader {
+                gateway,
+                joins,
+                leaves,
+                ..
+            }) => {
+                let changed = r.state.apply(&gateway, joins, leaves);
+                tell(r, &changed);
+            }
+        }
+    }
+
+    /// Reads `room`'s presences from its hash, dropping (from the hash
+    /// too) those of gateways whose lease expired and this gateway's own
+    /// that it no longer holds (an earlier process with the same id).
+    async fn load(&self, conn: &mut MultiplexedConnection, room: &str) -> Result<State, Error> {
+        let hash = self.names.presences(room);
+        let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
+        let others: Vec<&str> = {
+            let mut seen = HashSet::new();
+            stored
+                .iter()
+                .map(|(field, _)| field_gateway(field))
+                .filter(|g| *g != self.gateway && seen.insert(*g))
+                .collect()
+        };
+        let alive = self.alive(conn, &others).await?;
+        let mut state = State::default();
+        let mut stale = Vec::new();
+        for (field, json) in &stored {
+            let gateway = field_gateway(field);
+            let presence = serde_json::from_str::<Presence>(json).ok().filter(|p| {
+                if gateway == self.gateway {
+                    self.own.values().any(|own| own.reference == p.reference)
+                } else {
+                    alive.contains(gateway)
+                }
+            });
+            match presence {
+                Some(p) => {
+                    state.apply(gateway, vec![p], Vec::new());
+                }
+                None => stale.push(field.as_str()),
+            }
+        }
+        if !stale.is_empty() {
+            let _: () = conn.hdel(&hash, &stale).await?;
+            debug!(room = %clip(room), stale = stale.len(), "removed presences of gone gateways");
+        }
+        Ok(state)
+    }
+
+    /// Which of `gateways` hold a lease.
+    async fn alive<'g>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateways: &[&'g str],
+    ) -> Result<HashSet<&'g str>, Error> {
+        if gateways.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut pipe = redis::pipe();
+        for g in gateways {
+            pipe.exists(self.names.lease(g));
+        }
+        let exists: Vec<bool> = pipe.query_async(conn).await?;
+        Ok(gateways
+            .iter()
+            .zip(exists)
+            .filter_map(|(g, alive)| alive.then_some(*g))
+            .collect())
+    }
+
+    /// The presences of gateways with no lease leave: every room here
+    /// tells its members, and the dead gateways' entries are removed from
+    /// every room they were in.
+    pub async fn check_leases(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let others: Vec<String> = {
+            let mut seen = HashSet::new();
+            self.rooms
+                .values()
+                .flat_map(|r| r.state.gateways())
+                .filter(|g| *g != self.gateway && seen.insert(*g))
+                .map(str::to_owned)
+                .collect()
+        };
+        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+        let alive = self.alive(conn, &refs).await?;
+        let dead: Vec<&str> = refs
+            .iter()
+            .copied()
+            .filter(|g| !alive.contains(g))
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut left = 0;
+        for r in self.rooms.values_mut() {
+            let changed = r.state.remove_gateways(|g| dead.contains(&g));
+            left += changed.leaves.len();
+            tell(r, &changed);
+        }
+        for gateway in &dead {
+            self.remove_gateway(conn, gateway).await?;
+        }
+        info!(gateways = ?dead, presences = left, "gateway leases expired; their presences left");
+        Ok(())
+    }
+
+    /// Removes `gateway`'s presences from every room it was in; when it
+    /// is this gateway (a fresh start with a configured id), their leaves
+    /// are announced too, since nobody else will.
+    pub async fn remove_gateway(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+    ) -> Result<(), Error> {
+        let index = self.names.presence_rooms(gateway);
+        let rooms: Vec<String> = conn.smembers(&index).await?;
+        let mut pipe = redis::pipe();
+        for room in &rooms {
+            let hash = self.names.presences(room);
+            let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
+            let mine: Vec<(String, String)> = stored
+                .into_iter()
+                .filter(|(field, _)| field_gateway(field) == gateway)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = mine.iter().map(|(f, _)| f.as_str()).collect();
+            pipe.hdel(&hash, fields).ignore();
+            if gateway == self.gateway {
+                let leaves = mine
+                    .iter()
+                    .filter_map(|(_, json)| serde_json::from_str::<Presence>(json).ok())
+                    .collect();
+                pipe.publish(
+                    self.names.room(room),
+                    room::presence_diff(gateway, Vec::new(), leaves),
+                )
+                .ignore();
+            }
+        }
+        pipe.del(&index).ignore();
+        pipe.query_async::<()>(conn).await?;
+        Ok(())
+    }
+
+    /// After a lost connection: this gateway's presences written and
+    /// announced again (Redis may have restarted empty), every room
+    /// subscribed and read again, and its members told what changed
+    /// meanwhile.
+    pub async fn resync(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+    ) -> Result<(), Error> {
+        let mut by_room: HashMap<&str, Vec<Presence>> = HashMap::new();
+        for ((room, _), presence) in &self.own {
+            by_room.entry(room).or_default().push(presence.clone());
+        }
+        for (room, joins) in by_room {
+            let hash = self.names.presences(room);
+            let mut pipe = redis::pipe();
+            for p in &joins {
+                pipe.hset(
+                    &hash,
+                    presence_field(&self.gateway, &p.reference),
+                    to_json(p),
+                )
+                .ignore();
+            }
+            pipe.sadd(self.names.presence_rooms(&self.gateway), room)
+                .ignore()
+                .publish(
+                    self.names.room(room),
+                    room::presence_diff(&self.gateway, joins, Vec::new()),
+                )
+                .ignore();
+            pipe.query_async::<()>(conn).await?;
+        }
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            sink.subscribe(self.names.room(&room)).await?;
+            let state = self.load(conn, &room).await?;
+            if let Some(r) = self.rooms.get_mut(&room) {
+                let changed = r.state.replace(state);
+                tell(r, &changed);
+                send_states(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends `presence_state` to the members that want it and have not had it.
+fn send_states(room: &mut Room) {
+    let mut payload: Option<Arc<str>> = None;
+    for member in room
+        .members
+        .iter_mut()
+        .filter(|m| m.presence && !m.state_sent)
+    {
+        member.state_sent = true;
+        let payload = payload
+            .get_or_insert_with(|| Arc::from(room.state.payload()))
+            .clone();
+        deliver(
+            &member.socket,
+            Delivery::PresenceState(member.channel.clone(), room.topic.clone(), payload),
+        );
+    }
+}
+
+/// Tells every member of `room` what changed, if anything.
+fn tell(room: &Room, changed: &Changed) {
+    if changed.is_empty() {
+        return;
+    }
+    let event = Arc::new(RoomEvent::PresenceDiff(Diff::new(
+        room.topic.clone(),
+        changed.payload(),
+    )));
+    for member in &room.members {
+        deliver(
+            &member.socket,
+            Delivery::Room(member.channel.clone(), event.clone()),
+        );
+    }
+}
+
+fn to_json(presence: &Presence) -> String {
+    serde_json::to_string(presence).unwrap_or_default()
+}
