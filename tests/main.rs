@@ -5,6 +5,7 @@
 mod admin;
 mod check;
 mod clients;
+mod clients_rooms;
 mod delivery;
 mod faults;
 mod filters;

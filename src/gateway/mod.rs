@@ -261,11 +261,16 @@ pub fn router(ctx: Arc<Context>) -> Router {
     let rest = post(broadcast::rest::post)
         .options(broadcast::rest::preflight)
         .layer(DefaultBodyLimit::max(broadcast::rest::MAX_BODY_BYTES));
+    let single = post(broadcast::rest::post_single)
+        .options(broadcast::rest::preflight)
+        .layer(DefaultBodyLimit::max(broadcast::rest::MAX_BODY_BYTES));
     Router::new()
         .route("/socket/websocket", get(upgrade))
         .route("/realtime/v1/websocket", get(upgrade))
         .route("/api/broadcast", rest.clone())
         .route("/realtime/v1/api/broadcast", rest)
+        .route("/api/broadcast/{topic}/events/{event}", single.clone())
+        .route("/realtime/v1/api/broadcast/{topic}/events/{event}", single)
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
         .with_state(ctx)

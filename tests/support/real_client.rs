@@ -143,6 +143,21 @@ impl ClientProcess {
         self.child.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes `line` and a newline to the program's stdin (a command).
+    pub fn send_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{line}").expect("write to the client's stdin");
+        stdin.flush().expect("flush the client's stdin");
+    }
+
+    /// Kills the program (a client that vanishes without closing).
+    pub fn kill(&mut self) {
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Closes stdin and waits up to `timeout` for a successful exit;
     /// returns every line.
     pub fn finish(&mut self, timeout: Duration) -> Vec<Value> {

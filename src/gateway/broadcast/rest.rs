@@ -7,6 +7,11 @@
 //! {"messages":[{"topic":"room:42","event":"cursor","payload":{"x":1},"private":false,"id":"<uuid>"}]}
 //! ```
 //!
+//! `POST /api/broadcast/<topic>/events/<event>` (realtime-js's and
+//! realtime-py's `httpSend`) sends one message whose body is the payload:
+//! JSON (`application/json` or no content type) or bytes
+//! (`application/octet-stream`), delivered as a user broadcast.
+//!
 //! Answers as Supabase does: 202 and no body when every message went out;
 //! 401 `{"message":"Unauthorized"}` for a missing or refused token; 422
 //! with an error object per message (`{}` for a good one) when any is
@@ -14,11 +19,12 @@
 //! the batch would spend it. `topic` is the sub-topic (no `realtime:`).
 //! `private: true` is refused (422) until private channels are supported.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -27,7 +33,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use super::flexible_bool;
-use crate::bus::room::{self, BroadcastHeader};
+use crate::bus::room::{self, BroadcastHeader, Encoding};
 use crate::gateway::Context;
 
 /// Bytes of a request body at most (Supabase's parser's default).
@@ -61,13 +67,8 @@ struct Ready {
 
 /// `POST /api/broadcast`.
 pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
-    let token = bearer(&headers).or_else(|| header_text(&headers, "apikey"));
-    let verified = token.map(|t| ctx.verifier.verify(t));
-    if !matches!(verified, Some(Ok(_))) {
-        if let Some(Err(e)) = verified {
-            debug!(error = %e, "REST broadcast refused");
-        }
-        return answer(StatusCode::UNAUTHORIZED, json!({"message": "Unauthorized"}));
+    if !authorized(&ctx, &headers) {
+        return unauthorized();
     }
     let batch: Batch<'_> = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
@@ -132,6 +133,106 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
         }
         ctx.metrics.broadcast("sent");
     }
+    let mut response = StatusCode::ACCEPTED.into_response();
+    cors(response.headers_mut());
+    response
+}
+
+/// Whether the request carries a token the gateway accepts (a bearer,
+/// else `apikey`).
+fn authorized(ctx: &Context, headers: &HeaderMap) -> bool {
+    let token = bearer(headers).or_else(|| header_text(headers, "apikey"));
+    match token.map(|t| ctx.verifier.verify(t)) {
+        Some(Ok(_)) => true,
+        Some(Err(e)) => {
+            debug!(error = %e, "REST broadcast refused");
+            false
+        }
+        None => false,
+    }
+}
+
+/// Supabase's answer to a request without an accepted token.
+fn unauthorized() -> Response {
+    answer(StatusCode::UNAUTHORIZED, json!({"message": "Unauthorized"}))
+}
+
+/// `POST /api/broadcast/<topic>/events/<event>[?private=true]`.
+pub async fn post_single(
+    State(ctx): State<Arc<Context>>,
+    Path((topic, event)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&ctx, &headers) {
+        return unauthorized();
+    }
+    let encoding = match header_text(&headers, "content-type")
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .as_deref()
+    {
+        None | Some("application/json") => Encoding::Json,
+        Some("application/octet-stream") => Encoding::Binary,
+        Some(_) => {
+            return answer(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}),
+            );
+        }
+    };
+    if query
+        .get("private")
+        .is_some_and(|p| p.eq_ignore_ascii_case("true"))
+    {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"message": "private messages need authorization on realtime.messages, which this walcast does not support yet"}),
+        );
+    }
+    if topic.is_empty() || topic.len() + "realtime:".len() > ctx.limits.max_topic_bytes {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"topic": [format!("must be 1 to {} bytes with realtime:", ctx.limits.max_topic_bytes)]}}),
+        );
+    }
+    if body.len() + event.len() > ctx.limits.max_payload_bytes() {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"payload": ["Payload size exceeds tenant limit"]}}),
+        );
+    }
+    if encoding == Encoding::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+    {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"message": "The body must be JSON (or send application/octet-stream)"}),
+        );
+    }
+    let now = Instant::now();
+    if ctx.events.triggered(now) {
+        ctx.metrics.broadcast("rate_limited");
+        return answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "You have exceeded your rate limit"}),
+        );
+    }
+    ctx.events.add(1);
+    let message = room::write_broadcast(&BroadcastHeader::user(None, event, encoding), &body);
+    if !ctx.bus.broadcast(&topic, message) {
+        ctx.metrics.broadcast("refused");
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"message": "The gateway lost its connection to Redis; try again"}),
+        );
+    }
+    ctx.metrics.broadcast("sent");
     let mut response = StatusCode::ACCEPTED.into_response();
     cors(response.headers_mut());
     response
