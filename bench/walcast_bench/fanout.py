@@ -52,10 +52,8 @@ shortfall in `--smoke`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
-import select
 import socket
 import subprocess
 import tempfile
@@ -65,7 +63,7 @@ from pathlib import Path
 
 from .consumers import drop_slot, slot_position
 from .pg import Cluster
-from .procs import BenchError, cpu_seconds, free_port, peak_rss_bytes, spawn, stop, tail
+from .procs import BenchError, LineClient, build_example, cpu_seconds, free_port, peak_rss_bytes, spawn, stop, tail
 from .redis import RedisServer
 from .report import table
 from .workloads import ITEMS_COLUMNS, ITEMS_VALUES
@@ -179,19 +177,7 @@ class Result:
 
 
 def build_client(debug: bool, log) -> Path:
-    cmd = ["cargo", "build", "--locked", "--example", "fanout_client", "--message-format=json-render-diagnostics"]
-    if not debug:
-        cmd.insert(2, "--release")
-    log(f"building the fan-out client: {' '.join(cmd[:-1])}")
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise BenchError("cargo build of the fan-out client failed (see above)")
-    for line in done.stdout.splitlines():
-        msg = json.loads(line)
-        if msg.get("reason") == "compiler-artifact" and msg.get("executable") \
-                and msg["target"]["name"] == "fanout_client":
-            return Path(msg["executable"])
-    raise BenchError("cargo build did not report the fanout_client binary")
+    return build_example("fanout_client", debug, log)
 
 
 def _raise_open_files(sockets: int) -> None:
@@ -220,51 +206,15 @@ def _rss(pid: int) -> int:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
-class Client:
+class Client(LineClient):
     """fanout_client in its own process, JSON lines on stdout."""
 
     def __init__(self, binary: Path, port: int, sockets: int, log: Path) -> None:
-        self.log = log
         self.closed = 0  # sockets closed by the end of the last phase
         env = dict(os.environ, FANOUT_JWT_SECRET=SECRET)
-        self.proc = spawn([str(binary), "--addr", f"127.0.0.1:{port}", "--sockets", str(sockets),
-                           "--table", TABLE, "--topic", TOPIC, "--stall-seconds", "30"],
-                          env=env, log=log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def line(self, timeout: float) -> dict:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return {}
-        text = self.proc.stdout.readline()
-        if not text:
-            self.proc.wait(5)
-            raise BenchError(f"the fan-out client exited with {self.proc.returncode}:\n{tail(self.log)}")
-        return json.loads(text)
-
-    def wait_for(self, event: str, timeout: float, on_idle=None) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.line(0.25)
-            if on_idle:
-                on_idle()
-            if line.get("event") == event:
-                return line
-        raise BenchError(f"the fan-out client did not report {event!r} within {timeout:.0f}s:\n{tail(self.log)}")
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            stop(self.proc, timeout=5)
+        super().__init__("fan-out client",
+                         [str(binary), "--addr", f"127.0.0.1:{port}", "--sockets", str(sockets),
+                          "--table", TABLE, "--topic", TOPIC, "--stall-seconds", "30"], env, log)
 
 
 def _pgbench_paced(cluster: Cluster, rate: float, seconds: int) -> None:

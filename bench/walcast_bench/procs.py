@@ -189,3 +189,72 @@ def wait_until(what: str, check, timeout: float, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def build_example(name: str, debug: bool, log) -> Path:
+    """Builds cargo example `name` (release unless `debug`); its binary."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent.parent
+    cmd = ["cargo", "build", "--locked", "--example", name, "--message-format=json-render-diagnostics"]
+    if not debug:
+        cmd.insert(2, "--release")
+    log(f"building {name}: {' '.join(cmd[:-1])}")
+    done = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"cargo build of {name} failed (see above)")
+    for line in done.stdout.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["name"] == name:
+            return Path(msg["executable"])
+    raise BenchError(f"cargo build did not report the {name} binary")
+
+
+class LineClient:
+    """A load client in its own process: commands on stdin, JSON lines on stdout."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.proc = spawn(argv, env=env, log=log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def line(self, timeout: float) -> dict:
+        import json
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return {}
+        text = self.proc.stdout.readline()
+        if not text:
+            self.proc.wait(5)
+            raise BenchError(f"the {self.name} exited with {self.proc.returncode}:\n{tail(self.log)}")
+        return json.loads(text)
+
+    def wait_for(self, event: str, timeout: float, on_idle=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.line(0.25)
+            if on_idle:
+                on_idle()
+            if line.get("event") == event:
+                return line
+        raise BenchError(f"the {self.name} did not report {event!r} within {timeout:.0f}s:\n{tail(self.log)}")
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            stop(self.proc, timeout=5)
+
