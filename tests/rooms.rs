@@ -446,11 +446,39 @@ async fn presence_is_shared_across_gateways_and_leaves_with_sockets_and_dead_gat
     );
     expect_push(&mut alice, topic, "presence_diff").await;
 
-    // Alice tracks again and gateway a dies: bob sees her leave within
-    // the lease (6 s here) and a check.
+    // Alice tracks again, and also in a room no socket of gateway b is
+    // in; then gateway a dies: bob sees her leave within the lease (6 s
+    // here) and a check, and the other room is cleaned all the same.
     track(&mut alice, "6", topic, json!({"name": "Alice"})).await;
     alice.recv().await;
+    expect_push(&mut alice, topic, "presence_diff").await;
     bob.recv().await;
+    join_v2(
+        &mut alice,
+        "9",
+        "realtime:elsewhere",
+        presence_config("alice"),
+    )
+    .await;
+    let mut conn = redis.connection().await;
+    let elsewhere = "walcast:default:presence:public:elsewhere";
+    alice
+        .send(&json!(["9", "10", "realtime:elsewhere", "presence", {"event": "track", "payload": {}}]).to_string())
+        .await;
+    crate::support::eventually(
+        "alice's presence elsewhere is stored",
+        FRAME_TIMEOUT,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                redis::AsyncCommands::hlen::<_, usize>(&mut conn, elsewhere)
+                    .await
+                    .unwrap_or(0)
+                    == 1
+            }
+        },
+    )
+    .await;
     a.process.kill();
     let killed = std::time::Instant::now();
     let left = bob.recv().await;
@@ -460,15 +488,46 @@ async fn presence_is_shared_across_gateways_and_leaves_with_sockets_and_dead_gat
         json!({"alice": [{"name": "Alice"}]})
     );
     assert!(waited <= Duration::from_secs(6 + 5 + 1), "{waited:?}");
-    // The room's hash holds only bob now.
-    let mut conn = redis.connection().await;
-    let fields: Vec<String> =
-        redis::AsyncCommands::hkeys(&mut conn, "walcast:default:presence:public:lobby")
-            .await
-            .expect("hkeys");
-    assert_eq!(fields.len(), 1, "{fields:?}");
-    assert!(fields[0].starts_with("gw-b|"), "{fields:?}");
-    drop(b);
+    // The room's hash holds only bob then (its leaves are told before
+    // the dead gateway's fields are deleted); the unwatched room is
+    // empty, and gateway a is forgotten.
+    let lobby = "walcast:default:presence:public:lobby";
+    crate::support::eventually("the lobby holds only bob", FRAME_TIMEOUT, || {
+        let mut conn = conn.clone();
+        async move {
+            let fields: Vec<String> = redis::AsyncCommands::hkeys(&mut conn, lobby)
+                .await
+                .unwrap_or_default();
+            fields.len() == 1 && fields[0].starts_with("gw-b|")
+        }
+    })
+    .await;
+    let gateways = "walcast:default:presence:gateways";
+    crate::support::eventually("the unwatched room is cleaned", FRAME_TIMEOUT, || {
+        let mut conn = conn.clone();
+        async move {
+            redis::AsyncCommands::hlen::<_, usize>(&mut conn, elsewhere)
+                .await
+                .unwrap_or(1)
+                == 0
+        }
+    })
+    .await;
+    let known: Vec<String> = redis::AsyncCommands::smembers(&mut conn, gateways)
+        .await
+        .expect("smembers");
+    assert_eq!(known, ["gw-b"]);
+    // A clean shutdown takes bob's presence with it at once.
+    let mut b = b;
+    b.process.terminate();
+    let fields: Vec<String> = redis::AsyncCommands::hkeys(&mut conn, lobby)
+        .await
+        .expect("hkeys");
+    assert_eq!(fields, Vec::<String>::new());
+    let known: Vec<String> = redis::AsyncCommands::smembers(&mut conn, gateways)
+        .await
+        .expect("smembers");
+    assert_eq!(known, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,6 +828,24 @@ async fn rest_broadcasts_reach_sockets_and_bad_requests_get_supabases_errors() {
             {"private": ["private messages need authorization on realtime.messages, which this walcast does not support yet"]},
             {"payload": ["Payload size exceeds tenant limit"]},
         ]}})
+    );
+    // More messages than the rate allows: refused before any is read.
+    let many: Vec<Value> = (0..101).map(|_| json!({})).collect();
+    let body = json!({ "messages": many }).to_string();
+    let (status, answer) = http(
+        a.port,
+        "POST",
+        "/api/broadcast",
+        &[json_type, ("apikey", &apikey)],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (status, answer.as_str()),
+        (
+            429,
+            r#"{"message":"Too many messages to broadcast, please reduce the batch size"}"#
+        )
     );
     let (status, answer) = http(
         a.port,

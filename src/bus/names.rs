@@ -60,6 +60,13 @@ impl Names {
         format!("{}presence:public:{room}", self.prefix)
     }
 
+    /// Set: the ids of gateways that hold presences, so that whoever
+    /// finds one's lease expired removes them (from rooms nobody watches
+    /// too).
+    pub fn presence_gateways(&self) -> String {
+        format!("{}presence:gateways", self.prefix)
+    }
+
     /// Set: the rooms a gateway holds presences in, so that whoever
     /// finds its lease expired can remove them.
     pub fn presence_rooms(&self, gateway: &str) -> String {
@@ -83,5 +90,6 @@ mod tests {
         assert_eq!(n.room("a:b"), "walcast:t1:room:public:a:b");
         assert_eq!(n.presences("a:b"), "walcast:t1:presence:public:a:b");
         assert_eq!(n.presence_rooms("g1"), "walcast:t1:gateway:g1:presence");
+        assert_eq!(n.presence_gateways(), "walcast:t1:presence:gateways");
     }
 }

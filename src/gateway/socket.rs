@@ -116,11 +116,7 @@ pub async fn serve(
         ctx,
         vsn,
         token,
-        handle: SocketHandle {
-            id,
-            deliveries: tx,
-            kick: kick.clone(),
-        },
+        handle: SocketHandle::new(id, tx, kick.clone()),
         channels: HashMap::new(),
         joins: 0,
         out: VecDeque::new(),
@@ -316,6 +312,14 @@ impl Session {
     /// A binary frame: realtime-js's broadcast push (kind 3). Anything
     /// else is dropped and the socket stays, as on Supabase.
     fn on_binary(&mut self, bytes: &[u8]) {
+        if self.vsn == Vsn::V1 {
+            // Supabase's vsn 1.0.0 serializer reads text frames only.
+            debug!(
+                socket = self.handle.id,
+                "ignoring a binary frame on a vsn 1.0.0 socket"
+            );
+            return;
+        }
         let push = match binary::decode(bytes) {
             Ok(push) => push,
             Err(e) => {
@@ -415,24 +419,22 @@ impl Session {
     /// answers; a channel over its call window, the tenant's presence
     /// rate or the meta size is closed.
     fn on_presence(&mut self, f: Inbound) {
-        let request = presence::request(&f.payload);
         let max_bytes = self.ctx.limits.max_payload_bytes();
         let Some(channel) = self.channels.get_mut(&f.topic) else {
             return;
         };
-        if request == Request::Nothing {
-            self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
-            return;
-        }
+        // The window first: a flood costs a counter, not a parse each.
         if !channel.presence_window.allow(Instant::now()) {
             self.ctx.metrics.presence("rate_limited");
             self.fail_channel(&f.topic, "Client presence rate limit exceeded");
             return;
         }
-        match request {
-            Request::Nothing => {}
+        match presence::request(&f.payload) {
+            Request::Nothing => {
+                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+            }
             Request::Track(meta) => {
-                let text = Value::Object(meta).to_string();
+                let text = serde_json::to_string(&meta).unwrap_or_default();
                 let hash = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default()
                     .hash_one(&text);
                 if channel.tracked == Some(hash) {
@@ -450,9 +452,6 @@ impl Session {
                     self.fail_channel(&f.topic, TOO_MANY_PRESENCE);
                     return;
                 }
-                let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(&text) else {
-                    return;
-                };
                 channel.tracked = Some(hash);
                 self.ctx.bus.track(
                     channel.name(),
@@ -704,6 +703,12 @@ impl Session {
     }
 
     fn on_delivery(&mut self, delivery: Delivery) {
+        let bytes = delivery.bytes();
+        if bytes > 0 {
+            self.handle
+                .queued_bytes
+                .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+        }
         let mut frames: Vec<(Value, String, &'static str, String)> = Vec::new();
         match &delivery {
             Delivery::Room(id, event) => self.on_room(id, event),

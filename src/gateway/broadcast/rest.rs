@@ -86,6 +86,24 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
             json!({"errors": {"messages": ["can't be blank"]}}),
         );
     };
+    // The rate before anything per message: a batch larger than the rate
+    // allows is refused before it costs a validation (or an error object)
+    // per message.
+    let now = Instant::now();
+    if ctx.events.triggered(now) {
+        ctx.metrics.broadcast("rate_limited");
+        return answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "You have exceeded your rate limit"}),
+        );
+    }
+    if messages.len() as u64 + ctx.events.average(now) > ctx.events.limit() {
+        ctx.metrics.broadcast("rate_limited");
+        return answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "Too many messages to broadcast, please reduce the batch size"}),
+        );
+    }
     let mut ready = Vec::with_capacity(messages.len());
     let mut errors = Vec::with_capacity(messages.len());
     let mut failed = false;
@@ -105,21 +123,6 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
         return answer(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({"errors": {"messages": errors}}),
-        );
-    }
-    let now = Instant::now();
-    if ctx.events.triggered(now) {
-        ctx.metrics.broadcast("rate_limited");
-        return answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({"message": "You have exceeded your rate limit"}),
-        );
-    }
-    if ready.len() as u64 + ctx.events.average(now) > ctx.events.limit() {
-        ctx.metrics.broadcast("rate_limited");
-        return answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({"message": "Too many messages to broadcast, please reduce the batch size"}),
         );
     }
     for r in ready {

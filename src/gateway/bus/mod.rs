@@ -92,6 +92,43 @@ pub struct SocketHandle {
     pub deliveries: mpsc::Sender<Delivery>,
     /// Cancelled when the socket falls behind (its queue is full).
     pub kick: CancellationToken,
+    /// Bytes of room payloads in its queue (see [`Delivery::bytes`]).
+    pub queued_bytes: Arc<AtomicUsize>,
+}
+
+impl SocketHandle {
+    /// A handle for socket `id` whose queue is `deliveries`.
+    pub fn new(
+        id: u64,
+        deliveries: mpsc::Sender<Delivery>,
+        kick: CancellationToken,
+    ) -> SocketHandle {
+        SocketHandle {
+            id,
+            deliveries,
+            kick,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// Bytes of room payloads one socket may have queued: a socket that does
+/// not read its large broadcasts is closed before it pins more than this.
+pub const MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
+impl Delivery {
+    /// The payload bytes it holds that a slow socket would pin (rooms'
+    /// broadcasts and presence; change events count by number).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Delivery::Room(_, event) => match &**event {
+                RoomEvent::Broadcast(b) => b.body.len(),
+                RoomEvent::PresenceDiff(d) => d.payload.len(),
+            },
+            Delivery::PresenceState(_, _, payload) => payload.len(),
+            _ => 0,
+        }
+    }
 }
 
 struct Route {
@@ -354,12 +391,17 @@ impl BusTask {
             .await?;
         let pubsub = client.get_async_pubsub().await?;
         let (mut listener, mut messages) = pubsub.split();
+        // Rooms on a connection of their own: Redis closes a subscriber
+        // whose output buffer outgrows `client-output-buffer-limit
+        // pubsub`, and a burst of large broadcasts must not take the
+        // daemon's events with it.
+        let (mut room_listener, mut room_messages) = client.get_async_pubsub().await?.split();
         let gateway_channel = self.names.gateway(&self.gateway);
         listener.subscribe(&gateway_channel).await?;
         self.refresh_lease(&mut conn).await?;
         self.resync(&mut conn, again).await?;
         if again {
-            self.rooms.resync(&mut conn, &mut listener).await?;
+            self.rooms.resync(&mut conn, &mut room_listener).await?;
         } else {
             // A configured id may be an earlier process's: its presences
             // leave before this one's are written.
@@ -371,7 +413,11 @@ impl BusTask {
             self.reconnects.increment(1);
         }
         let mut lease = tokio::time::interval(self.lease / 3);
-        let mut presence_check = tokio::time::interval(PRESENCE_CHECK);
+        lease.tick().await; // the lease was just set
+        // Other gateways' leases are judged only once they had a lease's
+        // time to write theirs again (Redis may have restarted empty).
+        let mut presence_check =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.lease, PRESENCE_CHECK);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => {
@@ -380,28 +426,36 @@ impl BusTask {
                 }
                 message = messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
-                    let channel = message.get_channel_name();
-                    if channel == gateway_channel {
-                        for command in self.route(message.get_payload_bytes()) {
-                            self.execute(&mut conn, &mut listener, command).await?;
-                        }
-                    } else if let Some(room) = self.rooms.room_of(channel) {
+                    for command in self.route(message.get_payload_bytes()) {
+                        self.execute(&mut conn, &mut room_listener, command).await?;
+                    }
+                }
+                message = room_messages.next() => {
+                    let Some(message) = message else { return Err(Error::Disconnected) };
+                    if let Some(room) = self.rooms.room_of(message.get_channel_name()) {
                         let room = room.to_owned();
                         self.rooms.on_message(&room, message.get_payload_bytes());
                     }
                 }
                 command = self.commands.recv() => {
                     let Some(command) = command else { continue };
-                    self.execute(&mut conn, &mut listener, command).await?;
+                    self.execute(&mut conn, &mut room_listener, command).await?;
                 }
                 _ = lease.tick() => {
-                    self.refresh_lease(&mut conn).await?;
-                    // The subscriber connection only ever reads: without a
+                    if self.refresh_lease(&mut conn).await? {
+                        // It lapsed (this task stalled past it): the other
+                        // gateways have removed this one's presences.
+                        warn!(gateway = %self.gateway, "the gateway's lease had lapsed; writing its presences again");
+                        self.rooms.rewrite_own(&mut conn).await?;
+                    }
+                    // The subscriber connections only ever read: without a
                     // ping, one cut silently (a NAT's idle timeout) would
                     // look like a quiet stream forever.
-                    tokio::time::timeout(REDIS_TIMEOUT, listener.ping::<redis::Value>())
-                        .await
-                        .map_err(|_| Error::Unresponsive)??;
+                    for sink in [&mut listener, &mut room_listener] {
+                        tokio::time::timeout(REDIS_TIMEOUT, sink.ping::<redis::Value>())
+                            .await
+                            .map_err(|_| Error::Unresponsive)??;
+                    }
                 }
                 _ = presence_check.tick() => {
                     self.rooms.check_leases(&mut conn).await?;
@@ -418,16 +472,18 @@ impl BusTask {
         self
     }
 
-    async fn refresh_lease(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
-        let _: () = conn
-            .set_ex(
-                self.names.lease(&self.gateway),
-                "1",
-                self.lease.as_secs().max(1),
-            )
+    /// Sets the lease; whether it had lapsed (it was not there).
+    async fn refresh_lease(&self, conn: &mut MultiplexedConnection) -> Result<bool, Error> {
+        let previous: Option<String> = redis::cmd("SET")
+            .arg(self.names.lease(&self.gateway))
+            .arg("1")
+            .arg("EX")
+            .arg(self.lease.as_secs().max(1))
+            .arg("GET")
+            .query_async(conn)
             .await?;
         let _: () = conn.sadd(self.names.gateways(), &self.gateway).await?;
-        Ok(())
+        Ok(previous.is_none())
     }
 
     /// Writes every current subscription again (Redis may have restarted
@@ -571,6 +627,8 @@ impl BusTask {
     }
 
     async fn leave(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        // Presences first, while the lease still says this gateway lives.
+        self.rooms.remove_gateway(conn, &self.gateway).await?;
         redis::pipe()
             .del(self.names.subscriptions(&self.gateway))
             .ignore()
@@ -708,11 +766,27 @@ fn by_socket<'r>(
     out
 }
 
-/// Queues `delivery` without waiting; a full queue kicks the socket.
+/// Queues `delivery` without waiting; a full queue (by number, or by
+/// bytes of room payloads) kicks the socket.
 fn deliver(socket: &SocketHandle, delivery: Delivery) {
+    let bytes = delivery.bytes();
+    if bytes > 0
+        && socket.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > MAX_QUEUED_BYTES
+    {
+        socket.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if !socket.kick.is_cancelled() {
+            debug!(
+                socket = socket.id,
+                "socket falls behind: its queued payloads passed MAX_QUEUED_BYTES; closing it"
+            );
+            socket.kick.cancel();
+        }
+        return;
+    }
     match socket.deliveries.try_send(delivery) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
+            socket.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             if !socket.kick.is_cancelled() {
                 // The session logs the close (rate-limited: a client
                 // chooses to fall behind).
@@ -723,7 +797,9 @@ fn deliver(socket: &SocketHandle, delivery: Delivery) {
                 socket.kick.cancel();
             }
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            socket.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -746,11 +822,7 @@ mod tests {
     }
 
     fn socket(id: u64) -> SocketHandle {
-        SocketHandle {
-            id,
-            deliveries: mpsc::channel(1).0,
-            kick: CancellationToken::new(),
-        }
+        SocketHandle::new(id, mpsc::channel(1).0, CancellationToken::new())
     }
 
     #[test]

@@ -84,7 +84,23 @@ struct Room {
     state: State,
 }
 
+/// Deletes `ARGV` (fields of `KEYS[2]`, a room's presences) only while
+/// `KEYS[1]` (their gateway's lease) is absent: a gateway that renewed
+/// its lease meanwhile (back after a stall, or Redis restarted) keeps
+/// what it wrote again.
+const HDEL_IF_DEAD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('HDEL', KEYS[2], unpack(ARGV))
+";
+/// Fields per `HDEL_IF_DEAD` call (Lua's `unpack` has a stack limit).
+const HDEL_CHUNK: usize = 1000;
+
 /// The rooms of this gateway and its own presences.
+///
+/// Local state changes before any Redis command of the same operation:
+/// a command that fails (the connection is lost) is not retried, and what
+/// it meant is restored from the local state when the bus reconnects
+/// ([`Rooms::resync`]).
 pub struct Rooms {
     names: Names,
     gateway: String,
@@ -93,6 +109,8 @@ pub struct Rooms {
     rooms: HashMap<String, Room>,
     /// This gateway's presences, by room and channel.
     own: HashMap<(String, Arc<str>), Presence>,
+    /// How many of them each room has.
+    own_per_room: HashMap<String, usize>,
     refs: References,
 }
 
@@ -105,6 +123,7 @@ impl Rooms {
             gateway,
             rooms: HashMap::new(),
             own: HashMap::new(),
+            own_per_room: HashMap::new(),
             refs: References::default(),
         }
     }
@@ -129,7 +148,6 @@ impl Rooms {
             send_states(r);
             return Ok(());
         }
-        // In place before any await: a lost connection resubscribes it.
         self.rooms.insert(
             room.clone(),
             Room {
@@ -157,13 +175,19 @@ impl Rooms {
         room: String,
         channel: Arc<str>,
     ) -> Result<(), Error> {
-        self.untrack(conn, room.clone(), channel.clone()).await?;
-        let Some(r) = self.rooms.get_mut(&room) else {
-            return Ok(());
-        };
-        r.members.retain(|m| m.channel != channel);
-        if r.members.is_empty() {
-            self.rooms.remove(&room);
+        let previous = self.forget_own(&room, &channel);
+        let mut last = false;
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.members.retain(|m| m.channel != channel);
+            if r.members.is_empty() {
+                self.rooms.remove(&room);
+                last = true;
+            }
+        }
+        if let Some(previous) = previous {
+            self.publish_leave(conn, &room, previous).await?;
+        }
+        if last {
             sink.unsubscribe(self.names.room(&room)).await?;
             debug!(room = %clip(&room), "room unsubscribed");
         }
@@ -193,7 +217,7 @@ impl Rooms {
         mut meta: Map<String, Value>,
     ) -> Result<(), Error> {
         let reference = self.refs.next();
-        let slot = (room, channel);
+        let slot = (room.clone(), channel);
         let previous = self.own.get(&slot).cloned();
         meta.insert("phx_ref".to_owned(), Value::from(reference.as_str()));
         if let Some(previous) = &previous {
@@ -210,8 +234,11 @@ impl Rooms {
             key,
             meta,
         };
-        let (room, _) = &slot;
-        let hash = self.names.presences(room);
+        if previous.is_none() {
+            *self.own_per_room.entry(room.clone()).or_default() += 1;
+        }
+        self.own.insert(slot, presence.clone());
+        let hash = self.names.presences(&room);
         let mut pipe = redis::pipe();
         pipe.hset(
             &hash,
@@ -219,23 +246,24 @@ impl Rooms {
             to_json(&presence),
         )
         .ignore()
-        .sadd(self.names.presence_rooms(&self.gateway), room)
+        .sadd(self.names.presence_rooms(&self.gateway), &room)
+        .ignore()
+        .sadd(self.names.presence_gateways(), &self.gateway)
         .ignore();
         if let Some(previous) = &previous {
             pipe.hdel(&hash, presence_field(&self.gateway, &previous.reference))
                 .ignore();
         }
         pipe.publish(
-            self.names.room(room),
+            self.names.room(&room),
             room::presence_diff(
                 &self.gateway,
-                vec![presence.clone()],
+                vec![presence],
                 previous.into_iter().collect(),
             ),
         )
         .ignore();
         pipe.query_async::<()>(conn).await?;
-        self.own.insert(slot, presence);
         Ok(())
     }
 
@@ -246,22 +274,44 @@ impl Rooms {
         room: String,
         channel: Arc<str>,
     ) -> Result<(), Error> {
-        let Some(previous) = self.own.remove(&(room.clone(), channel)) else {
-            return Ok(());
-        };
+        match self.forget_own(&room, &channel) {
+            Some(previous) => self.publish_leave(conn, &room, previous).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes `channel`'s presence in `room` out of this gateway's own.
+    fn forget_own(&mut self, room: &str, channel: &Arc<str>) -> Option<Presence> {
+        let previous = self.own.remove(&(room.to_owned(), channel.clone()))?;
+        if let Some(n) = self.own_per_room.get_mut(room) {
+            *n -= 1;
+            if *n == 0 {
+                self.own_per_room.remove(room);
+            }
+        }
+        Some(previous)
+    }
+
+    /// Removes an own presence from `room`'s hash and announces its leave.
+    async fn publish_leave(
+        &self,
+        conn: &mut MultiplexedConnection,
+        room: &str,
+        previous: Presence,
+    ) -> Result<(), Error> {
         let mut pipe = redis::pipe();
         pipe.hdel(
-            self.names.presences(&room),
+            self.names.presences(room),
             presence_field(&self.gateway, &previous.reference),
         )
         .ignore()
         .publish(
-            self.names.room(&room),
+            self.names.room(room),
             room::presence_diff(&self.gateway, Vec::new(), vec![previous]),
         )
         .ignore();
-        if !self.own.keys().any(|(r, _)| *r == room) {
-            pipe.srem(self.names.presence_rooms(&self.gateway), &room)
+        if !self.own_per_room.contains_key(room) {
+            pipe.srem(self.names.presence_rooms(&self.gateway), room)
                 .ignore();
         }
         pipe.query_async::<()>(conn).await?;
@@ -326,9 +376,11 @@ impl Rooms {
         }
     }
 
-    /// Reads `room`'s presences from its hash, dropping (from the hash
-    /// too) those of gateways whose lease expired and this gateway's own
-    /// that it no longer holds (an earlier process with the same id).
+    /// Reads `room`'s presences from its hash. Those of gateways whose
+    /// lease is gone are dropped (and deleted, unless the gateway came
+    /// back meanwhile); so are this gateway's own that it no longer holds
+    /// (an untrack whose command was lost, an earlier process with the
+    /// same id), whose leaves it announces.
     async fn load(&self, conn: &mut MultiplexedConnection, room: &str) -> Result<State, Error> {
         let hash = self.names.presences(room);
         let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
@@ -341,29 +393,75 @@ impl Rooms {
                 .collect()
         };
         let alive = self.alive(conn, &others).await?;
+        let mine: HashSet<&str> = self.own.values().map(|p| p.reference.as_str()).collect();
         let mut state = State::default();
-        let mut stale = Vec::new();
+        let mut dead: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut lost: Vec<Presence> = Vec::new();
         for (field, json) in &stored {
             let gateway = field_gateway(field);
-            let presence = serde_json::from_str::<Presence>(json).ok().filter(|p| {
-                if gateway == self.gateway {
-                    self.own.values().any(|own| own.reference == p.reference)
-                } else {
-                    alive.contains(gateway)
+            let presence = serde_json::from_str::<Presence>(json).ok();
+            if gateway == self.gateway {
+                match presence {
+                    Some(p) if mine.contains(p.reference.as_str()) => {
+                        state.apply(gateway, vec![p], Vec::new());
+                    }
+                    Some(p) => lost.push(p),
+                    None => lost.push(Presence {
+                        reference: field.split_once('|').map_or("", |(_, r)| r).to_owned(),
+                        key: String::new(),
+                        meta: RawValue::NULL.to_owned(),
+                    }),
                 }
-            });
-            match presence {
-                Some(p) => {
-                    state.apply(gateway, vec![p], Vec::new());
-                }
-                None => stale.push(field.as_str()),
+            } else if let Some(p) = presence.filter(|_| alive.contains(gateway)) {
+                state.apply(gateway, vec![p], Vec::new());
+            } else {
+                dead.entry(gateway).or_default().push(field);
             }
         }
-        if !stale.is_empty() {
-            let _: () = conn.hdel(&hash, &stale).await?;
-            debug!(room = %clip(room), stale = stale.len(), "removed presences of gone gateways");
+        for (gateway, fields) in dead {
+            self.hdel_if_dead(conn, gateway, &hash, &fields).await?;
+        }
+        if !lost.is_empty() {
+            let fields: Vec<String> = lost
+                .iter()
+                .map(|p| presence_field(&self.gateway, &p.reference))
+                .collect();
+            let leaves: Vec<Presence> = lost.into_iter().filter(|p| !p.key.is_empty()).collect();
+            let mut pipe = redis::pipe();
+            pipe.hdel(&hash, fields).ignore();
+            if !leaves.is_empty() {
+                pipe.publish(
+                    self.names.room(room),
+                    room::presence_diff(&self.gateway, Vec::new(), leaves),
+                )
+                .ignore();
+            }
+            pipe.query_async::<()>(conn).await?;
         }
         Ok(state)
+    }
+
+    /// `HDEL hash fields` of `gateway`, only while its lease is absent.
+    async fn hdel_if_dead(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        hash: &str,
+        fields: &[&str],
+    ) -> Result<(), Error> {
+        let lease = self.names.lease(gateway);
+        for chunk in fields.chunks(HDEL_CHUNK) {
+            // EVAL, not EVALSHA: the script is small and needs no feature.
+            let _: i64 = redis::cmd("EVAL")
+                .arg(HDEL_IF_DEAD)
+                .arg(2)
+                .arg(&lease)
+                .arg(hash)
+                .arg(chunk)
+                .query_async(conn)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Which of `gateways` hold a lease.
@@ -389,13 +487,17 @@ impl Rooms {
 
     /// The presences of gateways with no lease leave: every room here
     /// tells its members, and the dead gateways' entries are removed from
-    /// every room they were in.
+    /// every room they were in (found through the tenant's set of
+    /// gateways with presences, so that rooms nobody joins again are
+    /// cleaned too).
     pub async fn check_leases(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        let registered: Vec<String> = conn.smembers(self.names.presence_gateways()).await?;
         let others: Vec<String> = {
             let mut seen = HashSet::new();
             self.rooms
                 .values()
                 .flat_map(|r| r.state.gateways())
+                .chain(registered.iter().map(String::as_str))
                 .filter(|g| *g != self.gateway && seen.insert(*g))
                 .map(str::to_owned)
                 .collect()
@@ -419,59 +521,70 @@ impl Rooms {
         for gateway in &dead {
             self.remove_gateway(conn, gateway).await?;
         }
-        info!(gateways = ?dead, presences = left, "gateway leases expired; their presences left");
+        if left > 0 {
+            info!(gateways = ?dead, presences = left, "gateway leases expired; their presences left");
+        }
         Ok(())
     }
 
-    /// Removes `gateway`'s presences from every room it was in; when it
-    /// is this gateway (a fresh start with a configured id), their leaves
-    /// are announced too, since nobody else will.
+    /// Removes `gateway`'s presences from every room it was in. When it
+    /// is this gateway (a start with a configured id, a clean shutdown)
+    /// their leaves are announced too, since nobody else will; another
+    /// gateway's are deleted only while its lease is still absent.
     pub async fn remove_gateway(
         &self,
         conn: &mut MultiplexedConnection,
         gateway: &str,
     ) -> Result<(), Error> {
+        let ours = gateway == self.gateway;
         let index = self.names.presence_rooms(gateway);
         let rooms: Vec<String> = conn.smembers(&index).await?;
-        let mut pipe = redis::pipe();
         for room in &rooms {
             let hash = self.names.presences(room);
             let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
-            let mine: Vec<(String, String)> = stored
-                .into_iter()
+            let theirs: Vec<(&str, &str)> = stored
+                .iter()
                 .filter(|(field, _)| field_gateway(field) == gateway)
+                .map(|(f, j)| (f.as_str(), j.as_str()))
                 .collect();
-            if mine.is_empty() {
+            if theirs.is_empty() {
                 continue;
             }
-            let fields: Vec<&str> = mine.iter().map(|(f, _)| f.as_str()).collect();
-            pipe.hdel(&hash, fields).ignore();
-            if gateway == self.gateway {
-                let leaves = mine
-                    .iter()
-                    .filter_map(|(_, json)| serde_json::from_str::<Presence>(json).ok())
-                    .collect();
-                pipe.publish(
+            let fields: Vec<&str> = theirs.iter().map(|(f, _)| *f).collect();
+            if !ours {
+                self.hdel_if_dead(conn, gateway, &hash, &fields).await?;
+                continue;
+            }
+            let leaves = theirs
+                .iter()
+                .filter_map(|(_, json)| serde_json::from_str::<Presence>(json).ok())
+                .collect();
+            redis::pipe()
+                .hdel(&hash, fields)
+                .ignore()
+                .publish(
                     self.names.room(room),
                     room::presence_diff(gateway, Vec::new(), leaves),
                 )
-                .ignore();
-            }
+                .ignore()
+                .query_async::<()>(conn)
+                .await?;
         }
-        pipe.del(&index).ignore();
+        let mut pipe = redis::pipe();
+        if ours || !self.alive(conn, &[gateway]).await?.contains(gateway) {
+            pipe.del(&index)
+                .ignore()
+                .srem(self.names.presence_gateways(), gateway)
+                .ignore();
+        }
         pipe.query_async::<()>(conn).await?;
         Ok(())
     }
 
-    /// After a lost connection: this gateway's presences written and
-    /// announced again (Redis may have restarted empty), every room
-    /// subscribed and read again, and its members told what changed
-    /// meanwhile.
-    pub async fn resync(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        sink: &mut PubSubSink,
-    ) -> Result<(), Error> {
+    /// This gateway's presences written and announced again: after a
+    /// lost connection (Redis may have restarted empty) or a lease that
+    /// lapsed (the others removed them).
+    pub async fn rewrite_own(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
         let mut by_room: HashMap<&str, Vec<Presence>> = HashMap::new();
         for ((room, _), presence) in &self.own {
             by_room.entry(room).or_default().push(presence.clone());
@@ -489,6 +602,8 @@ impl Rooms {
             }
             pipe.sadd(self.names.presence_rooms(&self.gateway), room)
                 .ignore()
+                .sadd(self.names.presence_gateways(), &self.gateway)
+                .ignore()
                 .publish(
                     self.names.room(room),
                     room::presence_diff(&self.gateway, joins, Vec::new()),
@@ -496,6 +611,18 @@ impl Rooms {
                 .ignore();
             pipe.query_async::<()>(conn).await?;
         }
+        Ok(())
+    }
+
+    /// After a lost connection: this gateway's presences written again,
+    /// every room subscribed and read again, and its members told what
+    /// changed meanwhile.
+    pub async fn resync(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+    ) -> Result<(), Error> {
+        self.rewrite_own(conn).await?;
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
             sink.subscribe(self.names.room(&room)).await?;

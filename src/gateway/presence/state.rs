@@ -5,16 +5,20 @@
 //! what the hash already showed (it was read after the diff was written)
 //! changes nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::bus::room::{Presence, field_gateway, presence_field};
 
 /// Presences by hash field (`<gateway>|<ref>`), in arrival order per key.
+/// Joins, leaves and lookups cost O(log n) at most: a room of 10,000 does
+/// not make each diff scan the room.
 #[derive(Debug, Default)]
 pub struct State {
-    entries: HashMap<String, Presence>,
-    /// Fields in the order they joined, so metas are listed oldest first.
-    order: Vec<String>,
+    /// Field → (arrival number, presence).
+    entries: HashMap<String, (u64, Presence)>,
+    /// Fields by arrival number, so metas are listed oldest first.
+    order: BTreeMap<u64, String>,
+    arrivals: u64,
 }
 
 /// What a diff changed.
@@ -50,30 +54,35 @@ impl State {
         for presence in joins {
             let field = presence_field(gateway, &presence.reference);
             if !self.entries.contains_key(&field) {
-                self.order.push(field.clone());
-                self.entries.insert(field, presence.clone());
+                self.insert(field, presence.clone());
                 changed.joins.push(presence);
             }
         }
         for presence in leaves {
             let field = presence_field(gateway, &presence.reference);
-            if let Some(gone) = self.entries.remove(&field) {
-                self.order.retain(|f| *f != field);
+            if let Some((arrival, gone)) = self.entries.remove(&field) {
+                self.order.remove(&arrival);
                 changed.leaves.push(gone);
             }
         }
         changed
     }
 
+    fn insert(&mut self, field: String, presence: Presence) {
+        self.arrivals += 1;
+        self.order.insert(self.arrivals, field.clone());
+        self.entries.insert(field, (self.arrivals, presence));
+    }
+
     /// Removes every presence of the gateways `dead` holds; what left.
     pub fn remove_gateways(&mut self, dead: impl Fn(&str) -> bool) -> Changed {
         let mut changed = Changed::default();
         let entries = &mut self.entries;
-        self.order.retain(|field| {
+        self.order.retain(|_, field| {
             if !dead(field_gateway(field)) {
                 return true;
             }
-            if let Some(gone) = entries.remove(field) {
+            if let Some((_, gone)) = entries.remove(field) {
                 changed.leaves.push(gone);
             }
             false
@@ -84,16 +93,16 @@ impl State {
     /// Becomes `new` (read again after a lost connection); what changed.
     pub fn replace(&mut self, new: State) -> Changed {
         let mut changed = Changed::default();
-        for field in &self.order {
+        for field in self.order.values() {
             if !new.entries.contains_key(field)
-                && let Some(gone) = self.entries.get(field)
+                && let Some((_, gone)) = self.entries.get(field)
             {
                 changed.leaves.push(gone.clone());
             }
         }
-        for field in &new.order {
+        for field in new.order.values() {
             if !self.entries.contains_key(field)
-                && let Some(came) = new.entries.get(field)
+                && let Some((_, came)) = new.entries.get(field)
             {
                 changed.joins.push(came.clone());
             }
@@ -104,12 +113,16 @@ impl State {
 
     /// The gateways with presences here.
     pub fn gateways(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().map(|f| field_gateway(f))
+        self.order.values().map(|f| field_gateway(f))
     }
 
     /// The `presence_state` payload: `{key:{"metas":[…]}}`.
     pub fn payload(&self) -> String {
-        group(self.order.iter().filter_map(|f| self.entries.get(f)))
+        group(
+            self.order
+                .values()
+                .filter_map(|f| self.entries.get(f).map(|(_, p)| p)),
+        )
     }
 
     /// How many presences there are.
@@ -126,10 +139,14 @@ impl State {
 /// `{key:{"metas":[meta…]}}`, keys in order of first appearance.
 fn group<'a>(presences: impl Iterator<Item = &'a Presence>) -> String {
     let mut keys: Vec<(&str, Vec<&str>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
     for p in presences {
-        match keys.iter_mut().find(|(k, _)| *k == p.key) {
-            Some((_, metas)) => metas.push(p.meta.get()),
-            None => keys.push((&p.key, vec![p.meta.get()])),
+        match index.get(p.key.as_str()) {
+            Some(&i) => keys[i].1.push(p.meta.get()),
+            None => {
+                index.insert(&p.key, keys.len());
+                keys.push((&p.key, vec![p.meta.get()]));
+            }
         }
     }
     let mut out = String::from("{");
