@@ -881,3 +881,70 @@ async fn rest_broadcasts_reach_sockets_and_bad_requests_get_supabases_errors() {
     nothing(&mut v2).await;
     nothing(&mut v1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_come_back_after_redis_restarts_empty() {
+    let mut redis = TestRedis::start();
+    let (a, b) = two_gateways(&redis, &[]).await;
+    let topic = "realtime:again";
+    let mut alice = a.connect(Some("2.0.0")).await;
+    let mut bob = b.connect(Some("2.0.0")).await;
+    join_v2(&mut alice, "1", topic, presence_config("alice")).await;
+    expect_push(&mut alice, topic, "presence_state").await;
+    join_v2(&mut bob, "1", topic, presence_config("bob")).await;
+    expect_push(&mut bob, topic, "presence_state").await;
+    track(&mut alice, "2", topic, json!({"n": 1})).await;
+    alice.recv().await;
+    expect_push(&mut alice, topic, "presence_diff").await;
+    expect_push(&mut bob, topic, "presence_diff").await;
+    // Redis restarts with nothing in it. Both gateways reconnect and
+    // alice's gateway writes her presence again. (Bob may see her leave
+    // and join again meanwhile, if his gateway reads the room first.)
+    redis.stop();
+    redis.start_again();
+    let mut conn = redis.connection().await;
+    crate::support::eventually("alice's presence written again", FRAME_TIMEOUT, || {
+        let mut conn = conn.clone();
+        async move {
+            redis::AsyncCommands::hlen::<_, usize>(
+                &mut conn,
+                "walcast:default:presence:public:again",
+            )
+            .await
+            .unwrap_or(0)
+                == 1
+        }
+    })
+    .await;
+    // Broadcasts flow again between the gateways (once both have
+    // subscribed the room anew).
+    let payload = json!({"type": "broadcast", "event": "back", "payload": {}});
+    let frame = json!(["1", "3", topic, "broadcast", payload]).to_string();
+    let deadline = std::time::Instant::now() + FRAME_TIMEOUT;
+    loop {
+        alice.send(&frame).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), bob.ws.next()).await;
+        if matches!(got, Ok(Some(Ok(Message::Text(ref t)))) if t.contains(r#""event":"back""#)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no broadcast crossed the gateways after Redis restarted"
+        );
+    }
+    // A later track reaches bob as an update of the presence he knows.
+    track(&mut alice, "4", topic, json!({"n": 2})).await;
+    let diff = loop {
+        let frame = bob.recv().await;
+        if frame[3] == "presence_diff" {
+            break frame[4].clone();
+        }
+    };
+    assert_eq!(metas(&diff["joins"]), json!({"alice": [{"n": 2}]}));
+    assert_eq!(metas(&diff["leaves"]), json!({"alice": [{"n": 1}]}));
+    let fields: Vec<String> =
+        redis::AsyncCommands::hkeys(&mut conn, "walcast:default:presence:public:again")
+            .await
+            .expect("hkeys");
+    assert_eq!(fields.len(), 1, "{fields:?}");
+}
