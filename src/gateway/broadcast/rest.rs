@@ -211,8 +211,7 @@ pub async fn post_single(
             json!({"errors": {"payload": ["Payload size exceeds tenant limit"]}}),
         );
     }
-    if encoding == Encoding::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
-    {
+    if encoding == Encoding::Json && !super::is_json(&body) {
         return answer(
             StatusCode::BAD_REQUEST,
             json!({"message": "The body must be JSON (or send application/octet-stream)"}),
