@@ -174,7 +174,7 @@ class Gateways:
 def _client(binary: Path, gateways: Gateways, mode: str, sockets: int, log: Path) -> LineClient:
     env = dict(os.environ, ROOM_JWT_SECRET=SECRET)
     return LineClient("room client", [str(binary), *gateways.addrs(), "--sockets", str(sockets), "--mode", mode,
-                                      "--topic", TOPIC, "--stall-seconds", "30"], env, log)
+                                      "--topic", TOPIC, "--stall-seconds", "90"], env, log)
 
 
 def _phase(name: str, sends: int, rate: float, n: int, client: LineClient, gateways: Gateways,
