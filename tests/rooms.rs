@@ -948,3 +948,110 @@ async fn rooms_come_back_after_redis_restarts_empty() {
             .expect("hkeys");
     assert_eq!(fields.len(), 1, "{fields:?}");
 }
+
+/// The frames `client` receives until one matches `done`, in order.
+async fn frames_until(client: &mut Client, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        let last = done(&frame);
+        seen.push(frame);
+        if last {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_channel_mixes_postgres_changes_broadcast_and_presence_and_leaving_cleans_all_three() {
+    let stack = crate::support::stack::Stack::start().await;
+    stack
+        .client
+        .batch_execute(crate::gateway::SETUP)
+        .await
+        .expect("setup");
+    let _daemon = stack.spawn_gateway_daemon().await;
+    let gateway = Gateway::spawn(&stack.redis.url()).await;
+    let topic = "realtime:mixed";
+    let config = json!({"broadcast": {"self": true, "ack": true}, "presence": {"key": "me", "enabled": true},
+                        "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "todos"}], "private": false});
+    let mut client = gateway.connect(Some("2.0.0")).await;
+    client
+        .send(&json!(["1", "1", topic, "phx_join", {"config": config}]).to_string())
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply[4]["status"], "ok");
+    let binding = reply[4]["response"]["postgres_changes"][0]["id"].clone();
+    // presence_state and "Subscribed to PostgreSQL", in either order.
+    let first = frames_until(&mut client, |f| f[3] == "system").await;
+    if !first.iter().any(|f| f[3] == "presence_state") {
+        assert_eq!(client.recv().await[3], "presence_state");
+    }
+    // Presence, broadcast and a change, each on the same channel.
+    track(&mut client, "2", topic, json!({"on": true})).await;
+    client
+        .send(&json!(["1", "3", topic, "broadcast", {"type": "broadcast", "event": "hi", "payload": {}}]).to_string())
+        .await;
+    stack
+        .client
+        .batch_execute("INSERT INTO todos VALUES (1, 'mixed', 'u1')")
+        .await
+        .expect("insert");
+    let frames = frames_until(&mut client, |f| f[3] == "postgres_changes").await;
+    let events: Vec<(Value, Value)> = frames
+        .iter()
+        .map(|f| (f[1].clone(), f[3].clone()))
+        .collect();
+    assert!(
+        events.contains(&(json!("2"), json!("phx_reply"))),
+        "{frames:?}"
+    );
+    assert!(
+        events.contains(&(json!("3"), json!("phx_reply"))),
+        "{frames:?}"
+    );
+    assert!(
+        events.contains(&(Value::Null, json!("presence_diff"))),
+        "{frames:?}"
+    );
+    assert!(
+        events.contains(&(Value::Null, json!("broadcast"))),
+        "{frames:?}"
+    );
+    let change = frames.last().expect("a change");
+    assert_eq!(change[4]["ids"], json!([binding]));
+    assert_eq!(change[4]["data"]["record"]["task"], "mixed");
+    // Leaving: the subscription, the presence and the room channel go.
+    client
+        .send(&json!(["1", "4", topic, "phx_leave", {}]).to_string())
+        .await;
+    frames_until(&mut client, |f| f[3] == "phx_close").await;
+    let conn = stack.redis.connection().await;
+    crate::support::eventually(
+        "everything of the channel is gone from Redis",
+        FRAME_TIMEOUT,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let presences: usize =
+                    redis::AsyncCommands::hlen(&mut conn, "walcast:default:presence:public:mixed")
+                        .await
+                        .unwrap_or(1);
+                let registry: usize = redis::AsyncCommands::hlen(
+                    &mut conn,
+                    "walcast:default:gateway:gw-test:subscriptions",
+                )
+                .await
+                .unwrap_or(1);
+                let (_, listeners): (String, usize) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg("walcast:default:room:public:mixed")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                presences == 0 && registry == 0 && listeners == 0
+            }
+        },
+    )
+    .await;
+}
