@@ -28,7 +28,9 @@
 //! parsing the JSON; counts and a latency histogram (100 µs buckets) are
 //! shared atomics.
 
-use std::io::{BufRead, Write};
+#[path = "common/load.rs"]
+mod load;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -37,19 +39,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-/// Width of a latency histogram bucket, µs.
-const BUCKET_US: u64 = 100;
-/// Latencies above this many buckets (60 s) share the last one.
-const BUCKETS: usize = 600_000;
+use self::load::{Histogram, commands, emit, now_us, run_on, sign};
+
 /// Sockets per source address: the ephemeral port range holds ~28,000.
 const SOCKETS_PER_SOURCE: usize = 20_000;
 /// A heartbeat this often keeps the gateway's 60 s idle timeout away.
@@ -111,7 +110,7 @@ struct Stats {
     last_recv_us: AtomicU64,
     latency_sum_us: AtomicU64,
     latency_max_us: AtomicU64,
-    buckets: Vec<AtomicU64>,
+    latencies: Histogram,
     per_socket: Vec<AtomicU32>,
 }
 
@@ -126,7 +125,7 @@ impl Stats {
             last_recv_us: AtomicU64::new(0),
             latency_sum_us: AtomicU64::new(0),
             latency_max_us: AtomicU64::new(0),
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            latencies: Histogram::new(),
             per_socket: (0..sockets).map(|_| AtomicU32::new(0)).collect(),
         };
         stats.reset();
@@ -146,9 +145,7 @@ impl Stats {
         }
         self.first_commit_ms.store(u64::MAX, Ordering::Relaxed);
         self.first_recv_us.store(u64::MAX, Ordering::Relaxed);
-        for b in &self.buckets {
-            b.store(0, Ordering::Relaxed);
-        }
+        self.latencies.reset();
         for c in &self.per_socket {
             c.store(0, Ordering::Relaxed);
         }
@@ -169,25 +166,7 @@ impl Stats {
         let latency = now_us.saturating_sub(commit_ms * 1000);
         self.latency_sum_us.fetch_add(latency, Ordering::Relaxed);
         self.latency_max_us.fetch_max(latency, Ordering::Relaxed);
-        let bucket = ((latency / BUCKET_US) as usize).min(BUCKETS - 1);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The latency (ms) below which `q` of the timed frames are: the upper
-    /// edge of the bucket holding that rank.
-    fn quantile_ms(&self, q: f64, timed: u64) -> f64 {
-        if timed == 0 {
-            return 0.0;
-        }
-        let rank = ((q * timed as f64).ceil() as u64).clamp(1, timed);
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
-            if seen >= rank {
-                return ((i as u64 + 1) * BUCKET_US) as f64 / 1000.0;
-            }
-        }
-        (BUCKETS as u64 * BUCKET_US) as f64 / 1000.0
+        self.latencies.record(latency);
     }
 }
 
@@ -222,12 +201,6 @@ impl Shared {
 }
 
 type Ws = WebSocketStream<TcpStream>;
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
@@ -266,13 +239,10 @@ fn commit_timestamp_ms(text: &str) -> Option<u64> {
 
 fn token(args: &Args) -> Result<String> {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
-    let claims = json!({"role": args.role, "exp": exp, "sub": "fanout-bench"});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(args.secret.as_bytes()),
+    sign(
+        &args.secret,
+        &json!({"role": args.role, "exp": exp, "sub": "fanout-bench"}),
     )
-    .context("signing the token")
 }
 
 /// What every socket sends: its source addresses, the token and the join.
@@ -400,12 +370,6 @@ async fn socket_task(
     }
 }
 
-fn emit(value: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
-}
-
 /// Waits until every open socket received `expect` frames since the
 /// phase began, or nothing more arrives for `stall`; returns the result.
 async fn expect(shared: &Shared, name: &str, expect: u32, stall: Duration) -> serde_json::Value {
@@ -478,10 +442,10 @@ async fn expect(shared: &Shared, name: &str, expect: u32, stall: Duration) -> se
         "first_recv_us": (first_recv_us != u64::MAX).then_some(first_recv_us),
         "last_recv_us": stats.last_recv_us.load(Ordering::Relaxed),
         "latency_ms": {
-            "p50": stats.quantile_ms(0.50, timed),
-            "p90": stats.quantile_ms(0.90, timed),
-            "p99": stats.quantile_ms(0.99, timed),
-            "p999": stats.quantile_ms(0.999, timed),
+            "p50": stats.latencies.quantile_ms(0.50, timed),
+            "p90": stats.latencies.quantile_ms(0.90, timed),
+            "p99": stats.latencies.quantile_ms(0.99, timed),
+            "p999": stats.latencies.quantile_ms(0.999, timed),
             "max": stats.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
             "mean": if timed == 0 { 0.0 } else {
                 stats.latency_sum_us.load(Ordering::Relaxed) as f64 / timed as f64 / 1000.0
@@ -576,15 +540,7 @@ async fn run(args: Args) -> Result<()> {
         "subscribed_seconds": subscribed_at.as_secs_f64(),
     }));
 
-    let (tx, mut commands) = mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut commands = commands();
     let stall = Duration::from_secs(args.stall_seconds);
     let mut phase = String::from("unnamed");
     while let Some(line) = commands.recv().await {
@@ -613,11 +569,7 @@ async fn run(args: Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+    run_on(args.threads, run(args))
 }
 
 #[cfg(test)]
@@ -633,15 +585,5 @@ mod tests {
             Some(1)
         );
         assert_eq!(commit_timestamp_ms(r#""commit_timestamp":null"#), None);
-    }
-
-    #[test]
-    fn quantiles_are_bucket_upper_edges() {
-        let stats = Stats::new(1);
-        for latency_us in [50, 150, 150, 10_000] {
-            stats.buckets[(latency_us / BUCKET_US) as usize].fetch_add(1, Ordering::Relaxed);
-        }
-        assert_eq!(stats.quantile_ms(0.5, 4), 0.2);
-        assert_eq!(stats.quantile_ms(0.99, 4), 10.1);
     }
 }

@@ -27,8 +27,10 @@
 //! `ready`, `progress`, `phase`, `keys`, `alive`); errors go to stderr
 //! with exit code 1. End of stdin closes the sockets.
 
+#[path = "common/load.rs"]
+mod load;
+
 use std::collections::HashSet;
-use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -37,7 +39,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
@@ -46,10 +47,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-/// Width of a latency histogram bucket, µs.
-const BUCKET_US: u64 = 100;
-/// Latencies above this many buckets (60 s) share the last one.
-const BUCKETS: usize = 600_000;
+use self::load::{Histogram, commands, emit, now_us, run_on, sign};
+
 /// A heartbeat this often keeps the gateway's 60 s idle timeout away.
 const HEARTBEAT: Duration = Duration::from_secs(25);
 
@@ -96,7 +95,7 @@ struct Stats {
     first_send_us: AtomicU64,
     last_recv_us: AtomicU64,
     latency_max_us: AtomicU64,
-    buckets: Vec<AtomicU64>,
+    latencies: Histogram,
     per_socket: Vec<AtomicU32>,
     /// Presence keys each socket shows.
     keys: Vec<AtomicU32>,
@@ -111,7 +110,7 @@ impl Stats {
             first_send_us: AtomicU64::new(u64::MAX),
             last_recv_us: AtomicU64::new(0),
             latency_max_us: AtomicU64::new(0),
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            latencies: Histogram::new(),
             per_socket: (0..sockets).map(|_| AtomicU32::new(0)).collect(),
             keys: (0..sockets).map(|_| AtomicU32::new(0)).collect(),
             closed: (0..sockets).map(|_| AtomicU32::new(0)).collect(),
@@ -125,9 +124,7 @@ impl Stats {
             counter.store(0, Ordering::Relaxed);
         }
         self.first_send_us.store(u64::MAX, Ordering::Relaxed);
-        for b in &self.buckets {
-            b.store(0, Ordering::Relaxed);
-        }
+        self.latencies.reset();
         for c in &self.per_socket {
             c.store(0, Ordering::Relaxed);
         }
@@ -140,23 +137,7 @@ impl Stats {
         self.last_recv_us.fetch_max(now_us, Ordering::Relaxed);
         let latency = now_us.saturating_sub(sent_us);
         self.latency_max_us.fetch_max(latency, Ordering::Relaxed);
-        let bucket = ((latency / BUCKET_US) as usize).min(BUCKETS - 1);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn quantile_ms(&self, q: f64, count: u64) -> f64 {
-        if count == 0 {
-            return 0.0;
-        }
-        let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
-            if seen >= rank {
-                return ((i as u64 + 1) * BUCKET_US) as f64 / 1000.0;
-            }
-        }
-        (BUCKETS as u64 * BUCKET_US) as f64 / 1000.0
+        self.latencies.record(latency);
     }
 
     fn open(&self) -> impl Iterator<Item = usize> + '_ {
@@ -182,21 +163,12 @@ impl Shared {
 
 type Ws = WebSocketStream<TcpStream>;
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 fn token(secret: &str) -> Result<String> {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
-    let claims = json!({"role": "anon", "exp": exp, "sub": "room-bench"});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+    sign(
+        secret,
+        &json!({"role": "anon", "exp": exp, "sub": "room-bench"}),
     )
-    .context("signing the token")
 }
 
 /// Connects to `addr` and joins `topic` with `config`; returns once the
@@ -384,12 +356,6 @@ async fn send(sender: &mut Ws, topic: &str, count: u64, rate: f64) -> Result<f64
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn emit(value: &Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
-}
-
 async fn expect(shared: &Shared, name: &str, expect: u32, stall: Duration) -> Value {
     let stats = &shared.stats;
     let started = Instant::now();
@@ -434,8 +400,8 @@ async fn expect(shared: &Shared, name: &str, expect: u32, stall: Duration) -> Va
         "first_send_us": (first_send != u64::MAX).then_some(first_send),
         "last_recv_us": stats.last_recv_us.load(Ordering::Relaxed),
         "latency_ms": {
-            "p50": stats.quantile_ms(0.50, messages),
-            "p99": stats.quantile_ms(0.99, messages),
+            "p50": stats.latencies.quantile_ms(0.50, messages),
+            "p99": stats.latencies.quantile_ms(0.99, messages),
             "max": stats.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
         },
     })
@@ -528,15 +494,7 @@ async fn run(args: Args) -> Result<()> {
     emit(&json!({"event": "ready", "sockets": args.sockets,
                  "joined_seconds": started.elapsed().as_secs_f64()}));
 
-    let (tx, mut commands) = mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut commands = commands();
     let stall = Duration::from_secs(args.stall_seconds);
     let mut phase = String::from("unnamed");
     while let Some(line) = commands.recv().await {
@@ -585,11 +543,7 @@ async fn run(args: Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+    run_on(args.threads, run(args))
 }
 
 #[cfg(test)]

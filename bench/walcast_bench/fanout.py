@@ -288,39 +288,40 @@ def _phase(name: str, n: int, client: Client, gateway: subprocess.Popen, gateway
     )
 
 
+def spawn_gateway(binary: Path, redis: RedisServer, log: Path, tenant: str, secret: str, gateway_id: str,
+                  **settings: str) -> tuple[subprocess.Popen, int]:
+    """A `walcast gateway` on a free port with `settings` (WALCAST_* values);
+    returns once it holds its lease and listens."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALCAST_")}
+    env.update(WALCAST_REDIS_URL=redis.url, WALCAST_TENANT=tenant, WALCAST_JWT_SECRET=secret,
+               WALCAST_GATEWAY_ADDR=f"127.0.0.1:{port}", WALCAST_GATEWAY_ID=gateway_id, **settings)
+    gateway = spawn([str(binary), "gateway"], env=env, log=log)
+    lease = f"walcast:{tenant}:gateway:{gateway_id}:lease"
+    deadline = time.monotonic() + 30
+    while True:
+        if gateway.poll() is not None:
+            raise BenchError(f"walcast gateway exited with {gateway.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError):
+            if _redis(redis.port, "EXISTS", lease).startswith(b":1"):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return gateway, port
+        if time.monotonic() > deadline:
+            stop(gateway)
+            raise BenchError(f"walcast gateway did not register and listen within 30s:\n{tail(log)}")
+        time.sleep(0.05)
+
+
 def _one_size(n: int, args, binary: Path, client_bin: Path, cluster: Cluster, redis: RedisServer,
               daemon: subprocess.Popen, logs: Path, log) -> Result:
-    port = free_port()
-    gateway_id = f"fanout-{n}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WALCAST_")}
-    env.update(
-        WALCAST_REDIS_URL=redis.url,
-        WALCAST_TENANT=TENANT,
-        WALCAST_JWT_SECRET=SECRET,
-        WALCAST_GATEWAY_ADDR=f"127.0.0.1:{port}",
-        WALCAST_GATEWAY_ID=gateway_id,
-        # Supabase-like limits (200 sockets, 100 joins/s) would refuse the
-        # bench's own sockets; fan-out is measured, not admission.
-        WALCAST_MAX_CONCURRENT_USERS=str(n + 100),
-        WALCAST_MAX_JOINS_PER_SECOND="1000000",
-        WALCAST_LOG="warn",
-    )
     gateway_log = logs / f"gateway-fanout-{n}.log"
-    gateway = spawn([str(binary), "gateway"], env=env, log=gateway_log)
+    # Supabase-like limits (200 sockets, 100 joins/s) would refuse the
+    # bench's own sockets; fan-out is measured, not admission.
+    gateway, port = spawn_gateway(binary, redis, gateway_log, TENANT, SECRET, f"fanout-{n}",
+                                  WALCAST_MAX_CONCURRENT_USERS=str(n + 100),
+                                  WALCAST_MAX_JOINS_PER_SECOND="1000000", WALCAST_LOG="warn")
     client = None
     try:
-        lease = f"walcast:{TENANT}:gateway:{gateway_id}:lease"
-        deadline = time.monotonic() + 30
-        while True:
-            if gateway.poll() is not None:
-                raise BenchError(f"walcast gateway exited with {gateway.returncode}:\n{tail(gateway_log)}")
-            with contextlib.suppress(OSError):
-                if _redis(redis.port, "EXISTS", lease).startswith(b":1"):
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError(f"walcast gateway did not register and listen within 30s:\n{tail(gateway_log)}")
-            time.sleep(0.05)
         time.sleep(0.5)
         rss_none = _rss(gateway.pid)
         log(f"fanout {n:,} sockets: connecting and joining")

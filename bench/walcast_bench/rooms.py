@@ -34,17 +34,15 @@ is shown.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .fanout import _raise_open_files, _redis, _rss
-from .procs import BenchError, LineClient, build_example, cpu_seconds, free_port, spawn, stop, tail
+from .fanout import _raise_open_files, _rss, spawn_gateway
+from .procs import BenchError, LineClient, build_example, cpu_seconds, stop, tail
 from .redis import RedisServer
 from .report import table
 
@@ -120,39 +118,16 @@ class Gateways:
         self.ports: list[int] = []
         self.logs: list[Path] = []
         for i in range(2):
-            port = free_port()
-            gateway_id = f"{name}-{i}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("WALCAST_")}
-            env.update(
-                WALCAST_REDIS_URL=redis.url,
-                WALCAST_TENANT=TENANT,
-                WALCAST_JWT_SECRET=SECRET,
-                WALCAST_GATEWAY_ADDR=f"127.0.0.1:{port}",
-                WALCAST_GATEWAY_ID=gateway_id,
-                # Admission and rate limits are not what is measured.
-                WALCAST_MAX_CONCURRENT_USERS=str(sockets + 100),
-                WALCAST_MAX_JOINS_PER_SECOND="1000000",
-                WALCAST_MAX_EVENTS_PER_SECOND="1000000",
-                WALCAST_MAX_PRESENCE_EVENTS_PER_SECOND="1000000",
-                WALCAST_GATEWAY_LEASE=lease,
-                WALCAST_LOG="warn",
-            )
-            log = logs / f"gateway-{gateway_id}.log"
-            self.procs.append(spawn([str(binary), "gateway"], env=env, log=log))
+            log = logs / f"gateway-{name}-{i}.log"
+            # Admission and rate limits are not what is measured.
+            gateway, port = spawn_gateway(
+                binary, redis, log, TENANT, SECRET, f"{name}-{i}",
+                WALCAST_MAX_CONCURRENT_USERS=str(sockets + 100), WALCAST_MAX_JOINS_PER_SECOND="1000000",
+                WALCAST_MAX_EVENTS_PER_SECOND="1000000", WALCAST_MAX_PRESENCE_EVENTS_PER_SECOND="1000000",
+                WALCAST_GATEWAY_LEASE=lease, WALCAST_LOG="warn")
+            self.procs.append(gateway)
             self.ports.append(port)
             self.logs.append(log)
-            lease_key = f"walcast:{TENANT}:gateway:{gateway_id}:lease"
-            deadline = time.monotonic() + 30
-            while True:
-                if self.procs[-1].poll() is not None:
-                    raise BenchError(f"walcast gateway exited with {self.procs[-1].returncode}:\n{tail(log)}")
-                with contextlib.suppress(OSError):
-                    if _redis(redis.port, "EXISTS", lease_key).startswith(b":1"):
-                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                        break
-                if time.monotonic() > deadline:
-                    raise BenchError(f"walcast gateway did not register and listen within 30s:\n{tail(log)}")
-                time.sleep(0.05)
 
     def addrs(self) -> list[str]:
         args = []

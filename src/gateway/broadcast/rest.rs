@@ -126,16 +126,30 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
         );
     }
     for r in ready {
-        ctx.events.add(1);
-        if !ctx.bus.broadcast(&r.room, r.message) {
-            ctx.metrics.broadcast("refused");
-            return answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"message": "The gateway lost its connection to Redis; try again"}),
-            );
+        if let Err(refused) = send(&ctx, &r.room, r.message) {
+            return refused;
         }
-        ctx.metrics.broadcast("sent");
     }
+    accepted()
+}
+
+/// Counts and queues one message for `room`; Redis away: 503.
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn send(ctx: &Context, room: &str, message: Vec<u8>) -> Result<(), Response> {
+    ctx.events.add(1);
+    if !ctx.bus.broadcast(room, message) {
+        ctx.metrics.broadcast("refused");
+        return Err(answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"message": "The gateway lost its connection to Redis; try again"}),
+        ));
+    }
+    ctx.metrics.broadcast("sent");
+    Ok(())
+}
+
+/// 202, no body: every message went out.
+fn accepted() -> Response {
     let mut response = StatusCode::ACCEPTED.into_response();
     cors(response.headers_mut());
     response
@@ -225,19 +239,11 @@ pub async fn post_single(
             json!({"message": "You have exceeded your rate limit"}),
         );
     }
-    ctx.events.add(1);
     let message = room::write_broadcast(&BroadcastHeader::user(None, event, encoding), &body);
-    if !ctx.bus.broadcast(&topic, message) {
-        ctx.metrics.broadcast("refused");
-        return answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"message": "The gateway lost its connection to Redis; try again"}),
-        );
+    match send(&ctx, &topic, message) {
+        Ok(()) => accepted(),
+        Err(refused) => refused,
     }
-    ctx.metrics.broadcast("sent");
-    let mut response = StatusCode::ACCEPTED.into_response();
-    cors(response.headers_mut());
-    response
 }
 
 /// The CORS preflight of browsers calling `POST /api/broadcast`.
