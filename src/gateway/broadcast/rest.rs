@@ -274,17 +274,7 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
     };
     let mut errors = serde_json::Map::new();
     let blank = || json!(["can't be blank"]);
-    let topic = match &message.topic {
-        Some(Value::String(t)) if !t.is_empty() => Some(t.as_str()),
-        None | Some(Value::Null) | Some(Value::String(_)) => {
-            errors.insert("topic".into(), blank());
-            None
-        }
-        Some(_) => {
-            errors.insert("topic".into(), json!(["is invalid"]));
-            None
-        }
-    };
+    let topic = required_text(&message.topic, "topic", &mut errors);
     if let Some(topic) = topic
         && topic.len() + "realtime:".len() > ctx.limits.max_topic_bytes
     {
@@ -296,17 +286,7 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
             )]),
         );
     }
-    let event = match &message.event {
-        Some(Value::String(e)) if !e.is_empty() => Some(e.as_str()),
-        None | Some(Value::Null) | Some(Value::String(_)) => {
-            errors.insert("event".into(), blank());
-            None
-        }
-        Some(_) => {
-            errors.insert("event".into(), json!(["is invalid"]));
-            None
-        }
-    };
+    let event = required_text(&message.event, "event", &mut errors);
     let payload = match message.payload {
         Some(p) if p.get().starts_with('{') => Some(p.get()),
         None => {
@@ -364,6 +344,26 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
         room: topic.to_owned(),
         message: room::write_broadcast(&BroadcastHeader::phoenix(None), body.as_bytes()),
     })
+}
+
+/// A field that must be a non-empty string; its error (Ecto's words) in
+/// `errors` otherwise.
+fn required_text<'v>(
+    value: &'v Option<Value>,
+    name: &str,
+    errors: &mut serde_json::Map<String, Value>,
+) -> Option<&'v str> {
+    match value {
+        Some(Value::String(text)) if !text.is_empty() => Some(text),
+        None | Some(Value::Null) | Some(Value::String(_)) => {
+            errors.insert(name.into(), json!(["can't be blank"]));
+            None
+        }
+        Some(_) => {
+            errors.insert(name.into(), json!(["is invalid"]));
+            None
+        }
+    }
 }
 
 /// Whether `id` is a UUID in its text form.
