@@ -66,9 +66,13 @@ use crate::config::GatewaySettings;
 
 /// Supabase accepts frames up to this many bytes.
 const MAX_FRAME_BYTES: usize = 5_000_000;
-/// Each socket's read buffer; larger client frames still arrive whole
-/// (the buffer grows), up to [`MAX_FRAME_BYTES`].
-const READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes each socket reads at a time; larger client frames still arrive
+/// whole (the buffer grows), up to [`MAX_FRAME_BYTES`]. tungstenite
+/// zero-fills this much at every poll of the socket, and a session polls
+/// it once per delivery: 8 KiB was 7% of a gateway's time fanning out
+/// paced broadcasts; 2 KiB took 4.8% off its CPU per message (5,000
+/// sockets, 20 sends/s; docs/benchmarks.md).
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 /// How long open sockets get to close on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Content type of the Prometheus text exposition format.

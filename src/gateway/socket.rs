@@ -125,6 +125,14 @@ pub async fn serve(
     debug!(socket = id, ?vsn, "socket connected");
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(TICK);
+    // Made once and polled in every `select!` below: a fresh
+    // `cancelled()` per loop registered and dropped a waiter under the
+    // token's lock twice per token per delivery.
+    let stopping = cancel.cancelled();
+    let kicked = kick.cancelled();
+    tokio::pin!(stopping, kicked);
+    // Whether either has fired (a finished future is not polled again).
+    let mut stop = false;
     let end = loop {
         if !session.out.is_empty() {
             let (out, metrics) = (&mut session.out, &session.ctx.metrics);
@@ -146,21 +154,21 @@ pub async fn serve(
             };
             let failed = tokio::select! {
                 biased;
-                () = cancel.cancelled() => false,
-                () = kick.cancelled() => false,
+                () = &mut stopping, if !stop => { stop = true; false }
+                () = &mut kicked, if !stop => { stop = true; false }
                 written = written => written.is_err(),
             };
             if failed {
                 session.out.clear();
             }
-            if !session.out.is_empty() && !cancel.is_cancelled() && !kick.is_cancelled() {
+            if !session.out.is_empty() && !stop {
                 continue;
             }
         }
-        if cancel.is_cancelled() {
-            break End::Close(CLOSE_GOING_AWAY, "server shutting down");
-        }
-        if kick.is_cancelled() {
+        if stop {
+            if cancel.is_cancelled() {
+                break End::Close(CLOSE_GOING_AWAY, "server shutting down");
+            }
             if session.ctx.may_warn("slow_socket") {
                 warn!(socket = id, "closing a socket that fell behind");
             }
@@ -172,9 +180,9 @@ pub async fn serve(
         }
         tokio::select! {
             biased;
-            () = cancel.cancelled() => {}
-            () = kick.cancelled() => {}
-            received = ws.recv() => match received {
+            () = &mut stopping, if !stop => stop = true,
+            () = &mut kicked, if !stop => stop = true,
+            received = ws.recv(), if !stop => match received {
                 Some(Ok(message)) => {
                     last_seen = Instant::now();
                     match message {
@@ -193,7 +201,7 @@ pub async fn serve(
                 }
                 None => break End::Gone,
             },
-            delivery = deliveries.recv() => {
+            delivery = deliveries.recv(), if !stop => {
                 if let Some(delivery) = delivery {
                     session.on_delivery(delivery);
                     // Take what else is waiting, to write it in one go.
@@ -204,7 +212,7 @@ pub async fn serve(
                     }
                 }
             }
-            _ = tick.tick() => {
+            _ = tick.tick(), if !stop => {
                 if last_seen.elapsed() > IDLE_TIMEOUT {
                     info!(socket = id, "closing an idle socket (no heartbeat for 60 s)");
                     break End::Close(CLOSE_NORMAL, "heartbeat timeout");
