@@ -1055,3 +1055,42 @@ async fn one_channel_mixes_postgres_changes_broadcast_and_presence_and_leaving_c
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_presence_rate_a_join_with_presence_is_closed() {
+    let redis = TestRedis::start();
+    let limit = [("WALCAST_MAX_PRESENCE_EVENTS_PER_SECOND", "1".to_owned())];
+    let (a, _b) = two_gateways(&redis, &limit).await;
+    let topic = "realtime:busy";
+    // 13 sockets track: 13 states, 13 tracks and 91 diffs delivered, more
+    // than the 60 a minute at 1/s allows.
+    let mut crowd = Vec::new();
+    for i in 0..13 {
+        let mut client = a.connect(Some("2.0.0")).await;
+        join_v2(&mut client, "1", topic, presence_config(&format!("k{i}"))).await;
+        track(&mut client, "2", topic, json!({})).await;
+        crowd.push(client);
+    }
+    // At the next 5 s tick the average counts: a join with presence is
+    // then answered, told and closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut late = a.connect(Some("2.0.0")).await;
+        join_v2(&mut late, "1", topic, presence_config("late")).await;
+        let next = late.recv().await;
+        if next[3] == "system" {
+            assert_eq!(
+                next,
+                json!(["1", null, topic, "system", {"channel": "busy", "extension": "system", "message": "Too many presence messages per second", "status": "error"}])
+            );
+            assert_eq!(late.recv().await, json!(["1", "1", topic, "phx_close", {}]));
+            break;
+        }
+        assert_eq!(next[3], "presence_state", "{next}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the presence rate never counted"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

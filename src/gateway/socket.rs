@@ -559,7 +559,14 @@ impl Session {
                 );
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = channel.bindings.len(), "joined");
                 self.ctx.metrics.channels.increment(1.0);
-                self.channels.insert(f.topic, channel);
+                let presence = channel.presence.enabled;
+                self.channels.insert(f.topic.clone(), channel);
+                // Supabase's sync after the join checks the presence rate
+                // too: past it, the new channel is closed.
+                if presence && self.ctx.presence_events.triggered(Instant::now()) {
+                    self.ctx.metrics.presence("rate_limited");
+                    self.fail_channel(&f.topic, TOO_MANY_PRESENCE);
+                }
             }
             Err(e) => {
                 self.ctx.metrics.join_refused(e.code());
