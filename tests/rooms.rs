@@ -1094,3 +1094,58 @@ async fn past_the_presence_rate_a_join_with_presence_is_closed() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_events_rate_broadcasting_channels_are_closed_and_rest_gets_429() {
+    let redis = TestRedis::start();
+    let limit = [("WALCAST_MAX_EVENTS_PER_SECOND", "1".to_owned())];
+    let (a, _b) = two_gateways(&redis, &limit).await;
+    let topic = "realtime:flood";
+    let mut flooder = a.connect(Some("2.0.0")).await;
+    join_v2(&mut flooder, "1", topic, broadcast_config(false, false)).await;
+    // 61 broadcasts: more than a minute at 1/s allows.
+    for i in 0..61 {
+        let frame = json!(["1", format!("f{i}"), topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]);
+        flooder.send(&frame.to_string()).await;
+    }
+    // From the next 5 s tick on, the next broadcast closes its channel
+    // (Supabase's rate is the tenant's: every channel of the gateway).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let frame = json!(["1", "last", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]);
+        flooder.send(&frame.to_string()).await;
+        if let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(Duration::from_millis(500), flooder.ws.next()).await
+        {
+            assert_eq!(
+                serde_json::from_str::<Value>(text.as_str()).expect("json"),
+                json!(["1", null, topic, "system", {"channel": "flood", "extension": "system", "message": "Too many messages per second", "status": "error"}])
+            );
+            assert_eq!(
+                flooder.recv().await,
+                json!(["1", "1", topic, "phx_close", {}])
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events rate never counted"
+        );
+    }
+    let one = json!({"messages": [{"topic": "flood", "event": "e", "payload": {}}]}).to_string();
+    let apikey = crate::gateway::valid("anon");
+    let (status, answer) = http(
+        a.port,
+        "POST",
+        "/api/broadcast",
+        &[("Content-Type", "application/json"), ("apikey", &apikey)],
+        &one,
+    )
+    .await;
+    assert_eq!(
+        (status, answer.as_str()),
+        (429, r#"{"message":"You have exceeded your rate limit"}"#)
+    );
+    // The socket itself stays: it still answers a heartbeat.
+    flooder.sync(true, "hb").await;
+}
