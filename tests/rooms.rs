@@ -503,20 +503,24 @@ async fn presence_is_shared_across_gateways_and_leaves_with_sockets_and_dead_gat
     })
     .await;
     let gateways = "walcast:default:presence:gateways";
-    crate::support::eventually("the unwatched room is cleaned", FRAME_TIMEOUT, || {
-        let mut conn = conn.clone();
-        async move {
-            redis::AsyncCommands::hlen::<_, usize>(&mut conn, elsewhere)
-                .await
-                .unwrap_or(1)
-                == 0
-        }
-    })
+    // The room's fields go first, the gateway's entry in the set last.
+    crate::support::eventually(
+        "the unwatched room is cleaned and gateway a forgotten",
+        FRAME_TIMEOUT,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let left: usize = redis::AsyncCommands::hlen(&mut conn, elsewhere)
+                    .await
+                    .unwrap_or(1);
+                let known: Vec<String> = redis::AsyncCommands::smembers(&mut conn, gateways)
+                    .await
+                    .unwrap_or_default();
+                left == 0 && known == ["gw-b"]
+            }
+        },
+    )
     .await;
-    let known: Vec<String> = redis::AsyncCommands::smembers(&mut conn, gateways)
-        .await
-        .expect("smembers");
-    assert_eq!(known, ["gw-b"]);
     // A clean shutdown takes bob's presence with it at once.
     let mut b = b;
     b.process.terminate();
