@@ -140,8 +140,7 @@ async fn realtime_js_and_realtime_py_broadcast_and_share_presence_across_gateway
     for client in [&v2, &v1, &rpy] {
         saw(client, &subscribed, 1).await;
     }
-    // Room subscriptions are made just after the join reply.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::rooms::room_subscribed(&redis, ROOM, 2).await;
 
     // realtime-js 2.0.0: a binary push, acknowledged, echoed to itself.
     let nested = json!({"text": "Grüße, 世界 🦀", "deep": {"list": [1, {"n": null, "b": true}], "s": "\"quoted\""}});

@@ -24,6 +24,30 @@ async fn two_gateways(redis: &TestRedis, extra: &[(&str, String)]) -> (Gateway, 
     (a, b)
 }
 
+/// Waits until `gateways` gateways subscribe `room`'s channel (each does
+/// when its first socket joins, just after the join reply).
+pub(crate) async fn room_subscribed(redis: &TestRedis, room: &str, gateways: usize) {
+    let conn = redis.connection().await;
+    let channel = format!("walcast:default:room:public:{room}");
+    crate::support::eventually(
+        &format!("{gateways} gateways subscribed to {channel}"),
+        FRAME_TIMEOUT,
+        || {
+            let (mut conn, channel) = (conn.clone(), channel.clone());
+            async move {
+                let (_, n): (String, usize) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                n == gateways
+            }
+        },
+    )
+    .await;
+}
+
 /// A v2 join of `topic` with `config`; returns once the reply is ok.
 async fn join_v2(client: &mut Client, join_ref: &str, topic: &str, config: Value) {
     let frame = json!([join_ref, join_ref, topic, "phx_join", {"config": config}]);
@@ -139,8 +163,7 @@ async fn broadcasts_reach_every_gateway_in_order_in_each_protocols_shape() {
     .await;
     join_v2(&mut v2, "1", topic, broadcast_config(false, false)).await;
     join_v1(&mut v1, "1", topic, broadcast_config(false, false)).await;
-    // Room subscriptions are made by the bus task after the reply.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    room_subscribed(&redis, "room:42", 2).await;
 
     // A JSON array broadcast, acknowledged, reaches the others verbatim.
     let payload = json!({"type": "broadcast", "event": "cursor", "payload": {"x": 1, "name": "Zoë 🦀", "nested": {"a": [1, {"b": null}]}}});
@@ -246,7 +269,7 @@ async fn self_broadcasts_come_back_and_v1_senders_reach_v2() {
     let mut v2 = b.connect(Some("2.0.0")).await;
     join_v1(&mut v1, "1", topic, broadcast_config(true, false)).await;
     join_v2(&mut v2, "1", topic, broadcast_config(true, false)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    room_subscribed(&redis, "echo", 2).await;
     let payload = json!({"type": "broadcast", "event": "hi", "payload": {"from": "py"}});
     v1.send(&json!({"topic": topic, "event": "broadcast", "payload": payload, "ref": "2", "join_ref": "1"}).to_string())
         .await;
@@ -576,7 +599,7 @@ async fn bad_broadcasts_and_presence_calls_get_supabases_answers_and_harm_nobody
     join_v2(&mut bystander, "1", topic, broadcast_config(false, false)).await;
     let mut hostile = a.connect(Some("2.0.0")).await;
     join_v2(&mut hostile, "1", topic, broadcast_config(false, true)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    room_subscribed(&redis, "bad", 1).await;
 
     // Malformed binary frames are dropped; the socket stays.
     let good = push("1", "2", topic, "e", 1, b"{}");
@@ -679,7 +702,6 @@ async fn bad_broadcasts_and_presence_calls_get_supabases_answers_and_harm_nobody
     nothing(&mut bystander).await;
     let mut other = a.connect(Some("2.0.0")).await;
     join_v2(&mut other, "1", topic, broadcast_config(false, false)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     send_binary(&mut other, good).await;
     assert_eq!(
         next(&mut bystander).await,
@@ -745,7 +767,7 @@ async fn rest_broadcasts_reach_sockets_and_bad_requests_get_supabases_errors() {
         broadcast_config(false, false),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    room_subscribed(&redis, "news", 2).await;
     let bearer = format!("Bearer {}", crate::gateway::valid("service_role"));
     let json_type = ("Content-Type", "application/json");
     let body = json!({"messages": [

@@ -90,12 +90,8 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
     // allows is refused before it costs a validation (or an error object)
     // per message.
     let now = Instant::now();
-    if ctx.events.triggered(now) {
-        ctx.metrics.broadcast("rate_limited");
-        return answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({"message": "You have exceeded your rate limit"}),
-        );
+    if let Some(refused) = rate_exceeded(&ctx, now) {
+        return refused;
     }
     if messages.len() as u64 + ctx.events.average(now) > ctx.events.limit() {
         ctx.metrics.broadcast("rate_limited");
@@ -146,6 +142,17 @@ fn send(ctx: &Context, room: &str, message: Vec<u8>) -> Result<(), Response> {
     }
     ctx.metrics.broadcast("sent");
     Ok(())
+}
+
+/// Supabase's 429 while the events rate is spent.
+fn rate_exceeded(ctx: &Context, now: Instant) -> Option<Response> {
+    ctx.events.triggered(now).then(|| {
+        ctx.metrics.broadcast("rate_limited");
+        answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "You have exceeded your rate limit"}),
+        )
+    })
 }
 
 /// 202, no body: every message went out.
@@ -232,12 +239,8 @@ pub async fn post_single(
         );
     }
     let now = Instant::now();
-    if ctx.events.triggered(now) {
-        ctx.metrics.broadcast("rate_limited");
-        return answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({"message": "You have exceeded your rate limit"}),
-        );
+    if let Some(refused) = rate_exceeded(&ctx, now) {
+        return refused;
     }
     let message = room::write_broadcast(&BroadcastHeader::user(None, event, encoding), &body);
     match send(&ctx, &topic, message) {
