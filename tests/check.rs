@@ -838,15 +838,25 @@ done. next: give role \"scram_user\" a password (psql: \\password scram_user), a
     let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
     let daemon = Daemon::spawn(&["run"], &env);
     stack.wait_streaming("walcast", &daemon).await;
-    let walsender = stack
-        .client
-        .query_one(
-            "SELECT r.usename::text, s.database::text FROM pg_stat_replication r
-             JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'walcast'",
-            &[],
-        )
-        .await
-        .expect("walsender");
+    // The slot is active a moment before its walsender shows in
+    // pg_stat_replication (seen once on PostgreSQL 14 in CI).
+    let mut walsender = None;
+    for _ in 0..100 {
+        walsender = stack
+            .client
+            .query_opt(
+                "SELECT r.usename::text, s.database::text FROM pg_stat_replication r
+                 JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'walcast'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_replication");
+        if walsender.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let walsender = walsender.expect("the walsender in pg_stat_replication within 10 s");
     assert_eq!(
         (walsender.get::<_, String>(0), walsender.get::<_, String>(1)),
         ("scram_user".to_owned(), "fresh".to_owned())
