@@ -276,6 +276,12 @@ pub struct RunArgs {
     /// Let many unfiltered RLS groups search the batch's sorted keys: auto, on or off [env: WALCAST_RLS_SORTED_KEYS] [default: auto]
     #[arg(long, value_name = "MODE")]
     pub rls_sorted_keys: Option<String>,
+    /// Publication of realtime.messages (Broadcast from Database), streamed too when it exists [env: WALCAST_MESSAGES_PUBLICATION] [default: supabase_realtime_messages_publication]
+    #[arg(long, value_name = "NAME")]
+    pub messages_publication: Option<String>,
+    /// How long realtime.messages keeps a day's partition [env: WALCAST_MESSAGES_RETENTION] [default: 72h]
+    #[arg(long, value_name = "DURATION")]
+    pub messages_retention: Option<String>,
     /// Log format: text or json [env: WALCAST_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -324,6 +330,11 @@ impl RunArgs {
             (&config::RLS_TIMEOUT, self.rls_timeout.clone()),
             (&config::RLS_CONNECTIONS, self.rls_connections.clone()),
             (&config::RLS_SORTED_KEYS, self.rls_sorted_keys.clone()),
+            (
+                &config::MESSAGES_PUBLICATION,
+                self.messages_publication.clone(),
+            ),
+            (&config::MESSAGES_RETENTION, self.messages_retention.clone()),
             (&config::LOG_FORMAT, self.log_format.clone()),
             (&config::LOG, self.log.clone()),
         ]));

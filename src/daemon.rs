@@ -40,7 +40,7 @@ use crate::metrics;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher, QueueSender};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::subscription::{self, Candidates, Delivery, Denial, Shared};
-use crate::{bus, pgoutput, pool, rls};
+use crate::{bus, messages, pgoutput, pool, rls};
 
 /// Bytes of messages the replication task may queue ahead of the publisher
 /// (with what the publisher holds in a pipeline): while they wait, no more
@@ -87,6 +87,10 @@ pub enum Error {
     /// The admin server (metrics, health) could not be set up.
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    /// The session streamed without the messages publication until the WAL
+    /// it could not decode with it was acknowledged; a new session adds it.
+    #[error("restarting to stream the messages publication from {0}")]
+    AddMessages(Lsn),
 }
 
 impl Error {
@@ -97,6 +101,7 @@ impl Error {
             Error::Publish(e) => e.is_transient(),
             Error::Catalog(e) => e.is_transient(),
             Error::Deliver(e) => e.is_transient(),
+            Error::AddMessages(_) => true,
             Error::Pool(_) | Error::Admin(_) => false,
             // Bytes we cannot decode will be the same bytes next time.
             Error::Decode(_) | Error::Assemble(_) | Error::PublisherGone => false,
@@ -133,9 +138,15 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     );
     let control_cancel = cancel.child_token();
     let control = tokio::spawn(control.run(control_cancel.clone()));
+    let janitor = tokio::spawn(messages::partitions::keep(
+        pool.clone(),
+        settings.messages_retention,
+        control_cancel.clone(),
+    ));
     let result = supervise(settings, &pool, &shared, &acked, admin.readiness(), &cancel).await;
     control_cancel.cancel();
     let _ = control.await;
+    let _ = janitor.await;
     result
 }
 
@@ -153,15 +164,43 @@ async fn supervise(
         .with_jitter()
         .without_max_times();
     let mut delays = backoff.build();
+    // Where streaming the messages publication may start (see
+    // `messages_publication_too_young`).
+    let mut messages_from = None;
     loop {
         let before = acked.get();
-        let result = session(settings, pool, shared, acked, readiness, cancel).await;
+        let result = session(
+            settings,
+            pool,
+            shared,
+            acked,
+            readiness,
+            messages_from,
+            cancel,
+        )
+        .await;
         readiness.set_streaming(false);
         if cancel.is_cancelled() {
             return Ok(());
         }
         let err = match result {
             Ok(()) => return Ok(()),
+            Err(Error::AddMessages(at)) => {
+                info!(from = %at, "the slot is past the messages publication's creation; streaming it too");
+                messages_from = None;
+                delays = backoff.build();
+                continue;
+            }
+            Err(err) if messages_publication_too_young(&err, &settings.messages_publication) => {
+                let at = current_wal(pool).await?;
+                warn!(
+                    publication = %settings.messages_publication,
+                    until = %at,
+                    "the slot's WAL predates the messages publication, which Postgres before 18 cannot decode with it: streaming without it until the slot passes {at} (rows of realtime.messages written before then are not broadcast)"
+                );
+                messages_from = Some(at);
+                continue;
+            }
             Err(err) if err.is_transient() => err,
             Err(err) => return Err(err),
         };
@@ -191,12 +230,41 @@ async fn supervise(
     }
 }
 
+/// Whether a session ended because pgoutput could not find the messages
+/// publication in the catalog as it was at the WAL being decoded: it was
+/// created after the slot's position (`walcast setup` run after the daemon
+/// started). Postgres 18 skips such a publication instead.
+fn messages_publication_too_young(err: &Error, publication: &str) -> bool {
+    match err {
+        Error::Replication(replication::Error::Db(db)) => {
+            db.code == "42704" && db.message.contains(&format!("\"{publication}\""))
+        }
+        _ => false,
+    }
+}
+
+/// The server's current WAL position.
+async fn current_wal(pool: &deadpool_postgres::Pool) -> Result<Lsn, Error> {
+    let client = pool.get().await.map_err(catalog::Error::from)?;
+    let row = client
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(catalog::Error::from)?;
+    let text: String = row.get(0);
+    text.parse().map_err(|_| {
+        Error::Replication(replication::Error::Protocol(format!(
+            "pg_current_wal_lsn() returned {text:?}"
+        )))
+    })
+}
+
 async fn session(
     settings: &Settings,
     pool: &deadpool_postgres::Pool,
     shared: &Arc<Shared>,
     acked: &Acknowledged,
     readiness: &Readiness,
+    messages_from: Option<Lsn>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
     let publisher = Publisher::connect(&settings.redis_url).await?;
@@ -205,6 +273,11 @@ async fn session(
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
     conn.check_publication(&settings.publication).await?;
+    // Broadcast from Database rides the same slot when its publication
+    // exists (sql/realtime.sql creates it).
+    let messages = conn
+        .publication_exists(&settings.messages_publication)
+        .await?;
     let slot = conn.ensure_slot(&settings.slot).await?;
     if slot.created {
         info!(slot = %settings.slot, at = %slot.confirmed_flush, "created replication slot");
@@ -214,13 +287,21 @@ async fn session(
     acked.advance(slot.confirmed_flush);
     let start = acked.get();
     shared.set_position(start);
+    let mut publications = vec![settings.publication.as_str()];
+    // Until the slot is past `messages_from`, the publication cannot be
+    // decoded; this session then ends once it is.
+    let add_messages_at = messages_from.filter(|at| messages && acked.get() < *at);
+    if messages && add_messages_at.is_none() {
+        publications.push(settings.messages_publication.as_str());
+    }
     let stream = conn
-        .start_replication(&settings.slot, start, &settings.publication)
+        .start_replication(&settings.slot, start, &publications)
         .await?;
     readiness.set_streaming(true);
     info!(
         slot = %settings.slot,
         publication = %settings.publication,
+        messages_publication = publications.get(1).copied(),
         from = %start,
         server_wal = %system.xlog_pos,
         "streaming"
@@ -257,6 +338,7 @@ async fn session(
         release_at: None,
         rls: settings.rls,
         received: start,
+        add_messages_at,
     };
     let result = stream_loop.run(settings.status_interval, cancel).await;
     match result {
@@ -330,6 +412,9 @@ struct StreamLoop {
     rls: RlsSettings,
     /// The furthest WAL position the server reported.
     received: Lsn,
+    /// Once this is acknowledged, the session ends so that the next one
+    /// streams the messages publication too.
+    add_messages_at: Option<Lsn>,
 }
 
 impl StreamLoop {
@@ -459,7 +544,9 @@ impl StreamLoop {
         metrics::counter!(metrics::CHANGES_RECEIVED, metrics::KIND => change.kind.name())
             .increment(1);
         let candidates = self.shared.read().candidates(&change);
-        if self.firehose.is_none() && candidates.is_empty() {
+        let broadcast = matches!(change.kind, ChangeKind::Insert { .. })
+            && messages::is_messages_table(&change.relation);
+        if self.firehose.is_none() && candidates.is_empty() && !broadcast {
             return Ok(());
         }
         if !candidates.is_empty() {
@@ -536,6 +623,9 @@ impl StreamLoop {
         for delivery in deliveries {
             self.deliver(&change, delivery);
         }
+        if messages::is_messages_table(&change.relation) {
+            self.broadcast_from_database(&change);
+        }
         if self.current.messages.len() > queued {
             self.current.count_change(change.commit_time);
         }
@@ -605,6 +695,33 @@ impl StreamLoop {
         }
     }
 
+    /// Queues the broadcast a row inserted into `realtime.messages` carries,
+    /// on its topic's room.
+    fn broadcast_from_database(&mut self, change: &Change) {
+        let message = match messages::decode(change) {
+            Ok(Some(message)) => message,
+            Ok(None) => return,
+            Err(skip) => {
+                metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "skipped")
+                    .increment(1);
+                debug!(lsn = %change.commit_lsn, seq = change.seq, "{skip}");
+                return;
+            }
+        };
+        if message.private {
+            // Private channels are refused until they can be authorized;
+            // nobody can be listening.
+            metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "private")
+                .increment(1);
+            return;
+        }
+        metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "public").increment(1);
+        self.current.messages.push(Outgoing {
+            channel: Arc::from(self.names.room(&message.topic)),
+            payload: Bytes::from(messages::room_message(&message)),
+        });
+    }
+
     /// Hands the current batch to the publisher, or parks it in `pending`
     /// (in order) when the publisher's queue has no room for its bytes. A
     /// publisher that is gone is noticed by the loop (its task ended).
@@ -621,6 +738,10 @@ impl StreamLoop {
 
     async fn send_status(&mut self) -> Result<(), Error> {
         let acked = self.acked.get();
+        if let Some(at) = self.add_messages_at.filter(|at| acked >= *at) {
+            self.stream.send_status(acked).await?;
+            return Err(Error::AddMessages(at));
+        }
         debug!(received = %self.received, %acked, "status update");
         metrics::gauge!(metrics::ACKNOWLEDGED_LSN).set(acked.0 as f64);
         metrics::gauge!(metrics::RECEIVED_LSN).set(self.received.0 as f64);

@@ -16,6 +16,7 @@
 //! | [`subscription`] | the registry of who listens, filters, and who may see each change |
 //! | [`rls`] | batched Row Level Security checks on the committed rows, and the SQL they call |
 //! | [`control`] | subscription requests from gateways, validated and answered over the bus |
+//! | [`messages`] | Broadcast from Database: `realtime.messages` rows → room broadcasts; its daily partitions |
 //! | [`pool`] | the pooled SQL connections (catalog, filters, RLS checks) |
 //! | [`bus`] | the Redis contract: channel names, message envelope, room messages between gateways |
 //! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
@@ -39,6 +40,7 @@ pub mod daemon;
 pub mod encode;
 pub mod gateway;
 pub mod lsn;
+pub mod messages;
 pub mod metrics;
 pub mod pgoutput;
 pub mod pool;

@@ -23,6 +23,14 @@ pub const ROLE_SQL: &str = include_str!("../sql/role.sql");
 /// `sql/auth_helpers.sql`: `auth.uid()`, `auth.role()`, `auth.jwt()` for plain Postgres.
 pub const AUTH_HELPERS_SQL: &str = include_str!("../sql/auth_helpers.sql");
 
+/// `sql/realtime.sql`: Supabase's `realtime` schema (messages, send,
+/// broadcast_changes, topic) where it is missing.
+pub const REALTIME_SQL: &str = include_str!("../sql/realtime.sql");
+
+/// How long a day's messages are kept unless told otherwise (Supabase's
+/// 72 hours).
+pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(72 * 3600);
+
 /// The role name used when none is given.
 pub const DEFAULT_ROLE: &str = "walcast";
 /// Postgres truncates longer names, which would make the SQL's "does it
@@ -40,6 +48,8 @@ pub struct Options {
     pub publication: String,
     /// Also apply `sql/auth_helpers.sql`.
     pub auth_helpers: bool,
+    /// Partitions of `realtime.messages` older than this are dropped.
+    pub messages_retention: std::time::Duration,
 }
 
 /// What one SQL file did.
@@ -71,6 +81,10 @@ pub enum Error {
     /// The admin connection failed.
     #[error("cannot connect with --admin-url: {}", describe(.0))]
     Connect(#[source] tokio_postgres::Error),
+    /// The partitions of realtime.messages could not be created (the SQL
+    /// files were applied).
+    #[error("{0}")]
+    Partitions(#[source] crate::messages::partitions::Error),
     /// A SQL file failed; nothing was changed (one transaction).
     #[error("{file} failed, nothing was changed: {}", describe(.source))]
     Apply {
@@ -101,6 +115,7 @@ impl Options {
             role: name("role", role)?,
             publication: name("publication", publication)?,
             auth_helpers,
+            messages_retention: DEFAULT_RETENTION,
         })
     }
 }
@@ -122,6 +137,7 @@ fn files(options: &Options) -> Vec<(&'static str, &'static str)> {
         ("sql/publication.sql", PUBLICATION_SQL),
         ("sql/role.sql", ROLE_SQL),
         ("sql/rls.sql", crate::rls::INSTALL_SQL),
+        ("sql/realtime.sql", REALTIME_SQL),
     ];
     if options.auth_helpers {
         files.push(("sql/auth_helpers.sql", AUTH_HELPERS_SQL));
@@ -159,6 +175,23 @@ pub async fn apply(options: &Options) -> Result<Vec<Applied>, Error> {
         });
     }
     tx.commit().await.map_err(failed("committing"))?;
+    // Partitions are created by the same code the daemon's janitor runs.
+    let done = crate::messages::partitions::maintain(&mut client, options.messages_retention)
+        .await
+        .map_err(Error::Partitions)?;
+    applied.push(Applied {
+        file: "realtime.messages partitions",
+        notices: done
+            .created
+            .iter()
+            .map(|p| format!("created partition realtime.{p}"))
+            .chain(
+                done.dropped
+                    .iter()
+                    .map(|p| format!("dropped partition realtime.{p}")),
+            )
+            .collect(),
+    });
     Ok(applied)
 }
 
@@ -254,7 +287,12 @@ mod tests {
         let names = |o: &Options| files(o).iter().map(|(f, _)| *f).collect::<Vec<_>>();
         assert_eq!(
             names(&options),
-            ["sql/publication.sql", "sql/role.sql", "sql/rls.sql"]
+            [
+                "sql/publication.sql",
+                "sql/role.sql",
+                "sql/rls.sql",
+                "sql/realtime.sql"
+            ]
         );
         options.auth_helpers = true;
         assert_eq!(
@@ -263,6 +301,7 @@ mod tests {
                 "sql/publication.sql",
                 "sql/role.sql",
                 "sql/rls.sql",
+                "sql/realtime.sql",
                 "sql/auth_helpers.sql"
             ]
         );

@@ -13,14 +13,14 @@ use crate::support::{Daemon, PgOptions, TestPostgres, free_port};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// What a finished `walcast` command left behind.
-struct Outcome {
-    code: Option<i32>,
+pub(crate) struct Outcome {
+    pub(crate) code: Option<i32>,
     /// stdout and stderr, interleaved.
-    output: String,
+    pub(crate) output: String,
 }
 
 /// Runs `walcast ARGS` with `env` to completion.
-fn walcast(args: &[&str], env: &[(&str, String)]) -> Outcome {
+pub(crate) fn walcast(args: &[&str], env: &[(&str, String)]) -> Outcome {
     let mut process = Daemon::spawn(args, env);
     let status = process
         .wait_timeout(WAIT)
@@ -157,6 +157,22 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         ["server.max_slot_wal_keep_size", "table.rls public.items"]
     );
     let port = stack.pg.port();
+    assert_finding(
+        &json,
+        "messages.table",
+        None,
+        "ok",
+        "realtime.messages exists; this role may keep its partitions (as supabase_realtime_admin)",
+        None,
+    );
+    assert_finding(
+        &json,
+        "messages.publication",
+        None,
+        "ok",
+        "realtime.messages is published: Broadcast from Database rides the slot",
+        None,
+    );
     assert_finding(
         &json,
         "postgres.connect",
@@ -733,9 +749,23 @@ async fn setup_applies_twice_and_walcast_streams_as_the_role_it_creates() {
 
     let first = setup(admin.clone(), &args);
     assert_eq!(first.code, Some(0), "{}", first.output);
+    // Yesterday to three days ahead, UTC.
+    let partitions: String = stack
+        .client
+        .query(
+            "SELECT 'realtime.messages partitions: created partition realtime.messages_'
+                    || to_char((now() AT TIME ZONE 'UTC')::date + n, 'YYYY_MM_DD') || E'\\n'
+             FROM generate_series(-1, 3) n ORDER BY n",
+            &[],
+        )
+        .await
+        .expect("partition names")
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
     assert_eq!(
         first.output,
-        "sql/publication.sql: created publication supabase_realtime (empty: add tables with ALTER PUBLICATION supabase_realtime ADD TABLE ...)
+        format!("sql/publication.sql: created publication supabase_realtime (empty: add tables with ALTER PUBLICATION supabase_realtime ADD TABLE ...)
 sql/role.sql: created role scram_user (LOGIN REPLICATION NOINHERIT; set its password: ALTER ROLE scram_user PASSWORD ...)
 sql/role.sql: created role anon (NOLOGIN NOINHERIT)
 sql/role.sql: granted anon to scram_user (it may SET ROLE anon)
@@ -744,12 +774,23 @@ sql/role.sql: granted authenticated to scram_user (it may SET ROLE authenticated
 sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: created type walcast.rls_subject
 sql/rls.sql: role scram_user may call walcast.visible_rows
+sql/realtime.sql: created role supabase_realtime_admin (NOLOGIN NOINHERIT; owns realtime.messages)
+sql/realtime.sql: granted supabase_realtime_admin to scram_user (for partitions and authorization probes)
+sql/realtime.sql: created schema realtime
+sql/realtime.sql: granted usage on schema realtime to anon, authenticated
+sql/realtime.sql: created table realtime.messages (partitioned by day, row level security enabled, no policies yet: private channels are refused until you add some)
+sql/realtime.sql: granted select, insert, update on realtime.messages to anon, authenticated
+sql/realtime.sql: created function realtime.topic()
+sql/realtime.sql: created function realtime.send(payload, event, topic, private)
+sql/realtime.sql: created function realtime.send_binary(payload, event, topic, private)
+sql/realtime.sql: created function realtime.broadcast_changes(...)
+sql/realtime.sql: created publication supabase_realtime_messages_publication for table realtime.messages
 sql/auth_helpers.sql: created schema auth
 sql/auth_helpers.sql: created function auth.uid()
 sql/auth_helpers.sql: created function auth.role()
 sql/auth_helpers.sql: created function auth.jwt()
-done. next: give role \"scram_user\" a password (psql: \\password scram_user), allow it in pg_hba.conf for this database and for replication, put it in database_url, and run walcast check
-"
+{partitions}done. next: give role \"scram_user\" a password (psql: \\password scram_user), allow it in pg_hba.conf for this database and for replication, put it in database_url, and run walcast check
+")
     );
     let second = setup(admin, &args);
     assert_eq!(second.code, Some(0), "{}", second.output);
@@ -763,6 +804,17 @@ sql/role.sql: role scram_user may connect to database fresh
 sql/rls.sql: schema \"walcast\" already exists, skipping
 sql/rls.sql: type walcast.rls_subject exists; left unchanged
 sql/rls.sql: role scram_user may call walcast.visible_rows
+sql/realtime.sql: role supabase_realtime_admin exists
+sql/realtime.sql: role scram_user is a member of supabase_realtime_admin
+sql/realtime.sql: schema realtime exists
+sql/realtime.sql: granted usage on schema realtime to anon, authenticated
+sql/realtime.sql: table realtime.messages exists; left unchanged
+sql/realtime.sql: granted select, insert, update on realtime.messages to anon, authenticated
+sql/realtime.sql: function realtime.topic() exists; left unchanged
+sql/realtime.sql: function realtime.send(jsonb, text, text, boolean) exists; left unchanged
+sql/realtime.sql: function realtime.send_binary(bytea, text, text, boolean) exists; left unchanged
+sql/realtime.sql: function realtime.broadcast_changes(...) exists; left unchanged
+sql/realtime.sql: publication supabase_realtime_messages_publication exists; left unchanged
 sql/auth_helpers.sql: schema auth exists
 sql/auth_helpers.sql: function auth.uid() exists; left unchanged
 sql/auth_helpers.sql: function auth.role() exists; left unchanged
@@ -797,7 +849,12 @@ done. next: give role \"scram_user\" a password (psql: \\password scram_user), a
             true,
             false,
             false,
-            vec!["anon".to_owned(), "authenticated".to_owned()]
+            vec![
+                "anon".to_owned(),
+                "authenticated".to_owned(),
+                // Partitions and authorization probes (sql/realtime.sql).
+                "supabase_realtime_admin".to_owned()
+            ]
         )
     );
     let claims = fresh

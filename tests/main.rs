@@ -6,6 +6,7 @@ mod admin;
 mod check;
 mod clients;
 mod clients_rooms;
+mod db_broadcast;
 mod delivery;
 mod faults;
 mod filters;

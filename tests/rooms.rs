@@ -49,7 +49,7 @@ pub(crate) async fn room_subscribed(redis: &TestRedis, room: &str, gateways: usi
 }
 
 /// A v2 join of `topic` with `config`; returns once the reply is ok.
-async fn join_v2(client: &mut Client, join_ref: &str, topic: &str, config: Value) {
+pub(crate) async fn join_v2(client: &mut Client, join_ref: &str, topic: &str, config: Value) {
     let frame = json!([join_ref, join_ref, topic, "phx_join", {"config": config}]);
     client.send(&frame.to_string()).await;
     let reply = client.recv().await;
@@ -60,7 +60,7 @@ async fn join_v2(client: &mut Client, join_ref: &str, topic: &str, config: Value
 }
 
 /// A v1 join, as realtime-py sends it.
-async fn join_v1(client: &mut Client, reference: &str, topic: &str, config: Value) {
+pub(crate) async fn join_v1(client: &mut Client, reference: &str, topic: &str, config: Value) {
     let frame = json!({"topic": topic, "event": "phx_join", "payload": {"config": config}, "ref": reference, "join_ref": reference});
     client.send(&frame.to_string()).await;
     assert_eq!(
@@ -69,12 +69,12 @@ async fn join_v1(client: &mut Client, reference: &str, topic: &str, config: Valu
     );
 }
 
-fn broadcast_config(echo: bool, ack: bool) -> Value {
+pub(crate) fn broadcast_config(echo: bool, ack: bool) -> Value {
     json!({"broadcast": {"self": echo, "ack": ack}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "private": false})
 }
 
 /// The next frame, text or binary.
-async fn next(client: &mut Client) -> Message {
+pub(crate) async fn next(client: &mut Client) -> Message {
     loop {
         let frame = tokio::time::timeout(FRAME_TIMEOUT, client.ws.next())
             .await
@@ -89,7 +89,7 @@ async fn next(client: &mut Client) -> Message {
 }
 
 /// No frame for a while (what was not to come did not).
-async fn nothing(client: &mut Client) {
+pub(crate) async fn nothing(client: &mut Client) {
     if let Ok(Some(frame)) =
         tokio::time::timeout(Duration::from_millis(500), client.ws.next()).await
     {
@@ -129,8 +129,26 @@ fn push(
 
 /// The server's kind 4 user broadcast.
 fn user_broadcast(topic: &str, event: &str, encoding: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![4, topic.len() as u8, event.len() as u8, 0, encoding];
-    for part in [topic.as_bytes(), event.as_bytes(), payload] {
+    user_broadcast_with_meta(topic, event, b"", encoding, payload)
+}
+
+/// The server's kind 4 user broadcast with metadata (Broadcast from
+/// Database's `{"id":…}`).
+pub(crate) fn user_broadcast_with_meta(
+    topic: &str,
+    event: &str,
+    meta: &[u8],
+    encoding: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = vec![
+        4,
+        topic.len() as u8,
+        event.len() as u8,
+        meta.len() as u8,
+        encoding,
+    ];
+    for part in [topic.as_bytes(), event.as_bytes(), meta, payload] {
         frame.extend_from_slice(part);
     }
     frame

@@ -15,6 +15,7 @@
 //! parameters, and every name shown in a fix is quoted by the server.
 
 mod finding;
+mod messages;
 mod publication;
 mod redis;
 mod replication;
@@ -62,6 +63,12 @@ pub mod id {
     pub const TABLE_RLS: &str = "table.rls";
     /// `sql/rls.sql` is installed, of this walcast's version, callable.
     pub const RLS_SQL: &str = "rls.sql";
+    /// `realtime.messages` exists and this role may keep its partitions.
+    pub const MESSAGES_TABLE: &str = "messages.table";
+    /// Today's partition of `realtime.messages` exists.
+    pub const MESSAGES_PARTITIONS: &str = "messages.partitions";
+    /// `realtime.messages` is published (the messages publication).
+    pub const MESSAGES_PUBLICATION: &str = "messages.publication";
     /// The slot exists and is a pgoutput slot of this database.
     pub const SLOT_EXISTS: &str = "slot.exists";
     /// Who streams from the slot, or how much WAL it retains unread.
@@ -123,6 +130,16 @@ async fn postgres(settings: &Settings) -> Vec<Finding> {
     }
     if let Err(e) = rls::check(&client, &settings.publication, &mut out).await {
         out.push(query_failed("the RLS functions (sql/rls.sql)", &e));
+    }
+    if let Err(e) = messages::check(
+        &client,
+        &settings.messages_publication,
+        &settings.publication,
+        &mut out,
+    )
+    .await
+    {
+        out.push(query_failed("realtime.messages", &e));
     }
     if let Err(e) = slot::check(&client, &settings.slot, &mut out).await {
         out.push(query_failed("the replication slot", &e));

@@ -55,6 +55,11 @@ pub struct Settings {
     pub retained_wal_warn_bytes: u64,
     /// How subscribers' visibility is decided in batches.
     pub rls: RlsSettings,
+    /// The publication of `realtime.messages` (Broadcast from Database),
+    /// streamed beside `publication` when it exists.
+    pub messages_publication: String,
+    /// How long `realtime.messages` keeps a day's partition after the day.
+    pub messages_retention: Duration,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
@@ -122,6 +127,8 @@ keys! {
     RLS_TIMEOUT: "rls_timeout", "WALCAST_RLS_TIMEOUT", "--rls-timeout", Some("5s");
     RLS_CONNECTIONS: "rls_connections", "WALCAST_RLS_CONNECTIONS", "--rls-connections", Some("2");
     RLS_SORTED_KEYS: "rls_sorted_keys", "WALCAST_RLS_SORTED_KEYS", "--rls-sorted-keys", Some("auto");
+    MESSAGES_PUBLICATION: "messages_publication", "WALCAST_MESSAGES_PUBLICATION", "--messages-publication", Some("supabase_realtime_messages_publication");
+    MESSAGES_RETENTION: "messages_retention", "WALCAST_MESSAGES_RETENTION", "--messages-retention", Some("72h");
     LOG_FORMAT: "log_format", "WALCAST_LOG_FORMAT", "--log-format", Some("text");
     LOG: "log", "WALCAST_LOG", "--log", Some("info");
     GATEWAY_ADDR: "gateway_addr", "WALCAST_GATEWAY_ADDR", "--gateway-addr", Some("0.0.0.0:4000");
@@ -333,6 +340,16 @@ impl Settings {
                         .ok_or_else(|| format!("expected auto, on or off, got {v:?}"))
                 })?,
             },
+            messages_publication: parse(
+                &MESSAGES_PUBLICATION,
+                lookup(&MESSAGES_PUBLICATION)?,
+                parse_publication,
+            )?,
+            messages_retention: parse(
+                &MESSAGES_RETENTION,
+                lookup(&MESSAGES_RETENTION)?,
+                parse_duration,
+            )?,
             log_format: parse(&LOG_FORMAT, lookup(&LOG_FORMAT)?, parse_log_format)?,
             log: lookup(&LOG)?.0,
         })

@@ -60,6 +60,10 @@ pub const RLS_BY_IMAGE: &str = "walcast_rls_decided_by_image_total";
 /// WAL (an unchanged TOASTed column, a generated column), or a policy
 /// reads a system column. Exact while the row is unchanged since.
 pub const RLS_FALLBACK: &str = "walcast_rls_fallback_total";
+/// Rows inserted into `realtime.messages` (Broadcast from Database), by
+/// `result`: `public` and `private` (sent to their room), `skipped` (a
+/// row missing what a broadcast needs).
+pub const DATABASE_BROADCASTS: &str = "walcast_database_broadcasts_total";
 /// Subscriptions in the registry.
 pub const SUBSCRIPTIONS: &str = "walcast_subscriptions";
 /// The acknowledged LSN (everything before it is in Redis), as a number.
@@ -82,6 +86,8 @@ pub const PUBLISH_SECONDS: &str = "walcast_publish_duration_seconds";
 
 /// Label of [`CHANGES_RECEIVED`]: the change's kind.
 pub const KIND: &str = "kind";
+/// Label of [`DATABASE_BROADCASTS`]: what became of the row.
+pub const RESULT: &str = "result";
 /// Label of [`REDIS_ERRORS`] and [`REDIS_RECONNECTS`]: which connection.
 pub const TASK: &str = "task";
 /// [`TASK`] of the publishing connection.
@@ -203,6 +209,12 @@ pub const ALL: &[Metric] = &[
         Type::Counter,
         Unit::Count,
         "(group, row) pairs decided by a table lookup because the committed row lacked a value the policies read",
+    ),
+    metric(
+        DATABASE_BROADCASTS,
+        Type::Counter,
+        Unit::Count,
+        "rows inserted into realtime.messages, by result: public or private (sent to the topic's room), skipped (not a broadcast)",
     ),
     metric(
         SUBSCRIPTIONS,

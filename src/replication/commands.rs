@@ -62,15 +62,20 @@ impl Connection {
 
     /// Fails with a fix-it message unless the publication exists.
     pub async fn check_publication(&mut self, publication: &str) -> Result<(), Error> {
+        if self.publication_exists(publication).await? {
+            Ok(())
+        } else {
+            Err(Error::PublicationMissing(publication.to_owned()))
+        }
+    }
+
+    /// Whether the publication exists.
+    pub async fn publication_exists(&mut self, publication: &str) -> Result<bool, Error> {
         let sql = format!(
             "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}",
             quote_literal(publication)
         );
-        if self.simple_query(&sql).await?.is_empty() {
-            Err(Error::PublicationMissing(publication.to_owned()))
-        } else {
-            Ok(())
-        }
+        Ok(!self.simple_query(&sql).await?.is_empty())
     }
 
     /// Creates the permanent pgoutput slot unless it exists; an existing slot
@@ -132,12 +137,13 @@ impl Connection {
         mut self,
         slot: &str,
         from: Lsn,
-        publication: &str,
+        publications: &[&str],
     ) -> Result<ReplicationStream, Error> {
+        let names: Vec<String> = publications.iter().map(|p| quote_ident(p)).collect();
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}, messages 'true')",
             quote_ident(slot),
-            quote_literal(&quote_ident(publication)),
+            quote_literal(&names.join(",")),
         );
         match self.start_copy_both(&sql).await {
             Ok(()) => Ok(ReplicationStream::new(self)),

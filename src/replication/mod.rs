@@ -18,6 +18,7 @@ mod stream;
 pub(crate) mod tls;
 
 pub use commands::{Slot, SystemId};
+pub(crate) use commands::{quote_ident, quote_literal};
 pub use connection::Connection;
 pub use error::{DbError, Error};
 pub use stream::{ReplicationStream, StreamEvent, postgres_now};
