@@ -144,10 +144,10 @@ $walcast$;
 -- answers with a contract the daemon does not speak.
 CREATE OR REPLACE FUNCTION walcast.sql_version() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $function$ SELECT 2 $function$;
+AS $function$ SELECT 3 $function$;
 
 COMMENT ON FUNCTION walcast.sql_version() IS
-  'walcast: the version of the SQL installed from sql/rls.sql (2: visibility on the committed row)';
+  'walcast: the version of the SQL installed from sql/rls.sql (3: private channels on realtime.messages)';
 
 -- Earlier versions' entry points and loops go; the new ones have other
 -- arguments, so CREATE OR REPLACE would leave them as overloads.
@@ -942,6 +942,168 @@ $function$;
 COMMENT ON FUNCTION walcast.visible_rows(text, text, text[], text[], text[], text[], integer[], text[], walcast.rls_subject[]) IS
   'walcast: which candidate rows each (role, claims) group may see, decided on the committed rows; see sql/rls.sql';
 
+-- Private channels: Row Level Security on realtime.messages, asked as
+-- Supabase Realtime asks it (../shared/reference/broadcast-presence.md
+-- §4.3), for many subjects in one call. A subject is a JWT's role and
+-- claims and a topic; for each, in its own subtransaction:
+--   * the role, request.jwt.claims, request.jwt.claim.sub and .role, and
+--     realtime.topic are set transaction-locally, as Supabase sets them;
+--   * the subtransaction is always rolled back (a private SQLSTATE raised
+--     at its end): probe rows and settings never outlive the subject, and
+--     a subject that fails (a raising policy, a missing partition, a role
+--     that cannot be assumed) fails alone, with its SQLSTATE and message.
+-- The caller runs them in a transaction it rolls back.
+--
+-- walcast.channel_access: may each subject read the topic? Supabase's
+-- read probe: as the table's owner, insert a row (topic, extension
+-- 'broadcast', and 'presence' when asked), then, as the subject, see which
+-- of them the SELECT policies show.
+CREATE OR REPLACE FUNCTION walcast.channel_access(
+  roles text[], claims text[], topics text[], presence boolean[])
+RETURNS TABLE (subject_no integer, broadcast_read boolean, presence_read boolean,
+               error_code text, error_message text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $function$
+DECLARE
+  owner_name text;
+  broadcast_id uuid;
+  presence_id uuid;
+  seen text[];
+BEGIN
+  SELECT o.rolname INTO owner_name
+    FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+   WHERE n.nspname = 'realtime' AND c.relname = 'messages';
+  IF owner_name IS NULL THEN
+    RAISE EXCEPTION 'realtime.messages does not exist' USING ERRCODE = '42P01',
+      HINT = 'run walcast setup (sql/realtime.sql)';
+  END IF;
+  FOR i IN 1 .. coalesce(pg_catalog.array_length(roles, 1), 0) LOOP
+    subject_no := i;
+    broadcast_read := NULL;
+    presence_read := NULL;
+    error_code := NULL;
+    error_message := NULL;
+    BEGIN
+      IF roles[i] IS NULL OR roles[i] = 'none' THEN
+        RAISE EXCEPTION 'no role to check as' USING ERRCODE = '22023';
+      END IF;
+      PERFORM pg_catalog.set_config('role', owner_name, true);
+      broadcast_id := pg_catalog.gen_random_uuid();
+      presence_id := CASE WHEN presence[i] THEN pg_catalog.gen_random_uuid() END;
+      INSERT INTO realtime.messages (id, topic, extension, inserted_at, updated_at)
+        SELECT p.id, topics[i], p.extension, pg_catalog.now(), pg_catalog.now()
+          FROM (VALUES (broadcast_id, 'broadcast'), (presence_id, 'presence')) AS p(id, extension)
+         WHERE p.id IS NOT NULL;
+      PERFORM pg_catalog.set_config('role', roles[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', claims[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.sub', coalesce(claims[i]::jsonb ->> 'sub', ''), true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.role', roles[i], true);
+      PERFORM pg_catalog.set_config('realtime.topic', topics[i], true);
+      SELECT pg_catalog.array_agg(m.extension) INTO seen
+        FROM realtime.messages m WHERE m.id = broadcast_id OR m.id = presence_id;
+      broadcast_read := 'broadcast' = ANY (coalesce(seen, '{}'));
+      IF presence[i] THEN
+        presence_read := 'presence' = ANY (coalesce(seen, '{}'));
+      END IF;
+      RAISE SQLSTATE 'WCRB1';
+    EXCEPTION
+      WHEN SQLSTATE 'WCRB1' THEN NULL;
+      WHEN OTHERS THEN
+        broadcast_read := NULL;
+        presence_read := NULL;
+        GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
+    END;
+    RETURN NEXT;
+  END LOOP;
+END
+$function$;
+
+-- walcast.channel_write: may each subject write (broadcast or track
+-- presence) to the topic? Supabase's write probe: as the subject, insert
+-- (topic, extension); the INSERT policies' WITH CHECK decide, and
+-- insufficient_privilege (42501, which an RLS violation is) means no.
+CREATE OR REPLACE FUNCTION walcast.channel_write(
+  roles text[], claims text[], topics text[], extensions text[])
+RETURNS TABLE (subject_no integer, allowed boolean, error_code text, error_message text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $function$
+BEGIN
+  FOR i IN 1 .. coalesce(pg_catalog.array_length(roles, 1), 0) LOOP
+    subject_no := i;
+    allowed := NULL;
+    error_code := NULL;
+    error_message := NULL;
+    BEGIN
+      IF roles[i] IS NULL OR roles[i] = 'none' THEN
+        RAISE EXCEPTION 'no role to check as' USING ERRCODE = '22023';
+      END IF;
+      PERFORM pg_catalog.set_config('role', roles[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', claims[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.sub', coalesce(claims[i]::jsonb ->> 'sub', ''), true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.role', roles[i], true);
+      PERFORM pg_catalog.set_config('realtime.topic', topics[i], true);
+      BEGIN
+        INSERT INTO realtime.messages (topic, extension) VALUES (topics[i], extensions[i]);
+        allowed := true;
+      EXCEPTION WHEN insufficient_privilege THEN
+        allowed := false;
+      END;
+      RAISE SQLSTATE 'WCRB1';
+    EXCEPTION
+      WHEN SQLSTATE 'WCRB1' THEN NULL;
+      WHEN OTHERS THEN
+        allowed := NULL;
+        GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
+    END;
+    RETURN NEXT;
+  END LOOP;
+END
+$function$;
+
+-- walcast.readable_messages: Broadcast from Database on private topics.
+-- Which of these committed rows of realtime.messages (ids, with their
+-- topics) may each subject SELECT? A subject's candidates are the rows of
+-- its topic; it answers with their 1-based positions. The rows are read
+-- as stored (messages are written once), so the policies decide on the
+-- committed row. Run it READ ONLY.
+CREATE OR REPLACE FUNCTION walcast.readable_messages(
+  ids uuid[], id_topics text[], roles text[], claims text[], topics text[])
+RETURNS TABLE (subject_no integer, visible integer[], error_code text, error_message text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $function$
+BEGIN
+  FOR i IN 1 .. coalesce(pg_catalog.array_length(roles, 1), 0) LOOP
+    subject_no := i;
+    visible := NULL;
+    error_code := NULL;
+    error_message := NULL;
+    BEGIN
+      IF roles[i] IS NULL OR roles[i] = 'none' THEN
+        RAISE EXCEPTION 'no role to check as' USING ERRCODE = '22023';
+      END IF;
+      PERFORM pg_catalog.set_config('role', roles[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claims', claims[i], true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.sub', coalesce(claims[i]::jsonb ->> 'sub', ''), true);
+      PERFORM pg_catalog.set_config('request.jwt.claim.role', roles[i], true);
+      PERFORM pg_catalog.set_config('realtime.topic', topics[i], true);
+      SELECT coalesce(pg_catalog.array_agg(u.ord::integer), '{}') INTO visible
+        FROM unnest(ids, id_topics) WITH ORDINALITY AS u(id, topic, ord)
+       WHERE u.topic = topics[i]
+         AND EXISTS (SELECT FROM realtime.messages m WHERE m.id = u.id);
+      RAISE SQLSTATE 'WCRB1';
+    EXCEPTION
+      WHEN SQLSTATE 'WCRB1' THEN NULL;
+      WHEN OTHERS THEN
+        visible := NULL;
+        GET STACKED DIAGNOSTICS error_code = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT;
+    END;
+    RETURN NEXT;
+  END LOOP;
+END
+$function$;
+
 DO $walcast$
 DECLARE
   role_name text := coalesce(nullif(current_setting('walcast.role', true), ''), 'walcast');
@@ -950,6 +1112,9 @@ BEGIN
   REVOKE ALL ON FUNCTION walcast.visible_rows_as(anyarray, anycompatiblearray, text[], text, integer[], boolean[], boolean[], oid, text, text[], text, text, text, text, walcast.rls_subject[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.policy_columns(text, text) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.channel_access(text[], text[], text[], boolean[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.channel_write(text[], text[], text[], text[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.readable_messages(uuid[], text[], text[], text[], text[]) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
     EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
@@ -963,6 +1128,9 @@ BEGIN
       'GRANT EXECUTE ON FUNCTION walcast.unchanged_rows(text, text, text[], text[], text[], text[]) TO %I',
       role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.policy_columns(text, text) TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.channel_access(text[], text[], text[], boolean[]) TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.channel_write(text[], text[], text[], text[]) TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.readable_messages(uuid[], text[], text[], text[], text[]) TO %I', role_name);
     RAISE NOTICE 'role % may call walcast.visible_rows', quote_ident(role_name);
   ELSE
     RAISE NOTICE 'role % does not exist; walcast.visible_rows is not granted to it (run sql/role.sql first)',

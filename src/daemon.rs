@@ -717,7 +717,7 @@ impl StreamLoop {
         }
         metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "public").increment(1);
         self.current.messages.push(Outgoing {
-            channel: Arc::from(self.names.room(&message.topic)),
+            channel: Arc::from(self.names.room(&bus::room_key(false, &message.topic))),
             payload: Bytes::from(messages::room_message(&message)),
         });
     }

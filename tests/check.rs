@@ -283,7 +283,7 @@ async fn check_passes_on_a_healthy_database_with_walcast_streaming() {
         "rls.sql",
         None,
         "ok",
-        "sql/rls.sql version 2 is installed and this role may call walcast.visible_rows",
+        "sql/rls.sql version 3 is installed and this role may call walcast.visible_rows",
         None,
     );
     let exists = finding(&json, "slot.exists", None);
@@ -1065,7 +1065,7 @@ fn example_configs_are_valid_settings() {
     assert_eq!(sidecar.log_format, LogFormat::Json);
 }
 
-const RLS_SQL_MISSING: &str = "row level security cannot be checked: walcast.visible_rows (sql/rls.sql version 2) is not installed; apply sql/rls.sql with walcast setup --admin-url ... (or let walcast run install it as a role that may create the schema walcast)";
+const RLS_SQL_MISSING: &str = "row level security cannot be checked: walcast.visible_rows (sql/rls.sql version 3) is not installed; apply sql/rls.sql with walcast setup --admin-url ... (or let walcast run install it as a role that may create the schema walcast)";
 
 /// Without `sql/rls.sql`, and run as a role that may not install it, the
 /// daemon refuses subscriptions to a table with row level security (saying
@@ -1182,7 +1182,7 @@ async fn the_daemon_installs_the_rls_sql_itself_where_its_role_may() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()))
         .get(0);
-    assert_eq!(version, 2);
+    assert_eq!(version, walcast::rls::install::SQL_VERSION);
     assert!(
         daemon.log().contains("installed sql/rls.sql"),
         "{}",

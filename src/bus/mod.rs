@@ -12,7 +12,7 @@ pub use control::{
     channel_field,
 };
 pub use event::{write_change_event, write_gateway_event};
-pub use names::Names;
+pub use names::{Names, room_key, room_topic};
 
 /// Version of the message format, the `v` field of every message.
 pub const VERSION: u32 = 1;

@@ -7,6 +7,20 @@ pub struct Names {
     prefix: String,
 }
 
+/// The key of the room of `topic` (without `realtime:`): `public:<topic>`
+/// or `private:<topic>`.
+pub fn room_key(private: bool, topic: &str) -> String {
+    let visibility = if private { "private" } else { "public" };
+    format!("{visibility}:{topic}")
+}
+
+/// The topic (without `realtime:`) of a room key.
+pub fn room_topic(key: &str) -> &str {
+    key.strip_prefix("public:")
+        .or_else(|| key.strip_prefix("private:"))
+        .unwrap_or(key)
+}
+
 impl Names {
     /// Names for `tenant` (validated by the config: `[A-Za-z0-9_.-]`).
     pub fn new(tenant: &str) -> Self {
@@ -46,18 +60,19 @@ impl Names {
         format!("{}gateway:{gateway}:lease", self.prefix)
     }
 
-    /// Channel: gateways ↔ gateways, the Broadcast and Presence messages
-    /// ([`super::room`]) of the public topic `realtime:<room>`. Private
-    /// topics, a different room of the same name, will be
-    /// `room:private:<room>`.
-    pub fn room(&self, room: &str) -> String {
-        format!("{}room:public:{room}", self.prefix)
+    /// Channel: gateways ↔ gateways (and the daemon, for Broadcast from
+    /// Database), the Broadcast and Presence messages ([`super::room`]) of
+    /// a room: `room:public:<topic>` or `room:private:<topic>` (the key
+    /// [`room_key`] makes); a public and a private channel of one topic
+    /// are different rooms.
+    pub fn room(&self, key: &str) -> String {
+        format!("{}room:{key}", self.prefix)
     }
 
-    /// Hash: the presences of a public room, `<gateway>|<ref>` →
+    /// Hash: the presences of a room (by its [`room_key`]), `<gateway>|<ref>` →
     /// [`super::room::Presence`] JSON. Each gateway writes its own sockets'.
-    pub fn presences(&self, room: &str) -> String {
-        format!("{}presence:public:{room}", self.prefix)
+    pub fn presences(&self, key: &str) -> String {
+        format!("{}presence:{key}", self.prefix)
     }
 
     /// Set: the ids of gateways that hold presences, so that whoever
@@ -87,8 +102,19 @@ mod tests {
         assert_eq!(n.gateways(), "walcast:t1:gateways");
         assert_eq!(n.subscriptions("g1"), "walcast:t1:gateway:g1:subscriptions");
         assert_eq!(n.lease("g1"), "walcast:t1:gateway:g1:lease");
-        assert_eq!(n.room("a:b"), "walcast:t1:room:public:a:b");
-        assert_eq!(n.presences("a:b"), "walcast:t1:presence:public:a:b");
+        assert_eq!(
+            n.room(&room_key(false, "a:b")),
+            "walcast:t1:room:public:a:b"
+        );
+        assert_eq!(
+            n.room(&room_key(true, "a:b")),
+            "walcast:t1:room:private:a:b"
+        );
+        assert_eq!(
+            n.presences(&room_key(false, "a:b")),
+            "walcast:t1:presence:public:a:b"
+        );
+        assert_eq!(room_topic("private:public:x"), "public:x");
         assert_eq!(n.presence_rooms("g1"), "walcast:t1:gateway:g1:presence");
         assert_eq!(n.presence_gateways(), "walcast:t1:presence:gateways");
     }

@@ -251,6 +251,8 @@ pub struct Channel {
     pub id: Arc<str>,
     /// `realtime:<name>`.
     pub topic: String,
+    /// `config.private`: authorized by RLS on `realtime.messages`.
+    pub private: bool,
     /// `config.broadcast`.
     pub broadcast: broadcast::Config,
     /// `config.presence`.
@@ -383,6 +385,7 @@ impl Channel {
         let channel = Channel {
             id: Arc::from(prefix),
             topic: topic.to_owned(),
+            private: false,
             broadcast: broadcast::Config::parse(config.and_then(|c| c.broadcast)),
             presence: presence::Config::parse(config.and_then(|c| c.presence)),
             presence_window: presence::Window::new(
@@ -408,6 +411,12 @@ impl Channel {
     /// The sub-topic: the topic without `realtime:`.
     pub fn name(&self) -> &str {
         self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
+    }
+
+    /// The key of its room: a private channel's room is not the public
+    /// one of the same name.
+    pub fn room(&self) -> String {
+        crate::bus::room_key(self.private, self.name())
     }
 
     /// The daemon confirmed `subscription_id`: the `system` payload when

@@ -229,7 +229,7 @@ pub async fn serve(
         session
             .ctx
             .bus
-            .leave_room(channel.name(), channel.id.clone());
+            .leave_room(&channel.room(), channel.id.clone());
     }
     session
         .ctx
@@ -381,7 +381,7 @@ impl Session {
         let Some(channel) = self.channels.get(topic) else {
             return;
         };
-        let (ack, room) = (channel.broadcast.ack, channel.name().to_owned());
+        let (ack, room) = (channel.broadcast.ack, channel.room());
         // Counted in and checked here as well as on delivery: a sender
         // nobody hears would otherwise never be stopped.
         self.ctx.events.add(1);
@@ -462,7 +462,7 @@ impl Session {
                 }
                 channel.tracked = Some(hash);
                 self.ctx.bus.track(
-                    channel.name(),
+                    &channel.room(),
                     channel.id.clone(),
                     channel.presence.key.clone(),
                     meta,
@@ -472,7 +472,7 @@ impl Session {
             }
             Request::Untrack => {
                 channel.tracked = None;
-                self.ctx.bus.untrack(channel.name(), channel.id.clone());
+                self.ctx.bus.untrack(&channel.room(), channel.id.clone());
                 self.ctx.metrics.presence("untrack");
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
             }
@@ -550,7 +550,7 @@ impl Session {
                 self.ctx.bus.register(&self.handle, &channel.registration);
                 self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
                 self.ctx.bus.join_room(
-                    channel.name(),
+                    &channel.room(),
                     Member::new(
                         self.handle.clone(),
                         channel.id.clone(),
@@ -612,7 +612,7 @@ impl Session {
         for registration in channel.registrations() {
             self.ctx.bus.unregister(registration);
         }
-        self.ctx.bus.leave_room(channel.name(), channel.id.clone());
+        self.ctx.bus.leave_room(&channel.room(), channel.id.clone());
         let join_ref = channel.join_ref.clone();
         self.push(&join_ref, &join_ref, &channel.topic, "phx_close", "{}");
     }

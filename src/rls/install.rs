@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 /// The version of `sql/rls.sql` this binary speaks (`walcast.sql_version()`).
-pub const SQL_VERSION: i32 = 2;
+pub const SQL_VERSION: i32 = 3;
 
 /// Serializes installs (an active and a standby daemon starting together).
 const INSTALL_LOCK: i64 = 0x7761_6c63_6173_7401;
@@ -152,7 +152,7 @@ mod tests {
             Installed::Other(1)
                 .problem()
                 .unwrap_or_default()
-                .contains("version 1 is installed, this walcast needs version 2")
+                .contains("version 1 is installed, this walcast needs version 3")
         );
     }
 }

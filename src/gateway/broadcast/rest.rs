@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use super::flexible_bool;
+use crate::bus;
 use crate::bus::room::{self, BroadcastHeader, Encoding};
 use crate::gateway::Context;
 
@@ -243,7 +244,7 @@ pub async fn post_single(
         return refused;
     }
     let message = room::write_broadcast(&BroadcastHeader::user(None, event, encoding), &body);
-    match send(&ctx, &topic, message) {
+    match send(&ctx, &bus::room_key(false, &topic), message) {
         Ok(()) => accepted(),
         Err(refused) => refused,
     }
@@ -344,7 +345,7 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
     let meta = id.map_or_else(String::new, |id| format!(r#","meta":{{"id":"{id}"}}"#));
     let body = format!(r#"{{"event":{event}{meta},"payload":{payload},"type":"broadcast"}}"#);
     Ok(Ready {
-        room: topic.to_owned(),
+        room: bus::room_key(false, topic),
         message: room::write_broadcast(&BroadcastHeader::phoenix(None), body.as_bytes()),
     })
 }

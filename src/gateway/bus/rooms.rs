@@ -24,11 +24,11 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 use super::{Delivery, Error, SocketHandle, deliver};
-use crate::bus::Names;
 use crate::bus::room::{
     self, BroadcastHeader, Encoding, Header, Presence, PresenceHeader, field_gateway,
     presence_field,
 };
+use crate::bus::{self, Names};
 use crate::gateway::broadcast::event::{Broadcast, User};
 use crate::gateway::presence::state::{Changed, State};
 use crate::gateway::presence::{Diff, References};
@@ -151,7 +151,7 @@ impl Rooms {
         self.rooms.insert(
             room.clone(),
             Room {
-                topic: Arc::from(format!("realtime:{room}")),
+                topic: Arc::from(format!("realtime:{}", bus::room_topic(&room))),
                 members: vec![member],
                 state: State::default(),
             },
