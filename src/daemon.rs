@@ -40,7 +40,7 @@ use crate::metrics;
 use crate::publish::{self, Acknowledged, Batch, Outgoing, Publisher, QueueSender};
 use crate::replication::{self, Connection, ReplicationStream, StreamEvent};
 use crate::subscription::{self, Candidates, Delivery, Denial, Shared};
-use crate::{bus, messages, pgoutput, pool, rls};
+use crate::{bus, channels, messages, pgoutput, pool, rls};
 
 /// Bytes of messages the replication task may queue ahead of the publisher
 /// (with what the publisher holds in a pipeline): while they wait, no more
@@ -135,6 +135,8 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
             settings.allowed_roles.clone(),
         ),
         shared.clone(),
+        pool.clone(),
+        settings.rls.timeout,
     );
     let control_cancel = cancel.child_token();
     let control = tokio::spawn(control.run(control_cancel.clone()));
@@ -334,6 +336,7 @@ async fn session(
         held: Vec::new(),
         held_with_candidates: 0,
         held_for_rls: 0,
+        held_private: 0,
         held_ack: None,
         release_at: None,
         rls: settings.rls,
@@ -400,8 +403,11 @@ struct StreamLoop {
     /// How many of `held` have candidates (visibility to decide).
     held_with_candidates: usize,
     /// How many of those need an RLS check (an INSERT or UPDATE of a table
-    /// with row level security): only they wait for `rls_batch_wait`.
+    /// with row level security, a message to a private topic with
+    /// readers): only they wait for `rls_batch_wait`.
     held_for_rls: usize,
+    /// How many of `held` are messages to private topics with readers.
+    held_private: usize,
     /// The end of the last commit whose changes are all in `held` (or
     /// already queued): acknowledged with them.
     held_ack: Option<Lsn>,
@@ -549,6 +555,20 @@ impl StreamLoop {
         if self.firehose.is_none() && candidates.is_empty() && !broadcast {
             return Ok(());
         }
+        // A message to a private topic with readers waits for the batch's
+        // one readability check, as RLS checks of changes do.
+        if broadcast
+            && let Ok(Some(message)) = messages::decode(&change)
+            && message.private
+            && !self
+                .shared
+                .read()
+                .private_members(&message.topic)
+                .is_empty()
+        {
+            self.held_for_rls += 1;
+            self.held_private += 1;
+        }
         if !candidates.is_empty() {
             self.held_with_candidates += 1;
             let checked = matches!(
@@ -571,6 +591,12 @@ impl StreamLoop {
         let (changes, candidates): (Vec<Change>, Vec<Candidates>) =
             std::mem::take(&mut self.held).into_iter().unzip();
         self.held_for_rls = 0;
+        let mut readers = if std::mem::take(&mut self.held_private) > 0 {
+            private_readers(&self.pool, &self.shared, self.rls.timeout, &changes).await
+        } else {
+            Vec::new()
+        }
+        .into_iter();
         if std::mem::take(&mut self.held_with_candidates) > 0 {
             let mut batch: Vec<(&Change, Candidates)> = changes.iter().zip(candidates).collect();
             // Who sees a change is decided on its text values, before values
@@ -580,11 +606,13 @@ impl StreamLoop {
                     .await?;
             drop(batch);
             for (change, (deliveries, denials)) in changes.into_iter().zip(decided) {
-                self.queue(change, &deliveries, &denials).await?;
+                let readers = readers.next().unwrap_or_default();
+                self.queue(change, &deliveries, &denials, &readers).await?;
             }
         } else {
             for change in changes {
-                self.queue(change, &[], &[]).await?;
+                let readers = readers.next().unwrap_or_default();
+                self.queue(change, &[], &[], &readers).await?;
             }
         }
         if let Some(ack) = self.held_ack.take() {
@@ -600,6 +628,7 @@ impl StreamLoop {
         mut change: Change,
         deliveries: &[Delivery],
         denials: &[Denial],
+        readers: &Readers,
     ) -> Result<(), Error> {
         for denial in denials {
             self.deny(&change, denial);
@@ -624,7 +653,7 @@ impl StreamLoop {
             self.deliver(&change, delivery);
         }
         if messages::is_messages_table(&change.relation) {
-            self.broadcast_from_database(&change);
+            self.broadcast_from_database(&change, readers);
         }
         if self.current.messages.len() > queued {
             self.current.count_change(change.commit_time);
@@ -695,9 +724,12 @@ impl StreamLoop {
         }
     }
 
-    /// Queues the broadcast a row inserted into `realtime.messages` carries,
-    /// on its topic's room.
-    fn broadcast_from_database(&mut self, change: &Change) {
+    /// Queues the broadcast a row inserted into `realtime.messages` carries.
+    ///
+    /// A public topic's goes to its room, for every socket joined to it. A
+    /// private topic's goes to the gateways of the private channels whose
+    /// role and claims may SELECT the row (`readers`), naming them.
+    fn broadcast_from_database(&mut self, change: &Change, readers: &Readers) {
         let message = match messages::decode(change) {
             Ok(Some(message)) => message,
             Ok(None) => return,
@@ -708,18 +740,23 @@ impl StreamLoop {
                 return;
             }
         };
-        if message.private {
-            // Private channels are refused until they can be authorized;
-            // nobody can be listening.
-            metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "private")
+        if !message.private {
+            metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "public")
                 .increment(1);
+            self.current.messages.push(Outgoing {
+                channel: Arc::from(self.names.room(&bus::room_key(false, &message.topic))),
+                payload: Bytes::from(messages::room_message(&message, Vec::new())),
+            });
             return;
         }
-        metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "public").increment(1);
-        self.current.messages.push(Outgoing {
-            channel: Arc::from(self.names.room(&bus::room_key(false, &message.topic))),
-            payload: Bytes::from(messages::room_message(&message)),
-        });
+        metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "private").increment(1);
+        for (gateway, ids) in readers {
+            let ids = ids.iter().map(|id| id.to_string()).collect();
+            self.current.messages.push(Outgoing {
+                channel: Arc::from(self.names.gateway(gateway)),
+                payload: Bytes::from(messages::room_message(&message, ids)),
+            });
+        }
     }
 
     /// Hands the current batch to the publisher, or parks it in `pending`
@@ -825,7 +862,135 @@ async fn describe(catalog: &mut Catalog, rel: &pgoutput::Relation) -> Result<Des
         types.push(catalog.type_info(column.type_id).await?);
     }
     let primary_key = catalog.primary_key(rel.id).await?;
-    Ok(Described { types, primary_key })
+    // A partition of realtime.messages (a publication without
+    // publish_via_partition_root names each) counts as the table.
+    let root = if rel.namespace == messages::SCHEMA && messages::is_messages_table_name(&rel.name) {
+        catalog
+            .messages_parent(rel.id)
+            .await?
+            .map(|oid| (oid, messages::TABLE.to_owned()))
+    } else {
+        None
+    };
+    Ok(Described {
+        types,
+        primary_key,
+        root,
+    })
+}
+
+/// The private channels that may read one message, by gateway: each
+/// gateway gets the message once, naming them.
+type Readers = Vec<(Arc<str>, Vec<Arc<str>>)>;
+
+/// One (role, claims, topic) asked about a batch's messages, and the
+/// private channels it stands for.
+struct Asked {
+    role: Arc<str>,
+    claims: Arc<str>,
+    topic: Arc<str>,
+    members: Vec<Arc<subscription::PrivateMember>>,
+}
+
+/// For each change (in order), the private channels that may read it when
+/// it is a message to a private topic: the members of its topic, asked
+/// together (one call for every (role, claims, topic) of the batch) which
+/// committed rows their policies show. A subject whose check fails, or a
+/// call that fails, reads nothing (counted as an RLS error).
+async fn private_readers(
+    pool: &deadpool_postgres::Pool,
+    shared: &Shared,
+    timeout: Duration,
+    changes: &[Change],
+) -> Vec<Readers> {
+    let mut out: Vec<Readers> = changes.iter().map(|_| Vec::new()).collect();
+    // The messages (change index, id, topic), and who is asked about them.
+    let mut rows: Vec<(usize, String, String)> = Vec::new();
+    let mut asked: Vec<Asked> = Vec::new();
+    {
+        let registry = shared.read();
+        for (at, change) in changes.iter().enumerate() {
+            if !messages::is_messages_table(&change.relation) {
+                continue;
+            }
+            let Ok(Some(message)) = messages::decode(change) else {
+                continue;
+            };
+            let members = registry.private_members(&message.topic);
+            if !message.private || members.is_empty() {
+                continue;
+            }
+            for member in members {
+                let same = |a: &&mut Asked| {
+                    a.role == member.role
+                        && a.claims == member.claims_text
+                        && a.topic == member.topic
+                };
+                match asked.iter_mut().find(same) {
+                    Some(a) => {
+                        if !a.members.iter().any(|m| Arc::ptr_eq(m, member)) {
+                            a.members.push(member.clone());
+                        }
+                    }
+                    None => asked.push(Asked {
+                        role: member.role.clone(),
+                        claims: member.claims_text.clone(),
+                        topic: member.topic.clone(),
+                        members: vec![member.clone()],
+                    }),
+                }
+            }
+            rows.push((at, message.id, message.topic));
+        }
+    }
+    if asked.is_empty() {
+        return out;
+    }
+    let ids: Vec<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
+    let topics: Vec<&str> = rows.iter().map(|(_, _, topic)| topic.as_str()).collect();
+    let subjects: Vec<channels::Subject<'_>> = asked
+        .iter()
+        .map(|a| channels::Subject {
+            role: &a.role,
+            claims: &a.claims,
+            topic: &a.topic,
+        })
+        .collect();
+    let started = Instant::now();
+    let outcomes = channels::readable(pool, timeout, &ids, &topics, &subjects).await;
+    metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::counter!(metrics::RLS_CHECKS).increment(1);
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            warn!(error = %e, messages = rows.len(), "could not decide who may read messages of private topics; they are not delivered");
+            metrics::counter!(metrics::RLS_ERRORS).increment(asked.len() as u64);
+            return out;
+        }
+    };
+    for (a, outcome) in asked.iter().zip(outcomes) {
+        let visible = match outcome {
+            channels::Outcome::Decided(visible) => visible,
+            channels::Outcome::Failed { code, message } => {
+                debug!(%code, %message, topic = %a.topic, "a private topic's readability check raised: not delivered");
+                metrics::counter!(metrics::RLS_ERRORS).increment(1);
+                continue;
+            }
+        };
+        for row in visible {
+            let Some((at, _, _)) = rows.get(row as usize) else {
+                continue;
+            };
+            for member in &a.members {
+                let readers = &mut out[*at];
+                match readers.iter_mut().find(|(g, _)| *g == member.gateway) {
+                    Some((_, ids)) => ids.push(member.id.clone()),
+                    None => readers.push((member.gateway.clone(), vec![member.id.clone()])),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// What the replication loop does next.

@@ -15,6 +15,7 @@
 //! | [`encode`] | column values and changes → JSON |
 //! | [`subscription`] | the registry of who listens, filters, and who may see each change |
 //! | [`rls`] | batched Row Level Security checks on the committed rows, and the SQL they call |
+//! | [`channels`] | private channels: RLS on `realtime.messages` for joins, writes and the messages of private topics, many subjects per call |
 //! | [`control`] | subscription requests from gateways, validated and answered over the bus |
 //! | [`messages`] | Broadcast from Database: `realtime.messages` rows → room broadcasts; its daily partitions |
 //! | [`pool`] | the pooled SQL connections (catalog, filters, RLS checks) |
@@ -32,6 +33,7 @@ pub mod admin;
 pub mod bus;
 pub mod catalog;
 pub mod change;
+pub mod channels;
 pub mod check;
 pub mod cli;
 pub mod config;

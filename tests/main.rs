@@ -15,6 +15,7 @@ mod gateway;
 mod gateway_limits;
 mod harness;
 mod hostile;
+mod private;
 mod rls;
 mod rls_image;
 mod rooms;

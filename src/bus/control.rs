@@ -62,6 +62,43 @@ pub struct ChannelRegistration {
     pub claims: std::sync::Arc<Map<String, Value>>,
     /// The subscriptions, without role and claims.
     pub subscriptions: Vec<Binding>,
+    /// Set for a private channel (`config.private: true`): the daemon
+    /// decides its access first and answers [`Reply::Access`]; only a
+    /// channel that may read is registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private: Option<PrivateChannel>,
+}
+
+/// What makes a channel join private.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivateChannel {
+    /// The topic without `realtime:` (`realtime.topic()` for the policies).
+    pub topic: String,
+    /// Presence enabled at join: presence read is asked too.
+    pub presence: bool,
+    /// The id Broadcast from Database events of the topic name (a
+    /// subscription to `realtime.messages` of this topic), unique within
+    /// the gateway; [`Reply::Access`] names it too.
+    pub id: String,
+}
+
+/// A first write to a private channel (a broadcast or a track), or a REST
+/// broadcast to a private topic: may its sender write? Not stored; the
+/// daemon answers [`Reply::Write`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteCheck {
+    /// Unique within the gateway while it waits; the reply names it.
+    pub id: String,
+    /// The topic without `realtime:`.
+    pub topic: String,
+    /// `broadcast` or `presence`.
+    pub extension: String,
+    /// The JWT's role.
+    pub role: String,
+    /// The JWT's verified claims.
+    pub claims: std::sync::Arc<Map<String, Value>>,
 }
 
 /// One subscription of a [`ChannelRegistration`]: a [`Subscription`]
@@ -96,6 +133,15 @@ pub fn channel_field(id: &str) -> String {
 pub const CHANNEL_FIELD_PREFIX: &str = "channel:";
 
 impl ChannelRegistration {
+    /// Every id the daemon may hold for it: its subscriptions' and, for a
+    /// private channel, its Broadcast from Database id.
+    pub fn ids(&self) -> impl Iterator<Item = &str> + '_ {
+        self.subscriptions
+            .iter()
+            .map(|b| b.id.as_str())
+            .chain(self.private.iter().map(|p| p.id.as_str()))
+    }
+
     /// Its subscriptions in full, each sharing the claims.
     pub fn expand(&self) -> impl Iterator<Item = Subscription> + '_ {
         self.subscriptions.iter().map(|b| Subscription {
@@ -145,6 +191,29 @@ pub enum ControlOp {
     },
     /// The gateway is shutting down: remove all its subscriptions.
     Leave,
+    /// May a private channel's sender write?
+    Authorize {
+        /// The question.
+        check: WriteCheck,
+    },
+}
+
+/// What the daemon says about a private channel's access (Supabase's
+/// texts where the probe failed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// The policies decided: may it read broadcasts, and presence (when
+    /// asked)?
+    Read {
+        /// `broadcast.read`.
+        broadcast: bool,
+        /// `presence.read`, when presence is enabled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        presence: Option<bool>,
+    },
+    /// The probe failed: the join's error reason.
+    Failed(String),
 }
 
 /// The daemon's answer about one subscription, on the gateway's channel.
@@ -180,6 +249,30 @@ pub enum Reply {
         v: u32,
         /// The subscriptions.
         ids: Vec<String>,
+    },
+    /// A private channel's read access (for its join, a refreshed token,
+    /// or a daemon that read the registry back).
+    Access {
+        /// Format version.
+        v: u32,
+        /// The channel's [`PrivateChannel::id`].
+        id: String,
+        /// What it may read, or why that is unknown.
+        access: Access,
+    },
+    /// A write check's answer: `allowed`, or `None` when it could not be
+    /// decided (`reason` says why).
+    Write {
+        /// Format version.
+        v: u32,
+        /// The [`WriteCheck::id`].
+        id: String,
+        /// Whether it may write.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allowed: Option<bool>,
+        /// Why it could not be decided.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Visibility of a change could not be decided for these subscriptions
     /// (their RLS policy raised or timed out); they do not receive it.

@@ -8,8 +8,8 @@ mod names;
 pub mod room;
 
 pub use control::{
-    Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Reply, Subscription,
-    channel_field,
+    Access, Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, PrivateChannel,
+    Reply, Subscription, WriteCheck, channel_field,
 };
 pub use event::{write_change_event, write_gateway_event};
 pub use names::{Names, room_key, room_topic};

@@ -74,6 +74,11 @@ pub struct BroadcastHeader {
     /// A user broadcast's metadata object (e.g. `{"id":…}`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<Box<RawValue>>,
+    /// On a gateway's channel (Broadcast from Database to a private
+    /// topic): the private channels of that gateway that may read it, by
+    /// their `PrivateChannel::id`. Empty on a room's channel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
 }
 
 impl BroadcastHeader {
@@ -86,6 +91,7 @@ impl BroadcastHeader {
             event: None,
             encoding: None,
             meta: None,
+            ids: Vec::new(),
         }
     }
 

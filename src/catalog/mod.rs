@@ -201,6 +201,23 @@ impl Catalog {
         Ok(Bytes::from(row.get::<_, String>(0)))
     }
 
+    /// The oid of `realtime.messages` when `relid` is one of its
+    /// partitions (their changes count as the table's: its policies decide
+    /// who sees them, a partition has none).
+    pub async fn messages_parent(&self, relid: Oid) -> Result<Option<Oid>, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT p.oid FROM pg_catalog.pg_inherits i \
+                 JOIN pg_catalog.pg_class p ON p.oid = i.inhparent \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace \
+                 WHERE i.inhrelid = $1 AND n.nspname = 'realtime' AND p.relname = 'messages'",
+                &[&relid],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// The names of the primary key columns of table `relid` (empty if it
     /// has none).
     pub async fn primary_key(&self, relid: Oid) -> Result<Vec<String>, Error> {

@@ -248,6 +248,7 @@ mod tests {
             Described {
                 types,
                 primary_key: vec!["id".into()],
+                root: None,
             },
         );
     }

@@ -46,6 +46,9 @@ pub struct Described {
     pub types: Vec<Arc<TypeInfo>>,
     /// The names of the primary key columns.
     pub primary_key: Vec<String>,
+    /// The partitioned table whose changes this partition's count as
+    /// (its oid and name, same schema), if any.
+    pub root: Option<(Oid, String)>,
 }
 
 /// Relations by oid.
@@ -69,10 +72,11 @@ impl RelationCache {
                 ty,
             })
             .collect();
+        let (id, table) = described.root.unwrap_or((rel.id, rel.name));
         let relation = Relation {
-            id: rel.id,
+            id,
             schema: rel.namespace,
-            table: rel.name,
+            table,
             replica_identity: rel.replica_identity,
             has_primary_key: !described.primary_key.is_empty(),
             columns,

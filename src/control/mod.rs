@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +29,11 @@ use tracing::{debug, info, warn};
 pub use validate::{Validator, Verdict};
 
 use crate::bus::{
-    self, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names, Reply, Subscription,
+    self, Access, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names, Reply,
+    Subscription, WriteCheck,
 };
-use crate::metrics;
-use crate::subscription::Shared;
+use crate::subscription::{PrivateMember, Shared};
+use crate::{channels, metrics};
 
 /// How often the leases of known gateways are checked (the first check
 /// after a (re)connection also compares their hashes with the daemon's
@@ -59,6 +60,60 @@ pub enum Error {
     Disconnected,
 }
 
+/// Control messages handled together at most (the rest wait their turn).
+const MAX_BATCH: usize = 256;
+/// A probe that could not run: Supabase's reason.
+const UNREACHABLE: &str = "Realtime was unable to connect to the project database";
+
+/// A control message, or `None` (logged) when it is malformed or of
+/// another bus version.
+fn parse(payload: &[u8]) -> Option<Control> {
+    match serde_json::from_slice::<Control>(payload) {
+        Ok(control) if control.v == bus::VERSION => Some(control),
+        Ok(control) => {
+            warn!(v = control.v, gateway = %control.gateway, "ignoring a control message of another bus version");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "ignoring a malformed control message");
+            None
+        }
+    }
+}
+
+fn unreachable_database() -> Access {
+    Access::Failed(UNREACHABLE.to_owned())
+}
+
+/// A read probe's outcome as the gateway is told it. A raising policy
+/// reads as "may not" (Supabase logs it and answers Unauthorized).
+fn read_outcome(outcome: channels::Outcome<channels::Read>, presence: bool) -> Access {
+    match outcome {
+        channels::Outcome::Decided(read) => Access::Read {
+            broadcast: read.broadcast,
+            presence: read.presence,
+        },
+        channels::Outcome::Failed { code, message } if code != "23514" => {
+            debug!(%code, %message, "a read probe raised: unauthorized");
+            Access::Read {
+                broadcast: false,
+                presence: presence.then_some(false),
+            }
+        }
+        channels::Outcome::Failed { code, .. } => Access::Failed(probe_failure(&code)),
+    }
+}
+
+/// Supabase's reason for a probe that raised `code`.
+fn probe_failure(code: &str) -> String {
+    match code {
+        "23514" => {
+            "MissingPartition: Realtime was unable to find the expected messages partition".into()
+        }
+        _ => UNREACHABLE.to_owned(),
+    }
+}
+
 /// One field of a gateway's registry hash.
 enum Registered {
     /// `<id>` → one subscription.
@@ -83,16 +138,29 @@ pub struct ControlTask {
     names: Names,
     validator: tokio::sync::Mutex<Validator>,
     shared: Arc<Shared>,
+    /// Private channels' probes: the pool and their statement timeout.
+    pool: deadpool_postgres::Pool,
+    probe_timeout: Duration,
 }
 
 impl ControlTask {
-    /// A control task for `names`' tenant.
-    pub fn new(redis_url: String, names: Names, validator: Validator, shared: Arc<Shared>) -> Self {
+    /// A control task for `names`' tenant; private channels' probes run on
+    /// `pool` under `probe_timeout`.
+    pub fn new(
+        redis_url: String,
+        names: Names,
+        validator: Validator,
+        shared: Arc<Shared>,
+        pool: deadpool_postgres::Pool,
+        probe_timeout: Duration,
+    ) -> Self {
         ControlTask {
             redis_url,
             names,
             validator: tokio::sync::Mutex::new(validator),
             shared,
+            pool,
+            probe_timeout,
         }
     }
 
@@ -148,8 +216,16 @@ impl ControlTask {
             tokio::select! {
                 message = messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
-                    let payload: Vec<u8> = message.get_payload_bytes().to_vec();
-                    self.handle(&mut conn, &payload).await?;
+                    // What else has arrived is handled with it, so that the
+                    // private joins and writes among them are probed in one
+                    // call (batched per subject).
+                    let mut batch = vec![parse(message.get_payload_bytes())];
+                    while batch.len() < MAX_BATCH
+                        && let Some(Some(message)) = messages.next().now_or_never()
+                    {
+                        batch.push(parse(message.get_payload_bytes()));
+                    }
+                    self.handle_batch(&mut conn, batch).await?;
                 }
                 _ = leases.tick() => {
                     self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
@@ -162,6 +238,8 @@ impl ControlTask {
     async fn recover(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
         let gateways: Vec<String> = conn.smembers(self.names.gateways()).await?;
         let mut recovered = 0usize;
+        // Private channels are asked again, all in one call at the end.
+        let mut private: Vec<(String, ChannelRegistration)> = Vec::new();
         for gateway in gateways {
             if !self.lease_alive(conn, &gateway).await? {
                 self.drop_gateway(conn, &gateway).await?;
@@ -174,6 +252,9 @@ impl ControlTask {
                     Ok(Registered::One(subscription)) => {
                         self.subscribe(conn, &gateway, &subscription).await?;
                         recovered += 1;
+                    }
+                    Ok(Registered::Channel(channel)) if channel.private.is_some() => {
+                        private.push((gateway.clone(), channel));
                     }
                     Ok(Registered::Channel(channel)) => {
                         for subscription in channel.expand() {
@@ -203,24 +284,219 @@ impl ControlTask {
                 }
             }
         }
-        info!(subscriptions = recovered, "registry read back from redis");
+        let joins: Vec<(&str, &ChannelRegistration)> =
+            private.iter().map(|(g, c)| (g.as_str(), c)).collect();
+        let access = self.read_access(&joins).await;
+        for ((gateway, channel), access) in joins.into_iter().zip(access) {
+            recovered += channel.subscriptions.len();
+            self.join_private(conn, gateway, channel, access).await?;
+        }
+        info!(
+            subscriptions = recovered,
+            private = private.len(),
+            "registry read back from redis"
+        );
         Ok(())
     }
 
-    async fn handle(&self, conn: &mut MultiplexedConnection, payload: &[u8]) -> Result<(), Error> {
-        let control: Control = match serde_json::from_slice(payload) {
-            Ok(control) => control,
-            Err(e) => {
-                warn!(error = %e, "ignoring a malformed control message");
-                return Ok(());
+    /// Handles control messages in order; the private channels' read
+    /// probes and the write checks among them are asked in one call each.
+    async fn handle_batch(
+        &self,
+        conn: &mut MultiplexedConnection,
+        batch: Vec<Option<Control>>,
+    ) -> Result<(), Error> {
+        let batch: Vec<Control> = batch.into_iter().flatten().collect();
+        let joins: Vec<(&str, &ChannelRegistration)> = batch
+            .iter()
+            .filter_map(|c| match &c.op {
+                ControlOp::SubscribeChannel { channel } if channel.private.is_some() => {
+                    Some((c.gateway.as_str(), channel))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut access = self.read_access(&joins).await.into_iter();
+        let checks: Vec<&WriteCheck> = batch
+            .iter()
+            .filter_map(|c| match &c.op {
+                ControlOp::Authorize { check } => Some(check),
+                _ => None,
+            })
+            .collect();
+        let mut writes = self.write_access(&checks).await.into_iter();
+        for control in batch {
+            let gateway = control.gateway;
+            match control.op {
+                ControlOp::SubscribeChannel { channel } if channel.private.is_some() => {
+                    let access = access.next().unwrap_or_else(unreachable_database);
+                    self.join_private(conn, &gateway, &channel, access).await?;
+                }
+                ControlOp::Authorize { check } => {
+                    let (allowed, reason) = writes.next().unwrap_or((None, None));
+                    let reply = Reply::Write {
+                        v: bus::VERSION,
+                        id: check.id,
+                        allowed,
+                        reason,
+                    };
+                    self.reply(conn, &gateway, &reply).await?;
+                }
+                op => self.handle(conn, gateway, op).await?,
             }
+        }
+        Ok(())
+    }
+
+    /// Registers a private channel that may read (its topic's messages
+    /// reach it when it may read broadcasts; its bindings are validated as
+    /// any), and tells its gateway what it may read.
+    async fn join_private(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        channel: &ChannelRegistration,
+        access: Access,
+    ) -> Result<(), Error> {
+        let Some(private) = &channel.private else {
+            return Ok(());
         };
-        if control.v != bus::VERSION {
-            warn!(v = control.v, gateway = %control.gateway, "ignoring a control message of another bus version");
+        if let Access::Read {
+            broadcast,
+            presence,
+        } = &access
+            && (*broadcast || *presence == Some(true))
+        {
+            if *broadcast {
+                self.shared.add_private(Arc::new(PrivateMember {
+                    gateway: Arc::from(gateway),
+                    id: Arc::from(private.id.as_str()),
+                    role: Arc::from(channel.role.as_str()),
+                    claims_text: Arc::from(
+                        serde_json::to_string(&*channel.claims).unwrap_or_default(),
+                    ),
+                    topic: Arc::from(private.topic.as_str()),
+                }));
+                self.count_subscriptions();
+            }
+            self.reply(
+                conn,
+                gateway,
+                &Reply::Access {
+                    v: bus::VERSION,
+                    id: private.id.clone(),
+                    access,
+                },
+            )
+            .await?;
+            for subscription in channel.expand() {
+                self.subscribe(conn, gateway, &subscription).await?;
+            }
             return Ok(());
         }
-        let gateway = control.gateway;
-        match control.op {
+        // Denied: nothing of it is held (a refreshed token that lost the
+        // topic drops what the earlier one had).
+        let mut removed = Vec::new();
+        for id in channel.ids() {
+            if self.shared.remove(gateway, id) {
+                removed.push(id.to_owned());
+            }
+        }
+        self.count_subscriptions();
+        debug!(%gateway, topic = %private.topic, ?access, "private channel refused");
+        self.reply(
+            conn,
+            gateway,
+            &Reply::Access {
+                v: bus::VERSION,
+                id: private.id.clone(),
+                access,
+            },
+        )
+        .await
+    }
+
+    /// The read access of each private join, in one call.
+    async fn read_access(&self, joins: &[(&str, &ChannelRegistration)]) -> Vec<Access> {
+        if joins.is_empty() {
+            return Vec::new();
+        }
+        let claims: Vec<String> = joins
+            .iter()
+            .map(|(_, c)| serde_json::to_string(&*c.claims).unwrap_or_default())
+            .collect();
+        let mut subjects = Vec::with_capacity(joins.len());
+        let mut presence = Vec::with_capacity(joins.len());
+        for ((_, channel), claims) in joins.iter().zip(&claims) {
+            let private = channel.private.as_ref();
+            subjects.push(channels::Subject {
+                role: &channel.role,
+                claims,
+                topic: private.map_or("", |p| p.topic.as_str()),
+            });
+            presence.push(private.is_some_and(|p| p.presence));
+        }
+        match channels::access(&self.pool, self.probe_timeout, &subjects, &presence).await {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .zip(&presence)
+                .map(|(outcome, &presence)| read_outcome(outcome, presence))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, joins = joins.len(), "could not authorize private channels");
+                joins.iter().map(|_| unreachable_database()).collect()
+            }
+        }
+    }
+
+    /// The answer to each write check, in one call: allowed, or why it is
+    /// unknown.
+    async fn write_access(&self, checks: &[&WriteCheck]) -> Vec<(Option<bool>, Option<String>)> {
+        if checks.is_empty() {
+            return Vec::new();
+        }
+        let claims: Vec<String> = checks
+            .iter()
+            .map(|c| serde_json::to_string(&*c.claims).unwrap_or_default())
+            .collect();
+        let subjects: Vec<channels::Subject<'_>> = checks
+            .iter()
+            .zip(&claims)
+            .map(|(c, claims)| channels::Subject {
+                role: &c.role,
+                claims,
+                topic: &c.topic,
+            })
+            .collect();
+        let extensions: Vec<&str> = checks.iter().map(|c| c.extension.as_str()).collect();
+        match channels::write(&self.pool, self.probe_timeout, &subjects, &extensions).await {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    channels::Outcome::Decided(allowed) => (Some(allowed), None),
+                    channels::Outcome::Failed { code, message } => {
+                        debug!(%code, %message, "a write probe raised");
+                        (None, Some(probe_failure(&code)))
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, checks = checks.len(), "could not check private writes");
+                checks
+                    .iter()
+                    .map(|_| (None, Some(UNREACHABLE.to_owned())))
+                    .collect()
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: String,
+        op: ControlOp,
+    ) -> Result<(), Error> {
+        match op {
             ControlOp::Subscribe { subscription } => {
                 self.subscribe(conn, &gateway, &subscription).await
             }
@@ -230,6 +506,8 @@ impl ControlTask {
                 }
                 Ok(())
             }
+            // Batched by `handle_batch`.
+            ControlOp::Authorize { .. } => Ok(()),
             ControlOp::Unsubscribe { id } => {
                 let removed = self.shared.remove(&gateway, &id);
                 self.count_subscriptions();
@@ -339,7 +617,7 @@ impl ControlTask {
         for (field, json) in stored {
             match Registered::parse(&field, &json) {
                 Ok(Registered::Channel(channel)) => {
-                    registered.extend(channel.subscriptions.into_iter().map(|b| b.id));
+                    registered.extend(channel.ids().map(str::to_owned));
                 }
                 Ok(Registered::One(_)) | Err(_) => {
                     registered.insert(field);

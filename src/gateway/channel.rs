@@ -28,6 +28,7 @@ use super::limits::Limits;
 use super::quiet::clip;
 use super::{broadcast, presence};
 use crate::bus::{self, ChannelRegistration};
+use crate::gateway::private::{Read, Writes};
 
 /// The payload of `phx_join`; other keys are ignored.
 #[derive(Debug, Deserialize)]
@@ -127,12 +128,6 @@ pub enum JoinError {
     /// disconnected after the reply, as Supabase does.
     #[error("ClientJoinRateLimitReached: Too many joins per second")]
     TooManyJoins,
-    /// `config.private: true`: authorization on `realtime.messages` is
-    /// not there yet, and such a channel is never treated as public.
-    #[error(
-        "PrivateChannelsUnsupported: This walcast does not authorize private channels (config.private) yet; join without private: true"
-    )]
-    Private,
 }
 
 impl JoinError {
@@ -153,7 +148,6 @@ impl JoinError {
             JoinError::Auth(e) => e.code(),
             JoinError::TooManyChannels => "ChannelRateLimitReached",
             JoinError::TooManyJoins => "ClientJoinRateLimitReached",
-            JoinError::Private => "PrivateChannelsUnsupported",
         }
     }
 }
@@ -253,6 +247,13 @@ pub struct Channel {
     pub topic: String,
     /// `config.private`: authorized by RLS on `realtime.messages`.
     pub private: bool,
+    /// What a private channel may read (known once the daemon answered).
+    pub read: Option<Read>,
+    /// What a private channel may write, and the writes waiting for it.
+    pub writes: Writes,
+    /// Registrations a refresh replaced that hold no bindings to retire
+    /// (a private channel's): to unregister at once.
+    pub superseded: Vec<Arc<ChannelRegistration>>,
     /// `config.broadcast`.
     pub broadcast: broadcast::Config,
     /// `config.presence`.
@@ -333,13 +334,11 @@ impl Channel {
             ));
         };
         let config = parsed.config.as_ref();
-        if config
+        // Supabase's `private?`: true, "true", and their like.
+        let private = config
             .and_then(|c| c.private.as_ref())
             .and_then(broadcast::flexible_bool)
-            .unwrap_or(false)
-        {
-            return Err(JoinError::Private);
-        }
+            .unwrap_or(false);
         let raw = config
             .and_then(|c| c.postgres_changes.as_deref())
             .unwrap_or_default();
@@ -376,18 +375,28 @@ impl Channel {
             subscriptions.push(subscription);
         }
         reply.push_str("]}}");
+        let presence = presence::Config::parse(config.and_then(|c| c.presence));
+        let name = topic.strip_prefix("realtime:").unwrap_or(topic);
         let registration = Arc::new(ChannelRegistration {
             id: prefix.to_owned(),
             role: verified.role.clone(),
             claims: verified.claims.clone(),
             subscriptions,
+            private: private.then(|| bus::PrivateChannel {
+                topic: name.to_owned(),
+                presence: presence.enabled,
+                id: format!("{prefix}:p"),
+            }),
         });
         let channel = Channel {
             id: Arc::from(prefix),
             topic: topic.to_owned(),
-            private: false,
+            private,
+            read: None,
+            writes: Writes::default(),
+            superseded: Vec::new(),
             broadcast: broadcast::Config::parse(config.and_then(|c| c.broadcast)),
-            presence: presence::Config::parse(config.and_then(|c| c.presence)),
+            presence,
             presence_window: presence::Window::new(
                 limits.max_client_presence_events_per_window,
                 limits.client_presence_window,
@@ -463,6 +472,9 @@ impl Channel {
         let retired = std::mem::replace(&mut self.registration, pending.registration);
         if !old.is_empty() {
             self.retiring.push((retired, old, Instant::now()));
+        } else if retired.private.is_some() {
+            // Its topic's messages would come twice meanwhile.
+            self.superseded.push(retired);
         }
         self.token = pending.token;
         self.exp = pending.exp;
@@ -678,6 +690,14 @@ impl Channel {
                     ..b.clone()
                 })
                 .collect(),
+            private: self
+                .registration
+                .private
+                .as_ref()
+                .map(|p| bus::PrivateChannel {
+                    id: renamed(&p.id),
+                    ..p.clone()
+                }),
         });
         let bindings: Vec<Binding> = self
             .bindings

@@ -36,6 +36,7 @@ pub mod frame;
 pub mod limits;
 pub mod metrics;
 pub mod presence;
+pub mod private;
 pub mod quiet;
 pub mod render;
 pub mod socket;

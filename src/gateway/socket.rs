@@ -26,10 +26,14 @@ use super::bus::{Delivery, INTERRUPTED_MESSAGE, SocketHandle};
 use super::channel::{self, Channel, JoinError, Refresh, Rejection};
 use super::frame::{self, Inbound, Outbound, Vsn};
 use super::presence::{self, Request};
+use super::private::{self, Admit, PendingJoin, Read, Waiting};
 use super::quiet::clip;
+use crate::bus;
 
 /// A reply without content.
 const OK_REPLY: &str = r#"{"status":"ok","response":{}}"#;
+/// Supabase's reply to a presence call it refuses without a reason.
+const ERROR_REPLY: &str = r#"{"status":"error","response":{}}"#;
 /// The `system` message of a channel closed for the broadcast rate.
 const TOO_MANY_MESSAGES: &str = "Too many messages per second";
 /// The `system` message of a channel closed for the presence rate.
@@ -94,7 +98,11 @@ struct Session {
     token: String,
     handle: SocketHandle,
     channels: HashMap<String, Channel>,
+    /// Private joins waiting for the daemon, by topic.
+    pending_joins: HashMap<String, PendingJoin>,
     joins: u64,
+    /// Write checks asked so far (their ids' suffix).
+    checks: u64,
     out: VecDeque<Message>,
     /// Set when the session is to end once `out` is written.
     closing: Option<(u16, &'static str)>,
@@ -118,7 +126,9 @@ pub async fn serve(
         token,
         handle: SocketHandle::new(id, tx, kick.clone()),
         channels: HashMap::new(),
+        pending_joins: HashMap::new(),
         joins: 0,
+        checks: 0,
         out: VecDeque::new(),
         closing: None,
     };
@@ -219,9 +229,13 @@ pub async fn serve(
                 }
                 session.check_tokens();
                 session.retire_due();
+                session.expire_private();
             }
         }
     };
+    for pending in session.pending_joins.values() {
+        session.ctx.bus.unregister(&pending.channel.registration);
+    }
     for channel in session.channels.values() {
         for registration in channel.registrations() {
             session.ctx.bus.unregister(registration);
@@ -378,6 +392,40 @@ impl Session {
         reference: &Value,
         message: Result<Vec<u8>, Refused>,
     ) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if !channel.private {
+            self.publish_broadcast(topic, join_ref, reference, message);
+            return;
+        }
+        // A private channel's sender must be allowed to write; without,
+        // its broadcasts are dropped silently, ack or not, as Supabase.
+        let waiting = Waiting::Broadcast {
+            join_ref: join_ref.clone(),
+            reference: reference.clone(),
+            message,
+        };
+        match channel.writes.broadcast.admit(waiting) {
+            Admit::Go(Waiting::Broadcast {
+                join_ref,
+                reference,
+                message,
+            }) => self.publish_broadcast(topic, &join_ref, &reference, message),
+            Admit::Go(_) | Admit::Wait => {}
+            Admit::Refuse(_) => self.ctx.metrics.broadcast("unauthorized"),
+            Admit::Ask => self.ask_write(topic, "broadcast"),
+        }
+    }
+
+    /// Sends a broadcast its channel may send (see [`Self::send_broadcast`]).
+    fn publish_broadcast(
+        &mut self,
+        topic: &str,
+        join_ref: &Value,
+        reference: &Value,
+        message: Result<Vec<u8>, Refused>,
+    ) {
         let Some(channel) = self.channels.get(topic) else {
             return;
         };
@@ -428,6 +476,36 @@ impl Session {
     /// rate or the meta size is closed.
     fn on_presence(&mut self, f: Inbound) {
         let max_bytes = self.ctx.limits.max_payload_bytes();
+        let Some(channel) = self.channels.get_mut(&f.topic) else {
+            return;
+        };
+        // A private channel's track needs write permission (untrack does
+        // not, as on Supabase).
+        let f = if channel.private && matches!(presence::request(&f.payload), Request::Track(_)) {
+            let topic = f.topic.clone();
+            match channel.writes.presence.admit(Waiting::Presence(f)) {
+                Admit::Go(Waiting::Presence(f)) => f,
+                Admit::Go(_) | Admit::Wait => return,
+                Admit::Refuse(Waiting::Presence(f)) => {
+                    self.ctx.metrics.presence("unauthorized");
+                    self.push(
+                        &f.join_ref,
+                        &f.reference,
+                        &f.topic,
+                        "phx_reply",
+                        ERROR_REPLY,
+                    );
+                    return;
+                }
+                Admit::Refuse(_) => return,
+                Admit::Ask => {
+                    self.ask_write(&topic, "presence");
+                    return;
+                }
+            }
+        } else {
+            f
+        };
         let Some(channel) = self.channels.get_mut(&f.topic) else {
             return;
         };
@@ -487,7 +565,7 @@ impl Session {
                 &f.reference,
                 &f.topic,
                 "phx_reply",
-                r#"{"status":"error","response":{}}"#,
+                ERROR_REPLY,
             ),
         }
     }
@@ -499,6 +577,12 @@ impl Session {
                 self.push(&Value::Null, &f.reference, "phoenix", "phx_reply", ok);
             }
             (_, "phx_join") => self.join(f),
+            (topic, "phx_leave") if self.pending_joins.contains_key(topic) => {
+                if let Some(pending) = self.pending_joins.remove(topic) {
+                    self.ctx.bus.unregister(&pending.channel.registration);
+                }
+                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", OK_REPLY);
+            }
             (topic, _) if !self.channels.contains_key(topic) => {
                 self.reply_error(&f.join_ref, &f.reference, &f.topic, "unmatched topic");
             }
@@ -520,7 +604,8 @@ impl Session {
         if !self.ctx.joins.try_join(Instant::now()) {
             return Err(JoinError::TooManyJoins);
         }
-        if self.channels.len() >= self.ctx.limits.max_channels_per_client {
+        if self.channels.len() + self.pending_joins.len() >= self.ctx.limits.max_channels_per_client
+        {
             return Err(JoinError::TooManyChannels);
         }
         Ok(())
@@ -531,6 +616,9 @@ impl Session {
         // closes the old one first), so it does not count twice.
         if let Some(old) = self.channels.remove(&f.topic) {
             self.close_channel(old);
+        }
+        if let Some(old) = self.pending_joins.remove(&f.topic) {
+            self.ctx.bus.unregister(&old.channel.registration);
         }
         self.joins += 1;
         let prefix = format!("{}:{}", self.handle.id, self.joins);
@@ -546,27 +634,20 @@ impl Session {
             )
         });
         match joined {
+            Ok((channel, reply)) if channel.private => {
+                // Answered once the daemon says what it may read.
+                self.ctx.bus.register(&self.handle, &channel.registration);
+                let pending = PendingJoin {
+                    channel,
+                    reply,
+                    reference: f.reference.clone(),
+                    since: Instant::now(),
+                };
+                self.pending_joins.insert(f.topic.clone(), pending);
+            }
             Ok((channel, reply)) => {
                 self.ctx.bus.register(&self.handle, &channel.registration);
-                self.push(&f.join_ref, &f.reference, &f.topic, "phx_reply", &reply);
-                self.ctx.bus.join_room(
-                    &channel.room(),
-                    Member::new(
-                        self.handle.clone(),
-                        channel.id.clone(),
-                        channel.presence.enabled,
-                    ),
-                );
-                debug!(socket = self.handle.id, topic = %clip(&f.topic), bindings = channel.bindings.len(), "joined");
-                self.ctx.metrics.channels.increment(1.0);
-                let presence = channel.presence.enabled;
-                self.channels.insert(f.topic.clone(), channel);
-                // Supabase's sync after the join checks the presence rate
-                // too: past it, the new channel is closed.
-                if presence && self.ctx.presence_events.triggered(Instant::now()) {
-                    self.ctx.metrics.presence("rate_limited");
-                    self.fail_channel(&f.topic, TOO_MANY_PRESENCE);
-                }
+                self.open(channel, &f.reference, &reply);
             }
             Err(e) => {
                 self.ctx.metrics.join_refused(e.code());
@@ -594,6 +675,212 @@ impl Session {
                     self.closing = Some((CLOSE_NORMAL, ""));
                 }
             }
+        }
+    }
+
+    /// Replies ok to `channel`'s join and puts it in its room.
+    fn open(&mut self, channel: Channel, reference: &Value, reply: &str) {
+        let topic = channel.topic.clone();
+        self.push(&channel.join_ref, reference, &topic, "phx_reply", reply);
+        self.ctx.bus.join_room(
+            &channel.room(),
+            Member::new(
+                self.handle.clone(),
+                channel.id.clone(),
+                channel.presence.enabled,
+            ),
+        );
+        debug!(socket = self.handle.id, topic = %clip(&topic), bindings = channel.bindings.len(), private = channel.private, "joined");
+        self.ctx.metrics.channels.increment(1.0);
+        let presence = channel.presence.enabled;
+        self.channels.insert(topic.clone(), channel);
+        // Supabase's sync after the join checks the presence rate
+        // too: past it, the new channel is closed.
+        if presence && self.ctx.presence_events.triggered(Instant::now()) {
+            self.ctx.metrics.presence("rate_limited");
+            self.fail_channel(&topic, TOO_MANY_PRESENCE);
+        }
+    }
+
+    /// The daemon's answer about what private channel `id` may read: for
+    /// a waiting join, its reply; for a joined channel (a new token, a
+    /// daemon that restarted), whether it stays.
+    fn on_access(&mut self, id: &str, access: &bus::Access) {
+        let waiting = self
+            .pending_joins
+            .iter()
+            .find(|(_, p)| {
+                p.channel
+                    .registration
+                    .private
+                    .as_ref()
+                    .is_some_and(|p| p.id == id)
+            })
+            .map(|(topic, _)| topic.clone());
+        if let Some(topic) = waiting
+            && let Some(mut pending) = self.pending_joins.remove(&topic)
+        {
+            let refused = match access {
+                bus::Access::Read {
+                    broadcast,
+                    presence,
+                } => {
+                    let read = Read {
+                        broadcast: *broadcast,
+                        presence: *presence,
+                    };
+                    if read.any() {
+                        pending.channel.read = Some(read);
+                        self.open(pending.channel, &pending.reference, &pending.reply);
+                        return;
+                    }
+                    private::unauthorized(pending.channel.name())
+                }
+                bus::Access::Failed(reason) => reason.clone(),
+            };
+            self.ctx.metrics.join_refused("Unauthorized");
+            debug!(socket = self.handle.id, topic = %clip(&topic), reason = %refused, "private join refused");
+            self.ctx.bus.unregister(&pending.channel.registration);
+            let join_ref = pending.channel.join_ref.clone();
+            self.reply_error(&join_ref, &pending.reference, &topic, &refused);
+            return;
+        }
+        let Some(channel) = self.channels.values_mut().find(|c| c.private && c.owns(id)) else {
+            return;
+        };
+        let topic = channel.topic.clone();
+        let failed = match access {
+            bus::Access::Read {
+                broadcast,
+                presence,
+            } => {
+                let read = Read {
+                    broadcast: *broadcast,
+                    presence: *presence,
+                };
+                let before = channel.read.replace(read);
+                if before.is_some_and(|before| read.lost(&before)) {
+                    Some(private::no_longer(channel.name()))
+                } else if !read.any() {
+                    Some(private::no_permission(channel.name()))
+                } else {
+                    None
+                }
+            }
+            bus::Access::Failed(reason) => Some(reason.clone()),
+        };
+        if let Some(message) = failed {
+            self.fail_channel(&topic, &message);
+        }
+    }
+
+    /// Asks the daemon whether private channel `topic` may write
+    /// `extension`.
+    fn ask_write(&mut self, topic: &str, extension: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        self.checks += 1;
+        let id = format!("{}:w{}", channel.id, self.checks);
+        let check = bus::WriteCheck {
+            id: id.clone(),
+            topic: channel.name().to_owned(),
+            extension: extension.to_owned(),
+            role: channel.registration.role.clone(),
+            claims: channel.registration.claims.clone(),
+        };
+        self.ctx
+            .bus
+            .authorize(&self.handle, &channel.registration, check);
+        let write = match extension {
+            "presence" => &mut channel.writes.presence,
+            _ => &mut channel.writes.broadcast,
+        };
+        write.asked(id, Instant::now());
+    }
+
+    /// A write check's answer: the writes that waited go, or are refused
+    /// (a broadcast silently, a track with an error reply, as Supabase).
+    fn on_write(&mut self, id: &str, allowed: Option<bool>, reason: Option<&str>) {
+        if let Some(reason) = reason {
+            debug!(socket = self.handle.id, check = %clip(id), %reason, "a write check was not decided");
+        }
+        let Some(channel) = self
+            .channels
+            .values_mut()
+            .find(|c| c.writes.broadcast.waits_for(id) || c.writes.presence.waits_for(id))
+        else {
+            return;
+        };
+        let topic = channel.topic.clone();
+        let write = if channel.writes.broadcast.waits_for(id) {
+            &mut channel.writes.broadcast
+        } else {
+            &mut channel.writes.presence
+        };
+        let (go, waiting) = write.answer(allowed);
+        self.release_writes(&topic, go, waiting);
+    }
+
+    /// Sends (`go`) or refuses writes that waited for their permission.
+    fn release_writes(&mut self, topic: &str, go: bool, waiting: Vec<Waiting>) {
+        for write in waiting {
+            match write {
+                Waiting::Broadcast {
+                    join_ref,
+                    reference,
+                    message,
+                } if go => self.publish_broadcast(topic, &join_ref, &reference, message),
+                Waiting::Broadcast { .. } => {
+                    self.ctx.metrics.broadcast("unauthorized");
+                }
+                Waiting::Presence(f) if go => self.on_presence(f),
+                Waiting::Presence(f) => {
+                    self.ctx.metrics.presence("unauthorized");
+                    self.push(
+                        &f.join_ref,
+                        &f.reference,
+                        &f.topic,
+                        "phx_reply",
+                        ERROR_REPLY,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Gives up on write checks and private joins the daemon did not
+    /// answer in time.
+    fn expire_private(&mut self) {
+        let now = Instant::now();
+        let late: Vec<String> = self
+            .pending_joins
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.since) >= private::JOIN_TIMEOUT)
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in late {
+            if let Some(pending) = self.pending_joins.remove(&topic) {
+                self.ctx.bus.unregister(&pending.channel.registration);
+                let join_ref = pending.channel.join_ref.clone();
+                self.reply_error(&join_ref, &pending.reference, &topic, private::UNREACHABLE);
+            }
+        }
+        let Some(deadline) = now.checked_sub(private::WRITE_TIMEOUT) else {
+            return;
+        };
+        let mut released = Vec::new();
+        for channel in self.channels.values_mut() {
+            for write in [&mut channel.writes.broadcast, &mut channel.writes.presence] {
+                if let Some(id) = write.overdue(deadline) {
+                    self.ctx.bus.forget_check(&id);
+                    let (_, waiting) = write.answer(None);
+                    released.push((channel.topic.clone(), waiting));
+                }
+            }
+        }
+        for (topic, waiting) in released {
+            self.release_writes(&topic, false, waiting);
         }
     }
 
@@ -651,6 +938,16 @@ impl Session {
                 if let Some(superseded) = &superseded {
                     self.ctx.bus.unregister(superseded);
                 }
+                for superseded in std::mem::take(&mut channel.superseded) {
+                    self.ctx.bus.unregister(&superseded);
+                }
+                // What the old token could write no longer holds.
+                for write in [&mut channel.writes.broadcast, &mut channel.writes.presence] {
+                    if let private::Permission::Asked(id, _) = &write.permission {
+                        self.ctx.bus.forget_check(id);
+                    }
+                    drop(write.reset());
+                }
                 self.ctx.bus.register(&self.handle, &registration);
                 debug!(socket = self.handle.id, topic = %clip(&f.topic), "token refreshed");
             }
@@ -696,7 +993,10 @@ impl Session {
         };
         match event {
             RoomEvent::Broadcast(b) => {
-                if b.from.as_deref() == Some(id) {
+                // A private channel gets broadcasts only if it may read them.
+                if b.from.as_deref() == Some(id)
+                    || (channel.private && !channel.read.is_some_and(|r| r.broadcast))
+                {
                     return;
                 }
                 let Some(frame) = b.frame(self.vsn) else {
@@ -727,6 +1027,8 @@ impl Session {
         let mut frames: Vec<(Value, String, &'static str, String)> = Vec::new();
         match &delivery {
             Delivery::Room(id, event) => self.on_room(id, event),
+            Delivery::Access(id, access) => self.on_access(id, access),
+            Delivery::Write(id, allowed, reason) => self.on_write(id, *allowed, reason.as_deref()),
             Delivery::PresenceState(id, topic, payload) => {
                 if let Some(c) = self.channels.get(&**topic).filter(|c| c.id == *id) {
                     self.ctx.presence_events.add(1);

@@ -40,12 +40,16 @@ pub const MAX_BODY_BYTES: usize = 3000 * 1000 + 500;
 /// publication without `publish_via_partition_root`, like Supabase's,
 /// sends each partition under its own name).
 pub fn is_messages_table(relation: &Relation) -> bool {
-    relation.schema == SCHEMA
-        && (relation.table == TABLE
-            || relation
-                .table
-                .strip_prefix(TABLE)
-                .is_some_and(|rest| rest.starts_with('_')))
+    relation.schema == SCHEMA && is_messages_table_name(&relation.table)
+}
+
+/// Whether `name` (in schema `realtime`) is `messages` or may be one of its
+/// partitions (`messages_…`).
+pub fn is_messages_table_name(name: &str) -> bool {
+    name == TABLE
+        || name
+            .strip_prefix(TABLE)
+            .is_some_and(|rest| rest.starts_with('_'))
 }
 
 /// A broadcast written to the messages table.
@@ -155,13 +159,16 @@ pub fn decode(change: &Change) -> Result<Option<Message>, Skip> {
 /// Supabase sends a row of the messages table (kind 4 with metadata to
 /// vsn 2.0.0 sockets; JSON with `"meta":{"id":…}` to vsn 1.0.0 sockets,
 /// which never get a binary payload).
-pub fn room_message(message: &Message) -> Vec<u8> {
+///
+/// `ids`: on a gateway's channel, the private channels it is for.
+pub fn room_message(message: &Message, ids: Vec<String>) -> Vec<u8> {
     let (encoding, body) = match &message.body {
         Body::Json(json) => (Encoding::Json, &json[..]),
         Body::Binary(bytes) => (Encoding::Binary, &bytes[..]),
     };
     let mut header = BroadcastHeader::user(None, message.event.clone(), encoding);
     header.meta = RawValue::from_string(serde_json::json!({ "id": message.id }).to_string()).ok();
+    header.ids = ids;
     room::write_broadcast(&header, body)
 }
 

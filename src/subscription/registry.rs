@@ -79,11 +79,33 @@ impl Entry {
     }
 }
 
-/// Live subscriptions by table.
+/// Live subscriptions by table, and the private channels by topic.
 #[derive(Debug, Default)]
 pub struct Registry {
     by_table: HashMap<Oid, TableEntries>,
+    /// Every subscription (a private channel's with no table), so that
+    /// removing one, or a gateway's, is one path for both kinds.
     tables_of: HashMap<(Arc<str>, Arc<str>), Vec<Oid>>,
+    /// Private channels by topic: who is asked about each message of it.
+    private: HashMap<Arc<str>, Vec<Arc<PrivateMember>>>,
+    private_of: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
+}
+
+/// A private channel joined to a topic whose broadcasts it may read: the
+/// messages written to the topic (Broadcast from Database) reach it when
+/// its role and claims may SELECT them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateMember {
+    /// The owning gateway.
+    pub gateway: Arc<str>,
+    /// Its id there (the channel's `PrivateChannel::id`).
+    pub id: Arc<str>,
+    /// The JWT's role.
+    pub role: Arc<str>,
+    /// The JWT's claims, as JSON text.
+    pub claims_text: Arc<str>,
+    /// The topic, without `realtime:`.
+    pub topic: Arc<str>,
 }
 
 /// The subscriptions that may want one change.
@@ -234,12 +256,38 @@ impl Registry {
             .insert((entry.gateway.clone(), entry.id.clone()), tables);
     }
 
+    /// Adds a private channel, replacing a subscription with the same
+    /// gateway and id.
+    pub fn add_private(&mut self, member: Arc<PrivateMember>) {
+        self.remove(&member.gateway, &member.id);
+        let key = (member.gateway.clone(), member.id.clone());
+        self.tables_of.insert(key.clone(), Vec::new());
+        self.private_of.insert(key, member.topic.clone());
+        self.private
+            .entry(member.topic.clone())
+            .or_default()
+            .push(member);
+    }
+
+    /// The private channels joined to `topic`.
+    pub fn private_members(&self, topic: &str) -> &[Arc<PrivateMember>] {
+        self.private.get(topic).map_or(&[], Vec::as_slice)
+    }
+
     /// Removes one subscription; whether it existed.
     pub fn remove(&mut self, gateway: &str, id: &str) -> bool {
         let key: (Arc<str>, Arc<str>) = (Arc::from(gateway), Arc::from(id));
         let Some(tables) = self.tables_of.remove(&key) else {
             return false;
         };
+        if let Some(topic) = self.private_of.remove(&key)
+            && let Some(members) = self.private.get_mut(&topic)
+        {
+            members.retain(|m| !(&*m.gateway == gateway && &*m.id == id));
+            if members.is_empty() {
+                self.private.remove(&topic);
+            }
+        }
         for table in tables {
             if let Some(entries) = self.by_table.get_mut(&table) {
                 entries.remove(gateway, id);
@@ -355,6 +403,13 @@ impl Shared {
     /// Removes one subscription; whether it existed.
     pub fn remove(&self, gateway: &str, id: &str) -> bool {
         self.write().remove(gateway, id)
+    }
+
+    /// Adds a private channel; returns the position from which its topic's
+    /// messages reach it.
+    pub fn add_private(&self, member: Arc<PrivateMember>) -> Lsn {
+        self.write().add_private(member);
+        Lsn(self.position.load(Ordering::SeqCst))
     }
 
     /// Removes every subscription of a gateway; their ids.

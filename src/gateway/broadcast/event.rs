@@ -23,7 +23,7 @@ use crate::bus::room::Encoding;
 use crate::gateway::frame::Vsn;
 
 /// A user broadcast's own fields.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct User {
     /// The user event.
     pub event: String,

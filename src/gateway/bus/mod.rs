@@ -36,7 +36,9 @@ use serde_json::{Map, Value};
 
 use self::rooms::{Member, RoomEvent, Rooms};
 use super::render::ChangeEvent;
-use crate::bus::{self, ChannelRegistration, Control, ControlOp, Names};
+use crate::bus::room::{self, Encoding};
+use crate::bus::{self, ChannelRegistration, Control, ControlOp, Names, WriteCheck};
+use crate::gateway::broadcast::event::{Broadcast, User};
 
 /// Lease lifetime by default: the daemon drops the gateway's
 /// subscriptions, and other gateways its presences, this long after the
@@ -78,6 +80,10 @@ pub enum Delivery {
     Room(Arc<str>, Arc<RoomEvent>),
     /// `presence_state` for the channel (by id) of a topic: the payload.
     PresenceState(Arc<str>, Arc<str>, Arc<str>),
+    /// What a private channel (by its `PrivateChannel::id`) may read.
+    Access(String, bus::Access),
+    /// A write check's answer (by its id): allowed, or why it is unknown.
+    Write(String, Option<bool>, Option<String>),
 }
 
 /// What a live channel is told when the gateway loses the bus.
@@ -157,6 +163,8 @@ enum Command {
     Track(String, Arc<str>, String, Map<String, Value>),
     /// A channel untracks its presence.
     Untrack(String, Arc<str>),
+    /// A private channel's write check, for the daemon.
+    Authorize(WriteCheck),
 }
 
 /// Why the bus task lost Redis (it reconnects by itself).
@@ -252,17 +260,17 @@ impl Bus {
     /// Registers (or registers again, same ids) `channel`'s subscriptions
     /// for `socket`.
     pub fn register(&self, socket: &SocketHandle, channel: &Arc<ChannelRegistration>) {
-        if channel.subscriptions.is_empty() {
+        if channel.subscriptions.is_empty() && channel.private.is_none() {
             return;
         }
         let mut routes = lock(&self.routes);
-        for binding in &channel.subscriptions {
+        for id in channel.ids() {
             routes.insert(
-                binding.id.clone(),
+                id.to_owned(),
                 Route {
                     socket: socket.clone(),
                     channel: channel.clone(),
-                    id: Arc::from(binding.id.as_str()),
+                    id: Arc::from(id),
                 },
             );
         }
@@ -273,12 +281,36 @@ impl Bus {
     pub fn unregister(&self, channel: &Arc<ChannelRegistration>) {
         let mut routes = lock(&self.routes);
         let mut held = false;
-        for binding in &channel.subscriptions {
-            held |= routes.remove(&binding.id).is_some();
+        for id in channel.ids() {
+            held |= routes.remove(id).is_some();
         }
         if held {
             let _ = self.commands.send(Command::Unsubscribe(channel.clone()));
         }
+    }
+
+    /// Asks the daemon whether a private channel of `channel` may write;
+    /// the answer comes to `socket` as [`Delivery::Write`].
+    pub fn authorize(
+        &self,
+        socket: &SocketHandle,
+        channel: &Arc<ChannelRegistration>,
+        check: WriteCheck,
+    ) {
+        lock(&self.routes).insert(
+            check.id.clone(),
+            Route {
+                socket: socket.clone(),
+                channel: channel.clone(),
+                id: Arc::from(check.id.as_str()),
+            },
+        );
+        let _ = self.commands.send(Command::Authorize(check));
+    }
+
+    /// Forgets a write check nobody waits for any more.
+    pub fn forget_check(&self, id: &str) {
+        lock(&self.routes).remove(id);
     }
 
     /// Puts `member` in `room` (the topic without `realtime:`).
@@ -343,6 +375,15 @@ struct Envelope<'a> {
     message: Option<String>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
+    /// An `access` reply's answer.
+    #[serde(default)]
+    access: Option<bus::Access>,
+    /// A `write` reply's answer.
+    #[serde(default)]
+    allowed: Option<bool>,
+    /// Why a `write` reply has no answer.
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// A subscription id in a gateway message, borrowed unless an escape in
@@ -512,7 +553,7 @@ impl BusTask {
                 // field is one subscription's id.
                 let ids = match serde_json::from_str::<ChannelRegistration>(&json) {
                     Ok(channel) if field.starts_with(bus::CHANNEL_FIELD_PREFIX) => {
-                        channel.subscriptions.into_iter().map(|b| b.id).collect()
+                        channel.ids().map(str::to_owned).collect()
                     }
                     _ => vec![field],
                 };
@@ -578,13 +619,15 @@ impl BusTask {
                 self.rooms.track(conn, room, channel, key, meta).await?;
             }
             Command::Untrack(room, channel) => self.rooms.untrack(conn, room, channel).await?,
+            Command::Authorize(check) => {
+                let control = self.control(ControlOp::Authorize { check });
+                let _: () = conn.publish(self.names.control(), control).await?;
+            }
             Command::Unsubscribe(channel) => {
                 let mut pipe = redis::pipe();
                 pipe.hdel(&hash, bus::channel_field(&channel.id)).ignore();
-                for binding in &channel.subscriptions {
-                    let control = self.control(ControlOp::Unsubscribe {
-                        id: binding.id.clone(),
-                    });
+                for id in channel.ids() {
+                    let control = self.control(ControlOp::Unsubscribe { id: id.to_owned() });
                     pipe.publish(self.names.control(), control).ignore();
                 }
                 pipe.query_async::<()>(conn).await?;
@@ -667,6 +710,12 @@ impl BusTask {
     /// Hands one daemon message to the sockets it concerns; returns the
     /// subscriptions to register again (those the daemon dropped unasked).
     fn route(&self, payload: &[u8]) -> Vec<Command> {
+        // A header line and a body: Broadcast from Database to private
+        // channels (JSON messages never hold a raw newline).
+        if payload.contains(&b'\n') {
+            self.route_broadcast(payload);
+            return Vec::new();
+        }
         let envelope: Envelope<'_> = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
@@ -709,6 +758,26 @@ impl BusTask {
                     deliver(socket, Delivery::Change(ids, event.clone()));
                 }
             }
+            ("access", Some(id)) => {
+                let Some(access) = envelope.access else {
+                    warn!("ignoring an access reply without access");
+                    return Vec::new();
+                };
+                if let Some(route) = routes.get(&id) {
+                    deliver(&route.socket, Delivery::Access(id, access));
+                }
+            }
+            ("write", Some(id)) => {
+                drop(routes);
+                let route = lock(&self.routes).remove(&id);
+                if let Some(route) = route {
+                    deliver(
+                        &route.socket,
+                        Delivery::Write(id, envelope.allowed, envelope.reason),
+                    );
+                }
+                return Vec::new();
+            }
             ("dropped", _) => {
                 // Ids this gateway let go of have no route any more: only
                 // those it still serves were dropped unasked.
@@ -740,6 +809,64 @@ impl BusTask {
             }
         }
         Vec::new()
+    }
+}
+
+impl BusTask {
+    /// A message of a private topic for some of this gateway's private
+    /// channels: to each, as a broadcast of its room.
+    fn route_broadcast(&self, payload: &[u8]) {
+        let (header, body) = match room::read(payload) {
+            Ok((room::Header::Broadcast(header), body)) => (header, body),
+            Ok(_) => {
+                warn!("ignoring a gateway message that is not a broadcast");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "ignoring a malformed broadcast on the gateway channel");
+                return;
+            }
+        };
+        let routes = lock(&self.routes);
+        let user = header.event.map(|event| User {
+            event,
+            encoding: header.encoding.unwrap_or(Encoding::Json),
+            meta: header
+                .meta
+                .map(|m| m.get().as_bytes().to_vec())
+                .unwrap_or_default(),
+        });
+        // One event per topic (the ids are of one topic's channels).
+        let mut events: Vec<(Arc<str>, Arc<RoomEvent>)> = Vec::new();
+        for id in &header.ids {
+            let Some(route) = routes.get(id.as_str()) else {
+                continue;
+            };
+            let Some(private) = &route.channel.private else {
+                continue;
+            };
+            let topic = format!("realtime:{}", private.topic);
+            let event = match events.iter().find(|(t, _)| **t == *topic) {
+                Some((_, event)) => event.clone(),
+                None => {
+                    let event = Arc::new(RoomEvent::Broadcast(Broadcast::new(
+                        Arc::from(topic.as_str()),
+                        None,
+                        user.clone(),
+                        body.to_vec(),
+                    )));
+                    events.push((Arc::from(topic.as_str()), event.clone()));
+                    event
+                }
+            };
+            let channel = route
+                .channel
+                .id
+                .split('.')
+                .next()
+                .unwrap_or(&route.channel.id);
+            deliver(&route.socket, Delivery::Room(Arc::from(channel), event));
+        }
     }
 }
 
@@ -815,6 +942,7 @@ mod tests {
                 role: "anon".to_owned(),
                 claims: Arc::default(),
                 subscriptions: Vec::new(),
+                private: None,
             }),
             id: Arc::from(id),
         };

@@ -1,0 +1,259 @@
+//! Private channels (`config.private: true`) on the gateway: a join waits
+//! for the daemon to say what the JWT may read of the topic (RLS on
+//! `realtime.messages`, `crate::channels`); the first broadcast and the
+//! first track wait for whether it may write, and later ones use that
+//! answer until the channel's token changes. The gateway itself never
+//! talks to Postgres.
+//!
+//! ```text
+//! phx_join private ──register (bus)──▶ daemon: read probe ──access──▶ reply ok, or Unauthorized
+//! broadcast / track ──authorize (bus)─▶ daemon: write probe ──write──▶ send, or drop silently
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::broadcast::Refused;
+use super::channel::Channel;
+use super::frame::Inbound;
+
+/// How long a private join waits for the daemon's answer before it is
+/// refused as Supabase refuses a join it cannot authorize.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a write waits for its answer before the writes waiting are
+/// dropped (and asked again at the next).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Writes that wait for one answer at most; later ones are dropped
+/// (Supabase handles a channel's messages one at a time, waiting).
+pub const MAX_WAITING: usize = 32;
+/// Supabase's reason when the database could not be asked.
+pub const UNREACHABLE: &str = "Realtime was unable to connect to the project database";
+
+/// The join error when the policies do not let the JWT read the topic.
+pub fn unauthorized(name: &str) -> String {
+    format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}")
+}
+
+/// The `system` error when a new token cannot read what the old one could.
+pub fn no_longer(name: &str) -> String {
+    format!("You no longer have permission to read from this Channel topic: {name}")
+}
+
+/// The `system` error when a new token cannot read the topic at all.
+pub fn no_permission(name: &str) -> String {
+    format!("You do not have permissions to read from this Channel topic: {name}")
+}
+
+/// What a private channel may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Read {
+    /// Broadcasts.
+    pub broadcast: bool,
+    /// Presence, when enabled at join.
+    pub presence: Option<bool>,
+}
+
+impl Read {
+    /// Whether the channel may stay: it reads something.
+    pub fn any(&self) -> bool {
+        self.broadcast || self.presence == Some(true)
+    }
+
+    /// Whether `self` (new) lost a read `before` had.
+    pub fn lost(&self, before: &Read) -> bool {
+        (before.broadcast && !self.broadcast)
+            || (before.presence == Some(true) && self.presence != Some(true))
+    }
+}
+
+/// A private join waiting for the daemon.
+#[derive(Debug)]
+pub struct PendingJoin {
+    /// The channel, registered on the bus, not yet in the session.
+    pub channel: Channel,
+    /// The join's reply, sent once access is granted.
+    pub reply: String,
+    /// The join's ref.
+    pub reference: Value,
+    /// When it was asked.
+    pub since: Instant,
+}
+
+/// A write that waits for its permission.
+#[derive(Debug)]
+pub enum Waiting {
+    /// A broadcast, its bus message made.
+    Broadcast {
+        /// The frame's join ref.
+        join_ref: Value,
+        /// The frame's ref.
+        reference: Value,
+        /// The bus message, or why there is none.
+        message: Result<Vec<u8>, Refused>,
+    },
+    /// A presence frame.
+    Presence(Inbound),
+}
+
+/// Whether a channel may write one extension.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Permission {
+    /// Not known: the next write asks.
+    #[default]
+    Unknown,
+    /// Asked, under this check id, at this instant.
+    Asked(String, Instant),
+    /// Allowed.
+    Allowed,
+    /// Denied.
+    Denied,
+}
+
+/// What to do with a write.
+#[derive(Debug)]
+pub enum Admit {
+    /// Send it.
+    Go(Waiting),
+    /// Refuse it (denied, or too many wait).
+    Refuse(Waiting),
+    /// It waits; ask the daemon (the first write while unknown).
+    Ask,
+    /// It waits; the daemon was asked.
+    Wait,
+}
+
+/// One extension's permission and the writes waiting for it.
+#[derive(Debug, Default)]
+pub struct Write {
+    /// What is known.
+    pub permission: Permission,
+    waiting: VecDeque<Waiting>,
+}
+
+impl Write {
+    /// What to do with `write` now.
+    pub fn admit(&mut self, write: Waiting) -> Admit {
+        match self.permission {
+            Permission::Allowed => Admit::Go(write),
+            Permission::Denied => Admit::Refuse(write),
+            Permission::Unknown | Permission::Asked(..) if self.waiting.len() >= MAX_WAITING => {
+                Admit::Refuse(write)
+            }
+            Permission::Unknown => {
+                self.waiting.push_back(write);
+                Admit::Ask
+            }
+            Permission::Asked(..) => {
+                self.waiting.push_back(write);
+                Admit::Wait
+            }
+        }
+    }
+
+    /// Records that check `id` was sent.
+    pub fn asked(&mut self, id: String, now: Instant) {
+        self.permission = Permission::Asked(id, now);
+    }
+
+    /// Whether check `id` is the one this waits for.
+    pub fn waits_for(&self, id: &str) -> bool {
+        matches!(&self.permission, Permission::Asked(asked, _) if asked == id)
+    }
+
+    /// The answer came (`None`: it could not be decided, asked again at
+    /// the next write): the writes that waited, to send when allowed and
+    /// refuse otherwise.
+    pub fn answer(&mut self, allowed: Option<bool>) -> (bool, Vec<Waiting>) {
+        self.permission = match allowed {
+            Some(true) => Permission::Allowed,
+            Some(false) => Permission::Denied,
+            None => Permission::Unknown,
+        };
+        (allowed == Some(true), self.waiting.drain(..).collect())
+    }
+
+    /// The check was asked before `deadline`: it is given up on.
+    pub fn overdue(&self, deadline: Instant) -> Option<String> {
+        match &self.permission {
+            Permission::Asked(id, since) if *since < deadline => Some(id.clone()),
+            _ => None,
+        }
+    }
+
+    /// A new token: what was known no longer holds.
+    pub fn reset(&mut self) -> Vec<Waiting> {
+        self.answer(None).1
+    }
+}
+
+/// A private channel's write permissions.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// Broadcasts.
+    pub broadcast: Write,
+    /// Presence (track).
+    pub presence: Write,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broadcast() -> Waiting {
+        Waiting::Broadcast {
+            join_ref: Value::Null,
+            reference: Value::Null,
+            message: Ok(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn the_first_write_asks_the_rest_wait_and_the_answer_releases_them() {
+        let mut write = Write::default();
+        assert!(matches!(write.admit(broadcast()), Admit::Ask));
+        write.asked("c:w1".into(), Instant::now());
+        assert!(matches!(write.admit(broadcast()), Admit::Wait));
+        assert!(write.waits_for("c:w1"));
+        assert!(!write.waits_for("c:w2"));
+        let (allowed, waiting) = write.answer(Some(true));
+        assert!(allowed);
+        assert_eq!(waiting.len(), 2);
+        assert!(matches!(write.admit(broadcast()), Admit::Go(_)));
+        write.answer(Some(false));
+        assert!(matches!(write.admit(broadcast()), Admit::Refuse(_)));
+        // Undecided: asked again at the next write.
+        write.answer(None);
+        assert!(matches!(write.admit(broadcast()), Admit::Ask));
+    }
+
+    #[test]
+    fn at_most_max_waiting_writes_wait() {
+        let mut write = Write::default();
+        for _ in 0..MAX_WAITING {
+            assert!(!matches!(write.admit(broadcast()), Admit::Refuse(_)));
+        }
+        assert!(matches!(write.admit(broadcast()), Admit::Refuse(_)));
+        assert_eq!(write.answer(Some(true)).1.len(), MAX_WAITING);
+    }
+
+    #[test]
+    fn a_read_lost_is_told_apart_from_none_left() {
+        let both = Read {
+            broadcast: true,
+            presence: Some(true),
+        };
+        let presence_only = Read {
+            broadcast: false,
+            presence: Some(true),
+        };
+        assert!(presence_only.lost(&both));
+        assert!(presence_only.any());
+        assert!(!both.lost(&presence_only));
+        assert_eq!(
+            unauthorized("room:1"),
+            "Unauthorized: You do not have permissions to read from this Channel topic: room:1"
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Private channels (issue 17): joins, writes and Broadcast from Database
+//! decided by the RLS policies on `realtime.messages`, asked of the daemon
+//! over the bus, with Supabase's texts
+//! (`../shared/reference/broadcast-presence.md` §4, §5).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::check::walcast;
+use crate::gateway::{Client, Gateway, now, token_with};
+use crate::rooms::{next, nothing, user_broadcast_with_meta};
+use crate::support::stack::{DB, Stack};
+use crate::support::{Daemon, eventually};
+
+/// Policies of the tests: `authenticated` reads `room:*` topics when its
+/// `sub` is `alice` (broadcast) or it has `presence` (presence only), and
+/// writes `room:1` when its claims say `"w": true`.
+pub(crate) const POLICIES: &str = "
+    CREATE POLICY read_rooms ON realtime.messages FOR SELECT TO authenticated
+      USING (realtime.topic() LIKE 'room:%' AND (
+        (realtime.messages.extension = 'broadcast'
+           AND current_setting('request.jwt.claims', true)::jsonb ->> 'sub' = 'alice')
+        OR (realtime.messages.extension = 'presence'
+           AND coalesce((current_setting('request.jwt.claims', true)::jsonb ->> 'presence')::boolean, false))));
+    CREATE POLICY write_room_1 ON realtime.messages FOR INSERT TO authenticated
+      WITH CHECK (realtime.topic() = 'room:1'
+        AND coalesce((current_setting('request.jwt.claims', true)::jsonb ->> 'w')::boolean, false));
+";
+
+/// A stack after `walcast setup` with [`POLICIES`], a daemon logged in as
+/// the `walcast` role, and a gateway.
+pub(crate) async fn start() -> (Stack, Daemon, Gateway) {
+    let stack = Stack::start().await;
+    let applied = walcast(
+        &["setup"],
+        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
+    );
+    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    stack
+        .client
+        .batch_execute(POLICIES)
+        .await
+        .expect("policies");
+    let mut env = stack.gateway_env();
+    env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
+    env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    let gateway = Gateway::spawn(&stack.redis.url()).await;
+    (stack, daemon, gateway)
+}
+
+/// An `authenticated` token for `sub` with `extra` claims.
+pub(crate) fn user(sub: &str, extra: Value) -> String {
+    let mut claims = json!({"role": "authenticated", "exp": now() + 3600, "sub": sub});
+    if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+        claims.extend(extra.clone());
+    }
+    token_with(&claims)
+}
+
+fn private_config(presence: bool, ack: bool) -> Value {
+    json!({"broadcast": {"self": false, "ack": ack}, "presence": {"key": "", "enabled": presence}, "postgres_changes": [], "private": true})
+}
+
+/// A v2 private join of `topic` with `token`; its reply.
+async fn join(
+    client: &mut Client,
+    join_ref: &str,
+    topic: &str,
+    token: &str,
+    presence: bool,
+) -> Value {
+    let frame = json!([join_ref, join_ref, topic, "phx_join", {"config": private_config(presence, true), "access_token": token}]);
+    client.send(&frame.to_string()).await;
+    loop {
+        let reply = client.recv().await;
+        if reply[3] == "phx_reply" {
+            return reply;
+        }
+    }
+}
+
+fn ok_reply(join_ref: &str, topic: &str) -> Value {
+    json!([join_ref, join_ref, topic, "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}])
+}
+
+/// A binary frame's bytes.
+fn binary(frame: Message) -> Vec<u8> {
+    match frame {
+        Message::Binary(bytes) => bytes.to_vec(),
+        other => panic!("expected a binary frame, got {other:?}"),
+    }
+}
+
+async fn last_id(stack: &Stack, topic: &str) -> String {
+    stack
+        .client
+        .query_one(
+            "SELECT id::text FROM realtime.messages WHERE topic = $1 ORDER BY inserted_at DESC LIMIT 1",
+            &[&topic],
+        )
+        .await
+        .expect("message id")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_joins_writes_and_database_broadcasts_follow_the_policies() {
+    let (stack, daemon, gateway) = start().await;
+    let topic = "realtime:room:1";
+    // Read allowed: the join is answered ok once the daemon said so.
+    let mut alice = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(&mut alice, "1", topic, &user("alice", json!({})), false).await,
+        ok_reply("1", topic)
+    );
+    // Refused by policy, with Supabase's text.
+    let mut bob = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(&mut bob, "1", topic, &user("bob", json!({})), false).await,
+        json!(["1", "1", topic, "phx_reply", {"status": "error", "response": {"reason": "Unauthorized: You do not have permissions to read from this Channel topic: room:1"}}])
+    );
+    // Presence read alone lets a join with presence in.
+    let mut carol = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(
+            &mut carol,
+            "1",
+            topic,
+            &user("carol", json!({"presence": true})),
+            true
+        )
+        .await,
+        ok_reply("1", topic)
+    );
+    assert_eq!(
+        carol.recv().await,
+        json!(["1", null, topic, "presence_state", {}])
+    );
+    // A public channel of the same name is another room.
+    let mut public = gateway.connect(Some("2.0.0")).await;
+    public
+        .send(&json!(["1", "1", topic, "phx_join", {"config": {"broadcast": {"self": false}, "private": false}}]).to_string())
+        .await;
+    assert_eq!(public.recv().await[4]["status"], "ok");
+    crate::rooms::room_subscribed(&stack.redis, "room:1", 1).await;
+
+    // realtime.send to the private topic: alice only (carol may not read
+    // broadcasts); to the public topic: the public channel only.
+    stack
+        .client
+        .batch_execute(r#"SELECT realtime.send('{"n": 1}', 'secret', 'room:1', true)"#)
+        .await
+        .expect("send");
+    let id = last_id(&stack, "room:1").await;
+    assert_eq!(
+        binary(next(&mut alice).await),
+        user_broadcast_with_meta(
+            topic,
+            "secret",
+            format!(r#"{{"id":"{id}"}}"#).as_bytes(),
+            1,
+            format!(r#"{{"n": 1, "id": "{id}"}}"#).as_bytes()
+        )
+    );
+    stack
+        .client
+        .batch_execute(r#"SELECT realtime.send('{"n": 2}', 'open', 'room:1', false)"#)
+        .await
+        .expect("send");
+    let open = last_id(&stack, "room:1").await;
+    assert_eq!(
+        binary(next(&mut public).await),
+        user_broadcast_with_meta(
+            topic,
+            "open",
+            format!(r#"{{"id":"{open}"}}"#).as_bytes(),
+            1,
+            format!(r#"{{"n": 2, "id": "{open}"}}"#).as_bytes()
+        )
+    );
+    nothing(&mut alice).await;
+    nothing(&mut carol).await;
+
+    // Writing: alice may read but not write (no "w" claim): her ack'd
+    // broadcast is dropped silently. A writer's reaches alice, not the
+    // public channel.
+    alice
+        .send(&json!(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "hi", "payload": {"from": "alice"}}]).to_string())
+        .await;
+    let mut writer = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(
+            &mut writer,
+            "1",
+            topic,
+            &user("alice", json!({"w": true})),
+            false
+        )
+        .await,
+        ok_reply("1", topic)
+    );
+    writer
+        .send(&json!(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "hi", "payload": {"from": "writer"}}]).to_string())
+        .await;
+    assert_eq!(
+        writer.recv().await,
+        json!(["1", "2", topic, "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        alice.recv().await,
+        json!([null, null, topic, "broadcast", {"type": "broadcast", "event": "hi", "payload": {"from": "writer"}}])
+    );
+    nothing(&mut alice).await;
+    nothing(&mut public).await;
+    // A track needs write permission too: carol has none.
+    carol
+        .send(&json!(["1", "3", topic, "presence", {"type": "presence", "event": "track", "payload": {"x": 1}}]).to_string())
+        .await;
+    let refused = loop {
+        let frame = carol.recv().await;
+        if frame[3] == "phx_reply" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        refused,
+        json!(["1", "3", topic, "phx_reply", {"status": "error", "response": {}}])
+    );
+
+    // A token that loses the read closes the channel with Supabase's text.
+    alice
+        .send(
+            &json!(["1", "4", topic, "access_token", {"access_token": user("bob", json!({}))}])
+                .to_string(),
+        )
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!(["1", null, topic, "system", {"channel": "room:1", "extension": "system", "message": "You no longer have permission to read from this Channel topic: room:1", "status": "error"}])
+    );
+    assert_eq!(
+        alice.recv().await,
+        json!(["1", "1", topic, "phx_close", {}])
+    );
+    // Gone from the daemon: a message now reaches the writer only.
+    stack
+        .client
+        .batch_execute(r#"SELECT realtime.send('{"n": 3}', 'later', 'room:1', true)"#)
+        .await
+        .expect("send");
+    let frame = binary(next(&mut writer).await);
+    assert_eq!(frame[0], 4);
+    nothing(&mut alice).await;
+    eventually(
+        "no error in the daemon's log",
+        Duration::from_secs(1),
+        || async { !daemon.log().contains(" ERROR ") },
+    )
+    .await;
+}
