@@ -296,6 +296,12 @@ async fn session(
     if messages && add_messages_at.is_none() {
         publications.push(settings.messages_publication.as_str());
     }
+    // Changes are matched against subscriptions: not before the gateways'
+    // registrations are read back (after a restart they all exist).
+    tokio::select! {
+        () = shared.recovered() => {}
+        () = cancel.cancelled() => return Ok(()),
+    }
     let stream = conn
         .start_replication(&settings.slot, start, &publications)
         .await?;

@@ -16,6 +16,7 @@ mod gateway_limits;
 mod harness;
 mod hostile;
 mod private;
+mod private_rls;
 mod rls;
 mod rls_image;
 mod rooms;

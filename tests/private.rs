@@ -43,13 +43,18 @@ pub(crate) async fn start() -> (Stack, Daemon, Gateway) {
         .batch_execute(POLICIES)
         .await
         .expect("policies");
-    let mut env = stack.gateway_env();
-    env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
-    env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
-    let daemon = Daemon::spawn(&["run"], &env);
+    let daemon = Daemon::spawn(&["run"], &daemon_env(&stack));
     stack.wait_streaming("walcast", &daemon).await;
     let gateway = Gateway::spawn(&stack.redis.url()).await;
     (stack, daemon, gateway)
+}
+
+/// The daemon's environment: no firehose, logged in as `walcast`.
+fn daemon_env(stack: &Stack) -> Vec<(&'static str, String)> {
+    let mut env = stack.gateway_env();
+    env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
+    env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
+    env
 }
 
 /// An `authenticated` token for `sub` with `extra` claims.
@@ -261,4 +266,99 @@ async fn private_joins_writes_and_database_broadcasts_follow_the_policies() {
         || async { !daemon.log().contains(" ERROR ") },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_while_messages_are_sent_loses_none_of_them() {
+    let (stack, mut daemon, gateway) = start().await;
+    let topic = "realtime:room:1";
+    // realtime-py's shape (vsn 1.0.0): JSON frames.
+    let mut alice = gateway.connect(Some("1.0.0")).await;
+    let join = json!({"topic": topic, "event": "phx_join", "ref": "1", "join_ref": "1",
+        "payload": {"config": private_config(false, false), "access_token": user("alice", json!({}))}});
+    alice.send(&join.to_string()).await;
+    assert_eq!(alice.recv().await["payload"]["status"], "ok");
+
+    const SENT: i64 = 1000;
+    let writer = {
+        let client = stack.pg.client(DB).await;
+        tokio::spawn(async move {
+            for i in 0..SENT {
+                client
+                    .batch_execute(&format!(
+                        r#"SELECT realtime.send('{{"i": {i}}}', 'n', 'room:1', true)"#
+                    ))
+                    .await
+                    .expect("send");
+            }
+        })
+    };
+    let count = async || -> i64 {
+        stack
+            .client
+            .query_one(
+                "SELECT count(*) FROM realtime.messages WHERE topic = 'room:1'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    };
+    eventually(
+        "a third of the messages written",
+        Duration::from_secs(30),
+        || async { count().await >= SENT / 3 },
+    )
+    .await;
+    daemon.kill();
+    let at_kill = count().await;
+    assert!(
+        at_kill < SENT,
+        "the kill must come while messages are written"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let daemon = Daemon::spawn(&["run"], &daemon_env(&stack));
+    writer.await.expect("writer");
+    let written: Vec<(String, i64)> = stack
+        .client
+        .query(
+            "SELECT id::text, (payload ->> 'i')::bigint FROM realtime.messages WHERE topic = 'room:1'",
+            &[],
+        )
+        .await
+        .expect("written")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(written.len(), SENT as usize);
+    // Every committed message arrives; one that comes twice is the same
+    // message (its meta.id), never a different one for the same row.
+    let mut got: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
+    let mut frames = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < SENT as usize {
+        let frame = tokio::time::timeout_at(deadline, alice.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{} of {SENT} messages arrived\n{}", got.len(), daemon.log())
+            });
+        if frame["event"] != "broadcast" {
+            continue;
+        }
+        frames += 1;
+        let payload = &frame["payload"];
+        let id = payload["meta"]["id"].as_str().expect("meta.id").to_owned();
+        let i = payload["payload"]["i"].as_i64().expect("i");
+        assert_eq!(payload["payload"]["id"], json!(id));
+        if let Some(before) = got.insert(i, id.clone()) {
+            assert_eq!(before, id, "message {i} came as two different rows");
+        }
+    }
+    for (id, i) in &written {
+        assert_eq!(got.get(i), Some(id), "message {i}");
+    }
+    println!(
+        "{SENT} messages, killed at {at_kill}, {frames} frames ({} duplicates after the kill)",
+        frames - SENT
+    );
 }

@@ -296,6 +296,7 @@ impl ControlTask {
             private = private.len(),
             "registry read back from redis"
         );
+        self.shared.mark_recovered();
         Ok(())
     }
 

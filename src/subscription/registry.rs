@@ -2,7 +2,7 @@
 //! change costs what its table's subscriptions cost, not what all cost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 
 use super::{CompiledFilter, EqualityKey};
@@ -387,9 +387,30 @@ impl Registry {
 pub struct Shared {
     registry: RwLock<Registry>,
     position: AtomicU64,
+    /// The gateways' registry hashes were read back once: changes read
+    /// before that would miss subscriptions that existed all along.
+    recovered: AtomicBool,
+    recovered_notify: tokio::sync::Notify,
 }
 
 impl Shared {
+    /// Says the registry was read back from Redis (the first time matters).
+    pub fn mark_recovered(&self) {
+        self.recovered.store(true, Ordering::SeqCst);
+        self.recovered_notify.notify_waiters();
+    }
+
+    /// Waits until the registry was read back once.
+    pub async fn recovered(&self) {
+        loop {
+            let notified = self.recovered_notify.notified();
+            if self.recovered.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Adds a subscription; returns the position from which it is live.
     pub fn add(&self, entry: Arc<Entry>, tables: Vec<Oid>) -> Lsn {
         let mut registry = self
