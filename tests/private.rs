@@ -362,3 +362,65 @@ async fn a_daemon_killed_while_messages_are_sent_loses_none_of_them() {
         frames - SENT
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_broadcasts_to_private_topics_go_where_the_token_may_write() {
+    let (_stack, _daemon, gateway) = start().await;
+    let topic = "realtime:room:1";
+    let mut alice = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(&mut alice, "1", topic, &user("alice", json!({})), false).await,
+        ok_reply("1", topic)
+    );
+    let json_type = ("content-type", "application/json");
+    let writer = user("w", json!({"w": true}));
+    let bearer = format!("Bearer {writer}");
+    // A batch: the topic the token may write goes, the other is skipped
+    // silently (202 all the same), as Supabase does.
+    let batch = json!({"messages": [
+        {"topic": "room:2", "event": "no", "payload": {"n": 0}, "private": true},
+        {"topic": "room:1", "event": "yes", "payload": {"n": 1}, "private": true},
+    ]})
+    .to_string();
+    let (status, body) = crate::rooms::http(
+        gateway.port,
+        "POST",
+        "/api/broadcast",
+        &[json_type, ("authorization", &bearer)],
+        &batch,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (202, ""));
+    assert_eq!(
+        alice.recv().await,
+        json!([null, null, topic, "broadcast", {"event": "yes", "payload": {"n": 1}, "type": "broadcast"}])
+    );
+    // A single message: 403 where the token may not write.
+    let reader = format!("Bearer {}", user("alice", json!({})));
+    let (status, body) = crate::rooms::http(
+        gateway.port,
+        "POST",
+        "/api/broadcast/room:1/events/single?private=true",
+        &[json_type, ("authorization", &reader)],
+        r#"{"n": 2}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"message":"Unauthorized"}"#)
+    );
+    let (status, _) = crate::rooms::http(
+        gateway.port,
+        "POST",
+        "/api/broadcast/room:1/events/single?private=true",
+        &[json_type, ("authorization", &bearer)],
+        r#"{"n": 3}"#,
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        binary(next(&mut alice).await),
+        crate::rooms::user_broadcast_with_meta(topic, "single", b"", 1, br#"{"n": 3}"#)
+    );
+    nothing(&mut alice).await;
+}

@@ -11,13 +11,21 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use super::Context;
+use super::auth::Verified;
 use super::broadcast::Refused;
+use super::bus::{Delivery, SocketHandle};
 use super::channel::Channel;
 use super::frame::Inbound;
+use crate::bus::{ChannelRegistration, WriteCheck};
 
 /// How long a private join waits for the daemon's answer before it is
 /// refused as Supabase refuses a join it cannot authorize.
@@ -44,6 +52,55 @@ pub fn no_longer(name: &str) -> String {
 /// The `system` error when a new token cannot read the topic at all.
 pub fn no_permission(name: &str) -> String {
     format!("You do not have permissions to read from this Channel topic: {name}")
+}
+
+/// How long a REST broadcast to a private topic waits for its answer.
+pub const REST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the daemon, for a request that is not a socket (REST), whether
+/// `verified` may write `extension` to `topic`: `Ok(allowed)`, or why it
+/// could not be decided.
+pub async fn may_write(
+    ctx: &Context,
+    verified: &Verified,
+    topic: &str,
+    extension: &str,
+) -> Result<bool, String> {
+    let id = ctx.sockets.fetch_add(1, Ordering::Relaxed) + 1;
+    let (tx, mut answers) = mpsc::channel(1);
+    let handle = SocketHandle::new(id, tx, CancellationToken::new());
+    let registration = Arc::new(ChannelRegistration {
+        id: format!("rest{id}"),
+        role: verified.role.clone(),
+        claims: verified.claims.clone(),
+        subscriptions: Vec::new(),
+        private: None,
+    });
+    let check = WriteCheck {
+        id: format!("rest{id}:w"),
+        topic: topic.to_owned(),
+        extension: extension.to_owned(),
+        role: verified.role.clone(),
+        claims: verified.claims.clone(),
+    };
+    let check_id = check.id.clone();
+    ctx.bus.authorize(&handle, &registration, check);
+    let answer = tokio::time::timeout(REST_TIMEOUT, async {
+        while let Some(delivery) = answers.recv().await {
+            if let Delivery::Write(_, allowed, reason) = delivery {
+                return allowed.ok_or_else(|| reason.unwrap_or_else(|| UNREACHABLE.to_owned()));
+            }
+        }
+        Err(UNREACHABLE.to_owned())
+    })
+    .await;
+    match answer {
+        Ok(answer) => answer,
+        Err(_) => {
+            ctx.bus.forget_check(&check_id);
+            Err(UNREACHABLE.to_owned())
+        }
+    }
 }
 
 /// What a private channel may read.

@@ -17,7 +17,9 @@
 //! with an error object per message (`{}` for a good one) when any is
 //! invalid, and then none is sent; 429 when the events rate is spent or
 //! the batch would spend it. `topic` is the sub-topic (no `realtime:`).
-//! `private: true` is refused (422) until private channels are supported.
+//! `private: true` is sent only where the token may write the topic
+//! (the daemon's write check on `realtime.messages`; a batch skips the
+//! others silently, a single request is answered 403).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +38,8 @@ use super::flexible_bool;
 use crate::bus;
 use crate::bus::room::{self, BroadcastHeader, Encoding};
 use crate::gateway::Context;
+use crate::gateway::auth::Verified;
+use crate::gateway::private;
 
 /// Bytes of a request body at most (Supabase's parser's default).
 pub const MAX_BODY_BYTES: usize = 8_000_000;
@@ -64,13 +68,15 @@ struct Message<'a> {
 struct Ready {
     room: String,
     message: Vec<u8>,
+    /// A private message's topic: written only where the token may.
+    private_topic: Option<String>,
 }
 
 /// `POST /api/broadcast`.
 pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authorized(&ctx, &headers) {
+    let Some(verified) = authorized(&ctx, &headers) else {
         return unauthorized();
-    }
+    };
     let batch: Batch<'_> = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
@@ -122,7 +128,39 @@ pub async fn post(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Byt
             json!({"errors": {"messages": errors}}),
         );
     }
+    // Private messages: one write check per topic, all asked at once; the
+    // messages of a topic that may not be written are skipped, silently.
+    let mut topics: Vec<String> = ready
+        .iter()
+        .filter_map(|r| r.private_topic.clone())
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let answers = futures_util::future::join_all(
+        topics
+            .iter()
+            .map(|topic| private::may_write(&ctx, &verified, topic, "broadcast")),
+    )
+    .await;
+    let writable: Vec<&str> = topics
+        .iter()
+        .zip(answers)
+        .filter_map(|(topic, answer)| match answer {
+            Ok(true) => Some(topic.as_str()),
+            Ok(false) => None,
+            Err(reason) => {
+                debug!(topic = %crate::gateway::quiet::clip(topic), %reason, "a REST broadcast's write check was not decided; skipped");
+                None
+            }
+        })
+        .collect();
     for r in ready {
+        if let Some(topic) = &r.private_topic
+            && !writable.contains(&topic.as_str())
+        {
+            ctx.metrics.broadcast("unauthorized");
+            continue;
+        }
         if let Err(refused) = send(&ctx, &r.room, r.message) {
             return refused;
         }
@@ -163,17 +201,17 @@ fn accepted() -> Response {
     response
 }
 
-/// Whether the request carries a token the gateway accepts (a bearer,
-/// else `apikey`).
-fn authorized(ctx: &Context, headers: &HeaderMap) -> bool {
+/// The request's token, if the gateway accepts it (a bearer, else
+/// `apikey`).
+fn authorized(ctx: &Context, headers: &HeaderMap) -> Option<Verified> {
     let token = bearer(headers).or_else(|| header_text(headers, "apikey"));
     match token.map(|t| ctx.verifier.verify(t)) {
-        Some(Ok(_)) => true,
+        Some(Ok(verified)) => Some(verified),
         Some(Err(e)) => {
             debug!(error = %e, "REST broadcast refused");
-            false
+            None
         }
-        None => false,
+        None => None,
     }
 }
 
@@ -190,9 +228,9 @@ pub async fn post_single(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&ctx, &headers) {
+    let Some(verified) = authorized(&ctx, &headers) else {
         return unauthorized();
-    }
+    };
     let encoding = match header_text(&headers, "content-type")
         .map(|t| {
             t.split(';')
@@ -212,15 +250,9 @@ pub async fn post_single(
             );
         }
     };
-    if query
+    let private = query
         .get("private")
-        .is_some_and(|p| p.eq_ignore_ascii_case("true"))
-    {
-        return answer(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({"message": "private messages need authorization on realtime.messages, which this walcast does not support yet"}),
-        );
-    }
+        .is_some_and(|p| p.eq_ignore_ascii_case("true"));
     if topic.is_empty() || topic.len() + "realtime:".len() > ctx.limits.max_topic_bytes {
         return answer(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -243,8 +275,24 @@ pub async fn post_single(
     if let Some(refused) = rate_exceeded(&ctx, now) {
         return refused;
     }
+    if private {
+        match private::may_write(&ctx, &verified, &topic, "broadcast").await {
+            Ok(true) => {}
+            Ok(false) => {
+                ctx.metrics.broadcast("unauthorized");
+                return answer(StatusCode::FORBIDDEN, json!({"message": "Unauthorized"}));
+            }
+            Err(reason) => {
+                debug!(topic = %crate::gateway::quiet::clip(&topic), %reason, "a REST broadcast's write check was not decided");
+                return answer(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"message": "Tenant database unavailable"}),
+                );
+            }
+        }
+    }
     let message = room::write_broadcast(&BroadcastHeader::user(None, event, encoding), &body);
-    match send(&ctx, &bus::room_key(false, &topic), message) {
+    match send(&ctx, &bus::room_key(private, &topic), message) {
         Ok(()) => accepted(),
         Err(refused) => refused,
     }
@@ -312,21 +360,15 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
             json!(["Payload size exceeds tenant limit"]),
         );
     }
-    match message.private.as_ref().map(flexible_bool) {
-        None | Some(Some(false)) => {}
-        Some(Some(true)) => {
-            errors.insert(
-                "private".into(),
-                json!([
-                    "private messages need authorization on realtime.messages, which this walcast does not support yet"
-                ]),
-            );
-        }
-        Some(None) if message.private == Some(Value::Null) => {}
+    let private = match message.private.as_ref().map(flexible_bool) {
+        None | Some(Some(false)) => false,
+        Some(Some(true)) => true,
+        Some(None) if message.private == Some(Value::Null) => false,
         Some(None) => {
             errors.insert("private".into(), json!(["is invalid"]));
+            false
         }
-    }
+    };
     let id = match &message.id {
         None | Some(Value::Null) => None,
         Some(Value::String(id)) if is_uuid(id) => Some(id.as_str()),
@@ -345,8 +387,9 @@ fn check(ctx: &Context, raw: &RawValue) -> Result<Ready, Value> {
     let meta = id.map_or_else(String::new, |id| format!(r#","meta":{{"id":"{id}"}}"#));
     let body = format!(r#"{{"event":{event}{meta},"payload":{payload},"type":"broadcast"}}"#);
     Ok(Ready {
-        room: bus::room_key(false, topic),
+        room: bus::room_key(private, topic),
         message: room::write_broadcast(&BroadcastHeader::phoenix(None), body.as_bytes()),
+        private_topic: private.then(|| topic.to_owned()),
     })
 }
 
