@@ -17,6 +17,7 @@
 //! | [`channel`] | a joined channel: its token, its config, its `postgres_changes` bindings, ids, echo, readiness |
 //! | [`broadcast`] | Broadcast: client messages to the room, binary frames, their rendering, `POST /api/broadcast` |
 //! | [`presence`] | Presence: `config.presence`, track/untrack, a room's presences, `phx_ref`s |
+//! | [`private`] | private channels: joins waiting for the daemon's read check, writes waiting for its write check, Supabase's texts |
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
 //! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing; [`bus::rooms`]: room channels and presences |
 //! | [`render`] | a change's frames, each rendered once for every socket that shows it the same way |
