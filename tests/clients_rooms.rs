@@ -32,6 +32,17 @@ fn config(echo: bool, ack: bool, key: &str) -> String {
 }
 
 fn js(gateway: &Gateway, vsn: &str, config: &str) -> ClientProcess {
+    js_as(gateway, vsn, &valid("anon"), ROOM, config)
+}
+
+/// realtime-js with vsn `vsn`, its token `token`, on `room`.
+pub(crate) fn js_as(
+    gateway: &Gateway,
+    vsn: &str,
+    token: &str,
+    room: &str,
+    config: &str,
+) -> ClientProcess {
     let dir = clients_dir().join("js");
     ClientProcess::spawn(
         &format!("realtime-js vsn {vsn}"),
@@ -40,8 +51,8 @@ fn js(gateway: &Gateway, vsn: &str, config: &str) -> ClientProcess {
             dir.join("room.mjs").display().to_string(),
             format!("ws://127.0.0.1:{}/realtime/v1", gateway.port),
             vsn.to_owned(),
-            valid("anon"),
-            ROOM.to_owned(),
+            token.to_owned(),
+            room.to_owned(),
             config.to_owned(),
         ],
         &dir,
@@ -49,6 +60,11 @@ fn js(gateway: &Gateway, vsn: &str, config: &str) -> ClientProcess {
 }
 
 fn py(gateway: &Gateway, config: &str) -> ClientProcess {
+    py_as(gateway, &valid("anon"), ROOM, config)
+}
+
+/// realtime-py with token `token`, on `room`.
+pub(crate) fn py_as(gateway: &Gateway, token: &str, room: &str, config: &str) -> ClientProcess {
     let dir = clients_dir().join("py");
     ClientProcess::spawn(
         "realtime-py",
@@ -56,8 +72,8 @@ fn py(gateway: &Gateway, config: &str) -> ClientProcess {
         &[
             dir.join("room.py").display().to_string(),
             format!("ws://127.0.0.1:{}/realtime/v1", gateway.port),
-            valid("anon"),
-            ROOM.to_owned(),
+            token.to_owned(),
+            room.to_owned(),
             config.to_owned(),
         ],
         &dir,
@@ -65,7 +81,7 @@ fn py(gateway: &Gateway, config: &str) -> ClientProcess {
 }
 
 /// Waits until `client` has printed `line` exactly (`count` times).
-async fn saw(client: &ClientProcess, line: &Value, count: usize) {
+pub(crate) async fn saw(client: &ClientProcess, line: &Value, count: usize) {
     client
         .wait_for(&format!("{count} × {line}"), WAIT, |lines| {
             lines.iter().filter(|l| *l == line).count() >= count
@@ -90,7 +106,7 @@ async fn got(client: &ClientProcess, py: bool, event: &str, payload: &Value) {
 }
 
 /// The payloads of the broadcasts of `event` a client was handed, in order.
-fn broadcasts(client: &ClientProcess, event: &str) -> Vec<Value> {
+pub(crate) fn broadcasts(client: &ClientProcess, event: &str) -> Vec<Value> {
     client
         .lines()
         .into_iter()

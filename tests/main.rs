@@ -5,6 +5,7 @@
 mod admin;
 mod check;
 mod clients;
+mod clients_private;
 mod clients_rooms;
 mod db_broadcast;
 mod delivery;

@@ -11,6 +11,7 @@
 //   {"broadcast":{...}}                       the broadcast callback's argument
 //   {"presence":"sync","state":{...}}         presenceState() at each sync
 //   {"presence":"join","key":"k","new":[...]} / {"presence":"leave","key":"k","left":[...]}
+//   {"system":{...}}                          a system message (e.g. a closed private channel's reason)
 //   {"done":<command>,"result":...}           after each command
 //
 // Commands come on stdin, one JSON object per line:
@@ -19,6 +20,7 @@
 //   {"op":"send_many","event":"e","count":50}   50 sends of {"i":n}, awaited in order
 //   {"op":"track","meta":{...}} / {"op":"untrack"}
 //   {"op":"http","event":"e","payload":{...}}   channel.httpSend (POST /api/broadcast/…)
+//   {"op":"auth","token":"<jwt>"}               client.setAuth (access_token to every channel)
 //
 // When stdin closes it removes the channel, closes the socket and exits.
 import { RealtimeClient } from '@supabase/realtime-js'
@@ -53,6 +55,7 @@ await client.setAuth(apikey)
 const channel = client.channel(room, { config: JSON.parse(config) })
 channel
   .on('broadcast', { event: '*' }, (payload) => out({ broadcast: payload }))
+  .on('system', {}, (payload) => out({ system: payload }))
   .on('presence', { event: 'sync' }, () => out({ presence: 'sync', state: state(channel) }))
   .on('presence', { event: 'join' }, ({ key, newPresences }) =>
     out({ presence: 'join', key, new: plain(newPresences) }),
@@ -84,6 +87,10 @@ commands.on('line', (line) => {
         break
       case 'untrack':
         result = await channel.untrack()
+        break
+      case 'auth':
+        await client.setAuth(command.token)
+        result = 'ok'
         break
       case 'http':
         try {

@@ -15,7 +15,8 @@ JSON lines, as room.mjs prints them:
 
 Commands come on stdin, one JSON object per line: {"op": "send", "event",
 "payload"}, {"op": "send_many", "event", "count"}, {"op": "track", "meta"},
-{"op": "untrack"}, {"op": "http", "event", "payload"} (http_send). When
+{"op": "untrack"}, {"op": "http", "event", "payload"} (http_send),
+{"op": "auth", "token"} (set_auth). When
 stdin closes it unsubscribes, closes the socket and exits.
 """
 
@@ -81,6 +82,9 @@ async def main() -> None:
             await channel.track(command["meta"])
         elif op == "untrack":
             await channel.untrack()
+        elif op == "auth":
+            await client.set_auth(command["token"])
+            result = "ok"
         elif op == "http":
             try:
                 await channel.http_send(command["event"], command["payload"])
