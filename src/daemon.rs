@@ -751,7 +751,7 @@ impl StreamLoop {
                 .increment(1);
             self.current.messages.push(Outgoing {
                 channel: Arc::from(self.names.room(&bus::room_key(false, &message.topic))),
-                payload: Bytes::from(messages::room_message(&message, Vec::new())),
+                payload: Bytes::from(messages::room_message(&message, Vec::new(), false)),
             });
             return;
         }
@@ -760,7 +760,7 @@ impl StreamLoop {
             let ids = ids.iter().map(|id| id.to_string()).collect();
             self.current.messages.push(Outgoing {
                 channel: Arc::from(self.names.gateway(gateway)),
-                payload: Bytes::from(messages::room_message(&message, ids)),
+                payload: Bytes::from(messages::room_message(&message, ids, false)),
             });
         }
     }

@@ -9,8 +9,9 @@
 //! text), `realtime.send` to the private and the public topic, a
 //! `broadcast_changes` trigger's INSERT, UPDATE and DELETE, a client that
 //! may read but not write (its broadcasts reach nobody) beside ones that
-//! may, a REST `httpSend` to the private topic, and a token refresh that
-//! loses the read and closes the channel.
+//! may, a REST `httpSend` to the private topic, Broadcast Replay
+//! (`config.broadcast.replay`), and a token refresh that loses the read
+//! and closes the channel.
 
 use std::time::Duration;
 
@@ -186,6 +187,20 @@ async fn realtime_js_and_realtime_py_use_private_channels_and_database_broadcast
     for client in [&v2, &rpy] {
         assert_eq!(broadcasts(client, "denied"), Vec::<Value>::new());
         assert_eq!(broadcasts(client, "public-db"), Vec::<Value>::new());
+    }
+
+    // Replay: a channel joining later asks for what was stored.
+    let replay = json!({"broadcast": {"self": false, "ack": true, "replay": {"since": 0, "limit": 5}}, "private": true}).to_string();
+    for vsn in ["2.0.0", "1.0.0"] {
+        let late = js_as(&gateway, vsn, &reader, ROOM, &replay);
+        saw(&late, &subscribed, 1).await;
+        saw(
+            &late,
+            &json!({"broadcast": {"type": "broadcast", "event": "db", "meta": {"id": id, "replayed": true}, "payload": payload}}),
+            1,
+        )
+        .await;
+        assert_eq!(broadcasts(&late, "db").len(), 1, "{vsn}: replayed once");
     }
 
     // A refreshed token that cannot read closes the channel.

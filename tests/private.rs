@@ -424,3 +424,83 @@ async fn rest_broadcasts_to_private_topics_go_where_the_token_may_write() {
     );
     nothing(&mut alice).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_the_newest_stored_messages_once_after_the_join() {
+    let (stack, _daemon, gateway) = start().await;
+    let topic = "realtime:room:1";
+    // 27 private messages (each its own transaction, so inserted_at
+    // orders them), one public.
+    for n in 0..27 {
+        stack
+            .client
+            .batch_execute(&format!(
+                r#"SELECT realtime.send('{{"n": {n}}}', 'stored', 'room:1', true)"#
+            ))
+            .await
+            .expect("send");
+    }
+    stack
+        .client
+        .batch_execute(r#"SELECT realtime.send('{"n": 99}', 'public', 'room:1', false)"#)
+        .await
+        .expect("send");
+    let ids: Vec<String> = stack
+        .client
+        .query(
+            "SELECT id::text FROM realtime.messages WHERE private ORDER BY inserted_at",
+            &[],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let replay_join = |join_ref: &str, replay: Value| {
+        let mut config = private_config(false, false);
+        config["broadcast"]["replay"] = replay;
+        json!([join_ref, join_ref, topic, "phx_join", {"config": config, "access_token": user("alice", json!({}))}]).to_string()
+    };
+    let replayed = |join_ref: &str, n: usize| {
+        let id = &ids[n];
+        json!([join_ref, null, topic, "broadcast", {"event": "stored", "meta": {"id": id, "replayed": true}, "payload": {"n": n, "id": id}, "type": "broadcast"}])
+    };
+    // limit 2: the two newest, oldest first, after the join's reply.
+    let mut alice = gateway.connect(Some("2.0.0")).await;
+    alice
+        .send(&replay_join("1", json!({"since": 0, "limit": 2})))
+        .await;
+    assert_eq!(alice.recv().await, ok_reply("1", topic));
+    assert_eq!(alice.recv().await, replayed("1", 25));
+    assert_eq!(alice.recv().await, replayed("1", 26));
+    nothing(&mut alice).await;
+    // No limit, or one over 25: 25.
+    let mut many = gateway.connect(Some("2.0.0")).await;
+    many.send(&replay_join("1", json!({"since": 0, "limit": 100})))
+        .await;
+    assert_eq!(many.recv().await, ok_reply("1", topic));
+    for n in 2..27 {
+        assert_eq!(many.recv().await, replayed("1", n));
+    }
+    nothing(&mut many).await;
+    // Since now: nothing to replay.
+    let mut late = gateway.connect(Some("2.0.0")).await;
+    late.send(&replay_join("1", json!({"since": now() * 1000 + 60_000})))
+        .await;
+    assert_eq!(late.recv().await, ok_reply("1", topic));
+    nothing(&mut late).await;
+    // Supabase's refusals.
+    let mut bad = gateway.connect(Some("2.0.0")).await;
+    bad.send(&replay_join("1", json!({"since": "yesterday"})))
+        .await;
+    assert_eq!(
+        bad.recv().await,
+        json!(["1", "1", topic, "phx_reply", {"status": "error", "response": {"reason": "UnableToReplayMessages: Replay params are not valid"}}])
+    );
+    let public = json!(["2", "2", topic, "phx_join", {"config": {"broadcast": {"replay": {"since": 0}}, "private": false}}]);
+    bad.send(&public.to_string()).await;
+    assert_eq!(
+        bad.recv().await,
+        json!(["2", "2", topic, "phx_reply", {"status": "error", "response": {"reason": "UnableToReplayMessages: Replay is not allowed for public channels"}}])
+    );
+}

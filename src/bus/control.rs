@@ -81,6 +81,41 @@ pub struct PrivateChannel {
     /// subscription to `realtime.messages` of this topic), unique within
     /// the gateway; [`Reply::Access`] names it too.
     pub id: String,
+    /// `config.broadcast.replay`: the topic's stored messages to send
+    /// first, once access is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+/// Broadcast Replay: the newest private broadcasts of the topic written
+/// since `since`, at most `limit` (1 to 25), oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replay {
+    /// Unix time in milliseconds.
+    pub since: i64,
+    /// How many at most (Supabase caps it at 25).
+    pub limit: u32,
+}
+
+impl Replay {
+    /// The most a replay sends.
+    pub const MAX: u32 = 25;
+
+    /// Supabase's reading of `config.broadcast.replay`: `since` an
+    /// integer, `limit` an integer when present (default and cap 25, at
+    /// least 1); `None` when they are not.
+    pub fn parse(value: &Value) -> Option<Replay> {
+        let since = value.get("since")?.as_i64()?;
+        let limit = match value.get("limit") {
+            None | Some(Value::Null) => i64::from(Replay::MAX),
+            Some(limit) => limit.as_i64()?,
+        };
+        Some(Replay {
+            since,
+            limit: limit.clamp(1, i64::from(Replay::MAX)) as u32,
+        })
+    }
 }
 
 /// A first write to a private channel (a broadcast or a track), or a REST
@@ -292,6 +327,34 @@ pub enum Reply {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn replay_params_as_supabase_reads_them() {
+        let parse = |v: Value| Replay::parse(&v);
+        assert_eq!(
+            parse(serde_json::json!({"since": 5})),
+            Some(Replay {
+                since: 5,
+                limit: 25
+            })
+        );
+        assert_eq!(
+            parse(serde_json::json!({"since": 5, "limit": 100})),
+            Some(Replay {
+                since: 5,
+                limit: 25
+            })
+        );
+        assert_eq!(
+            parse(serde_json::json!({"since": 5, "limit": 0})),
+            Some(Replay { since: 5, limit: 1 })
+        );
+        assert_eq!(parse(serde_json::json!({"limit": 3})), None);
+        assert_eq!(parse(serde_json::json!({"since": "0"})), None);
+        assert_eq!(parse(serde_json::json!({"since": 1.5})), None);
+        assert_eq!(parse(serde_json::json!({"since": 1, "limit": "2"})), None);
+    }
+
     use super::*;
 
     #[test]

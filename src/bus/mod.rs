@@ -9,7 +9,7 @@ pub mod room;
 
 pub use control::{
     Access, Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, PrivateChannel,
-    Reply, Subscription, WriteCheck, channel_field,
+    Replay, Reply, Subscription, WriteCheck, channel_field,
 };
 pub use event::{write_change_event, write_gateway_event};
 pub use names::{Names, room_key, room_topic};

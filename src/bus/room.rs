@@ -79,6 +79,10 @@ pub struct BroadcastHeader {
     /// their `PrivateChannel::id`. Empty on a room's channel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ids: Vec<String>,
+    /// A replayed message (Broadcast Replay), for the channels in `ids`
+    /// only: sent once, right after their join.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 impl BroadcastHeader {
@@ -92,6 +96,7 @@ impl BroadcastHeader {
             encoding: None,
             meta: None,
             ids: Vec::new(),
+            replayed: false,
         }
     }
 

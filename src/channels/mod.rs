@@ -193,6 +193,98 @@ pub async fn readable(
         .collect())
 }
 
+/// A stored message, as Broadcast Replay sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its id (a uuid's text).
+    pub id: String,
+    /// Its event.
+    pub event: String,
+    /// Its JSON payload's text, or its bytes.
+    pub body: crate::messages::Body,
+}
+
+/// Broadcast Replay: the newest private broadcasts of `subject`'s topic
+/// inserted since `since_ms` (Unix milliseconds), at most `limit`, oldest
+/// first — as Supabase selects them, and only those the subject's policies
+/// show (read as the subject).
+pub async fn replay(
+    pool: &Pool,
+    timeout: Duration,
+    subject: &Subject<'_>,
+    since_ms: i64,
+    limit: u32,
+) -> Result<Vec<Stored>, Error> {
+    let deadline = timeout + CLIENT_GRACE;
+    let mut client = tokio::time::timeout(deadline, pool.get())
+        .await
+        .map_err(|_| Error::Timeout(timeout))??;
+    let sub = serde_json::from_str::<serde_json::Value>(subject.claims)
+        .ok()
+        .and_then(|c| c.get("sub").and_then(|s| s.as_str()).map(str::to_owned))
+        .unwrap_or_default();
+    let limit = i64::from(limit);
+    let asked = async {
+        let tx = client.build_transaction().read_only(true).start().await?;
+        let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
+        tx.execute(
+            "SELECT pg_catalog.set_config('statement_timeout', $1, true), \
+                    pg_catalog.set_config('role', $2, true), \
+                    pg_catalog.set_config('request.jwt.claims', $3, true), \
+                    pg_catalog.set_config('request.jwt.claim.sub', $4, true), \
+                    pg_catalog.set_config('request.jwt.claim.role', $2, true), \
+                    pg_catalog.set_config('realtime.topic', $5, true)",
+            &[
+                &millis,
+                &subject.role,
+                &subject.claims,
+                &sub,
+                &subject.topic,
+            ],
+        )
+        .await?;
+        let rows = tx
+            .query(
+                "SELECT id::text, event, payload::text, binary_payload FROM realtime.messages \
+                 WHERE topic = $1 AND private IS TRUE AND extension = 'broadcast' \
+                   AND inserted_at >= to_timestamp($2::double precision / 1000) \
+                   AND inserted_at < now() + interval '1 minute' \
+                 ORDER BY inserted_at DESC LIMIT $3",
+                &[&subject.topic, &(since_ms as f64), &limit],
+            )
+            .await?;
+        tx.rollback().await?;
+        Ok::<_, tokio_postgres::Error>(rows)
+    };
+    let rows = match tokio::time::timeout(deadline, asked).await {
+        Ok(rows) => rows?,
+        Err(_) => {
+            drop(Object::take(client));
+            return Err(Error::Timeout(timeout));
+        }
+    };
+    let mut stored: Vec<Stored> = rows
+        .iter()
+        .filter_map(|row| {
+            let event: Option<String> = row.get(1);
+            let body = match row.get::<_, Option<Vec<u8>>>(3) {
+                Some(bytes) => crate::messages::Body::Binary(bytes),
+                None => crate::messages::Body::Json(bytes::Bytes::from(
+                    row.get::<_, Option<String>>(2)
+                        .unwrap_or_else(|| "null".to_owned()),
+                )),
+            };
+            Some(Stored {
+                id: row.get(0),
+                event: event?,
+                body,
+            })
+        })
+        .collect();
+    stored.reverse();
+    Ok(stored)
+}
+
 /// The subjects as three parallel arrays.
 fn columns<'a>(subjects: &[Subject<'a>]) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>) {
     (

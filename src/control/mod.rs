@@ -33,7 +33,7 @@ use crate::bus::{
     Subscription, WriteCheck,
 };
 use crate::subscription::{PrivateMember, Shared};
-use crate::{channels, metrics};
+use crate::{channels, messages, metrics};
 
 /// How often the leases of known gateways are checked (the first check
 /// after a (re)connection also compares their hashes with the daemon's
@@ -289,7 +289,9 @@ impl ControlTask {
         let access = self.read_access(&joins).await;
         for ((gateway, channel), access) in joins.into_iter().zip(access) {
             recovered += channel.subscriptions.len();
-            self.join_private(conn, gateway, channel, access).await?;
+            // Replayed once, when the channel joined, not again.
+            self.join_private(conn, gateway, channel, access, false)
+                .await?;
         }
         info!(
             subscriptions = recovered,
@@ -331,7 +333,8 @@ impl ControlTask {
             match control.op {
                 ControlOp::SubscribeChannel { channel } if channel.private.is_some() => {
                     let access = access.next().unwrap_or_else(unreachable_database);
-                    self.join_private(conn, &gateway, &channel, access).await?;
+                    self.join_private(conn, &gateway, &channel, access, true)
+                        .await?;
                 }
                 ControlOp::Authorize { check } => {
                     let (allowed, reason) = writes.next().unwrap_or((None, None));
@@ -351,17 +354,56 @@ impl ControlTask {
 
     /// Registers a private channel that may read (its topic's messages
     /// reach it when it may read broadcasts; its bindings are validated as
-    /// any), and tells its gateway what it may read.
+    /// any), and tells its gateway what it may read; then, when it asked
+    /// for a replay (and `replay`), the stored messages.
     async fn join_private(
         &self,
         conn: &mut MultiplexedConnection,
         gateway: &str,
         channel: &ChannelRegistration,
-        access: Access,
+        mut access: Access,
+        replay: bool,
     ) -> Result<(), Error> {
         let Some(private) = &channel.private else {
             return Ok(());
         };
+        let claims = serde_json::to_string(&*channel.claims).unwrap_or_default();
+        let mut replayed = Vec::new();
+        if let (Some(replay), Access::Read { broadcast, .. }) =
+            (private.replay.filter(|_| replay), &access)
+        {
+            if *broadcast {
+                let subject = channels::Subject {
+                    role: &channel.role,
+                    claims: &claims,
+                    topic: &private.topic,
+                };
+                match channels::replay(
+                    &self.pool,
+                    self.probe_timeout,
+                    &subject,
+                    replay.since,
+                    replay.limit,
+                )
+                .await
+                {
+                    Ok(stored) => replayed = stored,
+                    Err(e) => {
+                        warn!(error = %e, topic = %private.topic, "could not replay messages");
+                        access = Access::Failed(
+                            "UnableToReplayMessages: Realtime was unable to replay messages"
+                                .to_owned(),
+                        );
+                    }
+                }
+            } else {
+                // Supabase: no replay without broadcast read.
+                access = Access::Read {
+                    broadcast: false,
+                    presence: None,
+                };
+            }
+        }
         if let Access::Read {
             broadcast,
             presence,
@@ -373,9 +415,7 @@ impl ControlTask {
                     gateway: Arc::from(gateway),
                     id: Arc::from(private.id.as_str()),
                     role: Arc::from(channel.role.as_str()),
-                    claims_text: Arc::from(
-                        serde_json::to_string(&*channel.claims).unwrap_or_default(),
-                    ),
+                    claims_text: Arc::from(claims.as_str()),
                     topic: Arc::from(private.topic.as_str()),
                 }));
                 self.count_subscriptions();
@@ -390,6 +430,17 @@ impl ControlTask {
                 },
             )
             .await?;
+            for stored in replayed {
+                let message = messages::Message {
+                    id: stored.id,
+                    topic: private.topic.clone(),
+                    event: stored.event,
+                    private: true,
+                    body: stored.body,
+                };
+                let bytes = messages::room_message(&message, vec![private.id.clone()], true);
+                let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
+            }
             for subscription in channel.expand() {
                 self.subscribe(conn, gateway, &subscription).await?;
             }
@@ -397,11 +448,8 @@ impl ControlTask {
         }
         // Denied: nothing of it is held (a refreshed token that lost the
         // topic drops what the earlier one had).
-        let mut removed = Vec::new();
         for id in channel.ids() {
-            if self.shared.remove(gateway, id) {
-                removed.push(id.to_owned());
-            }
+            self.shared.remove(gateway, id);
         }
         self.count_subscriptions();
         debug!(%gateway, topic = %private.topic, ?access, "private channel refused");

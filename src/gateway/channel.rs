@@ -128,6 +128,10 @@ pub enum JoinError {
     /// disconnected after the reply, as Supabase does.
     #[error("ClientJoinRateLimitReached: Too many joins per second")]
     TooManyJoins,
+    /// `config.broadcast.replay` on a public channel, or not Supabase's
+    /// shape.
+    #[error("UnableToReplayMessages: {0}")]
+    Replay(&'static str),
 }
 
 impl JoinError {
@@ -148,6 +152,7 @@ impl JoinError {
             JoinError::Auth(e) => e.code(),
             JoinError::TooManyChannels => "ChannelRateLimitReached",
             JoinError::TooManyJoins => "ClientJoinRateLimitReached",
+            JoinError::Replay(_) => "UnableToReplayMessages",
         }
     }
 }
@@ -254,6 +259,9 @@ pub struct Channel {
     /// Registrations a refresh replaced that hold no bindings to retire
     /// (a private channel's): to unregister at once.
     pub superseded: Vec<Arc<ChannelRegistration>>,
+    /// The ids of the messages replayed to it: the same message arriving
+    /// live is not sent again (Supabase's `already_replayed?`).
+    pub replayed: std::collections::HashSet<String>,
     /// `config.broadcast`.
     pub broadcast: broadcast::Config,
     /// `config.presence`.
@@ -376,6 +384,19 @@ impl Channel {
         }
         reply.push_str("]}}");
         let presence = presence::Config::parse(config.and_then(|c| c.presence));
+        let broadcast = broadcast::Config::parse(config.and_then(|c| c.broadcast));
+        let replay = match (&broadcast.replay, private) {
+            (Value::Null, _) => None,
+            (_, false) => {
+                return Err(JoinError::Replay(
+                    "Replay is not allowed for public channels",
+                ));
+            }
+            (replay, true) => Some(
+                bus::Replay::parse(replay)
+                    .ok_or(JoinError::Replay("Replay params are not valid"))?,
+            ),
+        };
         let name = topic.strip_prefix("realtime:").unwrap_or(topic);
         let registration = Arc::new(ChannelRegistration {
             id: prefix.to_owned(),
@@ -386,6 +407,7 @@ impl Channel {
                 topic: name.to_owned(),
                 presence: presence.enabled,
                 id: format!("{prefix}:p"),
+                replay,
             }),
         });
         let channel = Channel {
@@ -395,7 +417,8 @@ impl Channel {
             read: None,
             writes: Writes::default(),
             superseded: Vec::new(),
-            broadcast: broadcast::Config::parse(config.and_then(|c| c.broadcast)),
+            replayed: std::collections::HashSet::new(),
+            broadcast,
             presence,
             presence_window: presence::Window::new(
                 limits.max_client_presence_events_per_window,
@@ -696,6 +719,8 @@ impl Channel {
                 .as_ref()
                 .map(|p| bus::PrivateChannel {
                     id: renamed(&p.id),
+                    // Replayed once, at the join.
+                    replay: None,
                     ..p.clone()
                 }),
         });

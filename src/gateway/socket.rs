@@ -29,6 +29,7 @@ use super::presence::{self, Request};
 use super::private::{self, Admit, PendingJoin, Read, Waiting};
 use super::quiet::clip;
 use crate::bus;
+use crate::bus::room::Encoding;
 
 /// A reply without content.
 const OK_REPLY: &str = r#"{"status":"ok","response":{}}"#;
@@ -268,6 +269,18 @@ pub async fn serve(
         End::Gone => {}
     }
     debug!(socket = id, "socket closed");
+}
+
+/// A database message's id, from its broadcast metadata (`{"id":…}`).
+fn message_id(meta: &[u8]) -> Option<String> {
+    if meta.is_empty() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(meta)
+        .ok()?
+        .get("id")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Whether a read failed because the client's frame or message was over
@@ -985,6 +998,46 @@ impl Session {
         }
     }
 
+    /// A stored message replayed to channel `id` after its join: JSON as a
+    /// text frame carrying the join ref, bytes as kind 4 (vsn 2.0.0 only),
+    /// as Supabase sends them.
+    fn on_replayed(&mut self, id: &str, event: &RoomEvent) {
+        let RoomEvent::Broadcast(b) = event else {
+            return;
+        };
+        let Some(channel) = self
+            .channels
+            .get_mut(event.topic())
+            .filter(|c| &*c.id == id)
+        else {
+            return;
+        };
+        let Some(user) = &b.user else {
+            return;
+        };
+        if let Some(message_id) = message_id(&user.meta) {
+            channel.replayed.insert(message_id);
+        }
+        if user.encoding == Encoding::Binary {
+            if let Some(frame) = b.frame(self.vsn) {
+                self.out.push_back(frame);
+            }
+            return;
+        }
+        let (Ok(meta), Ok(body)) = (
+            std::str::from_utf8(&user.meta),
+            std::str::from_utf8(&b.body),
+        ) else {
+            return;
+        };
+        let payload = format!(
+            r#"{{"event":{},"meta":{meta},"payload":{body},"type":"broadcast"}}"#,
+            Value::from(user.event.as_str())
+        );
+        let (join_ref, topic) = (channel.join_ref.clone(), channel.topic.clone());
+        self.push(&join_ref, &Value::Null, &topic, "broadcast", &payload);
+    }
+
     /// A room's broadcast or presence diff for channel `id`.
     fn on_room(&mut self, id: &str, event: &RoomEvent) {
         let topic = event.topic();
@@ -996,6 +1049,13 @@ impl Session {
                 // A private channel gets broadcasts only if it may read them.
                 if b.from.as_deref() == Some(id)
                     || (channel.private && !channel.read.is_some_and(|r| r.broadcast))
+                {
+                    return;
+                }
+                // Replayed already: not twice.
+                if !channel.replayed.is_empty()
+                    && let Some(user) = &b.user
+                    && message_id(&user.meta).is_some_and(|m| channel.replayed.contains(&m))
                 {
                     return;
                 }
@@ -1028,6 +1088,7 @@ impl Session {
         match &delivery {
             Delivery::Room(id, event) => self.on_room(id, event),
             Delivery::Access(id, access) => self.on_access(id, access),
+            Delivery::Replayed(id, event) => self.on_replayed(id, event),
             Delivery::Write(id, allowed, reason) => self.on_write(id, *allowed, reason.as_deref()),
             Delivery::PresenceState(id, topic, payload) => {
                 if let Some(c) = self.channels.get(&**topic).filter(|c| c.id == *id) {

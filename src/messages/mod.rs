@@ -160,15 +160,22 @@ pub fn decode(change: &Change) -> Result<Option<Message>, Skip> {
 /// vsn 2.0.0 sockets; JSON with `"meta":{"id":…}` to vsn 1.0.0 sockets,
 /// which never get a binary payload).
 ///
-/// `ids`: on a gateway's channel, the private channels it is for.
-pub fn room_message(message: &Message, ids: Vec<String>) -> Vec<u8> {
+/// `ids`: on a gateway's channel, the private channels it is for;
+/// `replayed`: a Broadcast Replay of a stored message (its meta says so).
+pub fn room_message(message: &Message, ids: Vec<String>, replayed: bool) -> Vec<u8> {
     let (encoding, body) = match &message.body {
         Body::Json(json) => (Encoding::Json, &json[..]),
         Body::Binary(bytes) => (Encoding::Binary, &bytes[..]),
     };
     let mut header = BroadcastHeader::user(None, message.event.clone(), encoding);
-    header.meta = RawValue::from_string(serde_json::json!({ "id": message.id }).to_string()).ok();
+    let meta = if replayed {
+        serde_json::json!({ "id": message.id, "replayed": true })
+    } else {
+        serde_json::json!({ "id": message.id })
+    };
+    header.meta = RawValue::from_string(meta.to_string()).ok();
     header.ids = ids;
+    header.replayed = replayed;
     room::write_broadcast(&header, body)
 }
 

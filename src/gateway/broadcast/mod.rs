@@ -23,12 +23,14 @@ use serde_json::value::RawValue;
 use crate::bus::room::{self, BroadcastHeader, Encoding};
 
 /// `config.broadcast` of a join.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     /// `self`: the sender receives its own broadcasts too.
     pub echo: bool,
     /// `ack`: each broadcast is answered with a `phx_reply`.
     pub ack: bool,
+    /// `replay`, as sent (`null` when absent): validated by the join.
+    pub replay: Value,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +39,8 @@ struct RawConfig {
     echo: Option<Value>,
     #[serde(default)]
     ack: Option<Value>,
+    #[serde(default)]
+    replay: Value,
 }
 
 impl Config {
@@ -49,6 +53,7 @@ impl Config {
         Config {
             echo: raw.echo.as_ref().and_then(flexible_bool).unwrap_or(false),
             ack: raw.ack.as_ref().and_then(flexible_bool).unwrap_or(false),
+            replay: raw.replay,
         }
     }
 }
@@ -139,7 +144,8 @@ mod tests {
             parse(r#"{"self":true,"ack":"TRUE"}"#),
             Config {
                 echo: true,
-                ack: true
+                ack: true,
+                replay: serde_json::Value::Null,
             }
         );
         assert_eq!(parse(r#"{"self":"yes","ack":1}"#), Config::default());

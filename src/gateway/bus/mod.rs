@@ -82,6 +82,9 @@ pub enum Delivery {
     PresenceState(Arc<str>, Arc<str>, Arc<str>),
     /// What a private channel (by its `PrivateChannel::id`) may read.
     Access(String, bus::Access),
+    /// A stored message replayed to the channel (by id) that joined asking
+    /// for it (Broadcast Replay).
+    Replayed(Arc<str>, Arc<RoomEvent>),
     /// A write check's answer (by its id): allowed, or why it is unknown.
     Write(String, Option<bool>, Option<String>),
 }
@@ -132,6 +135,10 @@ impl Delivery {
                 RoomEvent::PresenceDiff(d) => d.payload.len(),
             },
             Delivery::PresenceState(_, _, payload) => payload.len(),
+            Delivery::Replayed(_, event) => match &**event {
+                RoomEvent::Broadcast(b) => b.body.len(),
+                RoomEvent::PresenceDiff(d) => d.payload.len(),
+            },
             _ => 0,
         }
     }
@@ -865,7 +872,15 @@ impl BusTask {
                 .split('.')
                 .next()
                 .unwrap_or(&route.channel.id);
-            deliver(&route.socket, Delivery::Room(Arc::from(channel), event));
+            let channel = Arc::from(channel);
+            deliver(
+                &route.socket,
+                if header.replayed {
+                    Delivery::Replayed(channel, event)
+                } else {
+                    Delivery::Room(channel, event)
+                },
+            );
         }
     }
 }
