@@ -23,6 +23,14 @@
 //! K keys, print how long it took), `alive` (print how many sockets are
 //! still open).
 //!
+//! `--mode private`: socket `i` joins the private channel
+//! `realtime:<topic>:<i mod --topics>` with its own token (`authenticated`,
+//! `sub` `u<i>`, `room` `<i mod --topics>`), as the private-channel
+//! benchmark's policy expects; the messages come from `realtime.send`
+//! (their payload's `t` is the insert time, µs). Command `total N`: wait
+//! until the sockets received N messages in all since `phase` (or nothing
+//! arrives for `--stall-seconds`), then print the phase.
+//!
 //! Everything goes to stdout as one JSON object per line (`"event"`:
 //! `ready`, `progress`, `phase`, `keys`, `alive`); errors go to stderr
 //! with exit code 1. End of stdin closes the sockets.
@@ -56,6 +64,7 @@ const HEARTBEAT: Duration = Duration::from_secs(25);
 enum Mode {
     Broadcast,
     Presence,
+    Private,
 }
 
 #[derive(Parser, Debug)]
@@ -78,6 +87,9 @@ struct Args {
     /// What the sockets do.
     #[arg(long, value_enum)]
     mode: Mode,
+    /// `--mode private`: the sockets spread over this many topics.
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
     /// Sockets connecting and joining at the same time.
     #[arg(long, default_value_t = 128)]
     connect_concurrency: usize,
@@ -201,8 +213,21 @@ async fn open(addr: SocketAddr, token: &str, topic: &str, config: &Value) -> Res
     }
 }
 
+/// Socket `index`'s own token in private mode: its `sub` and `room`.
+fn private_token(secret: &str, index: usize, topics: usize) -> Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
+    sign(
+        secret,
+        &json!({"role": "authenticated", "exp": exp, "sub": format!("u{index}"),
+                "room": (index % topics.max(1)).to_string()}),
+    )
+}
+
 fn config(mode: Mode, index: usize) -> Value {
     match mode {
+        Mode::Private => json!({"broadcast": {"self": false, "ack": false},
+                                "presence": {"key": "", "enabled": false},
+                                "postgres_changes": [], "private": true}),
         Mode::Broadcast => json!({"broadcast": {"self": false, "ack": false},
                                   "presence": {"key": "", "enabled": false},
                                   "postgres_changes": [], "private": false}),
@@ -216,6 +241,8 @@ fn config(mode: Mode, index: usize) -> Value {
 fn sent_at(frame: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"{\"t\":";
     let at = frame.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    // jsonb's text (realtime.send) puts a space after the colon.
+    let at = at + usize::from(frame.get(at) == Some(&b' '));
     let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit());
     let mut n = 0u64;
     for d in digits {
@@ -257,9 +284,23 @@ async fn socket_task(
     mut track: mpsc::UnboundedReceiver<()>,
 ) {
     let addr = args.addr[index % args.addr.len()];
+    let (token, topic) = if args.mode == Mode::Private {
+        match private_token(&args.secret, index, args.topics) {
+            Ok(token) => (
+                Arc::new(token),
+                format!("{}:{}", args.topic, index % args.topics.max(1)),
+            ),
+            Err(e) => {
+                shared.fail(format!("socket {index}: {e:#}"));
+                return;
+            }
+        }
+    } else {
+        (token, args.topic.clone())
+    };
     let opened = async {
         let _permit = permits.acquire().await?;
-        open(addr, &token, &args.topic, &config(args.mode, index)).await
+        open(addr, &token, &topic, &config(args.mode, index)).await
     };
     let mut ws = match opened.await {
         Ok(ws) => ws,
@@ -269,7 +310,7 @@ async fn socket_task(
         }
     };
     shared.joined.fetch_add(1, Ordering::Relaxed);
-    let topic = format!("realtime:{}", args.topic);
+    let topic = format!("realtime:{topic}");
     let mut keys: HashSet<String> = HashSet::new();
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
@@ -407,6 +448,44 @@ async fn expect(shared: &Shared, name: &str, expect: u32, stall: Duration) -> Va
     })
 }
 
+/// Waits until `want` messages arrived in all (private mode: they are
+/// spread over the topics by the sender), then prints the phase.
+async fn total(shared: &Shared, name: &str, want: u64, stall: Duration) -> Value {
+    let stats = &shared.stats;
+    let (mut last, mut last_move) = (0, Instant::now());
+    let complete = loop {
+        let got = stats.messages.load(Ordering::Relaxed);
+        if got >= want {
+            break true;
+        }
+        if got != last {
+            (last, last_move) = (got, Instant::now());
+        } else if last_move.elapsed() > stall {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let messages = stats.messages.load(Ordering::Relaxed);
+    let first_send = stats.first_send_us.load(Ordering::Relaxed);
+    json!({
+        "event": "phase",
+        "phase": name,
+        "complete": complete && messages == want,
+        "sockets": stats.open().count(),
+        "closed": stats.closed.len() - stats.open().count(),
+        "expected": want,
+        "messages": messages,
+        "first_send_us": (first_send != u64::MAX).then_some(first_send),
+        "last_recv_us": stats.last_recv_us.load(Ordering::Relaxed),
+        "latency_ms": {
+            "p50": stats.latencies.quantile_ms(0.50, messages),
+            "p99": stats.latencies.quantile_ms(0.99, messages),
+            "max": stats.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        },
+    })
+}
+
 async fn keys(shared: &Shared, want: u32, stall: Duration) -> Value {
     let stats = &shared.stats;
     let started = Instant::now();
@@ -489,7 +568,7 @@ async fn run(args: Args) -> Result<()> {
         Mode::Broadcast => {
             Some(open(args.addr[0], &token, &args.topic, &config(args.mode, 0)).await?)
         }
-        Mode::Presence => None,
+        Mode::Presence | Mode::Private => None,
     };
     emit(&json!({"event": "ready", "sockets": args.sockets,
                  "joined_seconds": started.elapsed().as_secs_f64()}));
@@ -524,6 +603,10 @@ async fn run(args: Args) -> Result<()> {
                 }
                 emit(&json!({"event": "tracking"}));
             }
+            ["total", n] => {
+                let n: u64 = n.parse().map_err(|e| anyhow!("total {n}: {e}"))?;
+                emit(&total(&shared, &phase, n, stall).await);
+            }
             ["keys", k] => {
                 let k: u32 = k.parse().map_err(|e| anyhow!("keys {k}: {e}"))?;
                 emit(&keys(&shared, k, stall).await);
@@ -555,6 +638,10 @@ mod tests {
         let mut frame = vec![4u8, 12, 1, 0, 1];
         frame.extend_from_slice(br#"realtime:roomb{"t":1733600000123456}"#);
         assert_eq!(sent_at(&frame), Some(1_733_600_000_123_456));
+        assert_eq!(
+            sent_at(br#"{"t": 1733600000123456, "id": "x"}"#),
+            Some(1_733_600_000_123_456)
+        );
         assert_eq!(sent_at(b"nothing"), None);
     }
 

@@ -135,7 +135,8 @@ def prompt_reader(cluster: Cluster, slot: str, changes: int, logs: Path) -> Drai
                      changes, logs)
 
 
-def _scripted(name: str, cmd: list[str], cluster: Cluster, slot: str, changes: int, logs: Path) -> Drain:
+def _scripted(name: str, cmd: list[str], cluster: Cluster, slot: str, changes: int, logs: Path,
+              publication: str = PUBLICATION) -> Drain:
     """A reference that times itself and prints one JSON line: changes,
     seconds, cpu_seconds, peak_rss (its own VmHWM, read as it finishes), or
     error."""
@@ -145,7 +146,7 @@ def _scripted(name: str, cmd: list[str], cluster: Cluster, slot: str, changes: i
         BENCH_PG_PORT=str(cluster.port),
         BENCH_PG_DATABASE="bench",
         BENCH_SLOT=slot,
-        BENCH_PUBLICATION=PUBLICATION,
+        BENCH_PUBLICATION=publication,
         BENCH_EXPECTED=str(changes),
         BENCH_STALL_SECONDS="60",
     )
