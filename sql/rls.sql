@@ -1063,13 +1063,16 @@ END
 $function$;
 
 -- walcast.readable_messages: Broadcast from Database on private topics.
--- Which of these committed rows of realtime.messages (ids, with their
--- topics) may each subject SELECT? A subject's candidates are the rows of
--- its topic; it answers with their 1-based positions. The rows are read
--- as stored (messages are written once), so the policies decide on the
--- committed row. Run it READ ONLY.
+-- Which of these committed rows of realtime.messages (ids with their
+-- inserted_at, so that one partition is searched) may each subject
+-- SELECT? The rows come sorted by topic: a subject's candidates, the rows
+-- of its topic, are ids[firsts[i]:lasts[i]]; it answers with their
+-- 1-based positions in ids. The rows are read as stored (messages are
+-- written once), so the policies decide on the committed row. Run it
+-- READ ONLY.
 CREATE OR REPLACE FUNCTION walcast.readable_messages(
-  ids uuid[], id_topics text[], roles text[], claims text[], topics text[])
+  ids uuid[], inserted timestamp[], roles text[], claims text[], topics text[],
+  firsts integer[], lasts integer[])
 RETURNS TABLE (subject_no integer, visible integer[], error_code text, error_message text)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $function$
@@ -1088,10 +1091,10 @@ BEGIN
       PERFORM pg_catalog.set_config('request.jwt.claim.sub', coalesce(claims[i]::jsonb ->> 'sub', ''), true);
       PERFORM pg_catalog.set_config('request.jwt.claim.role', roles[i], true);
       PERFORM pg_catalog.set_config('realtime.topic', topics[i], true);
-      SELECT coalesce(pg_catalog.array_agg(u.ord::integer), '{}') INTO visible
-        FROM unnest(ids, id_topics) WITH ORDINALITY AS u(id, topic, ord)
-       WHERE u.topic = topics[i]
-         AND EXISTS (SELECT FROM realtime.messages m WHERE m.id = u.id);
+      SELECT coalesce(pg_catalog.array_agg(p::integer), '{}') INTO visible
+        FROM pg_catalog.generate_series(firsts[i], lasts[i]) AS p
+       WHERE EXISTS (SELECT FROM realtime.messages m
+                      WHERE m.id = ids[p] AND m.inserted_at = inserted[p]);
       RAISE SQLSTATE 'WCRB1';
     EXCEPTION
       WHEN SQLSTATE 'WCRB1' THEN NULL;
@@ -1114,7 +1117,7 @@ BEGIN
   REVOKE ALL ON FUNCTION walcast.policy_columns(text, text) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.channel_access(text[], text[], text[], boolean[]) FROM PUBLIC;
   REVOKE ALL ON FUNCTION walcast.channel_write(text[], text[], text[], text[]) FROM PUBLIC;
-  REVOKE ALL ON FUNCTION walcast.readable_messages(uuid[], text[], text[], text[], text[]) FROM PUBLIC;
+  REVOKE ALL ON FUNCTION walcast.readable_messages(uuid[], timestamp[], text[], text[], text[], integer[], integer[]) FROM PUBLIC;
   IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
     EXECUTE format('GRANT USAGE ON SCHEMA walcast TO %I', role_name);
     EXECUTE format('GRANT USAGE ON TYPE walcast.rls_subject TO %I', role_name);
@@ -1130,7 +1133,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.policy_columns(text, text) TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.channel_access(text[], text[], text[], boolean[]) TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.channel_write(text[], text[], text[], text[]) TO %I', role_name);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.readable_messages(uuid[], text[], text[], text[], text[]) TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION walcast.readable_messages(uuid[], timestamp[], text[], text[], text[], integer[], integer[]) TO %I', role_name);
     RAISE NOTICE 'role % may call walcast.visible_rows', quote_ident(role_name);
   ELSE
     RAISE NOTICE 'role % does not exist; walcast.visible_rows is not granted to it (run sql/role.sql first)',

@@ -18,7 +18,7 @@
 //! stops reading WAL, but it keeps sending status updates so the walsender
 //! does not time the connection out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -889,6 +889,9 @@ async fn describe(catalog: &mut Catalog, rel: &pgoutput::Relation) -> Result<Des
 /// gateway gets the message once, naming them.
 type Readers = Vec<(Arc<str>, Vec<Arc<str>>)>;
 
+/// A (role, claims, topic): who is asked about a private topic's messages.
+type Subject = (Arc<str>, Arc<str>, Arc<str>);
+
 /// One (role, claims, topic) asked about a batch's messages, and the
 /// private channels it stands for.
 struct Asked {
@@ -910,50 +913,56 @@ async fn private_readers(
     changes: &[Change],
 ) -> Vec<Readers> {
     let mut out: Vec<Readers> = changes.iter().map(|_| Vec::new()).collect();
-    // The messages (change index, id, topic), and who is asked about them.
-    let mut rows: Vec<(usize, String, String)> = Vec::new();
+    // The private messages: (change index, message).
+    let rows: Vec<(usize, messages::Message)> = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, change)| messages::is_messages_table(&change.relation))
+        .filter_map(|(at, change)| match messages::decode(change) {
+            Ok(Some(message)) if message.private => Some((at, message)),
+            _ => None,
+        })
+        .collect();
+    // Who is asked: each (role, claims, topic) of the members of those
+    // topics, once.
     let mut asked: Vec<Asked> = Vec::new();
     {
         let registry = shared.read();
-        for (at, change) in changes.iter().enumerate() {
-            if !messages::is_messages_table(&change.relation) {
-                continue;
-            }
-            let Ok(Some(message)) = messages::decode(change) else {
-                continue;
-            };
-            let members = registry.private_members(&message.topic);
-            if !message.private || members.is_empty() {
-                continue;
-            }
-            for member in members {
-                let same = |a: &&mut Asked| {
-                    a.role == member.role
-                        && a.claims == member.claims_text
-                        && a.topic == member.topic
-                };
-                match asked.iter_mut().find(same) {
-                    Some(a) => {
-                        if !a.members.iter().any(|m| Arc::ptr_eq(m, member)) {
-                            a.members.push(member.clone());
-                        }
-                    }
-                    None => asked.push(Asked {
+        let mut topics: Vec<&str> = rows.iter().map(|(_, m)| m.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        let mut index: HashMap<Subject, usize> = HashMap::new();
+        for topic in topics {
+            for member in registry.private_members(topic) {
+                let key = (
+                    member.role.clone(),
+                    member.claims_text.clone(),
+                    member.topic.clone(),
+                );
+                let at = *index.entry(key).or_insert_with(|| {
+                    asked.push(Asked {
                         role: member.role.clone(),
                         claims: member.claims_text.clone(),
                         topic: member.topic.clone(),
-                        members: vec![member.clone()],
-                    }),
-                }
+                        members: Vec::new(),
+                    });
+                    asked.len() - 1
+                });
+                asked[at].members.push(member.clone());
             }
-            rows.push((at, message.id, message.topic));
         }
     }
     if asked.is_empty() {
         return out;
     }
-    let ids: Vec<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
-    let topics: Vec<&str> = rows.iter().map(|(_, _, topic)| topic.as_str()).collect();
+    let asked_rows: Vec<channels::Row<'_>> = rows
+        .iter()
+        .map(|(_, m)| channels::Row {
+            id: &m.id,
+            inserted_at: &m.inserted_at,
+            topic: &m.topic,
+        })
+        .collect();
     let subjects: Vec<channels::Subject<'_>> = asked
         .iter()
         .map(|a| channels::Subject {
@@ -963,7 +972,7 @@ async fn private_readers(
         })
         .collect();
     let started = Instant::now();
-    let outcomes = channels::readable(pool, timeout, &ids, &topics, &subjects).await;
+    let outcomes = channels::readable(pool, timeout, &asked_rows, &subjects).await;
     metrics::histogram!(metrics::RLS_CHECK_SECONDS).record(started.elapsed().as_secs_f64());
     metrics::counter!(metrics::RLS_CHECKS).increment(1);
     let outcomes = match outcomes {
@@ -984,7 +993,7 @@ async fn private_readers(
             }
         };
         for row in visible {
-            let Some((at, _, _)) = rows.get(row as usize) else {
+            let Some((at, _)) = rows.get(row as usize) else {
                 continue;
             };
             for member in &a.members {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use serde_json::json;
 use tokio_postgres::Client;
-use walcast::channels::{self, Outcome, Read, Subject};
+use walcast::channels::{self, Outcome, Read, Row, Subject};
 
 use crate::check::walcast;
 use crate::support::rng::Rng;
@@ -280,13 +280,14 @@ async fn batched_channel_authorization_equals_postgres_asked_alone() {
         let stored = stack
             .client
             .query(
-                "SELECT id::text, topic FROM realtime.messages ORDER BY topic, private",
+                "SELECT id::text, topic, inserted_at::text FROM realtime.messages ORDER BY random()",
                 &[],
             )
             .await
             .expect("stored");
         let ids: Vec<String> = stored.iter().map(|r| r.get(0)).collect();
         let topics: Vec<String> = stored.iter().map(|r| r.get(1)).collect();
+        let inserted: Vec<String> = stored.iter().map(|r| r.get(2)).collect();
 
         let subjects: Vec<(String, String, String)> =
             (0..SUBJECTS).map(|_| subject(&mut rng)).collect();
@@ -308,9 +309,15 @@ async fn batched_channel_authorization_equals_postgres_asked_alone() {
         let writes = channels::write(&pool, TIMEOUT, &asked, &extensions)
             .await
             .expect("write");
-        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let readable = channels::readable(&pool, TIMEOUT, &id_refs, &topic_refs, &asked)
+        // In no order: walcast sorts them by topic itself.
+        let rows: Vec<Row<'_>> = (0..ids.len())
+            .map(|i| Row {
+                id: &ids[i],
+                inserted_at: &inserted[i],
+                topic: &topics[i],
+            })
+            .collect();
+        let readable = channels::readable(&pool, TIMEOUT, &rows, &asked)
             .await
             .expect("readable");
         assert_eq!(reads.len(), SUBJECTS);

@@ -153,31 +153,61 @@ pub async fn write(
         .collect())
 }
 
-/// Which of the committed messages (`ids`, a uuid's text each, with their
-/// topics) may each subject read? Its candidates are the messages of its
-/// topic; the answer lists their positions in `ids` (0-based).
+/// A committed message, as [`readable`] asks about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    /// Its id (a uuid's text).
+    pub id: &'a str,
+    /// Its `inserted_at` (timestamp text): the partition to look in.
+    pub inserted_at: &'a str,
+    /// Its topic.
+    pub topic: &'a str,
+}
+
+/// Which of the committed messages may each subject read? Its candidates
+/// are the messages of its topic; the answer lists their positions in
+/// `rows` (0-based). The rows go sorted by topic, so that each subject
+/// reads only its own.
 pub async fn readable(
     pool: &Pool,
     timeout: Duration,
-    ids: &[&str],
-    id_topics: &[&str],
+    rows: &[Row<'_>],
     subjects: &[Subject<'_>],
 ) -> Result<Vec<Outcome<Vec<u32>>>, Error> {
     if subjects.is_empty() {
         return Ok(Vec::new());
     }
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].topic);
+    let ids: Vec<&str> = order.iter().map(|&i| rows[i].id).collect();
+    let inserted: Vec<&str> = order.iter().map(|&i| rows[i].inserted_at).collect();
+    // Each subject's range of the sorted rows, 1-based (empty: 1..0).
+    let (mut firsts, mut lasts) = (Vec::with_capacity(subjects.len()), Vec::new());
+    for subject in subjects {
+        let from = order.partition_point(|&i| rows[i].topic < subject.topic);
+        let to = order.partition_point(|&i| rows[i].topic <= subject.topic);
+        if from < to {
+            firsts.push(from as i32 + 1);
+            lasts.push(to as i32);
+        } else {
+            firsts.push(1);
+            lasts.push(0);
+        }
+    }
     let (roles, claims, topics) = columns(subjects);
-    let params: [&(dyn ToSql + Sync); 5] = [&ids, &id_topics, &roles, &claims, &topics];
-    let rows = call(
+    let params: [&(dyn ToSql + Sync); 7] =
+        [&ids, &inserted, &roles, &claims, &topics, &firsts, &lasts];
+    let answer = call(
         pool,
         timeout,
         true,
         "SELECT subject_no, visible, error_code, error_message \
-         FROM walcast.readable_messages($1::text[]::uuid[], $2, $3, $4, $5) ORDER BY subject_no",
+         FROM walcast.readable_messages($1::text[]::uuid[], $2::text[]::timestamp[], $3, $4, $5, $6, $7) \
+         ORDER BY subject_no",
         &params,
     )
     .await?;
-    Ok(rows
+    Ok(answer
         .iter()
         .map(|row| {
             failure(row, 2).unwrap_or_else(|| {
@@ -185,7 +215,8 @@ pub async fn readable(
                 Outcome::Decided(
                     visible
                         .into_iter()
-                        .filter_map(|p| u32::try_from(p - 1).ok())
+                        .filter_map(|p| usize::try_from(p - 1).ok())
+                        .filter_map(|p| order.get(p).and_then(|&i| u32::try_from(i).ok()))
                         .collect(),
                 )
             })

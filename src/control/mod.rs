@@ -434,6 +434,7 @@ impl ControlTask {
                 let message = messages::Message {
                     id: stored.id,
                     topic: private.topic.clone(),
+                    inserted_at: String::new(),
                     event: stored.event,
                     private: true,
                     body: stored.body,

@@ -59,6 +59,9 @@ pub struct Message {
     pub id: String,
     /// The topic (the channel's name without `realtime:`).
     pub topic: String,
+    /// Its `inserted_at`, as the WAL carries it (timestamp text): with the
+    /// id, the row's key.
+    pub inserted_at: String,
     /// The user event.
     pub event: String,
     /// Whether only sockets authorized on the private channel get it.
@@ -123,7 +126,7 @@ pub fn decode(change: &Change) -> Result<Option<Message>, Skip> {
     let id = text("id")?;
     let topic = text("topic")?;
     let event = text("event")?;
-    column("inserted_at").ok_or(Skip::Missing("inserted_at"))?;
+    let inserted_at = text("inserted_at")?;
     let private = match column("private").map(|b| &b[..]) {
         Some(b"t") => true,
         Some(b"f") => false,
@@ -149,6 +152,7 @@ pub fn decode(change: &Change) -> Result<Option<Message>, Skip> {
     Ok(Some(Message {
         id,
         topic,
+        inserted_at,
         event,
         private,
         body,
