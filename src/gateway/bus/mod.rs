@@ -480,6 +480,15 @@ impl BusTask {
                 }
                 message = room_messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
+                    // The commands queued before it first: a channel whose
+                    // join was answered before this message was published
+                    // is in the room when it is handed out (its JoinRoom is
+                    // among them). Only those already queued: a flood of
+                    // new ones cannot hold the message back.
+                    for _ in 0..self.commands.len() {
+                        let Ok(command) = self.commands.try_recv() else { break };
+                        self.execute(&mut conn, &mut room_listener, command).await?;
+                    }
                     if let Some(room) = self.rooms.room_of(message.get_channel_name()) {
                         let room = room.to_owned();
                         self.rooms.on_message(&room, message.get_payload_bytes());
