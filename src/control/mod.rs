@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 pub use validate::{Validator, Verdict};
 
 use crate::bus::{
-    self, Access, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names, Reply,
-    Subscription, WriteCheck,
+    self, Access, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names,
+    PrivateChannel, Reply, Subscription, WriteCheck,
 };
 use crate::subscription::{PrivateMember, Shared};
 use crate::{channels, messages, metrics};
@@ -60,6 +60,8 @@ pub enum Error {
     Disconnected,
 }
 
+/// Private channels asked about in one call at most.
+const PROBES_PER_CALL: usize = 500;
 /// Control messages handled together at most (the rest wait their turn).
 const MAX_BATCH: usize = 256;
 /// A probe that could not run: Supabase's reason.
@@ -289,6 +291,18 @@ impl ControlTask {
         let access = self.read_access(&joins).await;
         for ((gateway, channel), access) in joins.into_iter().zip(access) {
             recovered += channel.subscriptions.len();
+            // Authorized at its join: a database that cannot be asked now
+            // does not close it. It is held as it was (its gateway still
+            // gates what it may read) and asked again at the next restart.
+            if access == unreachable_database()
+                && let Some(private) = &channel.private
+            {
+                self.hold_private(gateway, channel, private);
+                for subscription in channel.expand() {
+                    self.subscribe(conn, gateway, &subscription).await?;
+                }
+                continue;
+            }
             // Replayed once, when the channel joined, not again.
             self.join_private(conn, gateway, channel, access, false)
                 .await?;
@@ -411,14 +425,7 @@ impl ControlTask {
             && (*broadcast || *presence == Some(true))
         {
             if *broadcast {
-                self.shared.add_private(Arc::new(PrivateMember {
-                    gateway: Arc::from(gateway),
-                    id: Arc::from(private.id.as_str()),
-                    role: Arc::from(channel.role.as_str()),
-                    claims_text: Arc::from(claims.as_str()),
-                    topic: Arc::from(private.topic.as_str()),
-                }));
-                self.count_subscriptions();
+                self.hold_private(gateway, channel, private);
             }
             self.reply(
                 conn,
@@ -466,6 +473,19 @@ impl ControlTask {
         .await
     }
 
+    /// Holds a private channel that may read broadcasts: its topic's
+    /// messages are asked about for it.
+    fn hold_private(&self, gateway: &str, channel: &ChannelRegistration, private: &PrivateChannel) {
+        self.shared.add_private(Arc::new(PrivateMember {
+            gateway: Arc::from(gateway),
+            id: Arc::from(private.id.as_str()),
+            role: Arc::from(channel.role.as_str()),
+            claims_text: Arc::from(serde_json::to_string(&*channel.claims).unwrap_or_default()),
+            topic: Arc::from(private.topic.as_str()),
+        }));
+        self.count_subscriptions();
+    }
+
     /// The read access of each private join, in one call.
     async fn read_access(&self, joins: &[(&str, &ChannelRegistration)]) -> Vec<Access> {
         if joins.is_empty() {
@@ -486,17 +506,27 @@ impl ControlTask {
             });
             presence.push(private.is_some_and(|p| p.presence));
         }
-        match channels::access(&self.pool, self.probe_timeout, &subjects, &presence).await {
-            Ok(outcomes) => outcomes
-                .into_iter()
-                .zip(&presence)
-                .map(|(outcome, &presence)| read_outcome(outcome, presence))
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, joins = joins.len(), "could not authorize private channels");
-                joins.iter().map(|_| unreachable_database()).collect()
+        // In calls of at most PROBES_PER_CALL, so that a registry read back
+        // with many private channels does not run into the timeout.
+        let mut out = Vec::with_capacity(joins.len());
+        for (subjects, presence) in subjects
+            .chunks(PROBES_PER_CALL)
+            .zip(presence.chunks(PROBES_PER_CALL))
+        {
+            match channels::access(&self.pool, self.probe_timeout, subjects, presence).await {
+                Ok(outcomes) => out.extend(
+                    outcomes
+                        .into_iter()
+                        .zip(presence)
+                        .map(|(outcome, &presence)| read_outcome(outcome, presence)),
+                ),
+                Err(e) => {
+                    warn!(error = %e, joins = subjects.len(), "could not authorize private channels");
+                    out.extend(subjects.iter().map(|_| unreachable_database()));
+                }
             }
         }
+        out
     }
 
     /// The answer to each write check, in one call: allowed, or why it is
