@@ -17,36 +17,51 @@ use crate::rooms::{
 use crate::support::stack::{DB, Stack};
 use crate::support::{Daemon, eventually};
 
-/// A stack after `walcast setup`, a daemon logged in as the `walcast` role
-/// it created, and a gateway.
-async fn start() -> (Stack, Daemon, Gateway) {
-    let stack = Stack::start().await;
+/// `walcast setup` on the stack's database (as its superuser); its output.
+pub(crate) fn setup(stack: &Stack) -> String {
     let applied = walcast(
         &["setup"],
         &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
     );
     assert_eq!(applied.code, Some(0), "{}", applied.output);
-    // Yesterday to three days ahead.
-    assert_eq!(
-        applied
-            .output
-            .matches("created partition realtime.messages_")
-            .count(),
-        5,
-        "{}",
-        applied.output
-    );
+    applied.output
+}
+
+/// The daemon's environment: no firehose, logged in as the `walcast` role
+/// `walcast setup` created.
+pub(crate) fn daemon_env(stack: &Stack) -> Vec<(&'static str, String)> {
     let mut env = stack.gateway_env();
     env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
     env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
-    let daemon = Daemon::spawn(&["run"], &env);
+    env
+}
+
+/// A stack after `walcast setup` and `sql` (run as the superuser), a
+/// streaming daemon as the `walcast` role, and a gateway.
+pub(crate) async fn start_with(sql: &str) -> (Stack, Daemon, Gateway) {
+    let stack = Stack::start().await;
+    let output = setup(&stack);
+    // Yesterday to three days ahead.
+    assert_eq!(
+        output
+            .matches("created partition realtime.messages_")
+            .count(),
+        5,
+        "{output}"
+    );
+    stack.client.batch_execute(sql).await.expect("sql");
+    let daemon = Daemon::spawn(&["run"], &daemon_env(&stack));
     stack.wait_streaming("walcast", &daemon).await;
     let gateway = Gateway::spawn(&stack.redis.url()).await;
     (stack, daemon, gateway)
 }
 
+async fn start() -> (Stack, Daemon, Gateway) {
+    start_with("").await
+}
+
 /// The `id` of the newest message of `topic`.
-async fn last_id(stack: &Stack, topic: &str) -> String {
+pub(crate) async fn last_id(stack: &Stack, topic: &str) -> String {
     stack
         .client
         .query_one(
@@ -59,7 +74,7 @@ async fn last_id(stack: &Stack, topic: &str) -> String {
 }
 
 /// A binary frame's bytes.
-fn binary(frame: Message) -> Vec<u8> {
+pub(crate) fn binary(frame: Message) -> Vec<u8> {
     match frame {
         Message::Binary(bytes) => bytes.to_vec(),
         other => panic!("expected a binary frame, got {other:?}"),
@@ -196,11 +211,7 @@ async fn database_broadcasts_reach_public_topics_as_supabase_sends_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_changes_trigger_writes_each_row_change_as_supabase_does() {
     let stack = Stack::start().await;
-    let applied = walcast(
-        &["setup"],
-        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
-    );
-    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    setup(&stack);
     stack
         .client
         .batch_execute(GAMES_TRIGGER)
@@ -273,11 +284,7 @@ pub(crate) const GAMES_TRIGGER: &str = "CREATE TABLE games (id bigint PRIMARY KE
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_keeps_partitions_ahead_and_drops_those_past_the_retention() {
     let stack = Stack::start().await;
-    let applied = walcast(
-        &["setup"],
-        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
-    );
-    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    setup(&stack);
     // An old partition, one the daemon must not touch (not its name
     // pattern), and a missing one ahead.
     stack
@@ -306,10 +313,7 @@ async fn the_daemon_keeps_partitions_ahead_and_drops_those_past_the_retention() 
         .batch_execute(&format!("DROP TABLE realtime.{ahead}"))
         .await
         .expect("drop");
-    let mut env = stack.gateway_env();
-    env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
-    env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
-    let daemon = Daemon::spawn(&["run"], &env);
+    let daemon = Daemon::spawn(&["run"], &daemon_env(&stack));
     let partitions = || async {
         let rows = stack
             .client
@@ -359,11 +363,7 @@ async fn setup_after_the_slot_exists_loses_no_change_and_broadcasts_start() {
         .batch_execute("INSERT INTO items VALUES (1)")
         .await
         .expect("insert");
-    let applied = walcast(
-        &["setup"],
-        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
-    );
-    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    setup(&stack);
     stack
         .client
         .batch_execute("INSERT INTO items VALUES (2)")

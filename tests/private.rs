@@ -6,9 +6,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::check::walcast;
+use crate::db_broadcast::{binary, daemon_env, last_id, start_with};
 use crate::gateway::{Client, Gateway, now, token_with};
 use crate::rooms::{next, nothing, user_broadcast_with_meta};
 use crate::support::stack::{DB, Stack};
@@ -32,29 +31,7 @@ pub(crate) const POLICIES: &str = "
 /// A stack after `walcast setup` with [`POLICIES`], a daemon logged in as
 /// the `walcast` role, and a gateway.
 pub(crate) async fn start() -> (Stack, Daemon, Gateway) {
-    let stack = Stack::start().await;
-    let applied = walcast(
-        &["setup"],
-        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
-    );
-    assert_eq!(applied.code, Some(0), "{}", applied.output);
-    stack
-        .client
-        .batch_execute(POLICIES)
-        .await
-        .expect("policies");
-    let daemon = Daemon::spawn(&["run"], &daemon_env(&stack));
-    stack.wait_streaming("walcast", &daemon).await;
-    let gateway = Gateway::spawn(&stack.redis.url()).await;
-    (stack, daemon, gateway)
-}
-
-/// The daemon's environment: no firehose, logged in as `walcast`.
-fn daemon_env(stack: &Stack) -> Vec<(&'static str, String)> {
-    let mut env = stack.gateway_env();
-    env.retain(|(k, _)| *k != "WALCAST_DATABASE_URL");
-    env.push(("WALCAST_DATABASE_URL", stack.pg.url("walcast", DB)));
-    env
+    start_with(POLICIES).await
 }
 
 /// An `authenticated` token for `sub` with `extra` claims.
@@ -90,26 +67,6 @@ async fn join(
 
 fn ok_reply(join_ref: &str, topic: &str) -> Value {
     json!([join_ref, join_ref, topic, "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}])
-}
-
-/// A binary frame's bytes.
-fn binary(frame: Message) -> Vec<u8> {
-    match frame {
-        Message::Binary(bytes) => bytes.to_vec(),
-        other => panic!("expected a binary frame, got {other:?}"),
-    }
-}
-
-async fn last_id(stack: &Stack, topic: &str) -> String {
-    stack
-        .client
-        .query_one(
-            "SELECT id::text FROM realtime.messages WHERE topic = $1 ORDER BY inserted_at DESC LIMIT 1",
-            &[&topic],
-        )
-        .await
-        .expect("message id")
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

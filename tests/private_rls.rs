@@ -14,7 +14,6 @@ use serde_json::json;
 use tokio_postgres::Client;
 use walcast::channels::{self, Outcome, Read, Row, Subject};
 
-use crate::check::walcast;
 use crate::support::rng::Rng;
 use crate::support::stack::{DB, Stack};
 
@@ -232,11 +231,7 @@ fn pool(stack: &Stack) -> Pool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_channel_authorization_equals_postgres_asked_alone() {
     let stack = Stack::start().await;
-    let applied = walcast(
-        &["setup"],
-        &[("WALCAST_ADMIN_DATABASE_URL", stack.pg.url("postgres", DB))],
-    );
-    assert_eq!(applied.code, Some(0), "{}", applied.output);
+    crate::db_broadcast::setup(&stack);
     stack
         .client
         .batch_execute(walcast::rls::INSTALL_SQL)

@@ -418,59 +418,51 @@ impl ControlTask {
                 };
             }
         }
-        if let Access::Read {
-            broadcast,
-            presence,
-        } = &access
-            && (*broadcast || *presence == Some(true))
-        {
-            if *broadcast {
-                self.hold_private(gateway, channel, private);
+        let granted = match &access {
+            Access::Read {
+                broadcast,
+                presence,
+            } => (*broadcast || *presence == Some(true)).then_some(*broadcast),
+            Access::Failed(_) => None,
+        };
+        match granted {
+            Some(true) => self.hold_private(gateway, channel, private),
+            Some(false) => {}
+            None => {
+                // Denied: nothing of it is held (a refreshed token that
+                // lost the topic drops what the earlier one had).
+                for id in channel.ids() {
+                    self.shared.remove(gateway, id);
+                }
+                self.count_subscriptions();
+                debug!(%gateway, topic = %private.topic, ?access, "private channel refused");
             }
-            self.reply(
-                conn,
-                gateway,
-                &Reply::Access {
-                    v: bus::VERSION,
-                    id: private.id.clone(),
-                    access,
-                },
-            )
-            .await?;
-            for stored in replayed {
-                let message = messages::Message {
-                    id: stored.id,
-                    topic: private.topic.clone(),
-                    inserted_at: String::new(),
-                    event: stored.event,
-                    private: true,
-                    body: stored.body,
-                };
-                let bytes = messages::room_message(&message, vec![private.id.clone()], true);
-                let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
-            }
-            for subscription in channel.expand() {
-                self.subscribe(conn, gateway, &subscription).await?;
-            }
+        }
+        let reply = Reply::Access {
+            v: bus::VERSION,
+            id: private.id.clone(),
+            access,
+        };
+        self.reply(conn, gateway, &reply).await?;
+        if granted.is_none() {
             return Ok(());
         }
-        // Denied: nothing of it is held (a refreshed token that lost the
-        // topic drops what the earlier one had).
-        for id in channel.ids() {
-            self.shared.remove(gateway, id);
+        for stored in replayed {
+            let message = messages::Message {
+                id: stored.id,
+                topic: private.topic.clone(),
+                inserted_at: String::new(),
+                event: stored.event,
+                private: true,
+                body: stored.body,
+            };
+            let bytes = messages::room_message(&message, vec![private.id.clone()], true);
+            let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
         }
-        self.count_subscriptions();
-        debug!(%gateway, topic = %private.topic, ?access, "private channel refused");
-        self.reply(
-            conn,
-            gateway,
-            &Reply::Access {
-                v: bus::VERSION,
-                id: private.id.clone(),
-                access,
-            },
-        )
-        .await
+        for subscription in channel.expand() {
+            self.subscribe(conn, gateway, &subscription).await?;
+        }
+        Ok(())
     }
 
     /// Holds a private channel that may read broadcasts: its topic's

@@ -113,6 +113,20 @@ pub struct Read {
 }
 
 impl Read {
+    /// What the daemon's answer grants; `None` when it could not say.
+    pub fn of(access: &crate::bus::Access) -> Option<Read> {
+        match access {
+            crate::bus::Access::Read {
+                broadcast,
+                presence,
+            } => Some(Read {
+                broadcast: *broadcast,
+                presence: *presence,
+            }),
+            crate::bus::Access::Failed(_) => None,
+        }
+    }
+
     /// Whether the channel may stay: it reads something.
     pub fn any(&self) -> bool {
         self.broadcast || self.presence == Some(true)

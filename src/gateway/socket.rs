@@ -733,23 +733,15 @@ impl Session {
         if let Some(topic) = waiting
             && let Some(mut pending) = self.pending_joins.remove(&topic)
         {
-            let refused = match access {
-                bus::Access::Read {
-                    broadcast,
-                    presence,
-                } => {
-                    let read = Read {
-                        broadcast: *broadcast,
-                        presence: *presence,
-                    };
-                    if read.any() {
-                        pending.channel.read = Some(read);
-                        self.open(pending.channel, &pending.reference, &pending.reply);
-                        return;
-                    }
-                    private::unauthorized(pending.channel.name())
+            let refused = match (Read::of(access), access) {
+                (Some(read), _) if read.any() => {
+                    pending.channel.read = Some(read);
+                    self.open(pending.channel, &pending.reference, &pending.reply);
+                    return;
                 }
-                bus::Access::Failed(reason) => reason.clone(),
+                (Some(_), _) => private::unauthorized(pending.channel.name()),
+                (None, bus::Access::Failed(reason)) => reason.clone(),
+                (None, _) => private::UNREACHABLE.to_owned(),
             };
             self.ctx.metrics.join_refused("Unauthorized");
             debug!(socket = self.handle.id, topic = %clip(&topic), reason = %refused, "private join refused");
@@ -762,15 +754,8 @@ impl Session {
             return;
         };
         let topic = channel.topic.clone();
-        let failed = match access {
-            bus::Access::Read {
-                broadcast,
-                presence,
-            } => {
-                let read = Read {
-                    broadcast: *broadcast,
-                    presence: *presence,
-                };
+        let failed = match (Read::of(access), access) {
+            (Some(read), _) => {
                 let before = channel.read.replace(read);
                 if before.is_some_and(|before| read.lost(&before)) {
                     Some(private::no_longer(channel.name()))
@@ -780,7 +765,8 @@ impl Session {
                     None
                 }
             }
-            bus::Access::Failed(reason) => Some(reason.clone()),
+            (None, bus::Access::Failed(reason)) => Some(reason.clone()),
+            (None, _) => Some(private::UNREACHABLE.to_owned()),
         };
         if let Some(message) = failed {
             self.fail_channel(&topic, &message);
