@@ -85,6 +85,16 @@ async fn private_joins_writes_and_database_broadcasts_follow_the_policies() {
         join(&mut bob, "1", topic, &user("bob", json!({})), false).await,
         json!(["1", "1", topic, "phx_reply", {"status": "error", "response": {"reason": "Unauthorized: You do not have permissions to read from this Channel topic: room:1"}}])
     );
+    // A token naming a role outside allowed_roles (here the table's
+    // owner, who bypasses the policies) is refused before any probe.
+    let mut owner = gateway.connect(Some("2.0.0")).await;
+    let as_owner = token_with(
+        &json!({"role": "supabase_realtime_admin", "exp": now() + 3600, "sub": "alice"}),
+    );
+    assert_eq!(
+        join(&mut owner, "1", topic, &as_owner, false).await,
+        json!(["1", "1", topic, "phx_reply", {"status": "error", "response": {"reason": "Unauthorized: You do not have permissions to read from this Channel topic: room:1"}}])
+    );
     // Presence read alone lets a join with presence in.
     let mut carol = gateway.connect(Some("2.0.0")).await;
     assert_eq!(
@@ -102,6 +112,14 @@ async fn private_joins_writes_and_database_broadcasts_follow_the_policies() {
         carol.recv().await,
         json!(["1", null, topic, "presence_state", {}])
     );
+    // Presence enabled but not readable: no presence_state, no diffs.
+    let mut dave = gateway.connect(Some("2.0.0")).await;
+    assert_eq!(
+        join(&mut dave, "1", topic, &user("alice", json!({})), true).await,
+        ok_reply("1", topic)
+    );
+    nothing(&mut dave).await;
+    drop(dave);
     // A public channel of the same name is another room.
     let mut public = gateway.connect(Some("2.0.0")).await;
     public

@@ -381,62 +381,69 @@ impl ControlTask {
         let Some(private) = &channel.private else {
             return Ok(());
         };
-        let claims = serde_json::to_string(&*channel.claims).unwrap_or_default();
-        let mut replayed = Vec::new();
-        if let (Some(replay), Access::Read { broadcast, .. }) =
-            (private.replay.filter(|_| replay), &access)
-        {
-            if *broadcast {
-                let subject = channels::Subject {
-                    role: &channel.role,
-                    claims: &claims,
-                    topic: &private.topic,
-                };
-                match channels::replay(
-                    &self.pool,
-                    self.probe_timeout,
-                    &subject,
-                    replay.since,
-                    replay.limit,
-                )
-                .await
-                {
-                    Ok(stored) => replayed = stored,
-                    Err(e) => {
-                        warn!(error = %e, topic = %private.topic, "could not replay messages");
-                        access = Access::Failed(
-                            "UnableToReplayMessages: Realtime was unable to replay messages"
-                                .to_owned(),
-                        );
-                    }
-                }
-            } else {
-                // Supabase: no replay without broadcast read.
-                access = Access::Read {
+        let replay = private.replay.filter(|_| replay);
+        if replay.is_some()
+            && matches!(
+                access,
+                Access::Read {
                     broadcast: false,
-                    presence: None,
-                };
-            }
+                    ..
+                }
+            )
+        {
+            // Supabase: no replay without broadcast read.
+            access = Access::Read {
+                broadcast: false,
+                presence: None,
+            };
         }
-        let granted = match &access {
+        let mut granted = match &access {
             Access::Read {
                 broadcast,
                 presence,
             } => (*broadcast || *presence == Some(true)).then_some(*broadcast),
             Access::Failed(_) => None,
         };
-        match granted {
-            Some(true) => self.hold_private(gateway, channel, private),
-            Some(false) => {}
-            None => {
-                // Denied: nothing of it is held (a refreshed token that
-                // lost the topic drops what the earlier one had).
-                for id in channel.ids() {
-                    self.shared.remove(gateway, id);
+        if granted == Some(true) {
+            self.hold_private(gateway, channel, private);
+        }
+        // After it is held: a message committed meanwhile reaches it live
+        // (the gateway sends one copy of a message both live and replayed).
+        let mut replayed = Vec::new();
+        if let (Some(true), Some(replay)) = (granted, replay) {
+            let claims = serde_json::to_string(&*channel.claims).unwrap_or_default();
+            let subject = channels::Subject {
+                role: &channel.role,
+                claims: &claims,
+                topic: &private.topic,
+            };
+            match channels::replay(
+                &self.pool,
+                self.probe_timeout,
+                &subject,
+                replay.since,
+                replay.limit,
+            )
+            .await
+            {
+                Ok(stored) => replayed = stored,
+                Err(e) => {
+                    warn!(error = %e, topic = %private.topic, "could not replay messages");
+                    access = Access::Failed(
+                        "UnableToReplayMessages: Realtime was unable to replay messages".to_owned(),
+                    );
+                    granted = None;
                 }
-                self.count_subscriptions();
-                debug!(%gateway, topic = %private.topic, ?access, "private channel refused");
             }
+        }
+        if granted.is_none() {
+            // Denied: nothing of it is held (a refreshed token that lost
+            // the topic drops what the earlier one had).
+            for id in channel.ids() {
+                self.shared.remove(gateway, id);
+            }
+            self.count_subscriptions();
+            debug!(%gateway, topic = %private.topic, ?access, "private channel refused");
         }
         let reply = Reply::Access {
             v: bus::VERSION,
@@ -483,6 +490,38 @@ impl ControlTask {
         if joins.is_empty() {
             return Vec::new();
         }
+        // A role outside allowed_roles is refused without asking (its
+        // token could name the table's owner, who bypasses the policies).
+        let allowed: Vec<bool> = {
+            let validator = self.validator.lock().await;
+            joins
+                .iter()
+                .map(|(_, c)| validator.allows_role(&c.role))
+                .collect()
+        };
+        if allowed.iter().any(|a| !a) {
+            let asked: Vec<(&str, &ChannelRegistration)> = joins
+                .iter()
+                .zip(&allowed)
+                .filter_map(|(join, &ok)| ok.then_some(*join))
+                .collect();
+            let mut answers = Box::pin(self.read_access(&asked)).await.into_iter();
+            return joins
+                .iter()
+                .zip(allowed)
+                .map(|((_, channel), ok)| {
+                    if ok {
+                        answers.next().unwrap_or_else(unreachable_database)
+                    } else {
+                        let presence = channel.private.as_ref().is_some_and(|p| p.presence);
+                        Access::Read {
+                            broadcast: false,
+                            presence: presence.then_some(false),
+                        }
+                    }
+                })
+                .collect();
+        }
         let claims: Vec<String> = joins
             .iter()
             .map(|(_, c)| serde_json::to_string(&*c.claims).unwrap_or_default())
@@ -526,6 +565,34 @@ impl ControlTask {
     async fn write_access(&self, checks: &[&WriteCheck]) -> Vec<(Option<bool>, Option<String>)> {
         if checks.is_empty() {
             return Vec::new();
+        }
+        // A role outside allowed_roles may not write (see read_access).
+        let allowed: Vec<bool> = {
+            let validator = self.validator.lock().await;
+            checks
+                .iter()
+                .map(|c| validator.allows_role(&c.role))
+                .collect()
+        };
+        if allowed.iter().any(|a| !a) {
+            let asked: Vec<&WriteCheck> = checks
+                .iter()
+                .zip(&allowed)
+                .filter_map(|(check, &ok)| ok.then_some(*check))
+                .collect();
+            let mut answers = Box::pin(self.write_access(&asked)).await.into_iter();
+            return allowed
+                .into_iter()
+                .map(|ok| {
+                    if ok {
+                        answers
+                            .next()
+                            .unwrap_or((None, Some(UNREACHABLE.to_owned())))
+                    } else {
+                        (Some(false), None)
+                    }
+                })
+                .collect();
         }
         let claims: Vec<String> = checks
             .iter()

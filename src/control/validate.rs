@@ -138,6 +138,13 @@ async fn connection<'a>(pool: &Pool, slot: &'a mut Option<Object>) -> Result<&'a
 }
 
 impl Validator {
+    /// Whether `role` is one subscriptions and private channels may act as
+    /// (`allowed_roles`): a token naming another (the owner of
+    /// `realtime.messages`, a superuser) is refused before any `SET ROLE`.
+    pub fn allows_role(&self, role: &str) -> bool {
+        self.allowed_roles.iter().any(|r| r == role)
+    }
+
     /// A validator for subscriptions to `publication` by `allowed_roles`.
     pub fn new(pool: Pool, publication: String, allowed_roles: Vec<String>) -> Self {
         Validator {

@@ -259,9 +259,12 @@ pub struct Channel {
     /// Registrations a refresh replaced that hold no bindings to retire
     /// (a private channel's): to unregister at once.
     pub superseded: Vec<Arc<ChannelRegistration>>,
-    /// The ids of the messages replayed to it: the same message arriving
-    /// live is not sent again (Supabase's `already_replayed?`).
+    /// The ids of the messages replayed to it, and of live ones while
+    /// replays may still come: no message is sent twice (Supabase's
+    /// `already_replayed?`).
     pub replayed: std::collections::HashSet<String>,
+    /// It joined asking for a replay, and the replays may still come.
+    pub replaying: bool,
     /// `config.broadcast`.
     pub broadcast: broadcast::Config,
     /// `config.presence`.
@@ -418,6 +421,7 @@ impl Channel {
             writes: Writes::default(),
             superseded: Vec::new(),
             replayed: std::collections::HashSet::new(),
+            replaying: replay.is_some(),
             broadcast,
             presence,
             presence_window: presence::Window::new(
@@ -443,6 +447,20 @@ impl Channel {
     /// The sub-topic: the topic without `realtime:`.
     pub fn name(&self) -> &str {
         self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
+    }
+
+    /// Whether a private channel may read its room's presence (the daemon
+    /// said so at join; presence must have been enabled).
+    pub fn reads_presence(&self) -> bool {
+        self.read.is_some_and(|r| r.presence == Some(true))
+    }
+
+    /// The registration a new request of the channel speaks for: a
+    /// refreshed token's once it is sent, though not yet confirmed.
+    pub fn latest_registration(&self) -> &Arc<ChannelRegistration> {
+        self.pending
+            .as_ref()
+            .map_or(&self.registration, |p| &p.registration)
     }
 
     /// The key of its room: a private channel's room is not the public

@@ -11,7 +11,6 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -25,7 +24,7 @@ use super::broadcast::Refused;
 use super::bus::{Delivery, SocketHandle};
 use super::channel::Channel;
 use super::frame::Inbound;
-use crate::bus::{ChannelRegistration, WriteCheck};
+use crate::bus::WriteCheck;
 
 /// How long a private join waits for the daemon's answer before it is
 /// refused as Supabase refuses a join it cannot authorize.
@@ -36,6 +35,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Writes that wait for one answer at most; later ones are dropped
 /// (Supabase handles a channel's messages one at a time, waiting).
 pub const MAX_WAITING: usize = 32;
+/// Bytes of writes that wait for one answer at most (one largest
+/// broadcast and then some): later ones are dropped.
+pub const MAX_WAITING_BYTES: usize = 4 << 20;
 /// Supabase's reason when the database could not be asked.
 pub const UNREACHABLE: &str = "Realtime was unable to connect to the project database";
 
@@ -69,13 +71,6 @@ pub async fn may_write(
     let id = ctx.sockets.fetch_add(1, Ordering::Relaxed) + 1;
     let (tx, mut answers) = mpsc::channel(1);
     let handle = SocketHandle::new(id, tx, CancellationToken::new());
-    let registration = Arc::new(ChannelRegistration {
-        id: format!("rest{id}"),
-        role: verified.role.clone(),
-        claims: verified.claims.clone(),
-        subscriptions: Vec::new(),
-        private: None,
-    });
     let check = WriteCheck {
         id: format!("rest{id}:w"),
         topic: topic.to_owned(),
@@ -84,7 +79,10 @@ pub async fn may_write(
         claims: verified.claims.clone(),
     };
     let check_id = check.id.clone();
-    ctx.bus.authorize(&handle, &registration, check);
+    // A check costs the database a probe: it counts against the events
+    // rate like the message it is for, sent or not.
+    ctx.events.add(1);
+    ctx.bus.authorize(&handle, check);
     let answer = tokio::time::timeout(REST_TIMEOUT, async {
         while let Some(delivery) = answers.recv().await {
             if let Delivery::Write(_, allowed, reason) = delivery {
@@ -201,22 +199,36 @@ pub struct Write {
     /// What is known.
     pub permission: Permission,
     waiting: VecDeque<Waiting>,
+    waiting_bytes: usize,
+}
+
+impl Waiting {
+    /// The bytes it holds.
+    fn bytes(&self) -> usize {
+        match self {
+            Waiting::Broadcast { message, .. } => message.as_ref().map_or(0, Vec::len),
+            Waiting::Presence(f) => f.payload.get().len(),
+        }
+    }
 }
 
 impl Write {
     /// What to do with `write` now.
     pub fn admit(&mut self, write: Waiting) -> Admit {
+        let bytes = write.bytes();
+        let full = self.waiting.len() >= MAX_WAITING
+            || self.waiting_bytes.saturating_add(bytes) > MAX_WAITING_BYTES;
         match self.permission {
             Permission::Allowed => Admit::Go(write),
             Permission::Denied => Admit::Refuse(write),
-            Permission::Unknown | Permission::Asked(..) if self.waiting.len() >= MAX_WAITING => {
-                Admit::Refuse(write)
-            }
+            Permission::Unknown | Permission::Asked(..) if full => Admit::Refuse(write),
             Permission::Unknown => {
+                self.waiting_bytes += bytes;
                 self.waiting.push_back(write);
                 Admit::Ask
             }
             Permission::Asked(..) => {
+                self.waiting_bytes += bytes;
                 self.waiting.push_back(write);
                 Admit::Wait
             }
@@ -242,6 +254,7 @@ impl Write {
             Some(false) => Permission::Denied,
             None => Permission::Unknown,
         };
+        self.waiting_bytes = 0;
         (allowed == Some(true), self.waiting.drain(..).collect())
     }
 
@@ -307,6 +320,22 @@ mod tests {
         }
         assert!(matches!(write.admit(broadcast()), Admit::Refuse(_)));
         assert_eq!(write.answer(Some(true)).1.len(), MAX_WAITING);
+    }
+
+    #[test]
+    fn waiting_writes_are_bounded_in_bytes_too() {
+        let mut write = Write::default();
+        let big = || Waiting::Broadcast {
+            join_ref: Value::Null,
+            reference: Value::Null,
+            message: Ok(vec![0; 3 << 20]),
+        };
+        assert!(matches!(write.admit(big()), Admit::Ask));
+        write.asked("c:w1".into(), Instant::now());
+        assert!(matches!(write.admit(big()), Admit::Refuse(_)));
+        assert!(matches!(write.admit(broadcast()), Admit::Wait));
+        let (_, waiting) = write.answer(Some(true));
+        assert_eq!(waiting.len(), 2);
     }
 
     #[test]

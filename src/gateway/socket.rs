@@ -33,6 +33,9 @@ use crate::bus::room::Encoding;
 
 /// A reply without content.
 const OK_REPLY: &str = r#"{"status":"ok","response":{}}"#;
+/// Message ids a replaying channel remembers at most (replays are at most
+/// 25 and come right after the join).
+const MAX_REPLAY_IDS: usize = 128;
 /// Supabase's reply to a presence call it refuses without a reason.
 const ERROR_REPLY: &str = r#"{"status":"error","response":{}}"#;
 /// The `system` message of a channel closed for the broadcast rate.
@@ -756,6 +759,8 @@ impl Session {
         let topic = channel.topic.clone();
         let failed = match (Read::of(access), access) {
             (Some(read), _) => {
+                // Whatever comes now is a registration sent again: no replay.
+                channel.replaying = false;
                 let before = channel.read.replace(read);
                 if before.is_some_and(|before| read.lost(&before)) {
                     Some(private::no_longer(channel.name()))
@@ -765,8 +770,12 @@ impl Session {
                     None
                 }
             }
-            (None, bus::Access::Failed(reason)) => Some(reason.clone()),
-            (None, _) => Some(private::UNREACHABLE.to_owned()),
+            // Asked again (a reconnection, a daemon restart) while the
+            // database could not answer: it stays as it was authorized.
+            (None, _) => {
+                debug!(socket = self.handle.id, topic = %clip(&topic), ?access, "a joined private channel could not be asked again; kept");
+                None
+            }
         };
         if let Some(message) = failed {
             self.fail_channel(&topic, &message);
@@ -785,12 +794,11 @@ impl Session {
             id: id.clone(),
             topic: channel.name().to_owned(),
             extension: extension.to_owned(),
-            role: channel.registration.role.clone(),
-            claims: channel.registration.claims.clone(),
+            // A refreshed token's, once sent (its permissions were reset).
+            role: channel.latest_registration().role.clone(),
+            claims: channel.latest_registration().claims.clone(),
         };
-        self.ctx
-            .bus
-            .authorize(&self.handle, &channel.registration, check);
+        self.ctx.bus.authorize(&self.handle, check);
         let write = match extension {
             "presence" => &mut channel.writes.presence,
             _ => &mut channel.writes.broadcast,
@@ -1001,8 +1009,16 @@ impl Session {
         let Some(user) = &b.user else {
             return;
         };
-        if let Some(message_id) = message_id(&user.meta) {
-            channel.replayed.insert(message_id);
+        // Replays follow the join's answer only; a registration sent again
+        // (a reconnection) must not replay again. One that came live first
+        // is not sent twice.
+        if !channel.replaying {
+            return;
+        }
+        if let Some(message_id) = message_id(&user.meta)
+            && !channel.replayed.insert(message_id)
+        {
+            return;
         }
         if user.encoding == Encoding::Binary {
             if let Some(frame) = b.frame(self.vsn) {
@@ -1027,7 +1043,7 @@ impl Session {
     /// A room's broadcast or presence diff for channel `id`.
     fn on_room(&mut self, id: &str, event: &RoomEvent) {
         let topic = event.topic();
-        let Some(channel) = self.channels.get(topic).filter(|c| &*c.id == id) else {
+        let Some(channel) = self.channels.get_mut(topic).filter(|c| &*c.id == id) else {
             return;
         };
         match event {
@@ -1038,12 +1054,19 @@ impl Session {
                 {
                     return;
                 }
-                // Replayed already: not twice.
-                if !channel.replayed.is_empty()
+                // Replayed already: not twice. While replays may still come,
+                // a live one is remembered so that its replay is skipped.
+                if channel.replaying
                     && let Some(user) = &b.user
-                    && message_id(&user.meta).is_some_and(|m| channel.replayed.contains(&m))
+                    && let Some(m) = message_id(&user.meta)
                 {
-                    return;
+                    let seen = channel.replayed.contains(&m);
+                    if !seen && channel.replayed.len() < MAX_REPLAY_IDS {
+                        channel.replayed.insert(m);
+                    }
+                    if seen {
+                        return;
+                    }
                 }
                 let Some(frame) = b.frame(self.vsn) else {
                     return;
@@ -1057,6 +1080,10 @@ impl Session {
                 self.out.push_back(frame);
             }
             RoomEvent::PresenceDiff(diff) => {
+                // A private channel sees presence only if it may read it.
+                if channel.private && !channel.reads_presence() {
+                    return;
+                }
                 self.ctx.presence_events.add(1);
                 self.out.push_back(diff.frame(self.vsn));
             }
@@ -1077,7 +1104,11 @@ impl Session {
             Delivery::Replayed(id, event) => self.on_replayed(id, event),
             Delivery::Write(id, allowed, reason) => self.on_write(id, *allowed, reason.as_deref()),
             Delivery::PresenceState(id, topic, payload) => {
-                if let Some(c) = self.channels.get(&**topic).filter(|c| c.id == *id) {
+                if let Some(c) = self
+                    .channels
+                    .get(&**topic)
+                    .filter(|c| c.id == *id && (!c.private || c.reads_presence()))
+                {
                     self.ctx.presence_events.add(1);
                     frames.push((
                         c.join_ref.clone(),

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::AsyncCommands;
@@ -192,6 +192,7 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Bus {
     routes: Arc<Mutex<HashMap<String, Route>>>,
+    checks: Checks,
     commands: mpsc::UnboundedSender<Command>,
     connected: Arc<AtomicBool>,
     /// Bytes of broadcasts queued and not yet published.
@@ -201,6 +202,7 @@ pub struct Bus {
 /// The bus task, to be run once: [`BusTask::run`].
 pub struct BusTask {
     routes: Arc<Mutex<HashMap<String, Route>>>,
+    checks: Checks,
     commands: mpsc::UnboundedReceiver<Command>,
     redis_url: String,
     names: Names,
@@ -228,18 +230,21 @@ pub fn new(
     restored: metrics::Counter,
 ) -> (Bus, BusTask) {
     let routes = Arc::new(Mutex::new(HashMap::new()));
+    let checks = Checks::default();
     let connected = Arc::new(AtomicBool::new(false));
     let queued = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Bus {
             routes: routes.clone(),
+            checks: checks.clone(),
             commands: tx,
             connected: connected.clone(),
             queued: queued.clone(),
         },
         BusTask {
             routes,
+            checks,
             commands: rx,
             redis_url,
             rooms: Rooms::new(names.clone(), gateway.clone()),
@@ -252,6 +257,19 @@ pub fn new(
             restored,
         },
     )
+}
+
+/// Write checks waiting for the daemon: who asked, and when.
+type Checks = Arc<Mutex<HashMap<String, (SocketHandle, Instant)>>>;
+
+/// How long a write check's asker is remembered: answers later than this
+/// are dropped (the asker gave up after 15 s).
+const CHECK_MEMORY: Duration = Duration::from_secs(60);
+
+fn lock_checks(
+    checks: &Mutex<HashMap<String, (SocketHandle, Instant)>>,
+) -> MutexGuard<'_, HashMap<String, (SocketHandle, Instant)>> {
+    checks.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock(routes: &Mutex<HashMap<String, Route>>) -> MutexGuard<'_, HashMap<String, Route>> {
@@ -296,28 +314,16 @@ impl Bus {
         }
     }
 
-    /// Asks the daemon whether a private channel of `channel` may write;
-    /// the answer comes to `socket` as [`Delivery::Write`].
-    pub fn authorize(
-        &self,
-        socket: &SocketHandle,
-        channel: &Arc<ChannelRegistration>,
-        check: WriteCheck,
-    ) {
-        lock(&self.routes).insert(
-            check.id.clone(),
-            Route {
-                socket: socket.clone(),
-                channel: channel.clone(),
-                id: Arc::from(check.id.as_str()),
-            },
-        );
+    /// Asks the daemon whether a private channel may write; the answer
+    /// comes to `socket` as [`Delivery::Write`].
+    pub fn authorize(&self, socket: &SocketHandle, check: WriteCheck) {
+        lock_checks(&self.checks).insert(check.id.clone(), (socket.clone(), Instant::now()));
         let _ = self.commands.send(Command::Authorize(check));
     }
 
     /// Forgets a write check nobody waits for any more.
     pub fn forget_check(&self, id: &str) {
-        lock(&self.routes).remove(id);
+        lock_checks(&self.checks).remove(id);
     }
 
     /// Puts `member` in `room` (the topic without `realtime:`).
@@ -499,6 +505,9 @@ impl BusTask {
                     self.execute(&mut conn, &mut room_listener, command).await?;
                 }
                 _ = lease.tick() => {
+                    // Checks whose asker left without an answer (a closed
+                    // channel, a REST request that timed out) go.
+                    lock_checks(&self.checks).retain(|_, (_, asked)| asked.elapsed() < CHECK_MEMORY);
                     if self.refresh_lease(&mut conn).await? {
                         // It lapsed (this task stalled past it): the other
                         // gateways have removed this one's presences.
@@ -784,15 +793,13 @@ impl BusTask {
                 }
             }
             ("write", Some(id)) => {
-                drop(routes);
-                let route = lock(&self.routes).remove(&id);
-                if let Some(route) = route {
+                let waiting = lock_checks(&self.checks).remove(&id);
+                if let Some((socket, _)) = waiting {
                     deliver(
-                        &route.socket,
+                        &socket,
                         Delivery::Write(id, envelope.allowed, envelope.reason),
                     );
                 }
-                return Vec::new();
             }
             ("dropped", _) => {
                 // Ids this gateway let go of have no route any more: only
@@ -854,6 +861,9 @@ impl BusTask {
         });
         // One event per topic (the ids are of one topic's channels).
         let mut events: Vec<(Arc<str>, Arc<RoomEvent>)> = Vec::new();
+        // A channel whose token was refreshed is held under two ids a
+        // while (the old is retired later): it gets the message once.
+        let mut sent: Vec<(u64, &str)> = Vec::new();
         for id in &header.ids {
             let Some(route) = routes.get(id.as_str()) else {
                 continue;
@@ -881,6 +891,10 @@ impl BusTask {
                 .split('.')
                 .next()
                 .unwrap_or(&route.channel.id);
+            if sent.contains(&(route.socket.id, channel)) {
+                continue;
+            }
+            sent.push((route.socket.id, channel));
             let channel = Arc::from(channel);
             deliver(
                 &route.socket,
