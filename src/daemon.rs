@@ -123,6 +123,13 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     // RLS while the checks' SQL is missing. (Again at each session, for a
     // database that is not reachable yet.)
     ensure_rls_sql(&pool).await;
+    // Before the first session: its messages publication and partitions
+    // are then there, and no DDL of ours runs while its slot is created.
+    if let Err(e) = messages::install::ensure(&pool).await {
+        warn!(error = %e, "could not check for realtime.messages");
+    }
+    let mut said_missing = false;
+    messages::partitions::round(&pool, settings.messages_retention, &mut said_missing).await;
     let names = Names::new(&settings.tenant);
     // The registry outlives replication sessions; the control task keeps it.
     let shared = Arc::new(Shared::default());
@@ -143,6 +150,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     let janitor = tokio::spawn(messages::partitions::keep(
         pool.clone(),
         settings.messages_retention,
+        said_missing,
         control_cancel.clone(),
     ));
     let result = supervise(settings, &pool, &shared, &acked, admin.readiness(), &cancel).await;

@@ -25,7 +25,7 @@ pub const AUTH_HELPERS_SQL: &str = include_str!("../sql/auth_helpers.sql");
 
 /// `sql/realtime.sql`: Supabase's `realtime` schema (messages, send,
 /// broadcast_changes, topic) where it is missing.
-pub const REALTIME_SQL: &str = include_str!("../sql/realtime.sql");
+pub const REALTIME_SQL: &str = crate::messages::INSTALL_SQL;
 
 /// How long a day's messages are kept unless told otherwise (Supabase's
 /// 72 hours).

@@ -340,10 +340,12 @@ async fn the_daemon_keeps_partitions_ahead_and_drops_those_past_the_retention() 
     assert!(now.contains(&"messages_archive".to_owned()));
 }
 
-/// `walcast setup` run after the daemon made its slot: the messages
-/// publication is younger than the slot's WAL, which Postgres before 18
-/// cannot decode with it ("publication does not exist"); the daemon must
-/// still stream, and Broadcast from Database start once it can.
+/// The messages publication created after the daemon made its slot (a
+/// `walcast setup` run later; here dropped and made again, as the daemon,
+/// a superuser, installs it itself at its first start): it is younger than
+/// the slot's WAL, which Postgres before 18 cannot decode with it
+/// ("publication does not exist"); the daemon must still stream, and
+/// Broadcast from Database start once it can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_after_the_slot_exists_loses_no_change_and_broadcasts_start() {
     let stack = Stack::start().await;
@@ -360,10 +362,19 @@ async fn setup_after_the_slot_exists_loses_no_change_and_broadcasts_start() {
     daemon.terminate();
     stack
         .client
-        .batch_execute("INSERT INTO items VALUES (1)")
+        .batch_execute(
+            "DROP PUBLICATION supabase_realtime_messages_publication;
+             INSERT INTO items VALUES (1);",
+        )
         .await
         .expect("insert");
-    setup(&stack);
+    stack
+        .client
+        .batch_execute(
+            "CREATE PUBLICATION supabase_realtime_messages_publication FOR TABLE realtime.messages",
+        )
+        .await
+        .expect("publication");
     stack
         .client
         .batch_execute("INSERT INTO items VALUES (2)")
@@ -409,4 +420,50 @@ async fn setup_after_the_slot_exists_loses_no_change_and_broadcasts_start() {
         .await
         .expect("send");
     assert_eq!(text(next(&mut v1).await)["payload"]["event"], json!("e"));
+}
+
+/// Without `walcast setup`, a daemon whose role may (a superuser here, as
+/// in a local setup) installs `sql/realtime.sql` itself and keeps its
+/// partitions: Broadcast from Database works out of the box.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_may_installs_the_realtime_schema_itself() {
+    let stack = Stack::start().await;
+    let daemon = stack.spawn_gateway_daemon().await;
+    let gateway = Gateway::spawn(&stack.redis.url()).await;
+    let partitions: i64 = stack
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass('realtime.messages')",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .get(0);
+    assert_eq!(partitions, 5, "{}", daemon.log());
+    let mut v1 = gateway.connect(Some("1.0.0")).await;
+    join_v1(
+        &mut v1,
+        "1",
+        "realtime:local",
+        broadcast_config(false, false),
+    )
+    .await;
+    room_subscribed(&stack.redis, "local", 1).await;
+    stack
+        .client
+        .batch_execute(r#"SELECT realtime.send('{"n": 1}', 'local', 'local', false)"#)
+        .await
+        .expect("send");
+    let frame = text(next(&mut v1).await);
+    assert_eq!(
+        frame["payload"]["event"],
+        json!("local"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("installed sql/realtime.sql"),
+        "{}",
+        daemon.log()
+    );
 }

@@ -11,7 +11,9 @@
 //! |---|---|
 //! | this one | which relation is the messages table; a row → [`Message`] |
 //! | [`partitions`] | the daily partitions: created ahead, dropped past the retention |
+//! | [`install`] | `sql/realtime.sql` installed by the daemon where its role may |
 
+pub mod install;
 pub mod partitions;
 
 use bytes::Bytes;
@@ -20,6 +22,11 @@ use serde_json::value::RawValue;
 use crate::bus::room::{self, BroadcastHeader, Encoding};
 
 use crate::change::{Change, ChangeKind, Datum, Relation};
+
+/// `sql/realtime.sql`: Supabase's `realtime` schema (messages, send,
+/// broadcast_changes, topic, the messages publication) where it is
+/// missing.
+pub const INSTALL_SQL: &str = include_str!("../../sql/realtime.sql");
 
 /// The schema of Supabase's messages table.
 pub const SCHEMA: &str = "realtime";

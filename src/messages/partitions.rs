@@ -90,12 +90,29 @@ pub async fn maintain(
     Ok(done)
 }
 
-/// The daemon's janitor: [`maintain`] now and every [`INTERVAL`] until
-/// cancelled. Says once when the table is missing (Broadcast from Database
-/// is then off), and warns on every other failure.
-pub async fn keep(pool: deadpool_postgres::Pool, retention: Duration, cancel: CancellationToken) {
-    let mut said_missing = false;
+/// The daemon's janitor: [`maintain`] every [`INTERVAL`] until cancelled,
+/// after a first [`round`] the caller ran (before the first replication
+/// session: a slot being created waits for running transactions).
+/// Says once when the table is missing (Broadcast from Database is then
+/// off), and warns on every other failure.
+pub async fn keep(
+    pool: deadpool_postgres::Pool,
+    retention: Duration,
+    mut said_missing: bool,
+    cancel: CancellationToken,
+) {
     loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(INTERVAL) => {}
+        }
+        round(&pool, retention, &mut said_missing).await;
+    }
+}
+
+/// One round of [`keep`]: [`maintain`], logged.
+pub async fn round(pool: &deadpool_postgres::Pool, retention: Duration, said_missing: &mut bool) {
+    {
         let outcome = match pool.get().await {
             Ok(mut client) => maintain(&mut client, retention).await,
             Err(e) => {
@@ -109,16 +126,12 @@ pub async fn keep(pool: deadpool_postgres::Pool, retention: Duration, cancel: Ca
                     info!(created = ?done.created, dropped = ?done.dropped, "realtime.messages partitions");
                 }
             }
-            Err(Error::NoTable) if said_missing => {}
+            Err(Error::NoTable) if *said_missing => {}
             Err(e @ Error::NoTable) => {
-                said_missing = true;
+                *said_missing = true;
                 info!("Broadcast from Database is off: {e}");
             }
             Err(e) => warn!("{e}"),
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(INTERVAL) => {}
         }
     }
 }
