@@ -420,6 +420,14 @@ async fn replay_sends_the_newest_stored_messages_once_after_the_join() {
         .batch_execute(r#"SELECT realtime.send('{"n": 99}', 'public', 'room:1', false)"#)
         .await
         .expect("send");
+    // The newest, but too large to be broadcast: not replayed either.
+    stack
+        .client
+        .batch_execute(
+            "SELECT realtime.send(jsonb_build_object('big', repeat('x', 3000500)), 'big', 'room:1', true)",
+        )
+        .await
+        .expect("send");
     let ids: Vec<String> = stack
         .client
         .query(

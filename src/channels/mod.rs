@@ -238,7 +238,8 @@ pub struct Stored {
 /// Broadcast Replay: the newest private broadcasts of `subject`'s topic
 /// inserted since `since_ms` (Unix milliseconds), at most `limit`, oldest
 /// first — as Supabase selects them, and only those the subject's policies
-/// show (read as the subject).
+/// show (read as the subject) and small enough to be sent live
+/// ([`crate::messages::MAX_BODY_BYTES`]).
 pub async fn replay(
     pool: &Pool,
     timeout: Duration,
@@ -255,6 +256,9 @@ pub async fn replay(
         .and_then(|c| c.get("sub").and_then(|s| s.as_str()).map(str::to_owned))
         .unwrap_or_default();
     let limit = i64::from(limit);
+    // A row too large to be broadcast live is not replayed either: a join
+    // asking for replays must not pull more than 25 sendable messages.
+    let max_bytes = crate::messages::MAX_BODY_BYTES as i32;
     let asked = async {
         let tx = client.build_transaction().read_only(true).start().await?;
         let millis = format!("{}ms", timeout.as_millis().clamp(1, i32::MAX as u128));
@@ -280,8 +284,9 @@ pub async fn replay(
                  WHERE topic = $1 AND private IS TRUE AND extension = 'broadcast' \
                    AND inserted_at >= to_timestamp($2::double precision / 1000) \
                    AND inserted_at < now() + interval '1 minute' \
+                   AND coalesce(octet_length(payload::text), octet_length(binary_payload), 0) <= $4 \
                  ORDER BY inserted_at DESC LIMIT $3",
-                &[&subject.topic, &(since_ms as f64), &limit],
+                &[&subject.topic, &(since_ms as f64), &limit, &max_bytes],
             )
             .await?;
         tx.rollback().await?;
