@@ -1075,6 +1075,13 @@ CREATE OR REPLACE FUNCTION walcast.readable_messages(
   firsts integer[], lasts integer[])
 RETURNS TABLE (subject_no integer, visible integer[], error_code text, error_message text)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- The statement below runs once per subject with the whole batch's arrays
+-- as parameters. A custom plan (the default for its first runs) plans the
+-- partitioned table with those arrays as constants every time: ~0.3 ms a
+-- subject, 4x the statement itself (1,000 subjects of 4 rows: 370 ms
+-- custom, 93 ms generic). The generic plan is kept per role, as Postgres
+-- keeps every plan that row security shaped.
+SET plan_cache_mode = force_generic_plan
 AS $function$
 BEGIN
   FOR i IN 1 .. coalesce(pg_catalog.array_length(roles, 1), 0) LOOP
@@ -1091,10 +1098,14 @@ BEGIN
       PERFORM pg_catalog.set_config('request.jwt.claim.sub', coalesce(claims[i]::jsonb ->> 'sub', ''), true);
       PERFORM pg_catalog.set_config('request.jwt.claim.role', roles[i], true);
       PERFORM pg_catalog.set_config('realtime.topic', topics[i], true);
+      -- One index probe per candidate (LATERAL … LIMIT 1 keeps it a
+      -- nested loop whatever the estimates), pruned to its partition at
+      -- run time.
       SELECT coalesce(pg_catalog.array_agg(p::integer), '{}') INTO visible
-        FROM pg_catalog.generate_series(firsts[i], lasts[i]) AS p
-       WHERE EXISTS (SELECT FROM realtime.messages m
-                      WHERE m.id = ids[p] AND m.inserted_at = inserted[p]);
+        FROM pg_catalog.generate_series(firsts[i], lasts[i]) AS p,
+             LATERAL (SELECT FROM realtime.messages m
+                       WHERE m.id = ids[p] AND m.inserted_at = inserted[p]
+                       LIMIT 1) AS found;
       RAISE SQLSTATE 'WCRB1';
     EXCEPTION
       WHEN SQLSTATE 'WCRB1' THEN NULL;
