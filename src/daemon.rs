@@ -174,6 +174,15 @@ async fn supervise(
         .with_jitter()
         .without_max_times();
     let mut delays = backoff.build();
+    // A slot in use although its lock was free: the active daemon's
+    // walsender still exiting (milliseconds), or a reader that is not
+    // walcast. Asked again soon, at most every 2 s.
+    let in_use_backoff = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times();
+    let mut in_use_delays = in_use_backoff.build();
     // Where streaming the messages publication may start (see
     // `messages_publication_too_young`).
     let mut messages_from = None;
@@ -223,16 +232,20 @@ async fn supervise(
         }
         if acked.get() > before {
             delays = backoff.build();
+            in_use_delays = in_use_backoff.build();
         }
-        let delay = delays.next().unwrap_or(settings.reconnect_max_delay);
-        match &err {
+        let delay = match &err {
             Error::Replication(replication::Error::SlotInUse { .. }) => {
+                let delay = in_use_delays.next().unwrap_or(Duration::from_secs(2));
                 info!(error = %err, retry_in = ?delay, "standing by");
+                delay
             }
             _ => {
-                warn!(error = %err, retry_in = ?delay, acked = %acked.get(), "session ended; reconnecting")
+                let delay = delays.next().unwrap_or(settings.reconnect_max_delay);
+                warn!(error = %err, retry_in = ?delay, acked = %acked.get(), "session ended; reconnecting");
+                delay
             }
-        }
+        };
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
@@ -279,6 +292,20 @@ async fn session(
 ) -> Result<(), Error> {
     let publisher = Publisher::connect(&settings.redis_url).await?;
     let mut conn = Connection::connect(&settings.database_url).await?;
+    // One daemon streams a slot; another waits here, its hot standby,
+    // with its registry kept by the control task all along.
+    let mut standing_by = None;
+    tokio::select! {
+        locked = conn.lock_slot(&settings.slot, || {
+            info!(slot = %settings.slot, "another daemon streams this slot; standing by until its connection ends");
+            standing_by = Some(Instant::now());
+        }) => locked?,
+        () = cancel.cancelled() => return Ok(()),
+    }
+    if let Some(since) = standing_by {
+        info!(slot = %settings.slot, stood_by = ?since.elapsed(), "the slot's lock is free: taking over");
+        metrics::counter!(metrics::TAKEOVERS).increment(1);
+    }
     ensure_rls_sql(pool).await;
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
@@ -331,6 +358,7 @@ async fn session(
     let firehose: Option<Arc<str>> = settings.firehose.then(|| Arc::from(names.firehose()));
     let mut stream_loop = StreamLoop {
         stream,
+        system: Arc::from(system.system_id.as_str()),
         tx,
         publishing,
         acked: acked.clone(),
@@ -387,6 +415,8 @@ async fn ensure_rls_sql(pool: &deadpool_postgres::Pool) {
 /// The replication task's state for one session.
 struct StreamLoop {
     stream: ReplicationStream,
+    /// The database's system identifier, in every event for gateways.
+    system: Arc<str>,
     tx: QueueSender,
     publishing: JoinHandle<Result<(), publish::Error>>,
     acked: Acknowledged,
@@ -693,6 +723,7 @@ impl StreamLoop {
             let reply = Reply::Error {
                 v: bus::VERSION,
                 ids,
+                sys: self.system.to_string(),
                 lsn: change.commit_lsn.to_string(),
                 seq: change.seq,
                 message: denial.message.clone(),
@@ -727,6 +758,7 @@ impl StreamLoop {
             bus::write_gateway_event(
                 &mut self.scratch,
                 ids,
+                &self.system,
                 change.commit_lsn,
                 change.seq,
                 &self.data,
@@ -754,12 +786,17 @@ impl StreamLoop {
                 return;
             }
         };
+        let sent = messages::Sent::Streamed {
+            system: &self.system,
+            lsn: change.commit_lsn,
+            seq: change.seq,
+        };
         if !message.private {
             metrics::counter!(metrics::DATABASE_BROADCASTS, metrics::RESULT => "public")
                 .increment(1);
             self.current.messages.push(Outgoing {
                 channel: Arc::from(self.names.room(&bus::room_key(false, &message.topic))),
-                payload: Bytes::from(messages::room_message(&message, Vec::new(), false)),
+                payload: Bytes::from(messages::room_message(&message, Vec::new(), sent)),
             });
             return;
         }
@@ -768,7 +805,7 @@ impl StreamLoop {
             let ids = ids.iter().map(|id| id.to_string()).collect();
             self.current.messages.push(Outgoing {
                 channel: Arc::from(self.names.gateway(gateway)),
-                payload: Bytes::from(messages::room_message(&message, ids, false)),
+                payload: Bytes::from(messages::room_message(&message, ids, sent)),
             });
         }
     }

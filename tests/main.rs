@@ -9,6 +9,7 @@ mod clients_private;
 mod clients_rooms;
 mod db_broadcast;
 mod delivery;
+mod failover;
 mod faults;
 mod filters;
 mod firehose;

@@ -316,6 +316,10 @@ pub enum Reply {
         v: u32,
         /// The subscriptions concerned.
         ids: Vec<String>,
+        /// The database's system identifier (see
+        /// [`super::write_gateway_event`]).
+        #[serde(default)]
+        sys: String,
         /// The change's commit LSN.
         lsn: String,
         /// The change's position in its transaction.

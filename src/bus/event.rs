@@ -34,12 +34,15 @@ pub fn write_change_event(
 }
 
 /// Writes one authorized change event for a gateway:
-/// `{"v":1,"type":"change","ids":["s1","s2"],"lsn":"0/16B3748","seq":0,"data":{...}}`.
+/// `{"v":1,"type":"change","ids":["s1","s2"],"sys":"7450…","lsn":"0/16B3748","seq":0,"data":{...}}`.
 /// `ids` are the gateway's subscriptions allowed to see it; `data` (already
-/// JSON) is what they see.
+/// JSON) is what they see. `sys` is the database's system identifier:
+/// (`sys`, `lsn`, `seq`) tells a gateway which events it already delivered
+/// when a daemon that took over sends them again.
 pub fn write_gateway_event<'a>(
     out: &mut Vec<u8>,
     ids: impl IntoIterator<Item = &'a str>,
+    system: &str,
     lsn: Lsn,
     seq: u32,
     data: &[u8],
@@ -53,7 +56,9 @@ pub fn write_gateway_event<'a>(
         }
         crate::encode::write_json_string(out, id.as_bytes());
     }
-    out.extend_from_slice(b"],\"lsn\":\"");
+    out.extend_from_slice(b"],\"sys\":");
+    crate::encode::write_json_string(out, system.as_bytes());
+    out.extend_from_slice(b",\"lsn\":\"");
     push_hex(out, lsn.0 >> 32);
     out.push(b'/');
     push_hex(out, lsn.0 & 0xFFFF_FFFF);
@@ -101,10 +106,17 @@ mod tests {
     #[test]
     fn gateway_events_list_the_allowed_subscriptions() {
         let mut out = Vec::new();
-        write_gateway_event(&mut out, ["s1", "s\"2"], Lsn(0x1_0000_0010), 7, b"{}");
+        write_gateway_event(
+            &mut out,
+            ["s1", "s\"2"],
+            "745",
+            Lsn(0x1_0000_0010),
+            7,
+            b"{}",
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"v":1,"type":"change","ids":["s1","s\"2"],"lsn":"1/10","seq":7,"data":{}}"#
+            r#"{"v":1,"type":"change","ids":["s1","s\"2"],"sys":"745","lsn":"1/10","seq":7,"data":{}}"#
         );
     }
 

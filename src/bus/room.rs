@@ -83,6 +83,18 @@ pub struct BroadcastHeader {
     /// only: sent once, right after their join.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// Broadcast from Database, live: the row's database system
+    /// identifier, as in change events, with [`Self::lsn`] and
+    /// [`Self::seq`]: a gateway hands it on once when a daemon that took
+    /// over sends it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sys: Option<String>,
+    /// The commit LSN of the row's transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    /// The row's place in its transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
 }
 
 impl BroadcastHeader {
@@ -97,6 +109,9 @@ impl BroadcastHeader {
             meta: None,
             ids: Vec::new(),
             replayed: false,
+            sys: None,
+            lsn: None,
+            seq: None,
         }
     }
 

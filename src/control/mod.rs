@@ -463,7 +463,11 @@ impl ControlTask {
                 private: true,
                 body: stored.body,
             };
-            let bytes = messages::room_message(&message, vec![private.id.clone()], true);
+            let bytes = messages::room_message(
+                &message,
+                vec![private.id.clone()],
+                messages::Sent::Replayed,
+            );
             let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
         }
         for subscription in channel.expand() {

@@ -26,6 +26,10 @@ pub const BUS_RECONNECTS: &str = "walcast_gateway_bus_reconnects_total";
 /// Subscriptions registered again because the daemon dropped them while
 /// the gateway still served them.
 pub const SUBSCRIPTIONS_RESTORED: &str = "walcast_gateway_subscriptions_restored_total";
+/// Events not delivered because their subscription had been handed them
+/// already: a daemon that took over (or restarted) sends again what its
+/// predecessor sent after the last position Postgres confirmed.
+pub const DUPLICATES_DROPPED: &str = "walcast_gateway_duplicates_dropped_total";
 /// Warnings a client could trigger that were not logged (past their
 /// rate), by `warning` kind.
 pub const WARNINGS_SUPPRESSED: &str = "walcast_gateway_warnings_suppressed_total";
@@ -73,6 +77,11 @@ pub const ALL: &[(&str, Unit, &str)] = &[
         "subscriptions registered again after the daemon dropped them unasked",
     ),
     (
+        DUPLICATES_DROPPED,
+        Unit::Count,
+        "events not delivered because their subscription had them already (a daemon took over)",
+    ),
+    (
         WARNINGS_SUPPRESSED,
         Unit::Count,
         "client-triggered warnings not logged past their rate, by kind",
@@ -114,6 +123,8 @@ pub struct GatewayMetrics {
     pub bus_reconnects: Counter,
     /// [`SUBSCRIPTIONS_RESTORED`].
     pub subscriptions_restored: Counter,
+    /// [`DUPLICATES_DROPPED`].
+    pub duplicates_dropped: Counter,
 }
 
 impl Default for GatewayMetrics {
@@ -145,6 +156,7 @@ impl GatewayMetrics {
             slow_closes: counter(SLOW_CLOSES),
             bus_reconnects: counter(BUS_RECONNECTS),
             subscriptions_restored: counter(SUBSCRIPTIONS_RESTORED),
+            duplicates_dropped: counter(DUPLICATES_DROPPED),
             recorder,
         };
         metrics.sockets.set(0.0);
@@ -154,6 +166,7 @@ impl GatewayMetrics {
             &metrics.slow_closes,
             &metrics.bus_reconnects,
             &metrics.subscriptions_restored,
+            &metrics.duplicates_dropped,
         ] {
             c.increment(0);
         }

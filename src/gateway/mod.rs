@@ -196,6 +196,7 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         gateway.clone(),
         metrics.bus_reconnects.clone(),
         metrics.subscriptions_restored.clone(),
+        metrics.duplicates_dropped.clone(),
     );
     let bus_task = bus_task.with_lease(settings.gateway_lease);
     let bus_cancel = CancellationToken::new();

@@ -166,14 +166,32 @@ pub fn decode(change: &Change) -> Result<Option<Message>, Skip> {
     }))
 }
 
+/// How a message of the messages table reaches the bus.
+#[derive(Debug, Clone, Copy)]
+pub enum Sent<'a> {
+    /// From the replication stream: the database's system identifier, the
+    /// commit LSN of the row's transaction and its place in it.
+    Streamed {
+        /// `IDENTIFY_SYSTEM`'s system identifier.
+        system: &'a str,
+        /// The commit LSN.
+        lsn: crate::lsn::Lsn,
+        /// The place in the transaction.
+        seq: u32,
+    },
+    /// Read back from the table for a Broadcast Replay.
+    Replayed,
+}
+
 /// The room message of `message`: a user broadcast with `meta.id`, as
 /// Supabase sends a row of the messages table (kind 4 with metadata to
 /// vsn 2.0.0 sockets; JSON with `"meta":{"id":…}` to vsn 1.0.0 sockets,
 /// which never get a binary payload).
 ///
 /// `ids`: on a gateway's channel, the private channels it is for;
-/// `replayed`: a Broadcast Replay of a stored message (its meta says so).
-pub fn room_message(message: &Message, ids: Vec<String>, replayed: bool) -> Vec<u8> {
+/// `sent`: streamed (where its row stands in the WAL) or replayed.
+pub fn room_message(message: &Message, ids: Vec<String>, sent: Sent<'_>) -> Vec<u8> {
+    let replayed = matches!(sent, Sent::Replayed);
     let (encoding, body) = match &message.body {
         Body::Json(json) => (Encoding::Json, &json[..]),
         Body::Binary(bytes) => (Encoding::Binary, &bytes[..]),
@@ -187,6 +205,11 @@ pub fn room_message(message: &Message, ids: Vec<String>, replayed: bool) -> Vec<
     header.meta = RawValue::from_string(meta.to_string()).ok();
     header.ids = ids;
     header.replayed = replayed;
+    if let Sent::Streamed { system, lsn, seq } = sent {
+        header.sys = Some(system.to_owned());
+        header.lsn = Some(lsn.to_string());
+        header.seq = Some(seq);
+    }
     room::write_broadcast(&header, body)
 }
 

@@ -64,6 +64,9 @@ pub const RLS_FALLBACK: &str = "walcast_rls_fallback_total";
 /// `result`: `public` and `private` (sent to their room), `skipped` (a
 /// row missing what a broadcast needs).
 pub const DATABASE_BROADCASTS: &str = "walcast_database_broadcasts_total";
+/// Sessions that started streaming after waiting for the slot's lock:
+/// this daemon was the hot standby and took over.
+pub const TAKEOVERS: &str = "walcast_takeovers_total";
 /// Subscriptions in the registry.
 pub const SUBSCRIPTIONS: &str = "walcast_subscriptions";
 /// The acknowledged LSN (everything before it is in Redis), as a number.
@@ -215,6 +218,12 @@ pub const ALL: &[Metric] = &[
         Type::Counter,
         Unit::Count,
         "rows inserted into realtime.messages, by result: public or private (sent to the topic's room), skipped (not a broadcast)",
+    ),
+    metric(
+        TAKEOVERS,
+        Type::Counter,
+        Unit::Count,
+        "sessions that streamed after waiting as the hot standby for the slot's lock",
     ),
     metric(
         SUBSCRIPTIONS,

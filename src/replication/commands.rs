@@ -1,8 +1,17 @@
 //! Replication commands: identify the system, check the publication, make
 //! sure the slot exists, start streaming.
 
+use std::time::Duration;
+
 use super::{Connection, Error, ReplicationStream};
 use crate::lsn::Lsn;
+
+/// The first key of the slot's advisory lock (`pg_locks.classid`), the
+/// second being `hashtext(<slot>)`: "walc" in ASCII, so that walcast's
+/// locks do not meet an application's one-key locks.
+pub const SLOT_LOCK_CLASS: i32 = 0x7761_6c63;
+/// How long one wait for the slot's lock lasts before it is asked again.
+const LOCK_ROUND: Duration = Duration::from_secs(5);
 
 /// What `IDENTIFY_SYSTEM` says about the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +85,55 @@ impl Connection {
             quote_literal(publication)
         );
         Ok(!self.simple_query(&sql).await?.is_empty())
+    }
+
+    /// Takes the slot's advisory lock on this connection, waiting while
+    /// another daemon holds it: the hot standby. Postgres lets one process
+    /// stream a slot and answers a second at once (55006); waiting on a
+    /// lock instead wakes the standby the moment the active daemon's
+    /// connection ends (a kill, a crash, a shutdown), with no polling and
+    /// no backoff to sit out. The lock lives as long as this connection.
+    ///
+    /// Waits in rounds of [`LOCK_ROUND`] (`lock_timeout`), so that a
+    /// standby that is stopped mid-wait leaves no backend waiting behind
+    /// it for longer than a round. `waiting` is called once, when the lock
+    /// is found taken.
+    pub async fn lock_slot(&mut self, slot: &str, waiting: impl FnOnce()) -> Result<(), Error> {
+        let key = format!(
+            "{SLOT_LOCK_CLASS}, pg_catalog.hashtext({})",
+            quote_literal(slot)
+        );
+        let rows = self
+            .simple_query(&format!("SELECT pg_catalog.pg_try_advisory_lock({key})"))
+            .await?;
+        if rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref()
+            == Some("t")
+        {
+            return Ok(());
+        }
+        waiting();
+        self.simple_query(&format!(
+            "SET lock_timeout = '{}ms'",
+            LOCK_ROUND.as_millis()
+        ))
+        .await?;
+        loop {
+            match self
+                .simple_query(&format!("SELECT pg_catalog.pg_advisory_lock({key})"))
+                .await
+            {
+                Ok(_) => break,
+                // lock_not_available: a round ended; wait another.
+                Err(Error::Db(db)) if db.code == "55P03" => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // Creating a slot waits for running transactions: no timeout there.
+        self.simple_query("SET lock_timeout = 0").await?;
+        Ok(())
     }
 
     /// Creates the permanent pgoutput slot unless it exists; an existing slot

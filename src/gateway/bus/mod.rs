@@ -31,10 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub mod rooms;
+mod seen;
 
 use serde_json::{Map, Value};
 
 use self::rooms::{Member, RoomEvent, Rooms};
+use self::seen::{Mark, Position};
 use super::render::ChangeEvent;
 use crate::bus::room::{self, Encoding};
 use crate::bus::{self, ChannelRegistration, Control, ControlOp, Names, WriteCheck};
@@ -150,6 +152,8 @@ struct Route {
     channel: Arc<ChannelRegistration>,
     /// The subscription id, shared with every delivery that names it.
     id: Arc<str>,
+    /// The last event it was handed ([`seen`]).
+    mark: Mark,
 }
 
 /// What the bus task writes to Redis, in order.
@@ -213,12 +217,14 @@ pub struct BusTask {
     lease: Duration,
     reconnects: metrics::Counter,
     restored: metrics::Counter,
+    duplicates: metrics::Counter,
 }
 
 /// A handle and its task for gateway `gateway` of the tenant of `names`;
 /// `reconnects` counts the times the connection comes back after a loss,
 /// `restored` the subscriptions registered again after the daemon dropped
-/// them unasked.
+/// them unasked, `duplicates` the events a subscription was handed again
+/// by a daemon that took over, and not delivered.
 ///
 /// Commands are queued unbounded so a socket never waits on Redis; their
 /// number is bounded by the sockets' joins.
@@ -228,6 +234,7 @@ pub fn new(
     gateway: String,
     reconnects: metrics::Counter,
     restored: metrics::Counter,
+    duplicates: metrics::Counter,
 ) -> (Bus, BusTask) {
     let routes = Arc::new(Mutex::new(HashMap::new()));
     let checks = Checks::default();
@@ -255,6 +262,7 @@ pub fn new(
             lease: DEFAULT_LEASE,
             reconnects,
             restored,
+            duplicates,
         },
     )
 }
@@ -290,12 +298,14 @@ impl Bus {
         }
         let mut routes = lock(&self.routes);
         for id in channel.ids() {
+            let mark = seen::mark_for(&routes, id);
             routes.insert(
                 id.to_owned(),
                 Route {
                     socket: socket.clone(),
                     channel: channel.clone(),
                     id: Arc::from(id),
+                    mark,
                 },
             );
         }
@@ -397,6 +407,15 @@ struct Envelope<'a> {
     /// Why a `write` reply has no answer.
     #[serde(default)]
     reason: Option<String>,
+    /// A change's or an error's database ([`seen`]).
+    #[serde(default, borrow)]
+    sys: Option<&'a str>,
+    /// A change's or an error's commit LSN.
+    #[serde(default, borrow)]
+    lsn: Option<&'a str>,
+    /// A change's or an error's place in its transaction.
+    #[serde(default)]
+    seq: Option<u32>,
 }
 
 /// A subscription id in a gateway message, borrowed unless an escape in
@@ -757,6 +776,7 @@ impl BusTask {
         }
         let message = envelope.message.unwrap_or_default();
         let routes = lock(&self.routes);
+        let position = Position::parse(envelope.sys, envelope.lsn, envelope.seq);
         match (envelope.kind, envelope.id) {
             ("subscribed", Some(id)) => {
                 if let Some(route) = routes.get(&id) {
@@ -769,7 +789,8 @@ impl BusTask {
                 }
             }
             ("error", _) => {
-                for (socket, ids) in by_socket(&routes, &envelope.ids) {
+                let ids = self.first_time(&routes, envelope.ids, position);
+                for (socket, ids) in by_socket(&routes, &ids) {
                     deliver(socket, Delivery::Error(ids, message.clone()));
                 }
             }
@@ -778,8 +799,12 @@ impl BusTask {
                     warn!("ignoring a change without data");
                     return Vec::new();
                 };
+                let ids = self.first_time(&routes, envelope.ids, position);
+                if ids.is_empty() {
+                    return Vec::new();
+                }
                 let event = Arc::new(ChangeEvent::new(data.get()));
-                for (socket, ids) in by_socket(&routes, &envelope.ids) {
+                for (socket, ids) in by_socket(&routes, &ids) {
                     deliver(socket, Delivery::Change(ids, event.clone()));
                 }
             }
@@ -836,6 +861,25 @@ impl BusTask {
 }
 
 impl BusTask {
+    /// `ids` less those already handed the event at `position` (a daemon
+    /// that took over sends again what its predecessor sent), counted.
+    fn first_time<'a>(
+        &self,
+        routes: &HashMap<String, Route>,
+        ids: Vec<Id<'a>>,
+        position: Option<Position>,
+    ) -> Vec<Id<'a>> {
+        let (ids, dropped) = seen::first_time(routes, ids, position);
+        if dropped > 0 {
+            debug!(
+                subscriptions = dropped,
+                "dropping an event these subscriptions were handed already (a daemon took over)"
+            );
+            self.duplicates.increment(dropped);
+        }
+        ids
+    }
+
     /// A message of a private topic for some of this gateway's private
     /// channels: to each, as a broadcast of its room.
     fn route_broadcast(&self, payload: &[u8]) {
@@ -851,6 +895,14 @@ impl BusTask {
             }
         };
         let routes = lock(&self.routes);
+        let position = Position::parse(header.sys.as_deref(), header.lsn.as_deref(), header.seq);
+        let ids = header
+            .ids
+            .iter()
+            .map(|id| Id(Cow::Borrowed(id.as_str())))
+            .collect();
+        // A replayed message has no position: it passes, and marks nothing.
+        let ids = self.first_time(&routes, ids, position);
         let user = header.event.map(|event| User {
             event,
             encoding: header.encoding.unwrap_or(Encoding::Json),
@@ -864,8 +916,8 @@ impl BusTask {
         // A channel whose token was refreshed is held under two ids a
         // while (the old is retired later): it gets the message once.
         let mut sent: Vec<(u64, &str)> = Vec::new();
-        for id in &header.ids {
-            let Some(route) = routes.get(id.as_str()) else {
+        for id in &ids {
+            let Some(route) = routes.get(&*id.0) else {
                 continue;
             };
             let Some(private) = &route.channel.private else {
@@ -983,6 +1035,7 @@ mod tests {
                 private: None,
             }),
             id: Arc::from(id),
+            mark: Mark::default(),
         };
         (id.to_owned(), route)
     }
@@ -1013,6 +1066,51 @@ mod tests {
             ]
         );
         assert!(by_socket(&routes, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_subscription_is_handed_each_position_once_across_renames() {
+        let one = socket(1);
+        let mut routes: HashMap<String, Route> = [route(&one, "j:0"), route(&one, "j:1")]
+            .into_iter()
+            .collect();
+        let ids = |names: &[&'static str]| names.iter().map(|id| Id(Cow::from(*id))).collect();
+        let names = |ids: Vec<Id<'_>>| ids.iter().map(|id| id.0.to_string()).collect::<Vec<_>>();
+        let at = |lsn: &str, seq| Position::parse(Some("7450"), Some(lsn), Some(seq));
+        let (kept, dropped) =
+            seen::first_time(&routes, ids(&["j:0", "j:1", "gone"]), at("0/20", 1));
+        assert_eq!(
+            (names(kept), dropped),
+            (vec!["j:0".to_owned(), "j:1".to_owned()], 0)
+        );
+        // The same event again (a daemon took over), and an older one.
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0", "j:1"]), at("0/20", 1));
+        assert_eq!((names(kept), dropped), (Vec::<String>::new(), 2));
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0"]), at("0/20", 0));
+        assert_eq!((names(kept), dropped), (Vec::<String>::new(), 1));
+        // A later one, to one of them.
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:1"]), at("0/20", 2));
+        assert_eq!((names(kept), dropped), (vec!["j:1".to_owned()], 0));
+        // Renamed by a token refresh: the new id continues the old's mark,
+        // and both names in one event are both kept.
+        let mark = seen::mark_for(&routes, "j:0.1");
+        let (_, mut renamed) = route(&one, "j:0.1");
+        renamed.mark = mark;
+        routes.insert("j:0.1".to_owned(), renamed);
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0.1"]), at("0/20", 1));
+        assert_eq!((names(kept), dropped), (Vec::<String>::new(), 1));
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0", "j:0.1"]), at("0/30", 0));
+        assert_eq!(
+            (names(kept), dropped),
+            (vec!["j:0".to_owned(), "j:0.1".to_owned()], 0)
+        );
+        // Without a position (an older daemon), nothing is dropped.
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0"]), None);
+        assert_eq!((names(kept), dropped), (vec!["j:0".to_owned()], 0));
+        // Another database's events are never taken for duplicates.
+        let other = Position::parse(Some("1"), Some("0/1"), Some(0));
+        let (kept, dropped) = seen::first_time(&routes, ids(&["j:0"]), other);
+        assert_eq!((names(kept), dropped), (vec!["j:0".to_owned()], 0));
     }
 
     #[test]

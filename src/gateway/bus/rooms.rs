@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
+use super::seen::Position;
 use super::{Delivery, Error, SocketHandle, deliver};
 use crate::bus::room::{
     self, BroadcastHeader, Encoding, Header, Presence, PresenceHeader, field_gateway,
@@ -82,6 +83,8 @@ struct Room {
     topic: Arc<str>,
     members: Vec<Member>,
     state: State,
+    /// The last database broadcast handed to its members ([`super::seen`]).
+    streamed: Option<Position>,
 }
 
 /// Deletes `ARGV` (fields of `KEYS[2]`, a room's presences) only while
@@ -154,6 +157,7 @@ impl Rooms {
                 topic: Arc::from(format!("realtime:{}", bus::room_topic(&room))),
                 members: vec![member],
                 state: State::default(),
+                streamed: None,
             },
         );
         sink.subscribe(self.names.room(&room)).await?;
@@ -336,8 +340,21 @@ impl Rooms {
                 event,
                 encoding,
                 meta,
+                sys,
+                lsn,
+                seq,
                 ..
             }) => {
+                let position = Position::parse(sys.as_deref(), lsn.as_deref(), seq);
+                if let Some(position) = position {
+                    // A database broadcast the daemon that took over sends
+                    // again: the members had it.
+                    if r.streamed.is_some_and(|s| position.not_after(&s)) {
+                        debug!(room = %clip(room), "dropping a database broadcast this room was handed already (a daemon took over)");
+                        return;
+                    }
+                    r.streamed = Some(position);
+                }
                 // Only a channel of this gateway can be the sender.
                 let from = from.and_then(|f| {
                     f.strip_prefix(&self.gateway)
