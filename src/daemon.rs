@@ -306,6 +306,8 @@ async fn session(
         info!(slot = %settings.slot, stood_by = ?since.elapsed(), "the slot's lock is free: taking over");
         metrics::counter!(metrics::TAKEOVERS).increment(1);
     }
+    // From now until the session ends, this daemon answers the gateways.
+    let _holding = Holding::new(shared);
     ensure_rls_sql(pool).await;
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
@@ -395,6 +397,23 @@ async fn session(
             stream_loop.publishing.abort();
             Err(e)
         }
+    }
+}
+
+/// Marks this daemon as the one that holds the slot's lock, and so answers
+/// the gateways, for as long as it lives.
+struct Holding<'a>(&'a Shared);
+
+impl<'a> Holding<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.set_active(true);
+        Holding(shared)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.set_active(false);
     }
 }
 

@@ -400,6 +400,15 @@ async fn rest_broadcasts_to_private_topics_go_where_the_token_may_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_sends_the_newest_stored_messages_once_after_the_join() {
     let (stack, _daemon, gateway) = start().await;
+    // A hot standby beside it keeps its registry but answers nothing: one
+    // reply, one replay.
+    let standby = Daemon::spawn(&["run"], &daemon_env(&stack));
+    eventually(
+        &format!("a daemon standing by\n{}", standby.log()),
+        Duration::from_secs(30),
+        || async { standby.log().contains("standing by") },
+    )
+    .await;
     let topic = "realtime:room:1";
     // 27 private messages (each its own transaction, so inserted_at
     // orders them), one public.

@@ -12,6 +12,14 @@
 //! while the daemon was down or Redis was away are not lost; a gateway whose
 //! lease key expired has its subscriptions dropped, and a live gateway's
 //! subscriptions its hash no longer holds are withdrawn.
+//!
+//! Only the daemon that holds the slot's lock answers ([`Shared::is_active`]).
+//! A hot standby follows the same messages silently: it validates and
+//! registers subscriptions, holds private channels without asking the
+//! database, and leaves leases, hashes and write checks alone. When it
+//! takes over it reads the registry back and answers all of it, as a
+//! restarted daemon does, which also answers what its predecessor left
+//! unanswered; its registry was complete all along, so it streams at once.
 
 mod validate;
 
@@ -205,6 +213,8 @@ impl ControlTask {
         // in between is then both in the hash and on the channel (handled
         // twice, harmlessly) rather than in neither.
         pubsub.subscribe(self.names.control()).await?;
+        let mut active = self.shared.watch_active();
+        active.borrow_and_update();
         self.recover(&mut conn).await?;
         let mut messages = pubsub.on_message();
         let mut leases = tokio::time::interval_at(
@@ -230,7 +240,23 @@ impl ControlTask {
                     self.handle_batch(&mut conn, batch).await?;
                 }
                 _ = leases.tick() => {
-                    self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
+                    // The daemon that answers keeps the registry hashes.
+                    if self.shared.is_active() {
+                        self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
+                    }
+                }
+                changed = active.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    if *active.borrow_and_update() {
+                        // A standby that took over (or a daemon whose
+                        // session came back): what it kept silently is
+                        // answered now, as after a restart, with whatever
+                        // its predecessor left unanswered.
+                        info!("this daemon holds the slot: confirming the registry to the gateways");
+                        self.recover(&mut conn).await?;
+                    }
                 }
             }
         }
@@ -288,19 +314,28 @@ impl ControlTask {
         }
         let joins: Vec<(&str, &ChannelRegistration)> =
             private.iter().map(|(g, c)| (g.as_str(), c)).collect();
+        if !self.shared.is_active() {
+            // A standby: held as they are, asked when it takes over.
+            for (gateway, channel) in &joins {
+                self.keep_private(conn, gateway, channel).await?;
+                recovered += channel.subscriptions.len();
+            }
+            info!(
+                subscriptions = recovered,
+                private = private.len(),
+                "registry read back from redis (standing by: not answering)"
+            );
+            self.shared.mark_recovered();
+            return Ok(());
+        }
         let access = self.read_access(&joins).await;
         for ((gateway, channel), access) in joins.into_iter().zip(access) {
             recovered += channel.subscriptions.len();
             // Authorized at its join: a database that cannot be asked now
             // does not close it. It is held as it was (its gateway still
             // gates what it may read) and asked again at the next restart.
-            if access == unreachable_database()
-                && let Some(private) = &channel.private
-            {
-                self.hold_private(gateway, channel, private);
-                for subscription in channel.expand() {
-                    self.subscribe(conn, gateway, &subscription).await?;
-                }
+            if access == unreachable_database() {
+                self.keep_private(conn, gateway, channel).await?;
                 continue;
             }
             // Replayed once, when the channel joined, not again.
@@ -324,6 +359,9 @@ impl ControlTask {
         batch: Vec<Option<Control>>,
     ) -> Result<(), Error> {
         let batch: Vec<Control> = batch.into_iter().flatten().collect();
+        if !self.shared.is_active() {
+            return self.follow(conn, batch).await;
+        }
         let joins: Vec<(&str, &ChannelRegistration)> = batch
             .iter()
             .filter_map(|c| match &c.op {
@@ -469,6 +507,45 @@ impl ControlTask {
                 messages::Sent::Replayed,
             );
             let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
+        }
+        for subscription in channel.expand() {
+            self.subscribe(conn, gateway, &subscription).await?;
+        }
+        Ok(())
+    }
+
+    /// A standby's handling of control messages: the registry follows them
+    /// (subscriptions validated, private channels held without asking the
+    /// database), and nothing is answered or probed; write checks are
+    /// left to the daemon that streams.
+    async fn follow(
+        &self,
+        conn: &mut MultiplexedConnection,
+        batch: Vec<Control>,
+    ) -> Result<(), Error> {
+        for control in batch {
+            match control.op {
+                ControlOp::SubscribeChannel { channel } if channel.private.is_some() => {
+                    self.keep_private(conn, &control.gateway, &channel).await?;
+                }
+                ControlOp::Authorize { .. } => {}
+                op => self.handle(conn, control.gateway, op).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds a private channel as it is, without asking the database (a
+    /// standby, or a database that cannot be asked): each message of its
+    /// topic is still decided for it, and its gateway gates what it reads.
+    async fn keep_private(
+        &self,
+        conn: &mut MultiplexedConnection,
+        gateway: &str,
+        channel: &ChannelRegistration,
+    ) -> Result<(), Error> {
+        if let Some(private) = &channel.private {
+            self.hold_private(gateway, channel, private);
         }
         for subscription in channel.expand() {
             self.subscribe(conn, gateway, &subscription).await?;
@@ -800,6 +877,10 @@ impl ControlTask {
     ) -> Result<(), Error> {
         let removed = self.shared.remove_gateway(gateway);
         self.count_subscriptions();
+        if !self.shared.is_active() {
+            // The daemon that answers keeps the registry hashes.
+            return Ok(());
+        }
         let _: () = conn.del(self.names.subscriptions(gateway)).await?;
         let _: () = conn.srem(self.names.gateways(), gateway).await?;
         info!(%gateway, removed = removed.len(), "gateway lease expired; its subscriptions are gone");
@@ -837,6 +918,10 @@ impl ControlTask {
         gateway: &str,
         reply: &Reply,
     ) -> Result<(), Error> {
+        // A standby is silent: gateways hear the daemon that streams.
+        if !self.shared.is_active() {
+            return Ok(());
+        }
         let text = serde_json::to_string(reply).unwrap_or_default();
         let _: i64 = conn.publish(self.names.gateway(gateway), text).await?;
         Ok(())

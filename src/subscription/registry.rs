@@ -391,6 +391,10 @@ pub struct Shared {
     /// before that would miss subscriptions that existed all along.
     recovered: AtomicBool,
     recovered_notify: tokio::sync::Notify,
+    /// This daemon holds the slot's lock (streams, or is about to): it
+    /// answers the gateways. A hot standby keeps the registry and stays
+    /// silent, so that gateways hear one daemon.
+    active: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -409,6 +413,22 @@ impl Shared {
             }
             notified.await;
         }
+    }
+
+    /// Says whether this daemon holds the slot's lock.
+    pub fn set_active(&self, active: bool) {
+        self.active
+            .send_if_modified(|now| std::mem::replace(now, active) != active);
+    }
+
+    /// Whether this daemon holds the slot's lock and so answers gateways.
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    /// Follows [`Self::is_active`]: a receiver that sees each change.
+    pub fn watch_active(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.active.subscribe()
     }
 
     /// Adds a subscription; returns the position from which it is live.
