@@ -237,6 +237,12 @@ pub struct RunArgs {
     /// Replication slot name [env: WALCAST_SLOT] [default: walcast]
     #[arg(long)]
     pub slot: Option<String>,
+    /// Make the slot a failover slot, synchronized to standby servers (PostgreSQL 17+): true or false [env: WALCAST_SLOT_FAILOVER] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub slot_failover: Option<String>,
+    /// A physical standby of the database, where `walcast check` looks for the synchronized slot [env: WALCAST_STANDBY_DATABASE_URL]
+    #[arg(long, value_name = "URL")]
+    pub standby_database_url: Option<String>,
     /// Publication to stream [env: WALCAST_PUBLICATION] [default: supabase_realtime]
     #[arg(long)]
     pub publication: Option<String>,
@@ -311,6 +317,11 @@ impl RunArgs {
             (&config::REDIS_URL, self.redis_url.clone()),
             (&config::TENANT, self.tenant.clone()),
             (&config::SLOT, self.slot.clone()),
+            (&config::SLOT_FAILOVER, self.slot_failover.clone()),
+            (
+                &config::STANDBY_DATABASE_URL,
+                self.standby_database_url.clone(),
+            ),
             (&config::PUBLICATION, self.publication.clone()),
             (&config::FIREHOSE, self.firehose.clone()),
             (&config::STATUS_INTERVAL, self.status_interval.clone()),

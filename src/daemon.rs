@@ -317,9 +317,18 @@ async fn session(
     let messages = conn
         .publication_exists(&settings.messages_publication)
         .await?;
-    let slot = conn.ensure_slot(&settings.slot).await?;
+    let slot = conn
+        .ensure_slot(&settings.slot, settings.slot_failover)
+        .await?;
     if slot.created {
-        info!(slot = %settings.slot, at = %slot.confirmed_flush, "created replication slot");
+        info!(slot = %settings.slot, at = %slot.confirmed_flush, failover = ?slot.failover, "created replication slot");
+    }
+    if settings.slot_failover && slot.failover.is_none() {
+        warn!(
+            slot = %settings.slot,
+            server = conn.server_major().unwrap_or(0),
+            "slot_failover needs PostgreSQL 17 or later: this slot is not synchronized to standby servers, and a database failover loses it (see the README's \"Database failover\")"
+        );
     }
     // Status updates start from what the slot already confirmed, so even the
     // first one never reports a position behind it.

@@ -32,7 +32,7 @@ pub(crate) fn walcast(args: &[&str], env: &[(&str, String)]) -> Outcome {
 }
 
 /// `walcast check --json`: its exit code and the parsed document.
-fn check(env: &[(&str, String)]) -> (Option<i32>, Value) {
+pub(crate) fn check(env: &[(&str, String)]) -> (Option<i32>, Value) {
     let outcome = walcast(&["check", "--json"], env);
     let json = serde_json::from_str(&outcome.output)
         .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}):\n{}", outcome.output));
@@ -41,7 +41,7 @@ fn check(env: &[(&str, String)]) -> (Option<i32>, Value) {
 
 /// The finding of `check` (about `subject`, when given); panics with the
 /// whole document if there is not exactly one.
-fn finding<'a>(json: &'a Value, check: &str, subject: Option<&str>) -> &'a Value {
+pub(crate) fn finding<'a>(json: &'a Value, check: &str, subject: Option<&str>) -> &'a Value {
     let found: Vec<&Value> = findings(json)
         .iter()
         .filter(|f| f["check"] == check && subject.is_none_or(|s| f["subject"] == s))

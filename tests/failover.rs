@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::check::{check, finding};
 use crate::gateway::{Client, Gateway, SETUP, valid};
 use crate::support::stack::{DB, Firehose, Stack};
-use crate::support::{Daemon, eventually, tail};
+use crate::support::{Daemon, PgOptions, TestPostgres, TestRedis, eventually, tail};
 
 /// Rows committed, in transactions of [`ROWS_PER_COMMIT`].
 const ROWS: i64 = 100_000;
@@ -216,4 +217,147 @@ fn firehose_ids(firehose: &Firehose) -> HashSet<i64> {
         .filter_map(|m| serde_json::from_str::<Value>(m).ok())
         .filter_map(|m| m["data"]["record"]["id"].as_i64())
         .collect()
+}
+
+/// `slot_failover`: on PostgreSQL 17 and later the slot becomes a failover
+/// slot, a standby with `sync_replication_slots` keeps a synchronized copy
+/// and `walcast check` says so; before 17 the daemon and `walcast check`
+/// say that a database failover loses the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_is_kept_by_a_standby_from_postgres_17() {
+    let mut pg = TestPostgres::start_with(PgOptions {
+        extra_conf: vec!["wal_sender_timeout = '5s'".into()],
+        ..PgOptions::default()
+    });
+    let client = pg.setup_test_db(DB).await;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .expect("version")
+        .get(0);
+    client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); ALTER PUBLICATION supabase_realtime ADD TABLE t;",
+        )
+        .await
+        .expect("setup");
+    drop(client);
+    if version < 170000 {
+        let stack = Stack {
+            client: pg.client(DB).await,
+            pg,
+            redis: TestRedis::start(),
+        };
+        let mut env = stack.env();
+        env.push(("WALCAST_SLOT_FAILOVER", "true".into()));
+        let daemon = Daemon::spawn(&["run"], &env);
+        stack.wait_streaming("walcast", &daemon).await;
+        eventually(
+            "the daemon says the slot cannot fail over",
+            Duration::from_secs(10),
+            || async {
+                daemon
+                    .log()
+                    .contains("slot_failover needs PostgreSQL 17 or later")
+            },
+        )
+        .await;
+        let (code, json) = check(&env);
+        assert_eq!(code, Some(0), "{json:#}");
+        let found = finding(&json, "slot.failover", None);
+        assert_eq!(found["level"], "warning", "{found:#}");
+        assert_eq!(
+            found["message"],
+            format!(
+                "slot_failover is set, but PostgreSQL {} has no failover slots: a database failover loses replication slot walcast; walcast creates it again on the new primary, from where that server is, and what was committed in between is not streamed (README, \"Database failover\")",
+                version / 10000
+            )
+        );
+        return;
+    }
+    // The standby first: it is a copy of the stopped primary.
+    let standby = pg
+        .start_standby(
+            "walcast_standby",
+            DB,
+            &["sync_replication_slots = on", "hot_standby_feedback = on"],
+        )
+        .await;
+    let stack = Stack {
+        client: pg.client(DB).await,
+        pg,
+        redis: TestRedis::start(),
+    };
+    for sql in [
+        "ALTER SYSTEM SET synchronized_standby_slots = 'walcast_standby'",
+        "SELECT pg_reload_conf()",
+    ] {
+        stack.client.batch_execute(sql).await.expect(sql);
+    }
+    let failover = async || -> Option<bool> {
+        stack
+            .client
+            .query_opt(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = 'walcast'",
+                &[],
+            )
+            .await
+            .expect("pg_replication_slots")
+            .map(|row| row.get(0))
+    };
+    // Created without the setting: an ordinary slot.
+    let mut daemon = stack.spawn_daemon();
+    stack.wait_streaming("walcast", &daemon).await;
+    assert_eq!(failover().await, Some(false));
+    assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
+    // With it, the daemon makes it a failover slot, and streams.
+    let mut env = stack.env();
+    env.push(("WALCAST_SLOT_FAILOVER", "true".into()));
+    env.push(("WALCAST_STANDBY_DATABASE_URL", standby.url("postgres", DB)));
+    let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
+    let daemon = Daemon::spawn(&["run"], &env);
+    stack.wait_streaming("walcast", &daemon).await;
+    assert_eq!(failover().await, Some(true), "{}", daemon.log());
+    stack
+        .client
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .expect("insert");
+    let messages = firehose.wait_for(1, Duration::from_secs(30), &daemon).await;
+    assert_eq!(messages[0]["data"]["record"]["id"], 1);
+    // The standby's slot sync worker copies it.
+    let standby_client = standby.client(DB).await;
+    eventually(
+        &format!("the standby holds a synchronized copy\n{}", tail(&standby.log(), 30)),
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                standby_client
+                    .query_opt("SELECT synced AND invalidation_reason IS NULL FROM pg_replication_slots WHERE slot_name = 'walcast'", &[])
+                    .await,
+                Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true)
+            )
+        },
+    )
+    .await;
+    let (code, json) = check(&env);
+    assert_eq!(code, Some(0), "{json:#}");
+    let found = finding(&json, "slot.failover", None);
+    assert_eq!(
+        (&found["level"], &found["message"]),
+        (
+            &json!("ok"),
+            &json!(
+                "replication slot walcast is a failover slot; walcast receives changes once the standbys of synchronized_standby_slots (walcast_standby) have them"
+            )
+        ),
+    );
+    let found = finding(&json, "standby.slot", None);
+    assert_eq!(found["level"], "ok", "{found:#}");
+    assert!(
+        found["message"].as_str().expect("message").starts_with(
+            "the standby holds replication slot walcast synchronized (confirmed up to "
+        ),
+        "{found:#}"
+    );
 }

@@ -14,6 +14,7 @@
 //! Each group of checks has its file; queries take values only as
 //! parameters, and every name shown in a fix is quoted by the server.
 
+mod failover;
 mod finding;
 mod messages;
 mod publication;
@@ -75,6 +76,10 @@ pub mod id {
     pub const SLOT_ACTIVE: &str = "slot.active";
     /// The slot's `wal_status`.
     pub const SLOT_WAL_STATUS: &str = "slot.wal_status";
+    /// Whether the slot survives a database failover (PostgreSQL 17+).
+    pub const SLOT_FAILOVER: &str = "slot.failover";
+    /// A standby (`standby_database_url`) holds the slot synchronized.
+    pub const STANDBY_SLOT: &str = "standby.slot";
     /// Redis answers `PING`.
     pub const REDIS_PING: &str = "redis.ping";
     /// Redis keeps the bus's keys: no memory limit, or `noeviction`.
@@ -143,6 +148,9 @@ async fn postgres(settings: &Settings) -> Vec<Finding> {
     }
     if let Err(e) = slot::check(&client, &settings.slot, &mut out).await {
         out.push(query_failed("the replication slot", &e));
+    }
+    if let Err(e) = failover::check(&client, settings, &mut out).await {
+        out.push(query_failed("the slot's failover", &e));
     }
     out
 }

@@ -36,6 +36,12 @@ pub struct Settings {
     pub tenant: String,
     /// Logical replication slot name.
     pub slot: String,
+    /// Make the slot a failover slot (PostgreSQL 17+), synchronized to
+    /// standby servers that have `sync_replication_slots` on.
+    pub slot_failover: bool,
+    /// A physical standby server of the database, where `walcast check`
+    /// looks for the synchronized slot.
+    pub standby_database_url: Option<DatabaseUrl>,
     /// Publication whose tables are streamed.
     pub publication: String,
     /// Publish every change unfiltered on the tenant's firehose channel.
@@ -114,6 +120,8 @@ keys! {
     REDIS_URL: "redis_url", "WALCAST_REDIS_URL", "--redis-url", Some("redis://127.0.0.1:6379");
     TENANT: "tenant", "WALCAST_TENANT", "--tenant", Some("default");
     SLOT: "slot", "WALCAST_SLOT", "--slot", Some("walcast");
+    SLOT_FAILOVER: "slot_failover", "WALCAST_SLOT_FAILOVER", "--slot-failover", Some("false");
+    STANDBY_DATABASE_URL: "standby_database_url", "WALCAST_STANDBY_DATABASE_URL", "--standby-database-url", None;
     PUBLICATION: "publication", "WALCAST_PUBLICATION", "--publication", Some("supabase_realtime");
     FIREHOSE: "firehose", "WALCAST_FIREHOSE", "--firehose", Some("false");
     STATUS_INTERVAL: "status_interval", "WALCAST_STATUS_INTERVAL", "--status-interval", Some("1s");
@@ -310,6 +318,14 @@ impl Settings {
             redis_url: parse(&REDIS_URL, lookup(&REDIS_URL)?, parse_redis_url)?,
             tenant: parse(&TENANT, lookup(&TENANT)?, parse_tenant)?,
             slot: parse(&SLOT, lookup(&SLOT)?, parse_slot)?,
+            slot_failover: parse(&SLOT_FAILOVER, lookup(&SLOT_FAILOVER)?, parse_bool)?,
+            standby_database_url: match lookup(&STANDBY_DATABASE_URL) {
+                Ok(found) => Some(parse(&STANDBY_DATABASE_URL, found, |v| {
+                    DatabaseUrl::parse(v).map_err(|e| e.to_string())
+                })?),
+                Err(Error::Missing { .. }) => None,
+                Err(e) => return Err(e),
+            },
             publication: parse(&PUBLICATION, lookup(&PUBLICATION)?, parse_publication)?,
             firehose: parse(&FIREHOSE, lookup(&FIREHOSE)?, parse_bool)?,
             status_interval: parse(&STATUS_INTERVAL, lookup(&STATUS_INTERVAL)?, parse_duration)?,
@@ -753,6 +769,31 @@ mod tests {
         assert_eq!(s.slot, "from_env");
         assert_eq!(s.tenant, "flag");
         assert!(s.firehose);
+    }
+
+    #[test]
+    fn the_failover_settings_are_off_and_absent_by_default() {
+        let url = ("WALCAST_DATABASE_URL", "postgres://u@h/d");
+        let s = Settings::resolve(&[env(&[url])]).unwrap();
+        assert!(!s.slot_failover);
+        assert!(s.standby_database_url.is_none());
+        let s = Settings::resolve(&[env(&[
+            url,
+            ("WALCAST_SLOT_FAILOVER", "true"),
+            ("WALCAST_STANDBY_DATABASE_URL", "postgres://u@standby/d"),
+        ])])
+        .unwrap();
+        assert!(s.slot_failover);
+        assert_eq!(
+            s.standby_database_url.map(|u| u.to_string()),
+            Some("postgres://u@standby:5432/d".to_owned())
+        );
+        let err = Settings::resolve(&[env(&[url, ("WALCAST_STANDBY_DATABASE_URL", "mysql://x")])])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for `standby_database_url` (from environment variable WALCAST_STANDBY_DATABASE_URL): database url must start with postgres:// or postgresql://"
+        );
     }
 
     #[test]

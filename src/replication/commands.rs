@@ -34,6 +34,8 @@ pub struct Slot {
     /// Everything before this position was acknowledged by an earlier run
     /// (the consistent point of a new slot).
     pub confirmed_flush: Lsn,
+    /// Whether it is a failover slot; `None` before PostgreSQL 17.
+    pub failover: Option<bool>,
 }
 
 impl Connection {
@@ -136,11 +138,27 @@ impl Connection {
         Ok(())
     }
 
+    /// The server's major version (`server_version` as reported at
+    /// startup: `15.20 (Debian …)`, `18.4`, `17beta1`), if it reads.
+    pub fn server_major(&self) -> Option<u32> {
+        let version = self.parameters.get("server_version")?;
+        let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
     /// Creates the permanent pgoutput slot unless it exists; an existing slot
     /// of another plugin or database is an error.
-    pub async fn ensure_slot(&mut self, slot: &str) -> Result<Slot, Error> {
+    ///
+    /// With `failover` on PostgreSQL 17 or later, the slot is created as a
+    /// failover slot, or an existing one is made one (`ALTER_REPLICATION_SLOT`):
+    /// standby servers with `sync_replication_slots` keep a copy that a
+    /// promoted standby streams on from. Older servers have no such slots
+    /// ([`Slot::failover`] says what the slot is).
+    pub async fn ensure_slot(&mut self, slot: &str, failover: bool) -> Result<Slot, Error> {
+        let failover_slots = self.server_major().is_some_and(|major| major >= 17);
         let sql = format!(
-            "SELECT plugin, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT plugin, database, confirmed_flush_lsn, {} FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            if failover_slots { "failover" } else { "NULL" },
             quote_literal(slot)
         );
         if let Some(row) = self.simple_query(&sql).await?.first() {
@@ -163,15 +181,32 @@ impl Connection {
                 .flatten()
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(Lsn::ZERO);
+            let mut is_failover = row.get(3).cloned().flatten().map(|f| f == "t");
+            if failover && is_failover == Some(false) {
+                self.simple_query(&format!(
+                    "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+                    quote_ident(slot)
+                ))
+                .await?;
+                is_failover = Some(true);
+            }
             return Ok(Slot {
                 created: false,
                 confirmed_flush,
+                failover: is_failover,
             });
         }
-        let create = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-            quote_ident(slot)
-        );
+        let create = if failover && failover_slots {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput ( SNAPSHOT 'nothing', FAILOVER true )",
+                quote_ident(slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(slot)
+            )
+        };
         match self.simple_query(&create).await {
             // Columns: slot_name, consistent_point, snapshot_name, output_plugin.
             Ok(rows) => Ok(Slot {
@@ -181,10 +216,13 @@ impl Connection {
                     .and_then(|r| r.get(1).cloned().flatten())
                     .and_then(|l| l.parse().ok())
                     .unwrap_or(Lsn::ZERO),
+                failover: failover_slots.then_some(failover),
             }),
             // Another walcast created it between our check and our create:
             // look again.
-            Err(Error::Db(db)) if db.code == "42710" => Box::pin(self.ensure_slot(slot)).await,
+            Err(Error::Db(db)) if db.code == "42710" => {
+                Box::pin(self.ensure_slot(slot, failover)).await
+            }
             Err(e) => Err(e),
         }
     }

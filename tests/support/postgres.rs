@@ -174,25 +174,123 @@ impl TestPostgres {
             tls: options.tls,
             dir,
         };
-        for attempt in 1..=PORT_ATTEMPTS {
-            pg.port = free_port();
+        pg.start_on_a_free_port(|port| {
             let mut conf = base_conf.clone();
             conf.push_str(&ours);
-            let _ = writeln!(conf, "port = {}", pg.port);
+            let _ = writeln!(conf, "port = {port}");
             for line in &options.extra_conf {
                 conf.push_str(line);
                 conf.push('\n');
             }
-            fs::write(&conf_path, conf).expect("write postgresql.conf");
-            match pg.try_start() {
-                Ok(()) => return pg,
+            conf
+        });
+        pg
+    }
+
+    /// Writes `postgresql.conf` as `conf` makes it for a free port and
+    /// starts the cluster, on another port when that one was taken.
+    fn start_on_a_free_port(&mut self, conf: impl Fn(u16) -> String) {
+        let conf_path = self.data_dir.join("postgresql.conf");
+        for attempt in 1..=PORT_ATTEMPTS {
+            self.port = free_port();
+            fs::write(&conf_path, conf(self.port)).expect("write postgresql.conf");
+            match self.try_start() {
+                Ok(()) => return,
                 Err(StartError::Exited {
                     bind_failed: true, ..
                 }) if attempt < PORT_ATTEMPTS => continue,
-                Err(e) => pg.start_failed(&e),
+                Err(e) => self.start_failed(&e),
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// A physical standby of this cluster, streaming from the physical
+    /// slot `slot` (created here), with `dbname=db` in `primary_conninfo`
+    /// (replication slot synchronization needs it) and `extra_conf`
+    /// appended. Made by a cold copy: this cluster stops (fast) while its
+    /// data directory is copied, then starts again on its port. (The
+    /// embedded-postgres packages have no `pg_basebackup`, and one of
+    /// another major version refuses the server.) Replication slots are
+    /// not copied.
+    pub async fn start_standby(
+        &mut self,
+        slot: &str,
+        db: &str,
+        extra_conf: &[&str],
+    ) -> TestPostgres {
+        self.client("postgres")
+            .await
+            .batch_execute(&format!(
+                "SELECT pg_create_physical_replication_slot('{}', true)",
+                slot.replace('\'', "''")
+            ))
+            .await
+            .expect("create the standby's physical slot");
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-pg-standby-")
+            .tempdir()
+            .expect("create temp dir for the standby");
+        give_to(self.owner, dir.path());
+        let data_dir = dir.path().join("data");
+        self.stop_fast();
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&self.data_dir)
+            .arg(&data_dir)
+            .status()
+            .expect("run cp");
+        assert!(
+            copied.success(),
+            "copying the data directory failed: {copied}"
+        );
+        self.start_again();
+        for stale in ["postmaster.pid", "postmaster.opts"] {
+            let _ = fs::remove_file(data_dir.join(stale));
+        }
+        let slots = data_dir.join("pg_replslot");
+        for entry in fs::read_dir(&slots).expect("read pg_replslot").flatten() {
+            fs::remove_dir_all(entry.path()).expect("remove a copied slot");
+        }
+        let signal = data_dir.join("standby.signal");
+        fs::write(&signal, "").expect("write standby.signal");
+        give_to(self.owner, &signal);
+        let base_conf =
+            fs::read_to_string(data_dir.join("postgresql.conf")).expect("read postgresql.conf");
+        let mut standby = TestPostgres {
+            child: None,
+            port: 0,
+            bindir: self.bindir.clone(),
+            log_path: dir.path().join("postgres.log"),
+            data_dir,
+            owner: self.owner,
+            tls: false,
+            dir,
+        };
+        let socket_dir = standby.dir.path().display().to_string();
+        let primary = format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.path().display(),
+            self.port
+        );
+        standby.start_on_a_free_port(|port| {
+            let mut conf = base_conf.clone();
+            let _ = write!(
+                conf,
+                "\n# --- walcast test harness: standby ---\n\
+                 port = {port}\n\
+                 unix_socket_directories = '{socket_dir}'\n\
+                 ssl = off\n\
+                 primary_conninfo = '{primary}'\n\
+                 primary_slot_name = '{slot}'\n"
+            );
+            for line in extra_conf {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+            conf
+        });
+        standby
     }
 
     /// Starts the stopped/killed cluster again: same data dir, same port.
