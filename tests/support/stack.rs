@@ -99,9 +99,13 @@ impl Stack {
         (stack, daemon, gateway)
     }
 
-    /// Waits until a walsender streams from `slot`.
+    /// Waits until a walsender streams from `slot`. (A slot being created
+    /// is active too, with no confirmed position until its snapshot is
+    /// consistent: under load, that could pass for streaming.)
     pub async fn wait_streaming(&self, slot: &str, daemon: &Daemon) {
-        let sql = format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'");
+        let sql = format!(
+            "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
         eventually(&format!("slot {slot} active\n--- daemon log ---\n{}", daemon.log()), Duration::from_secs(30), || async {
             matches!(self.client.query_opt(&sql, &[]).await, Ok(Some(row)) if row.get::<_, bool>(0))
         })
