@@ -171,9 +171,11 @@ def run(binary: Path, cluster: Cluster, redis: RedisServer, logs: Path, args, lo
         slot_times, firehose_times = [], []
         for k in range(kills):
             before = _streaming_pid(pg)
-            committed = _rows(pg)
             active.kill()
             killed = time.monotonic()
+            # Rows past this count were committed after the kill: only the
+            # daemon that takes over can publish them.
+            committed = _rows(pg)
             while True:
                 pid = _streaming_pid(pg)
                 if pid is not None and pid != before:
@@ -182,7 +184,7 @@ def run(binary: Path, cluster: Cluster, redis: RedisServer, logs: Path, args, lo
                     raise BenchError(f"no takeover within 60 s after kill {k + 1}")
                 time.sleep(0.005)
             slot_times.append(time.monotonic() - killed)
-            # Rows committed after the kill: the first of them on the firehose.
+            # The first row committed after the kill on the firehose.
             deadline = time.monotonic() + 60
             after = None
             while after is None and time.monotonic() < deadline:
