@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::bus::server::{Connection, Server};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -27,7 +28,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::MultiplexedConnection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -114,6 +114,7 @@ impl Admin {
     /// (`/ready` turns 503); the tasks end when the `Admin` is dropped.
     pub fn start(
         settings: &Settings,
+        server: &Server,
         pool: &Pool,
         cancel: &CancellationToken,
     ) -> Result<Admin, Error> {
@@ -122,10 +123,7 @@ impl Admin {
         let app = router(handle.clone(), readiness.clone());
         let tasks = vec![
             AbortOnDropHandle::new(tokio::spawn(serve(settings.admin_addr, app))),
-            AbortOnDropHandle::new(tokio::spawn(watch_redis(
-                settings.redis_url.clone(),
-                readiness.clone(),
-            ))),
+            AbortOnDropHandle::new(tokio::spawn(watch_redis(server.clone(), readiness.clone()))),
             AbortOnDropHandle::new(tokio::spawn(metrics::watch_retained_wal(
                 pool.clone(),
                 settings.slot.clone(),
@@ -206,31 +204,28 @@ async fn serve(addr: SocketAddr, app: Router) {
 
 /// PINGs Redis every second on its own connection and records whether it
 /// answered. Runs until aborted.
-async fn watch_redis(url: String, readiness: Readiness) {
-    let client = match redis::Client::open(url.as_str()) {
-        Ok(client) => client,
-        Err(e) => {
-            warn!(error = %e, "redis readiness probe cannot use the redis url");
-            return;
-        }
-    };
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(REDIS_PING_TIMEOUT))
-        .set_response_timeout(Some(REDIS_PING_TIMEOUT));
-    let mut conn: Option<MultiplexedConnection> = None;
+async fn watch_redis(server: Server, readiness: Readiness) {
+    let mut conn: Option<Connection> = None;
     let mut tick = tokio::time::interval(REDIS_PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if conn.is_none() {
-            conn = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .inspect_err(|e| debug!(error = %e, "redis readiness probe cannot connect"))
-                .ok();
+            conn = match tokio::time::timeout(REDIS_PING_TIMEOUT, server.connect()).await {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "redis readiness probe cannot connect");
+                    None
+                }
+                Err(_) => None,
+            };
         }
         let answers = match conn.as_mut() {
-            Some(c) => redis::cmd("PING").query_async::<()>(c).await.is_ok(),
+            Some(c) => matches!(
+                tokio::time::timeout(REDIS_PING_TIMEOUT, redis::cmd("PING").query_async::<()>(c))
+                    .await,
+                Ok(Ok(()))
+            ),
             None => false,
         };
         if !answers {

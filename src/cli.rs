@@ -35,9 +35,12 @@ pub struct GatewayArgs {
     /// TOML config file [env: WALCAST_CONFIG].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Redis url [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
+    /// Redis url, or a cluster's nodes comma-separated [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// The bus is a Redis Cluster: true or false [env: WALCAST_REDIS_CLUSTER] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub redis_cluster: Option<String>,
     /// Tenant id used in bus channel names [env: WALCAST_TENANT] [default: default]
     #[arg(long)]
     pub tenant: Option<String>,
@@ -124,6 +127,7 @@ impl GatewayArgs {
         layers.push(Layer::from_env(env));
         layers.push(Layer::from_flags([
             (&config::REDIS_URL, self.redis_url.clone()),
+            (&config::REDIS_CLUSTER, self.redis_cluster.clone()),
             (&config::TENANT, self.tenant.clone()),
             (&config::GATEWAY_ADDR, self.gateway_addr.clone()),
             (&config::JWT_SECRET, self.jwt_secret.clone()),
@@ -228,9 +232,12 @@ pub struct RunArgs {
     /// Tenant database url, postgres://user:password@host:port/db?sslmode=... [env: WALCAST_DATABASE_URL]
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
-    /// Redis url [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
+    /// Redis url, or a cluster's nodes comma-separated [env: WALCAST_REDIS_URL] [default: redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// The bus is a Redis Cluster: true or false [env: WALCAST_REDIS_CLUSTER] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub redis_cluster: Option<String>,
     /// Tenant id used in bus channel names [env: WALCAST_TENANT] [default: default]
     #[arg(long)]
     pub tenant: Option<String>,
@@ -315,6 +322,7 @@ impl RunArgs {
         layers.push(Layer::from_flags([
             (&config::DATABASE_URL, self.database_url.clone()),
             (&config::REDIS_URL, self.redis_url.clone()),
+            (&config::REDIS_CLUSTER, self.redis_cluster.clone()),
             (&config::TENANT, self.tenant.clone()),
             (&config::SLOT, self.slot.clone()),
             (&config::SLOT_FAILOVER, self.slot_failover.clone()),

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Admin, Readiness};
+use crate::bus::server::Server;
 use crate::bus::{Names, Reply};
 use crate::catalog::{self, Catalog};
 use crate::change::{self, Assembler, Change, ChangeKind, Datum, Described, Event, OldRow, Row};
@@ -117,8 +118,10 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
         POOL_CONNECTIONS + settings.rls.connections,
         Some(settings.rls.timeout),
     )?;
+    let server =
+        Server::open(&settings.redis_url, settings.redis_cluster).map_err(publish::Error::from)?;
     // Served until this function returns (dropping it aborts the server).
-    let admin = Admin::start(settings, &pool, &cancel)?;
+    let admin = Admin::start(settings, &server, &pool, &cancel)?;
     // Before subscriptions are validated: they are refused on tables with
     // RLS while the checks' SQL is missing. (Again at each session, for a
     // database that is not reachable yet.)
@@ -130,11 +133,11 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
     }
     let mut said_missing = false;
     messages::partitions::round(&pool, settings.messages_retention, &mut said_missing).await;
-    let names = Names::new(&settings.tenant);
+    let names = Names::on(&server, &settings.tenant);
     // The registry outlives replication sessions; the control task keeps it.
     let shared = Arc::new(Shared::default());
     let control = ControlTask::new(
-        settings.redis_url.clone(),
+        server.clone(),
         names.clone(),
         Validator::new(
             pool.clone(),
@@ -153,21 +156,40 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), E
         said_missing,
         control_cancel.clone(),
     ));
-    let result = supervise(settings, &pool, &shared, &acked, admin.readiness(), &cancel).await;
+    let parts = Parts {
+        settings,
+        server: &server,
+        pool: &pool,
+        shared: &shared,
+        acked: &acked,
+        readiness: admin.readiness(),
+    };
+    let result = supervise(parts, &cancel).await;
     control_cancel.cancel();
     let _ = control.await;
     let _ = janitor.await;
     result
 }
 
-async fn supervise(
-    settings: &Settings,
-    pool: &deadpool_postgres::Pool,
-    shared: &Arc<Shared>,
-    acked: &Acknowledged,
-    readiness: &Readiness,
-    cancel: &CancellationToken,
-) -> Result<(), Error> {
+/// What every session of a run shares.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    settings: &'a Settings,
+    server: &'a Server,
+    pool: &'a deadpool_postgres::Pool,
+    shared: &'a Arc<Shared>,
+    acked: &'a Acknowledged,
+    readiness: &'a Readiness,
+}
+
+async fn supervise(parts: Parts<'_>, cancel: &CancellationToken) -> Result<(), Error> {
+    let Parts {
+        settings,
+        pool,
+        acked,
+        readiness,
+        ..
+    } = parts;
     let backoff = backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(settings.reconnect_max_delay)
@@ -188,16 +210,7 @@ async fn supervise(
     let mut messages_from = None;
     loop {
         let before = acked.get();
-        let result = session(
-            settings,
-            pool,
-            shared,
-            acked,
-            readiness,
-            messages_from,
-            cancel,
-        )
-        .await;
+        let result = session(parts, messages_from, cancel).await;
         readiness.set_streaming(false);
         if cancel.is_cancelled() {
             return Ok(());
@@ -282,15 +295,19 @@ async fn current_wal(pool: &deadpool_postgres::Pool) -> Result<Lsn, Error> {
 }
 
 async fn session(
-    settings: &Settings,
-    pool: &deadpool_postgres::Pool,
-    shared: &Arc<Shared>,
-    acked: &Acknowledged,
-    readiness: &Readiness,
+    parts: Parts<'_>,
     messages_from: Option<Lsn>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
-    let publisher = Publisher::connect(&settings.redis_url).await?;
+    let Parts {
+        settings,
+        server,
+        pool,
+        shared,
+        acked,
+        readiness,
+    } = parts;
+    let publisher = Publisher::connect(server).await?;
     let mut conn = Connection::connect(&settings.database_url).await?;
     // One daemon streams a slot; another waits here, its hot standby,
     // with its registry kept by the control task all along.
@@ -365,7 +382,7 @@ async fn session(
         let acked = acked.clone();
         async move { publisher.run(rx, &acked).await }
     });
-    let names = Names::new(&settings.tenant);
+    let names = Names::on(server, &settings.tenant);
     let firehose: Option<Arc<str>> = settings.firehose.then(|| Arc::from(names.firehose()));
     let mut stream_loop = StreamLoop {
         stream,

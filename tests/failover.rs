@@ -161,7 +161,7 @@ async fn read_changes(mut socket: Client, vsn2: bool) -> HashSet<i64> {
 
 /// The next frame's event and payload, in either protocol version
 /// (heartbeat replies included).
-async fn frame(socket: &mut Client) -> (String, Value) {
+pub(crate) async fn frame(socket: &mut Client) -> (String, Value) {
     let frame = socket.recv().await;
     match frame {
         Value::Array(mut parts) if parts.len() == 5 => {

@@ -7,6 +7,7 @@ mod check;
 mod clients;
 mod clients_private;
 mod clients_rooms;
+mod cluster;
 mod db_broadcast;
 mod delivery;
 mod failover;

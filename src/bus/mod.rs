@@ -1,11 +1,13 @@
 //! The Redis contract between the daemon and the gateways (or any other
-//! consumer): channel and key names, and versioned messages, nothing else.
-//! `docs/bus.md` is its prose form; change both together.
+//! consumer): channel and key names, and versioned messages; and the
+//! Redis it runs on, one server or a cluster ([`server`]). `docs/bus.md`
+//! is its prose form; change both together.
 
 mod control;
 mod event;
 mod names;
 pub mod room;
+pub mod server;
 
 pub use control::{
     Access, Binding, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, PrivateChannel,

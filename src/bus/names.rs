@@ -22,10 +22,29 @@ pub fn room_topic(key: &str) -> &str {
 }
 
 impl Names {
-    /// Names for `tenant` (validated by the config: `[A-Za-z0-9_.-]`).
+    /// Names for `tenant` (validated by the config: `[A-Za-z0-9_.-]`) on
+    /// one Redis server: `walcast:<tenant>:…`.
     pub fn new(tenant: &str) -> Self {
         Names {
             prefix: format!("walcast:{tenant}:"),
+        }
+    }
+
+    /// Names for `tenant` on a Redis Cluster: `walcast:{<tenant>}:…`, the
+    /// tenant a hash tag, so that all of them hash to one slot (pipelines,
+    /// scripts and sharded channels of a tenant meet on one shard).
+    pub fn tagged(tenant: &str) -> Self {
+        Names {
+            prefix: format!("walcast:{{{tenant}}}:"),
+        }
+    }
+
+    /// [`Self::tagged`] on a cluster, else [`Self::new`].
+    pub fn on(server: &super::server::Server, tenant: &str) -> Self {
+        if server.sharded() {
+            Names::tagged(tenant)
+        } else {
+            Names::new(tenant)
         }
     }
 
@@ -117,5 +136,8 @@ mod tests {
         assert_eq!(room_topic("private:public:x"), "public:x");
         assert_eq!(n.presence_rooms("g1"), "walcast:t1:gateway:g1:presence");
         assert_eq!(n.presence_gateways(), "walcast:t1:presence:gateways");
+        let tagged = Names::tagged("t1");
+        assert_eq!(tagged.firehose(), "walcast:{t1}:firehose");
+        assert_eq!(tagged.lease("g1"), "walcast:{t1}:gateway:g1:lease");
     }
 }

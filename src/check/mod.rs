@@ -92,7 +92,7 @@ pub mod id {
 pub async fn run(settings: &Settings) -> Report {
     let (mut findings, redis) = tokio::join!(postgres(settings), async {
         let mut out = Vec::new();
-        redis::check(&settings.redis_url, &mut out).await;
+        redis::check(&settings.redis_url, settings.redis_cluster, &mut out).await;
         out
     });
     findings.extend(redis);

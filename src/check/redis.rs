@@ -5,16 +5,28 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{Finding, id};
+use crate::bus::server::Server;
 use crate::publish::Publisher;
 
 /// How long connecting for `CONFIG GET` and its answer may take.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Appends whether Redis at `url` answers `PING` and, when it does, whether
-/// it may evict the bus's keys.
-pub(super) async fn check(url: &str, out: &mut Vec<Finding>) {
+/// it may evict the bus's keys and answers without a password (on a
+/// cluster, `url` lists its seed nodes: each of them is asked).
+pub(super) async fn check(url: &str, cluster: bool, out: &mut Vec<Finding>) {
     let shown = redact(url);
-    match Publisher::connect(url).await {
+    let server = match Server::open(url, cluster) {
+        Ok(server) => server,
+        Err(e) => {
+            out.push(Finding::error(
+                id::REDIS_PING,
+                format!("redis url {shown} is not usable: {e}"),
+            ));
+            return;
+        }
+    };
+    match Publisher::connect(&server).await {
         Ok(_) => out.push(Finding::ok(
             id::REDIS_PING,
             format!("redis at {shown} answers PING"),
@@ -25,8 +37,10 @@ pub(super) async fn check(url: &str, out: &mut Vec<Finding>) {
             return;
         }
     }
-    out.push(eviction(url).await);
-    out.push(authentication(url).await);
+    for node in url.split(',').map(str::trim) {
+        out.push(eviction(node).await);
+        out.push(authentication(node).await);
+    }
 }
 
 /// Whether Redis at `url` answers someone who has no password: whoever

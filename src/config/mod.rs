@@ -30,8 +30,10 @@ pub enum LogFormat {
 pub struct Settings {
     /// The tenant database (replication and, later, the pool).
     pub database_url: DatabaseUrl,
-    /// The Redis bus.
+    /// The Redis bus: one server, or a cluster's seed nodes, comma-separated.
     pub redis_url: String,
+    /// The bus is a Redis Cluster: sharded pub/sub, hash-tagged names.
+    pub redis_cluster: bool,
     /// Tenant id used in bus channel names.
     pub tenant: String,
     /// Logical replication slot name.
@@ -118,6 +120,7 @@ macro_rules! keys {
 keys! {
     DATABASE_URL: "database_url", "WALCAST_DATABASE_URL", "--database-url", None;
     REDIS_URL: "redis_url", "WALCAST_REDIS_URL", "--redis-url", Some("redis://127.0.0.1:6379");
+    REDIS_CLUSTER: "redis_cluster", "WALCAST_REDIS_CLUSTER", "--redis-cluster", Some("false");
     TENANT: "tenant", "WALCAST_TENANT", "--tenant", Some("default");
     SLOT: "slot", "WALCAST_SLOT", "--slot", Some("walcast");
     SLOT_FAILOVER: "slot_failover", "WALCAST_SLOT_FAILOVER", "--slot-failover", Some("false");
@@ -311,11 +314,15 @@ impl Settings {
                 reason,
             })
         }
+        let redis_cluster = parse(&REDIS_CLUSTER, lookup(&REDIS_CLUSTER)?, parse_bool)?;
         Ok(Settings {
             database_url: parse(&DATABASE_URL, lookup(&DATABASE_URL)?, |v| {
                 DatabaseUrl::parse(v).map_err(|e| e.to_string())
             })?,
-            redis_url: parse(&REDIS_URL, lookup(&REDIS_URL)?, parse_redis_url)?,
+            redis_url: parse(&REDIS_URL, lookup(&REDIS_URL)?, |v| {
+                parse_redis_url(v, redis_cluster)
+            })?,
+            redis_cluster,
             tenant: parse(&TENANT, lookup(&TENANT)?, parse_tenant)?,
             slot: parse(&SLOT, lookup(&SLOT)?, parse_slot)?,
             slot_failover: parse(&SLOT_FAILOVER, lookup(&SLOT_FAILOVER)?, parse_bool)?,
@@ -376,8 +383,10 @@ impl Settings {
 /// the JWT secret or a JWKS, never the database.
 #[derive(Clone)]
 pub struct GatewaySettings {
-    /// The Redis bus.
+    /// The Redis bus: one server, or a cluster's seed nodes, comma-separated.
     pub redis_url: String,
+    /// The bus is a Redis Cluster: sharded pub/sub, hash-tagged names.
+    pub redis_cluster: bool,
     /// Tenant id used in bus channel names.
     pub tenant: String,
     /// Where the WebSocket server listens.
@@ -406,6 +415,7 @@ impl std::fmt::Debug for GatewaySettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewaySettings")
             .field("redis_url", &self.redis_url)
+            .field("redis_cluster", &self.redis_cluster)
             .field("tenant", &self.tenant)
             .field("gateway_addr", &self.gateway_addr)
             .field(
@@ -480,8 +490,12 @@ impl GatewaySettings {
                 }
             })?),
         };
+        let (cluster, cluster_origin) = required(&REDIS_CLUSTER)?;
+        let redis_cluster =
+            parse_bool(&cluster).map_err(invalid(&REDIS_CLUSTER, cluster_origin))?;
         Ok(GatewaySettings {
-            redis_url: parse(&REDIS_URL, &parse_redis_url)?,
+            redis_url: parse(&REDIS_URL, &|v| parse_redis_url(v, redis_cluster))?,
+            redis_cluster,
             tenant: parse(&TENANT, &parse_tenant)?,
             gateway_addr: parse_socket_addr(&addr).map_err(invalid(&GATEWAY_ADDR, addr_origin))?,
             jwt_secret,
@@ -620,8 +634,22 @@ fn parse_log_format(v: &str) -> Result<LogFormat, String> {
     }
 }
 
-fn parse_redis_url(v: &str) -> Result<String, String> {
-    if v.starts_with("redis://") || v.starts_with("rediss://") || v.starts_with("unix://") {
+/// One server's url, or with `cluster` the seed nodes' urls,
+/// comma-separated (TCP only: a cluster tells its nodes by address).
+fn parse_redis_url(v: &str, cluster: bool) -> Result<String, String> {
+    let tcp = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+    if cluster {
+        if v.split(',').all(|u| tcp(u.trim())) {
+            Ok(v.to_owned())
+        } else {
+            Err(
+                "expected the cluster's nodes as redis:// or rediss:// urls, comma-separated"
+                    .to_owned(),
+            )
+        }
+    } else if v.contains(',') {
+        Err("several urls are a cluster's nodes: set redis_cluster = true".to_owned())
+    } else if tcp(v) || v.starts_with("unix://") {
         Ok(v.to_owned())
     } else {
         Err("expected a redis://, rediss:// or unix:// url".to_owned())

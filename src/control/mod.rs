@@ -28,14 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use validate::{Validator, Verdict};
 
+use crate::bus::server::{Connection, Server};
 use crate::bus::{
     self, Access, CHANNEL_FIELD_PREFIX, ChannelRegistration, Control, ControlOp, Names,
     PrivateChannel, Reply, Subscription, WriteCheck,
@@ -54,8 +54,6 @@ const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// land after the gateway wrote it again, losing entries for the next
 /// daemon restart.
 const LEASE_GRACE: Duration = Duration::from_secs(15);
-/// How long Redis may take to connect or answer.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the control task lost its connection (it reconnects by itself).
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +142,7 @@ impl Registered {
 
 /// The control task's state.
 pub struct ControlTask {
-    redis_url: String,
+    server: Server,
     names: Names,
     validator: tokio::sync::Mutex<Validator>,
     shared: Arc<Shared>,
@@ -157,7 +155,7 @@ impl ControlTask {
     /// A control task for `names`' tenant; private channels' probes run on
     /// `pool` under `probe_timeout`.
     pub fn new(
-        redis_url: String,
+        server: Server,
         names: Names,
         validator: Validator,
         shared: Arc<Shared>,
@@ -165,7 +163,7 @@ impl ControlTask {
         probe_timeout: Duration,
     ) -> Self {
         ControlTask {
-            redis_url,
+            server,
             names,
             validator: tokio::sync::Mutex::new(validator),
             shared,
@@ -201,22 +199,15 @@ impl ControlTask {
     }
 
     async fn serve(&self) -> Result<(), Error> {
-        let client = redis::Client::open(self.redis_url.as_str())?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut conn = self.server.connect().await?;
+        let (mut sink, mut messages) = self.server.subscriber().await?;
         // Subscribe before reading the registry back: a request that lands
         // in between is then both in the hash and on the channel (handled
         // twice, harmlessly) rather than in neither.
-        pubsub.subscribe(self.names.control()).await?;
+        sink.subscribe(&self.names.control()).await?;
         let mut active = self.shared.watch_active();
         active.borrow_and_update();
         self.recover(&mut conn).await?;
-        let mut messages = pubsub.on_message();
         let mut leases = tokio::time::interval_at(
             tokio::time::Instant::now() + LEASE_GRACE,
             LEASE_CHECK_INTERVAL,
@@ -231,11 +222,11 @@ impl ControlTask {
                     // What else has arrived is handled with it, so that the
                     // private joins and writes among them are probed in one
                     // call (batched per subject).
-                    let mut batch = vec![parse(message.get_payload_bytes())];
+                    let mut batch = vec![parse(&message.payload)];
                     while batch.len() < MAX_BATCH
                         && let Some(Some(message)) = messages.next().now_or_never()
                     {
-                        batch.push(parse(message.get_payload_bytes()));
+                        batch.push(parse(&message.payload));
                     }
                     self.handle_batch(&mut conn, batch).await?;
                 }
@@ -263,7 +254,7 @@ impl ControlTask {
     }
 
     /// Reads every live gateway's subscriptions back into the registry.
-    async fn recover(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    async fn recover(&self, conn: &mut Connection) -> Result<(), Error> {
         let gateways: Vec<String> = conn.smembers(self.names.gateways()).await?;
         let mut recovered = 0usize;
         // Private channels are asked again, all in one call at the end.
@@ -355,7 +346,7 @@ impl ControlTask {
     /// probes and the write checks among them are asked in one call each.
     async fn handle_batch(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         batch: Vec<Option<Control>>,
     ) -> Result<(), Error> {
         let batch: Vec<Control> = batch.into_iter().flatten().collect();
@@ -410,7 +401,7 @@ impl ControlTask {
     /// for a replay (and `replay`), the stored messages.
     async fn join_private(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         channel: &ChannelRegistration,
         mut access: Access,
@@ -506,7 +497,11 @@ impl ControlTask {
                 vec![private.id.clone()],
                 messages::Sent::Replayed,
             );
-            let _: i64 = conn.publish(self.names.gateway(gateway), bytes).await?;
+            let _: i64 = self
+                .server
+                .publish_cmd(&self.names.gateway(gateway), bytes)
+                .query_async(conn)
+                .await?;
         }
         for subscription in channel.expand() {
             self.subscribe(conn, gateway, &subscription).await?;
@@ -518,11 +513,7 @@ impl ControlTask {
     /// (subscriptions validated, private channels held without asking the
     /// database), and nothing is answered or probed; write checks are
     /// left to the daemon that streams.
-    async fn follow(
-        &self,
-        conn: &mut MultiplexedConnection,
-        batch: Vec<Control>,
-    ) -> Result<(), Error> {
+    async fn follow(&self, conn: &mut Connection, batch: Vec<Control>) -> Result<(), Error> {
         for control in batch {
             match control.op {
                 ControlOp::SubscribeChannel { channel } if channel.private.is_some() => {
@@ -540,7 +531,7 @@ impl ControlTask {
     /// topic is still decided for it, and its gateway gates what it reads.
     async fn keep_private(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         channel: &ChannelRegistration,
     ) -> Result<(), Error> {
@@ -712,7 +703,7 @@ impl ControlTask {
 
     async fn handle(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: String,
         op: ControlOp,
     ) -> Result<(), Error> {
@@ -748,7 +739,7 @@ impl ControlTask {
 
     async fn subscribe(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         subscription: &Subscription,
     ) -> Result<(), Error> {
@@ -793,11 +784,7 @@ impl ControlTask {
     /// Drops the subscriptions of gateways whose lease expired and, when
     /// `compare_hashes`, those of live gateways that their registry hash no
     /// longer holds.
-    async fn expire(
-        &self,
-        conn: &mut MultiplexedConnection,
-        compare_hashes: bool,
-    ) -> Result<(), Error> {
+    async fn expire(&self, conn: &mut Connection, compare_hashes: bool) -> Result<(), Error> {
         let gateways = self.shared.read().gateways();
         for gateway in gateways {
             if !self.lease_alive(conn, &gateway).await? {
@@ -829,7 +816,7 @@ impl ControlTask {
     /// while everyone stayed connected (eviction): see docs/bus.md.
     async fn withdraw_unregistered(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
     ) -> Result<(), Error> {
         let stored: Vec<(String, String)> = conn.hgetall(self.names.subscriptions(gateway)).await?;
@@ -862,19 +849,11 @@ impl ControlTask {
         self.dropped(conn, gateway, stale).await
     }
 
-    async fn lease_alive(
-        &self,
-        conn: &mut MultiplexedConnection,
-        gateway: &str,
-    ) -> Result<bool, Error> {
+    async fn lease_alive(&self, conn: &mut Connection, gateway: &str) -> Result<bool, Error> {
         Ok(conn.exists(self.names.lease(gateway)).await?)
     }
 
-    async fn drop_gateway(
-        &self,
-        conn: &mut MultiplexedConnection,
-        gateway: &str,
-    ) -> Result<(), Error> {
+    async fn drop_gateway(&self, conn: &mut Connection, gateway: &str) -> Result<(), Error> {
         let removed = self.shared.remove_gateway(gateway);
         self.count_subscriptions();
         if !self.shared.is_active() {
@@ -893,7 +872,7 @@ impl ControlTask {
     /// that expired while it stalled) registers them again.
     async fn dropped(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         ids: Vec<impl AsRef<str>>,
     ) -> Result<(), Error> {
@@ -914,7 +893,7 @@ impl ControlTask {
 
     async fn reply(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         reply: &Reply,
     ) -> Result<(), Error> {
@@ -923,7 +902,11 @@ impl ControlTask {
             return Ok(());
         }
         let text = serde_json::to_string(reply).unwrap_or_default();
-        let _: i64 = conn.publish(self.names.gateway(gateway), text).await?;
+        let _: i64 = self
+            .server
+            .publish_cmd(&self.names.gateway(gateway), text)
+            .query_async(conn)
+            .await?;
         Ok(())
     }
 }

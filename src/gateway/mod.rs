@@ -64,6 +64,7 @@ use self::frame::Vsn;
 use self::limits::{JoinRate, Limits, PerAddress, RateCounter, Sockets};
 use self::metrics::GatewayMetrics;
 use crate::bus::Names;
+use crate::bus::server::Server;
 use crate::config::GatewaySettings;
 
 /// Supabase accepts frames up to this many bytes.
@@ -96,6 +97,9 @@ pub enum Error {
     /// The HTTP server failed.
     #[error("gateway server failed: {0}")]
     Serve(#[source] std::io::Error),
+    /// `redis_url` cannot be used.
+    #[error("redis_url cannot be used: {0}")]
+    Redis(#[source] redis::RedisError),
 }
 
 /// What every session shares.
@@ -189,10 +193,11 @@ pub async fn run(settings: &GatewaySettings, cancel: CancellationToken) -> Resul
         .gateway_id
         .clone()
         .unwrap_or_else(|| default_id(settings.gateway_addr.port()));
+    let server = Server::open(&settings.redis_url, settings.redis_cluster).map_err(Error::Redis)?;
     let metrics = GatewayMetrics::new();
     let (bus, bus_task) = bus::new(
-        settings.redis_url.clone(),
-        Names::new(&settings.tenant),
+        server.clone(),
+        Names::on(&server, &settings.tenant),
         gateway.clone(),
         metrics.bus_reconnects.clone(),
         metrics.subscriptions_restored.clone(),

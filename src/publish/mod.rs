@@ -11,21 +11,18 @@ mod ack;
 mod queue;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::OwnedSemaphorePermit;
 
 pub use ack::Acknowledged;
 pub use queue::{Closed, QueueReceiver, QueueSender, cost, queue};
 
+use crate::bus::server::{Connection, Server};
 use crate::lsn::Lsn;
 use crate::metrics;
 
-/// How long Redis may take to connect or to answer a pipeline before the
-/// session is restarted.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of queued batches that go into one pipeline at most (a pipeline
 /// holds at least one batch, however large): the pipeline's command buffer
 /// is a second copy of them.
@@ -89,21 +86,19 @@ impl Error {
 
 /// A connection to Redis for publishing.
 pub struct Publisher {
-    conn: MultiplexedConnection,
+    server: Server,
+    conn: Connection,
 }
 
 impl Publisher {
     /// Connects to Redis and checks it answers.
-    pub async fn connect(url: &str) -> Result<Publisher, Error> {
-        let client = redis::Client::open(url)?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+    pub async fn connect(server: &Server) -> Result<Publisher, Error> {
+        let mut conn = server.connect().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
-        Ok(Publisher { conn })
+        Ok(Publisher {
+            server: server.clone(),
+            conn,
+        })
     }
 
     /// Publishes batches until the sender side closes, advancing `acked`
@@ -134,7 +129,8 @@ impl Publisher {
             let mut count = 0usize;
             let mut bytes = 0usize;
             for message in queued.iter().flat_map(|b| &b.messages) {
-                pipe.publish(&*message.channel, message.payload.as_ref());
+                self.server
+                    .publish(&mut pipe, &message.channel, message.payload.as_ref());
                 count += 1;
                 bytes += message.payload.len();
             }

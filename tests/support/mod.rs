@@ -17,7 +17,7 @@ pub mod ws_gateway;
 #[allow(unused_imports)] // not every test module uses every type
 pub use self::daemon::Daemon;
 pub use self::postgres::{PgOptions, TestPostgres};
-pub use self::redis::TestRedis;
+pub use self::redis::{TestRedis, TestRedisCluster};
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -24,6 +24,8 @@ pub struct TestRedis {
     port: u16,
     /// A TLS port too, with the certificates in [`tls_dir`](Self::tls_dir).
     tls_port: Option<u16>,
+    /// A Redis Cluster node: its cluster bus port.
+    cluster_port: Option<u16>,
     log_path: PathBuf,
     dir: TempDir,
 }
@@ -39,17 +41,23 @@ enum StartError {
 impl TestRedis {
     /// Starts `redis-server` on a free port; panics with its log on failure.
     pub fn start() -> TestRedis {
-        Self::start_inner(false)
+        Self::start_inner(false, false)
+    }
+
+    /// A node of a Redis Cluster not yet formed (`cluster-enabled yes`,
+    /// its cluster bus on a port of its own): see [`TestRedisCluster`].
+    pub fn start_cluster_node() -> TestRedis {
+        Self::start_inner(false, true)
     }
 
     /// As [`start`](Self::start), and listening for TLS on a second port
     /// ([`tls_url`](Self::tls_url)) with a certificate for 127.0.0.1 signed
     /// by a test CA ([`ca_file`](Self::ca_file)).
     pub fn start_tls() -> TestRedis {
-        Self::start_inner(true)
+        Self::start_inner(true, false)
     }
 
-    fn start_inner(tls: bool) -> TestRedis {
+    fn start_inner(tls: bool, cluster: bool) -> TestRedis {
         let dir = tempfile::Builder::new()
             .prefix("walcast-redis-")
             .tempdir()
@@ -58,6 +66,7 @@ impl TestRedis {
             child: None,
             port: 0,
             tls_port: None,
+            cluster_port: None,
             log_path: dir.path().join("redis.log"),
             dir,
         };
@@ -68,6 +77,7 @@ impl TestRedis {
         for attempt in 1..=PORT_ATTEMPTS {
             redis.port = free_port();
             redis.tls_port = tls.then(free_port);
+            redis.cluster_port = cluster.then(free_port);
             match redis.try_start() {
                 Ok(()) => return redis,
                 Err(StartError::Exited {
@@ -253,6 +263,13 @@ impl TestRedis {
         };
         let _ = fs::remove_file(self.socket_path());
         let mut command = Command::new("redis-server");
+        if let Some(cluster_port) = self.cluster_port {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-port", &cluster_port.to_string()])
+                .arg("--cluster-config-file")
+                .arg(self.dir.path().join("nodes.conf"));
+        }
         if let Some(tls_port) = self.tls_port {
             let tls = self.tls_dir();
             command
@@ -339,5 +356,83 @@ impl Drop for TestRedis {
             );
         }
         self.kill();
+    }
+}
+
+/// A Redis Cluster on loopback: three masters with a replica each, formed
+/// with `redis-cli --cluster create`, every slot covered.
+pub struct TestRedisCluster {
+    /// The nodes; which are masters changes with failovers.
+    pub nodes: Vec<TestRedis>,
+}
+
+impl TestRedisCluster {
+    /// Starts six nodes and forms the cluster; panics with the logs if it
+    /// is not `cluster_state:ok` on every node within 30 s.
+    pub fn start() -> TestRedisCluster {
+        let nodes: Vec<TestRedis> = (0..6).map(|_| TestRedis::start_cluster_node()).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run redis-cli (is it on PATH?): {e}"));
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = TestRedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster
+            .nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not come up:\n{}",
+                cluster.nodes[0].cli(&["CLUSTER", "NODES"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// Every node's url, comma-separated: walcast's `redis_url`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TestRedis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The logs of every node.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- redis {} ---\n{}", n.port, tail(&n.log(), 20)))
+            .collect()
+    }
+}
+
+impl TestRedis {
+    /// Runs `redis-cli` against this server's unix socket; its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-s")
+            .arg(self.socket_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run redis-cli: {e}"));
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }

@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use crate::bus::server::{Connection, Server, Sink};
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -208,7 +207,7 @@ pub struct BusTask {
     routes: Arc<Mutex<HashMap<String, Route>>>,
     checks: Checks,
     commands: mpsc::UnboundedReceiver<Command>,
-    redis_url: String,
+    server: Server,
     names: Names,
     gateway: String,
     connected: Arc<AtomicBool>,
@@ -229,7 +228,7 @@ pub struct BusTask {
 /// Commands are queued unbounded so a socket never waits on Redis; their
 /// number is bounded by the sockets' joins.
 pub fn new(
-    redis_url: String,
+    server: Server,
     names: Names,
     gateway: String,
     reconnects: metrics::Counter,
@@ -253,8 +252,8 @@ pub fn new(
             routes,
             checks,
             commands: rx,
-            redis_url,
-            rooms: Rooms::new(names.clone(), gateway.clone()),
+            rooms: Rooms::new(server.clone(), names.clone(), gateway.clone()),
+            server,
             names,
             gateway,
             connected,
@@ -455,20 +454,13 @@ impl BusTask {
 
     /// One connection's life; `again` when an earlier one came up and was lost.
     async fn serve(&mut self, cancel: &CancellationToken, again: bool) -> Result<(), Error> {
-        let client = redis::Client::open(self.redis_url.as_str())?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let pubsub = client.get_async_pubsub().await?;
-        let (mut listener, mut messages) = pubsub.split();
+        let mut conn = self.server.connect().await?;
+        let (mut listener, mut messages) = self.server.subscriber().await?;
         // Rooms on a connection of their own: Redis closes a subscriber
         // whose output buffer outgrows `client-output-buffer-limit
         // pubsub`, and a burst of large broadcasts must not take the
         // daemon's events with it.
-        let (mut room_listener, mut room_messages) = client.get_async_pubsub().await?.split();
+        let (mut room_listener, mut room_messages) = self.server.subscriber().await?;
         let gateway_channel = self.names.gateway(&self.gateway);
         listener.subscribe(&gateway_channel).await?;
         self.refresh_lease(&mut conn).await?;
@@ -499,7 +491,7 @@ impl BusTask {
                 }
                 message = messages.next() => {
                     let Some(message) = message else { return Err(Error::Disconnected) };
-                    for command in self.route(message.get_payload_bytes()) {
+                    for command in self.route(&message.payload) {
                         self.execute(&mut conn, &mut room_listener, command).await?;
                     }
                 }
@@ -514,9 +506,9 @@ impl BusTask {
                         let Ok(command) = self.commands.try_recv() else { break };
                         self.execute(&mut conn, &mut room_listener, command).await?;
                     }
-                    if let Some(room) = self.rooms.room_of(message.get_channel_name()) {
+                    if let Some(room) = self.rooms.room_of(&message.channel) {
                         let room = room.to_owned();
-                        self.rooms.on_message(&room, message.get_payload_bytes());
+                        self.rooms.on_message(&room, &message.payload);
                     }
                 }
                 command = self.commands.recv() => {
@@ -537,7 +529,7 @@ impl BusTask {
                     // ping, one cut silently (a NAT's idle timeout) would
                     // look like a quiet stream forever.
                     for sink in [&mut listener, &mut room_listener] {
-                        tokio::time::timeout(REDIS_TIMEOUT, sink.ping::<redis::Value>())
+                        tokio::time::timeout(REDIS_TIMEOUT, sink.ping())
                             .await
                             .map_err(|_| Error::Unresponsive)??;
                     }
@@ -558,7 +550,7 @@ impl BusTask {
     }
 
     /// Sets the lease; whether it had lapsed (it was not there).
-    async fn refresh_lease(&self, conn: &mut MultiplexedConnection) -> Result<bool, Error> {
+    async fn refresh_lease(&self, conn: &mut Connection) -> Result<bool, Error> {
         let previous: Option<String> = redis::cmd("SET")
             .arg(self.names.lease(&self.gateway))
             .arg("1")
@@ -574,7 +566,7 @@ impl BusTask {
     /// Writes every current subscription again (Redis may have restarted
     /// empty) and announces each; the daemon answers `subscribed` again.
     /// Commands still queued run after this: duplicates are harmless.
-    async fn resync(&mut self, conn: &mut MultiplexedConnection, again: bool) -> Result<(), Error> {
+    async fn resync(&mut self, conn: &mut Connection, again: bool) -> Result<(), Error> {
         let current = self.channels();
         let hash = self.names.subscriptions(&self.gateway);
         if again {
@@ -602,10 +594,10 @@ impl BusTask {
                     _ => vec![field],
                 };
                 for id in ids {
-                    pipe.publish(
-                        self.names.control(),
+                    pipe.add_command(self.server.publish_cmd(
+                        &self.names.control(),
                         self.control(ControlOp::Unsubscribe { id }),
-                    )
+                    ))
                     .ignore();
                 }
             }
@@ -618,7 +610,10 @@ impl BusTask {
             redis::pipe()
                 .del(&hash)
                 .ignore()
-                .publish(self.names.control(), self.control(ControlOp::Leave))
+                .add_command(
+                    self.server
+                        .publish_cmd(&self.names.control(), self.control(ControlOp::Leave)),
+                )
                 .ignore()
                 .query_async::<()>(conn)
                 .await?;
@@ -642,8 +637,8 @@ impl BusTask {
 
     async fn execute(
         &mut self,
-        conn: &mut MultiplexedConnection,
-        sink: &mut redis::aio::PubSubSink,
+        conn: &mut Connection,
+        sink: &mut Sink,
         command: Command,
     ) -> Result<(), Error> {
         let hash = self.names.subscriptions(&self.gateway);
@@ -665,14 +660,19 @@ impl BusTask {
             Command::Untrack(room, channel) => self.rooms.untrack(conn, room, channel).await?,
             Command::Authorize(check) => {
                 let control = self.control(ControlOp::Authorize { check });
-                let _: () = conn.publish(self.names.control(), control).await?;
+                let _: () = self
+                    .server
+                    .publish_cmd(&self.names.control(), control)
+                    .query_async(conn)
+                    .await?;
             }
             Command::Unsubscribe(channel) => {
                 let mut pipe = redis::pipe();
                 pipe.hdel(&hash, bus::channel_field(&channel.id)).ignore();
                 for id in channel.ids() {
                     let control = self.control(ControlOp::Unsubscribe { id: id.to_owned() });
-                    pipe.publish(self.names.control(), control).ignore();
+                    pipe.add_command(self.server.publish_cmd(&self.names.control(), control))
+                        .ignore();
                 }
                 pipe.query_async::<()>(conn).await?;
                 debug!(channel = %channel.id, "channel withdrawn");
@@ -684,7 +684,7 @@ impl BusTask {
     /// Writes a channel registration to the registry and announces it.
     async fn subscribe(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         channel: &ChannelRegistration,
     ) -> Result<(), Error> {
         let hash = self.names.subscriptions(&self.gateway);
@@ -705,7 +705,7 @@ impl BusTask {
         redis::pipe()
             .hset(&hash, bus::channel_field(&channel.id), &json)
             .ignore()
-            .publish(self.names.control(), control)
+            .add_command(self.server.publish_cmd(&self.names.control(), control))
             .ignore()
             .query_async::<()>(conn)
             .await?;
@@ -713,7 +713,7 @@ impl BusTask {
         Ok(())
     }
 
-    async fn leave(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    async fn leave(&self, conn: &mut Connection) -> Result<(), Error> {
         // Presences first, while the lease still says this gateway lives.
         self.rooms.remove_gateway(conn, &self.gateway).await?;
         redis::pipe()
@@ -723,7 +723,10 @@ impl BusTask {
             .ignore()
             .srem(self.names.gateways(), &self.gateway)
             .ignore()
-            .publish(self.names.control(), self.control(ControlOp::Leave))
+            .add_command(
+                self.server
+                    .publish_cmd(&self.names.control(), self.control(ControlOp::Leave)),
+            )
             .ignore()
             .query_async::<()>(conn)
             .await?;

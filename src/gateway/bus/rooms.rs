@@ -17,8 +17,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::bus::server::{Connection, Server, Sink};
 use redis::AsyncCommands;
-use redis::aio::{MultiplexedConnection, PubSubSink};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
@@ -105,6 +105,8 @@ const HDEL_CHUNK: usize = 1000;
 /// it meant is restored from the local state when the bus reconnects
 /// ([`Rooms::resync`]).
 pub struct Rooms {
+    /// The bus: how a room's messages are published.
+    server: Server,
     names: Names,
     gateway: String,
     /// The room channels' common prefix (`names.room("")`).
@@ -118,9 +120,10 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    /// No rooms yet, for `gateway`.
-    pub fn new(names: Names, gateway: String) -> Rooms {
+    /// No rooms yet, for `gateway`, on the bus of `server`.
+    pub fn new(server: Server, names: Names, gateway: String) -> Rooms {
         Rooms {
+            server,
             prefix: names.room(""),
             names,
             gateway,
@@ -140,8 +143,8 @@ impl Rooms {
     /// presences when it is the room's first.
     pub async fn join(
         &mut self,
-        conn: &mut MultiplexedConnection,
-        sink: &mut PubSubSink,
+        conn: &mut Connection,
+        sink: &mut Sink,
         room: String,
         member: Member,
     ) -> Result<(), Error> {
@@ -160,7 +163,7 @@ impl Rooms {
                 streamed: None,
             },
         );
-        sink.subscribe(self.names.room(&room)).await?;
+        sink.subscribe(&self.names.room(&room)).await?;
         let state = self.load(conn, &room).await?;
         if let Some(r) = self.rooms.get_mut(&room) {
             r.state = state;
@@ -174,8 +177,8 @@ impl Rooms {
     /// channel is unsubscribed when no member is left.
     pub async fn leave(
         &mut self,
-        conn: &mut MultiplexedConnection,
-        sink: &mut PubSubSink,
+        conn: &mut Connection,
+        sink: &mut Sink,
         room: String,
         channel: Arc<str>,
     ) -> Result<(), Error> {
@@ -192,7 +195,7 @@ impl Rooms {
             self.publish_leave(conn, &room, previous).await?;
         }
         if last {
-            sink.unsubscribe(self.names.room(&room)).await?;
+            sink.unsubscribe(&self.names.room(&room)).await?;
             debug!(room = %clip(&room), "room unsubscribed");
         }
         Ok(())
@@ -201,11 +204,15 @@ impl Rooms {
     /// Publishes a broadcast message on `room`'s channel.
     pub async fn broadcast(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         room: &str,
         message: Vec<u8>,
     ) -> Result<(), Error> {
-        let _: () = conn.publish(self.names.room(room), message).await?;
+        let _: () = self
+            .server
+            .publish_cmd(&self.names.room(room), message)
+            .query_async(conn)
+            .await?;
         Ok(())
     }
 
@@ -214,7 +221,7 @@ impl Rooms {
     /// `phx_ref_prev` and the leave of the old meta, in one diff).
     pub async fn track(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         room: String,
         channel: Arc<str>,
         key: String,
@@ -258,14 +265,14 @@ impl Rooms {
             pipe.hdel(&hash, presence_field(&self.gateway, &previous.reference))
                 .ignore();
         }
-        pipe.publish(
-            self.names.room(&room),
+        pipe.add_command(self.server.publish_cmd(
+            &self.names.room(&room),
             room::presence_diff(
                 &self.gateway,
                 vec![presence],
                 previous.into_iter().collect(),
             ),
-        )
+        ))
         .ignore();
         pipe.query_async::<()>(conn).await?;
         Ok(())
@@ -274,7 +281,7 @@ impl Rooms {
     /// Untracks `channel`'s presence in `room`, if it has one.
     pub async fn untrack(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         room: String,
         channel: Arc<str>,
     ) -> Result<(), Error> {
@@ -299,7 +306,7 @@ impl Rooms {
     /// Removes an own presence from `room`'s hash and announces its leave.
     async fn publish_leave(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         room: &str,
         previous: Presence,
     ) -> Result<(), Error> {
@@ -309,10 +316,10 @@ impl Rooms {
             presence_field(&self.gateway, &previous.reference),
         )
         .ignore()
-        .publish(
-            self.names.room(room),
+        .add_command(self.server.publish_cmd(
+            &self.names.room(room),
             room::presence_diff(&self.gateway, Vec::new(), vec![previous]),
-        )
+        ))
         .ignore();
         if !self.own_per_room.contains_key(room) {
             pipe.srem(self.names.presence_rooms(&self.gateway), room)
@@ -398,7 +405,7 @@ impl Rooms {
     /// back meanwhile); so are this gateway's own that it no longer holds
     /// (an untrack whose command was lost, an earlier process with the
     /// same id), whose leaves it announces.
-    async fn load(&self, conn: &mut MultiplexedConnection, room: &str) -> Result<State, Error> {
+    async fn load(&self, conn: &mut Connection, room: &str) -> Result<State, Error> {
         let hash = self.names.presences(room);
         let stored: Vec<(String, String)> = conn.hgetall(&hash).await?;
         let others: Vec<&str> = {
@@ -447,10 +454,10 @@ impl Rooms {
             let mut pipe = redis::pipe();
             pipe.hdel(&hash, fields).ignore();
             if !leaves.is_empty() {
-                pipe.publish(
-                    self.names.room(room),
+                pipe.add_command(self.server.publish_cmd(
+                    &self.names.room(room),
                     room::presence_diff(&self.gateway, Vec::new(), leaves),
-                )
+                ))
                 .ignore();
             }
             pipe.query_async::<()>(conn).await?;
@@ -461,7 +468,7 @@ impl Rooms {
     /// `HDEL hash fields` of `gateway`, only while its lease is absent.
     async fn hdel_if_dead(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateway: &str,
         hash: &str,
         fields: &[&str],
@@ -484,7 +491,7 @@ impl Rooms {
     /// Which of `gateways` hold a lease.
     async fn alive<'g>(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         gateways: &[&'g str],
     ) -> Result<HashSet<&'g str>, Error> {
         if gateways.is_empty() {
@@ -507,7 +514,7 @@ impl Rooms {
     /// every room they were in (found through the tenant's set of
     /// gateways with presences, so that rooms nobody joins again are
     /// cleaned too).
-    pub async fn check_leases(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    pub async fn check_leases(&mut self, conn: &mut Connection) -> Result<(), Error> {
         let registered: Vec<String> = conn.smembers(self.names.presence_gateways()).await?;
         let others: Vec<String> = {
             let mut seen = HashSet::new();
@@ -548,11 +555,7 @@ impl Rooms {
     /// is this gateway (a start with a configured id, a clean shutdown)
     /// their leaves are announced too, since nobody else will; another
     /// gateway's are deleted only while its lease is still absent.
-    pub async fn remove_gateway(
-        &self,
-        conn: &mut MultiplexedConnection,
-        gateway: &str,
-    ) -> Result<(), Error> {
+    pub async fn remove_gateway(&self, conn: &mut Connection, gateway: &str) -> Result<(), Error> {
         let ours = gateway == self.gateway;
         let index = self.names.presence_rooms(gateway);
         let rooms: Vec<String> = conn.smembers(&index).await?;
@@ -579,10 +582,10 @@ impl Rooms {
             redis::pipe()
                 .hdel(&hash, fields)
                 .ignore()
-                .publish(
-                    self.names.room(room),
+                .add_command(self.server.publish_cmd(
+                    &self.names.room(room),
                     room::presence_diff(gateway, Vec::new(), leaves),
-                )
+                ))
                 .ignore()
                 .query_async::<()>(conn)
                 .await?;
@@ -601,7 +604,7 @@ impl Rooms {
     /// This gateway's presences written and announced again: after a
     /// lost connection (Redis may have restarted empty) or a lease that
     /// lapsed (the others removed them).
-    pub async fn rewrite_own(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    pub async fn rewrite_own(&self, conn: &mut Connection) -> Result<(), Error> {
         let mut by_room: HashMap<&str, Vec<Presence>> = HashMap::new();
         for ((room, _), presence) in &self.own {
             by_room.entry(room).or_default().push(presence.clone());
@@ -621,10 +624,10 @@ impl Rooms {
                 .ignore()
                 .sadd(self.names.presence_gateways(), &self.gateway)
                 .ignore()
-                .publish(
-                    self.names.room(room),
+                .add_command(self.server.publish_cmd(
+                    &self.names.room(room),
                     room::presence_diff(&self.gateway, joins, Vec::new()),
-                )
+                ))
                 .ignore();
             pipe.query_async::<()>(conn).await?;
         }
@@ -634,15 +637,11 @@ impl Rooms {
     /// After a lost connection: this gateway's presences written again,
     /// every room subscribed and read again, and its members told what
     /// changed meanwhile.
-    pub async fn resync(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        sink: &mut PubSubSink,
-    ) -> Result<(), Error> {
+    pub async fn resync(&mut self, conn: &mut Connection, sink: &mut Sink) -> Result<(), Error> {
         self.rewrite_own(conn).await?;
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
-            sink.subscribe(self.names.room(&room)).await?;
+            sink.subscribe(&self.names.room(&room)).await?;
             let state = self.load(conn, &room).await?;
             if let Some(r) = self.rooms.get_mut(&room) {
                 let changed = r.state.replace(state);

@@ -1,0 +1,183 @@
+//! The bus on a Redis Cluster (issue 18): three masters with a replica
+//! each, on loopback. Sharded pub/sub, every name under the tenant's hash
+//! tag, and the same behaviour as on one Redis.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::failover::frame;
+use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SETUP, valid};
+use crate::support::stack::DB;
+use crate::support::{Daemon, PgOptions, TestPostgres, TestRedisCluster, eventually, free_port};
+
+/// Postgres with `todos` published and `sql/rls.sql`, a cluster, the
+/// daemon streaming on it, and two gateways on it.
+async fn start() -> (TestPostgres, TestRedisCluster, Daemon, Gateway, Gateway) {
+    let pg = TestPostgres::start_with(PgOptions {
+        extra_conf: vec!["track_commit_timestamp = on".into()],
+        ..PgOptions::default()
+    });
+    let client = pg.setup_test_db(DB).await;
+    client.batch_execute(SETUP).await.expect("setup");
+    client
+        .batch_execute(walcast::rls::INSTALL_SQL)
+        .await
+        .expect("install sql/rls.sql");
+    let cluster = TestRedisCluster::start();
+    let env = vec![
+        ("WALCAST_DATABASE_URL", pg.url("postgres", DB)),
+        ("WALCAST_REDIS_URL", cluster.urls()),
+        ("WALCAST_REDIS_CLUSTER", "true".to_owned()),
+        ("WALCAST_STATUS_INTERVAL", "100ms".to_owned()),
+        ("WALCAST_RECONNECT_MAX_DELAY", "1s".to_owned()),
+        ("WALCAST_LOG", "walcast=debug".to_owned()),
+        ("WALCAST_ADMIN_ADDR", format!("127.0.0.1:{}", free_port())),
+    ];
+    let daemon = Daemon::spawn(&["run"], &env);
+    eventually(
+        &format!("the daemon streams\n{}", daemon.log()),
+        Duration::from_secs(30),
+        || async {
+            matches!(
+                client.query_opt("SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots WHERE slot_name = 'walcast'", &[]).await,
+                Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true)
+            )
+        },
+    )
+    .await;
+    let gateway = |id: &'static str| {
+        let urls = cluster.urls();
+        async move {
+            Gateway::spawn_with(
+                &urls,
+                &[
+                    ("WALCAST_REDIS_CLUSTER", "true".to_owned()),
+                    ("WALCAST_GATEWAY_ID", id.to_owned()),
+                ],
+            )
+            .await
+        }
+    };
+    let a = gateway("gw-a").await;
+    let b = gateway("gw-b").await;
+    (pg, cluster, daemon, a, b)
+}
+
+/// How many subscribers `channel` (a shard channel) has, all nodes
+/// together.
+fn shard_subscribers(cluster: &TestRedisCluster, channel: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let out = node.cli(&["PUBSUB", "SHARDNUMSUB", channel]);
+            out.lines()
+                .nth(1)
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Frames until one whose event is `event`; the others, in order.
+async fn until(client: &mut Client, event: &str) -> (Value, Vec<String>) {
+    let mut skipped = Vec::new();
+    loop {
+        let (got, payload) = tokio::time::timeout(FRAME_TIMEOUT, frame(client))
+            .await
+            .unwrap_or_else(|_| panic!("no {event} in time; had {skipped:?}"));
+        if got == event {
+            return (payload, skipped);
+        }
+        skipped.push(got);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_broadcast_and_presence_cross_two_gateways_on_a_redis_cluster() {
+    let (pg, cluster, daemon, a, b) = start().await;
+    let topic = "realtime:mixed";
+    let config = |key: &str| {
+        json!({"broadcast": {"self": false, "ack": false}, "presence": {"key": key, "enabled": true},
+               "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "todos"}], "private": false})
+    };
+    let token = valid("anon");
+    let mut v2 = a.connect(Some("2.0.0")).await;
+    let mut v1 = b.connect(Some("1.0.0")).await;
+    v2.send(
+        &json!(["1", "1", topic, "phx_join", {"config": config("a"), "access_token": token}])
+            .to_string(),
+    )
+    .await;
+    v1.send(
+        &json!({"topic": topic, "event": "phx_join", "ref": "1", "join_ref": "1",
+        "payload": {"config": config("b"), "access_token": token}})
+        .to_string(),
+    )
+    .await;
+    for socket in [&mut v2, &mut v1] {
+        let (reply, _) = until(socket, "phx_reply").await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+        // "Subscribed to PostgreSQL" (the daemon's answer, over the
+        // cluster) and the presence state, in either order.
+        let (system, before) = until(socket, "system").await;
+        assert_eq!(system["message"], "Subscribed to PostgreSQL", "{system}");
+        if !before.iter().any(|e| e == "presence_state") {
+            until(socket, "presence_state").await;
+        }
+    }
+    // Both gateways hold the room's shard channel, under the tenant's tag.
+    let room = "walcast:{default}:room:public:mixed";
+    eventually(
+        "both gateways subscribed to the room",
+        Duration::from_secs(20),
+        || async { shard_subscribers(&cluster, room) == 2 },
+    )
+    .await;
+
+    // A change reaches both gateways' sockets.
+    pg.client(DB)
+        .await
+        .batch_execute("INSERT INTO todos VALUES (1, 'on a cluster', 'u1')")
+        .await
+        .expect("insert");
+    for socket in [&mut v2, &mut v1] {
+        let (change, skipped) = until(socket, "postgres_changes").await;
+        assert_eq!(skipped, Vec::<String>::new());
+        assert_eq!(
+            change["data"]["record"],
+            json!({"id": 1, "task": "on a cluster", "owner": "u1"}),
+            "{}",
+            daemon.log()
+        );
+    }
+    // A broadcast from one gateway's socket reaches the other's.
+    v1.send(
+        &json!({"topic": topic, "event": "broadcast", "ref": "2", "join_ref": "1",
+        "payload": {"type": "broadcast", "event": "hi", "payload": {"n": 1}}})
+        .to_string(),
+    )
+    .await;
+    let (broadcast, skipped) = until(&mut v2, "broadcast").await;
+    assert_eq!(skipped, Vec::<String>::new());
+    assert_eq!(
+        broadcast,
+        json!({"type": "broadcast", "event": "hi", "payload": {"n": 1}})
+    );
+    // A presence tracked on one gateway is in the other's diff.
+    v2.send(&json!(["1", "3", topic, "presence", {"type": "presence", "event": "track", "payload": {"on": true}}]).to_string())
+        .await;
+    let (diff, _) = until(&mut v1, "presence_diff").await;
+    assert_eq!(diff["joins"]["a"]["metas"][0]["on"], true, "{diff}");
+    assert_eq!(diff["leaves"], json!({}));
+    // The registry, like every key of the tenant, is under its hash tag.
+    // (Only the master of its slot answers; the others redirect.)
+    let answers: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.cli(&["HLEN", "walcast:{default}:gateway:gw-a:subscriptions"]))
+        .filter(|out| out.trim().parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(answers, ["1\n"], "{}", cluster.logs());
+}
