@@ -19,9 +19,9 @@
 //! | [`control`] | subscription requests from gateways, validated and answered over the bus |
 //! | [`messages`] | Broadcast from Database: `realtime.messages` rows → room broadcasts; its daily partitions |
 //! | [`pool`] | the pooled SQL connections (catalog, filters, RLS checks) |
-//! | [`bus`] | the Redis contract: channel names, message envelope, room messages between gateways |
-//! | [`publish`] | pipelined PUBLISH and the acknowledged LSN |
-//! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack |
+//! | [`bus`] | the Redis contract: channel names, message envelope, room messages between gateways; the Redis it runs on, one server or a cluster ([`bus::server`]) |
+//! | [`publish`] | pipelined PUBLISH (SPUBLISH on a cluster) and the acknowledged LSN |
+//! | [`daemon`] | wiring and supervision: stream → decode → assemble → encode → publish → ack; the slot's lock (hot standby) |
 //! | [`metrics`](crate::metrics) | metric names, the Prometheus recorder, the slot's retained WAL |
 //! | [`gateway`] | `walcast gateway`: Phoenix Channels over WebSocket for Supabase clients (Postgres Changes, Broadcast, Presence); talks to the bus only |
 //! | [`admin`] | the admin HTTP server: `/metrics`, `/health`, `/ready` |

@@ -19,7 +19,7 @@
 //! | [`presence`] | Presence: `config.presence`, track/untrack, a room's presences, `phx_ref`s |
 //! | [`private`] | private channels: joins waiting for the daemon's read check, writes waiting for its write check, Supabase's texts |
 //! | [`socket`] | one session: socket, deliveries, heartbeat, shutdown |
-//! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing; [`bus::rooms`]: room channels and presences |
+//! | [`bus`] | the gateway's side of `docs/bus.md`: lease, registry, routing, each event once per subscription across daemon takeovers; [`bus::rooms`]: room channels and presences |
 //! | [`render`] | a change's frames, each rendered once for every socket that shows it the same way |
 //! | [`limits`] | sockets, channels per socket and joins per second, as Supabase limits them; what one join may carry |
 //! | [`quiet`] | client text clipped in logs, client-triggered warnings rate-limited |

@@ -96,7 +96,7 @@ impl Connection {
     /// connection ends (a kill, a crash, a shutdown), with no polling and
     /// no backoff to sit out. The lock lives as long as this connection.
     ///
-    /// Waits in rounds of [`LOCK_ROUND`] (`lock_timeout`), so that a
+    /// Waits in rounds of 5 s (`lock_timeout`), so that a
     /// standby that is stopped mid-wait leaves no backend waiting behind
     /// it for longer than a round. `waiting` is called once, when the lock
     /// is found taken.
