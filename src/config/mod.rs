@@ -800,6 +800,42 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_is_a_list_of_seed_nodes_only_with_redis_cluster() {
+        let url = ("WALCAST_DATABASE_URL", "postgres://u@h/d");
+        let nodes = "redis://a:7000, redis://b:7001";
+        let s = Settings::resolve(&[env(&[
+            url,
+            ("WALCAST_REDIS_URL", nodes),
+            ("WALCAST_REDIS_CLUSTER", "true"),
+        ])])
+        .unwrap();
+        assert!(s.redis_cluster);
+        assert_eq!(s.redis_url, nodes);
+        let err = Settings::resolve(&[env(&[url, ("WALCAST_REDIS_URL", nodes)])]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for `redis_url` (from environment variable WALCAST_REDIS_URL): several urls are a cluster's nodes: set redis_cluster = true"
+        );
+        let err = Settings::resolve(&[env(&[
+            url,
+            ("WALCAST_REDIS_URL", "unix:///tmp/r.sock"),
+            ("WALCAST_REDIS_CLUSTER", "true"),
+        ])])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for `redis_url` (from environment variable WALCAST_REDIS_URL): expected the cluster's nodes as redis:// or rediss:// urls, comma-separated"
+        );
+        let gateway = GatewaySettings::resolve(&[env(&[
+            ("WALCAST_JWT_SECRET", "hush"),
+            ("WALCAST_REDIS_URL", nodes),
+            ("WALCAST_REDIS_CLUSTER", "true"),
+        ])])
+        .unwrap();
+        assert!(gateway.redis_cluster);
+    }
+
+    #[test]
     fn the_failover_settings_are_off_and_absent_by_default() {
         let url = ("WALCAST_DATABASE_URL", "postgres://u@h/d");
         let s = Settings::resolve(&[env(&[url])]).unwrap();
