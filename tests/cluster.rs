@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::check::{check, finding};
 use crate::failover::frame;
 use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SETUP, valid};
 use crate::support::stack::DB;
@@ -180,4 +181,58 @@ async fn changes_broadcast_and_presence_cross_two_gateways_on_a_redis_cluster() 
         .filter(|out| out.trim().parse::<u64>().is_ok())
         .collect();
     assert_eq!(answers, ["1\n"], "{}", cluster.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_cluster_and_each_of_its_nodes() {
+    let pg = TestPostgres::start();
+    let client = pg.setup_test_db(DB).await;
+    client
+        .batch_execute(walcast::rls::INSTALL_SQL)
+        .await
+        .expect("install sql/rls.sql");
+    let cluster = TestRedisCluster::start();
+    let env = |url: String, cluster: bool| {
+        vec![
+            ("WALCAST_DATABASE_URL", pg.url("postgres", DB)),
+            ("WALCAST_REDIS_URL", url),
+            ("WALCAST_REDIS_CLUSTER", cluster.to_string()),
+        ]
+    };
+    let (_, json) = check(&env(cluster.urls(), true));
+    let found = finding(&json, "redis.cluster", None);
+    assert_eq!(
+        (&found["level"], &found["message"]),
+        (
+            &json!("ok"),
+            &json!("the cluster is ok: 3 masters, 3 replicas, all 16384 slots assigned")
+        ),
+        "{json:#}"
+    );
+    // Every node's eviction policy, each named.
+    let evictions: Vec<&Value> = json["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["check"] == "redis.eviction")
+        .collect();
+    assert_eq!(evictions.len(), 6, "{json:#}");
+    assert!(
+        evictions
+            .iter()
+            .all(|f| f["level"] == "ok" && f["subject"].is_string())
+    );
+    // One node of it, taken for one Redis: refused.
+    let (code, json) = check(&env(cluster.nodes[0].url(), false));
+    assert_eq!(code, Some(1));
+    let found = finding(&json, "redis.cluster", None);
+    assert_eq!(
+        (&found["level"], &found["message"]),
+        (
+            &json!("error"),
+            &json!(
+                "the bus's Redis is a cluster node, but redis_cluster is false: commands for keys of other nodes' slots fail"
+            )
+        )
+    );
 }

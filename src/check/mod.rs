@@ -14,6 +14,7 @@
 //! Each group of checks has its file; queries take values only as
 //! parameters, and every name shown in a fix is quoted by the server.
 
+mod cluster;
 mod failover;
 mod finding;
 mod messages;
@@ -84,6 +85,9 @@ pub mod id {
     pub const REDIS_PING: &str = "redis.ping";
     /// Redis keeps the bus's keys: no memory limit, or `noeviction`.
     pub const REDIS_EVICTION: &str = "redis.eviction";
+    /// The bus's Redis is a cluster exactly when `redis_cluster` says so,
+    /// and the cluster is whole.
+    pub const REDIS_CLUSTER: &str = "redis.cluster";
     /// Redis refuses clients without a password.
     pub const REDIS_AUTH: &str = "redis.auth";
 }

@@ -12,8 +12,8 @@ use crate::publish::Publisher;
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Appends whether Redis at `url` answers `PING` and, when it does, whether
-/// it may evict the bus's keys and answers without a password (on a
-/// cluster, `url` lists its seed nodes: each of them is asked).
+/// it is what `cluster` says, and whether it may evict the bus's keys and
+/// answers without a password (on a cluster, every node it lists).
 pub(super) async fn check(url: &str, cluster: bool, out: &mut Vec<Finding>) {
     let shown = redact(url);
     let server = match Server::open(url, cluster) {
@@ -37,9 +37,18 @@ pub(super) async fn check(url: &str, cluster: bool, out: &mut Vec<Finding>) {
             return;
         }
     }
-    for node in url.split(',').map(str::trim) {
-        out.push(eviction(node).await);
-        out.push(authentication(node).await);
+    let nodes = super::cluster::check(url, cluster, out).await;
+    // Each node of a cluster keeps its own keys and its own password.
+    let named = |finding: Finding, node: &str| {
+        if nodes.len() > 1 {
+            finding.subject(redact(node))
+        } else {
+            finding
+        }
+    };
+    for node in &nodes {
+        out.push(named(eviction(node).await, node));
+        out.push(named(authentication(node).await, node));
     }
 }
 

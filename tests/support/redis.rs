@@ -368,7 +368,8 @@ pub struct TestRedisCluster {
 
 impl TestRedisCluster {
     /// Starts six nodes and forms the cluster; panics with the logs if it
-    /// is not `cluster_state:ok` on every node within 30 s.
+    /// is not `cluster_state:ok` with three replicas on every node within
+    /// 30 s.
     pub fn start() -> TestRedisCluster {
         let nodes: Vec<TestRedis> = (0..6).map(|_| TestRedis::start_cluster_node()).collect();
         let addrs: Vec<String> = nodes
@@ -390,11 +391,21 @@ impl TestRedisCluster {
         );
         let cluster = TestRedisCluster { nodes };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !cluster
-            .nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
+        // Ok everywhere, and every node sees the three replicas as such
+        // (`--cluster create` returns before the last replica is known).
+        let whole = |n: &TestRedis| {
+            n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                && n.cli(&["CLUSTER", "NODES"])
+                    .lines()
+                    .filter(|l| {
+                        l.split_whitespace()
+                            .nth(2)
+                            .is_some_and(|flags| flags.split(',').any(|f| f == "slave"))
+                    })
+                    .count()
+                    == 3
+        };
+        while !cluster.nodes.iter().all(whole) {
             assert!(
                 Instant::now() < deadline,
                 "the cluster did not come up:\n{}",
