@@ -10,7 +10,9 @@ use crate::check::{check, finding};
 use crate::failover::frame;
 use crate::gateway::{Client, FRAME_TIMEOUT, Gateway, SETUP, valid};
 use crate::support::stack::DB;
-use crate::support::{Daemon, PgOptions, TestPostgres, TestRedisCluster, eventually, free_port};
+use crate::support::{
+    Daemon, PgOptions, TestPostgres, TestRedisCluster, eventually, free_port, tail,
+};
 
 /// Postgres with `todos` published and `sql/rls.sql`, a cluster, the
 /// daemon streaming on it, and two gateways on it.
@@ -235,4 +237,109 @@ async fn check_reports_the_cluster_and_each_of_its_nodes() {
             )
         )
     );
+}
+
+/// The node that is master of the tenant's slot (`{default}`), by index.
+fn tenant_master(cluster: &TestRedisCluster) -> usize {
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", "walcast:{default}:x"])
+        .trim()
+        .parse()
+        .expect("a slot");
+    let nodes = cluster.nodes[0].cli(&["CLUSTER", "NODES"]);
+    let owner = nodes
+        .lines()
+        .find(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2).is_some_and(|f| f.contains("master"))
+                && fields.iter().skip(8).any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+                })
+        })
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|addr| addr.split('@').next())
+        .expect("the slot's master")
+        .to_owned();
+    cluster
+        .nodes
+        .iter()
+        .position(|n| format!("127.0.0.1:{}", n.port()) == owner)
+        .expect("a node of ours")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_changes_again() {
+    let (pg, mut cluster, daemon, a, _b) = start().await;
+    let topic = "realtime:after";
+    let mut socket = a.connect(Some("2.0.0")).await;
+    socket
+        .send(&json!(["1", "1", topic, "phx_join", {"config": {"broadcast": {"self": false, "ack": false},
+            "presence": {"key": "", "enabled": false},
+            "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "todos"}], "private": false},
+            "access_token": valid("anon")}]).to_string())
+        .await;
+    let (reply, _) = until(&mut socket, "phx_reply").await;
+    assert_eq!(reply["status"], "ok");
+    let (system, _) = until(&mut socket, "system").await;
+    assert_eq!(system["message"], "Subscribed to PostgreSQL");
+    let client = pg.client(DB).await;
+    client
+        .batch_execute("INSERT INTO todos VALUES (1, 'before', 'u1')")
+        .await
+        .expect("insert");
+    let (change, _) = until(&mut socket, "postgres_changes").await;
+    assert_eq!(change["data"]["record"]["id"], 1);
+
+    // The master of the tenant's slot dies; its replica takes over.
+    let master = tenant_master(&cluster);
+    cluster.nodes[master].kill();
+    // The gateway's shard subscription went with it: its socket is told
+    // of the gap, then subscribed again once the daemon confirms.
+    let (gap, _) = until(&mut socket, "system").await;
+    assert_eq!(gap["status"], "error", "{gap}");
+    // Within the gateway's reconnection (the replica needs the node
+    // timeout, 2 s here, to be promoted); on failure, why.
+    let Ok((again, _)) =
+        tokio::time::timeout(Duration::from_secs(18), until(&mut socket, "system")).await
+    else {
+        panic!(
+            "not subscribed again\n--- gateway ---\n{}\n{}",
+            tail(&a.process.log(), 40),
+            cluster.logs()
+        )
+    };
+    assert_eq!(
+        (&again["status"], &again["message"]),
+        (&json!("ok"), &json!("Subscribed to PostgreSQL")),
+        "{}\n{}",
+        a.process.log(),
+        cluster.logs()
+    );
+    assert_ne!(tenant_master(&cluster), master, "a replica was promoted");
+    client
+        .batch_execute("INSERT INTO todos VALUES (2, 'after', 'u1')")
+        .await
+        .expect("insert");
+    let (change, _) = until(&mut socket, "postgres_changes").await;
+    assert_eq!(
+        change["data"]["record"]["id"],
+        2,
+        "{}",
+        tail(&daemon.log(), 40)
+    );
+    // Postgres was told only what the new master holds: the slot's
+    // confirmed position passes row 2's commit once it was published.
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    eventually("the slot confirms row 2", Duration::from_secs(30), || async {
+        matches!(
+            client.query_opt(&format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = 'walcast'"), &[]).await,
+            Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true)
+        )
+    })
+    .await;
 }

@@ -266,6 +266,9 @@ impl TestRedis {
         if let Some(cluster_port) = self.cluster_port {
             command
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                // Replicas in sync at once, not after the 5 s default: a
+                // replica that never synced cannot take over.
+                .args(["--repl-diskless-sync-delay", "0"])
                 .args(["--cluster-port", &cluster_port.to_string()])
                 .arg("--cluster-config-file")
                 .arg(self.dir.path().join("nodes.conf"));
@@ -391,10 +394,13 @@ impl TestRedisCluster {
         );
         let cluster = TestRedisCluster { nodes };
         let deadline = Instant::now() + Duration::from_secs(30);
-        // Ok everywhere, and every node sees the three replicas as such
-        // (`--cluster create` returns before the last replica is known).
+        // Ok everywhere, every node sees the three replicas as such
+        // (`--cluster create` returns before the last replica is known),
+        // and each replica is in sync with its master.
         let whole = |n: &TestRedis| {
-            n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+            let replication = n.cli(&["INFO", "replication"]);
+            (replication.contains("role:master") || replication.contains("master_link_status:up"))
+                && n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
                 && n.cli(&["CLUSTER", "NODES"])
                     .lines()
                     .filter(|l| {
