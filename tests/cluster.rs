@@ -343,3 +343,140 @@ async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_ch
     })
     .await;
 }
+
+/// The id and port of every master.
+fn masters(cluster: &TestRedisCluster) -> Vec<(String, u16)> {
+    cluster.nodes[0]
+        .cli(&["CLUSTER", "NODES"])
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let port = fields
+                .get(1)?
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((fields.first()?.to_string(), port))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_slot_migrated_to_another_master_ends_no_delivery_for_good() {
+    let (pg, cluster, daemon, a, _b) = start().await;
+    let topic = "realtime:moved";
+    let mut socket = a.connect(Some("2.0.0")).await;
+    socket
+        .send(&json!(["1", "1", topic, "phx_join", {"config": {"broadcast": {"self": false, "ack": false},
+            "presence": {"key": "", "enabled": false},
+            "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "todos"}], "private": false},
+            "access_token": valid("anon")}]).to_string())
+        .await;
+    let (reply, _) = until(&mut socket, "phx_reply").await;
+    assert_eq!(reply["status"], "ok");
+    let (system, _) = until(&mut socket, "system").await;
+    assert_eq!(system["message"], "Subscribed to PostgreSQL");
+
+    // Move the tenant's slot, keys and all, to another master, as
+    // redis-cli --cluster reshard does for each slot.
+    let slot = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", "walcast:{default}:x"])
+        .trim()
+        .to_owned();
+    let from = tenant_master(&cluster);
+    let from_port = cluster.nodes[from].port();
+    let all = masters(&cluster);
+    let from_id = all
+        .iter()
+        .find(|(_, p)| *p == from_port)
+        .expect("source")
+        .0
+        .clone();
+    let (to_id, to_port) = all
+        .iter()
+        .find(|(_, p)| *p != from_port)
+        .expect("target")
+        .clone();
+    let to = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port() == to_port)
+        .expect("target node");
+    assert_eq!(
+        cluster.nodes[to]
+            .cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        cluster.nodes[from]
+            .cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+            .trim(),
+        "OK"
+    );
+    let keys = cluster.nodes[from].cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+    let keys: Vec<&str> = keys
+        .lines()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .collect();
+    assert!(
+        !keys.is_empty(),
+        "the tenant's registry and leases are in its slot"
+    );
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", "", "", "0", "5000", "KEYS"];
+    let port = to_port.to_string();
+    migrate[2] = &port;
+    migrate.extend(keys.iter().copied());
+    assert_eq!(cluster.nodes[from].cli(&migrate).trim(), "OK");
+    for (_, port) in &all {
+        let node = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port() == *port)
+            .expect("master");
+        assert_eq!(
+            node.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+                .trim(),
+            "OK"
+        );
+    }
+    // The cluster ended the shard subscriptions: the socket is told of
+    // the gap, then subscribed again on the slot's new master.
+    let (gap, _) = until(&mut socket, "system").await;
+    assert_eq!(gap["status"], "error", "{gap}");
+    let (again, _) = until(&mut socket, "system").await;
+    assert_eq!(
+        (&again["status"], &again["message"]),
+        (&json!("ok"), &json!("Subscribed to PostgreSQL")),
+        "{}",
+        tail(&a.process.log(), 30)
+    );
+    assert!(
+        a.process
+            .log()
+            .contains("redis cluster ended a shard subscription by itself"),
+        "{}",
+        tail(&a.process.log(), 30)
+    );
+    assert_eq!(tenant_master(&cluster), to);
+    pg.client(DB)
+        .await
+        .batch_execute("INSERT INTO todos VALUES (3, 'moved', 'u1')")
+        .await
+        .expect("insert");
+    let (change, _) = until(&mut socket, "postgres_changes").await;
+    assert_eq!(
+        change["data"]["record"]["id"],
+        3,
+        "{}",
+        tail(&daemon.log(), 40)
+    );
+}
