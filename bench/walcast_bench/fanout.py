@@ -294,16 +294,19 @@ def spawn_gateway(binary: Path, redis: RedisServer, log: Path, tenant: str, secr
     returns once it holds its lease and listens."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALCAST_")}
-    env.update(WALCAST_REDIS_URL=redis.url, WALCAST_TENANT=tenant, WALCAST_JWT_SECRET=secret,
+    env.update(WALCAST_REDIS_URL=redis.url, WALCAST_REDIS_CLUSTER=str(redis.cluster).lower(),
+               WALCAST_TENANT=tenant, WALCAST_JWT_SECRET=secret,
                WALCAST_GATEWAY_ADDR=f"127.0.0.1:{port}", WALCAST_GATEWAY_ID=gateway_id, **settings)
     gateway = spawn([str(binary), "gateway"], env=env, log=log)
-    lease = f"walcast:{tenant}:gateway:{gateway_id}:lease"
+    # On a cluster the tenant is a hash tag.
+    prefix = f"walcast:{{{tenant}}}:" if redis.cluster else f"walcast:{tenant}:"
+    lease = f"{prefix}gateway:{gateway_id}:lease"
     deadline = time.monotonic() + 30
     while True:
         if gateway.poll() is not None:
             raise BenchError(f"walcast gateway exited with {gateway.returncode}:\n{tail(log)}")
         with contextlib.suppress(OSError):
-            if _redis(redis.port, "EXISTS", lease).startswith(b":1"):
+            if redis.exists(lease):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return gateway, port
         if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .procs import BenchError, free_port, spawn, stop, tail
+from .procs import BenchError, cpu_seconds, free_port, spawn, stop, tail
 
 PORT_ATTEMPTS = 8
 HERE = Path(__file__).resolve().parent
@@ -90,6 +90,93 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
+
+    cluster = False
+
+    def cpu(self) -> float:
+        """CPU seconds the server used so far."""
+        return cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
+
+    def exists(self, key: str) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(key), key.encode()))
+            return s.recv(16).startswith(b":1")
+
+
+class RedisCluster:
+    """Six redis-server processes formed into a Redis Cluster (three
+    masters, a replica each) with `redis-cli --cluster create`; nothing
+    on disk, no output-buffer limit for subscribers (as RedisServer)."""
+
+    cluster = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.ports: list[int] = []
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if not binary or not shutil.which("redis-cli"):
+            raise BenchError("redis-server and redis-cli are needed (apt-get install redis-server)")
+        for i in range(6):
+            node = self.root / f"node-{i}"
+            node.mkdir(parents=True, exist_ok=True)
+            port, bus = free_port(), free_port()
+            proc = spawn(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(node), "--protected-mode", "no", "--client-output-buffer-limit", "pubsub 0 0 0",
+                 "--loglevel", "warning", "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                 "--cluster-config-file", str(node / "nodes.conf"), "--cluster-node-timeout", "2000",
+                 "--repl-diskless-sync-delay", "0"],
+                log=node / "redis.log",
+            )
+            self.procs.append(proc)
+            self.ports.append(port)
+            deadline = time.monotonic() + 20
+            while not ping(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"a cluster node did not start:\n{tail(node / 'redis.log')}")
+                time.sleep(0.05)
+        done = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                               "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
+        deadline = time.monotonic() + 30
+        while not all(self._whole(p) for p in self.ports):
+            if time.monotonic() > deadline:
+                raise BenchError("the Redis Cluster did not come up within 30 s")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _cli(port: int, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True).stdout
+
+    def _whole(self, port: int) -> bool:
+        replication = self._cli(port, "INFO", "replication")
+        replicas = sum(1 for line in self._cli(port, "CLUSTER", "NODES").splitlines()
+                       if "slave" in line.split()[2].split(","))
+        return ("cluster_state:ok" in self._cli(port, "CLUSTER", "INFO") and replicas == 3
+                and ("role:master" in replication or "master_link_status:up" in replication))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop(proc, timeout=10)
+
+    @property
+    def url(self) -> str:
+        return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def cpu(self) -> float:
+        """CPU seconds all nodes used so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs if p.poll() is None)
+
+    def exists(self, key: str) -> bool:
+        return self._cli(self.ports[0], "-c", "EXISTS", key).strip() == "1"
 
 
 class Subscriber:

@@ -111,13 +111,14 @@ class PresenceResult:
 
 
 class Gateways:
-    """Two gateway processes on one Redis."""
+    """`count` gateway processes (two by default) on one Redis or a cluster."""
 
-    def __init__(self, binary: Path, redis: RedisServer, logs: Path, name: str, sockets: int, lease: str) -> None:
+    def __init__(self, binary: Path, redis: RedisServer, logs: Path, name: str, sockets: int, lease: str,
+                 count: int = 2) -> None:
         self.procs: list[subprocess.Popen] = []
         self.ports: list[int] = []
         self.logs: list[Path] = []
-        for i in range(2):
+        for i in range(count):
             log = logs / f"gateway-{name}-{i}.log"
             # Admission and rate limits are not what is measured.
             gateway, port = spawn_gateway(
@@ -154,15 +155,14 @@ def _client(binary: Path, gateways: Gateways, mode: str, sockets: int, log: Path
 
 def _phase(name: str, sends: int, rate: float, n: int, client: LineClient, gateways: Gateways,
            redis: RedisServer, log, strict: bool) -> Phase:
-    assert redis.proc is not None
     client.send(f"phase {name}")
     client.wait_for("phase_started", 30)
-    cpu0 = (gateways.cpu(), cpu_seconds(client.proc.pid), cpu_seconds(redis.proc.pid))
+    cpu0 = (gateways.cpu(), cpu_seconds(client.proc.pid), redis.cpu())
     client.send(f"send {sends} {rate:.3f}")
     client.wait_for("sent", 60 + (sends / rate if rate else 0))
     client.send(f"expect {sends}")
     got = client.wait_for("phase", 600)
-    cpu1 = (gateways.cpu(), cpu_seconds(client.proc.pid), cpu_seconds(redis.proc.pid))
+    cpu1 = (gateways.cpu(), cpu_seconds(client.proc.pid), redis.cpu())
     if got["messages"] > got["expected"] or got["max_per_socket"] > sends:
         raise BenchError(f"broadcast {name}: {got['messages']:,} frames for {got['expected']:,}: duplicates")
     if not got["complete"] and (strict or not got["closed"]):
