@@ -268,11 +268,10 @@ fn tenant_master(cluster: &TestRedisCluster) -> usize {
         .expect("a node of ours")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_changes_again() {
-    let (pg, mut cluster, daemon, a, _b) = start().await;
-    let topic = "realtime:after";
-    let mut socket = a.connect(Some("2.0.0")).await;
+/// A v2 socket on `gateway` joined to `topic` with INSERTs of `todos`,
+/// once the daemon confirmed them.
+async fn subscribed(gateway: &Gateway, topic: &str) -> Client {
+    let mut socket = gateway.connect(Some("2.0.0")).await;
     socket
         .send(&json!(["1", "1", topic, "phx_join", {"config": {"broadcast": {"self": false, "ack": false},
             "presence": {"key": "", "enabled": false},
@@ -283,6 +282,13 @@ async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_ch
     assert_eq!(reply["status"], "ok");
     let (system, _) = until(&mut socket, "system").await;
     assert_eq!(system["message"], "Subscribed to PostgreSQL");
+    socket
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_changes_again() {
+    let (pg, mut cluster, daemon, a, _b) = start().await;
+    let mut socket = subscribed(&a, "realtime:after").await;
     let client = pg.client(DB).await;
     client
         .batch_execute("INSERT INTO todos VALUES (1, 'before', 'u1')")
@@ -371,18 +377,7 @@ fn masters(cluster: &TestRedisCluster) -> Vec<(String, u16)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_slot_migrated_to_another_master_ends_no_delivery_for_good() {
     let (pg, cluster, daemon, a, _b) = start().await;
-    let topic = "realtime:moved";
-    let mut socket = a.connect(Some("2.0.0")).await;
-    socket
-        .send(&json!(["1", "1", topic, "phx_join", {"config": {"broadcast": {"self": false, "ack": false},
-            "presence": {"key": "", "enabled": false},
-            "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "todos"}], "private": false},
-            "access_token": valid("anon")}]).to_string())
-        .await;
-    let (reply, _) = until(&mut socket, "phx_reply").await;
-    assert_eq!(reply["status"], "ok");
-    let (system, _) = until(&mut socket, "system").await;
-    assert_eq!(system["message"], "Subscribed to PostgreSQL");
+    let mut socket = subscribed(&a, "realtime:moved").await;
 
     // Move the tenant's slot, keys and all, to another master, as
     // redis-cli --cluster reshard does for each slot.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::check::{check, finding};
-use crate::gateway::{Client, Gateway, SETUP, valid};
+use crate::gateway::{Client, valid};
 use crate::support::stack::{DB, Firehose, Stack};
 use crate::support::{Daemon, PgOptions, TestPostgres, TestRedis, eventually, tail};
 
@@ -22,15 +22,8 @@ const KILLS_AT: [i64; 3] = [20_000, 45_000, 70_000];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_active_daemon_three_times_loses_nothing_and_sends_nothing_twice() {
-    let stack = Stack::start().await;
-    stack.client.batch_execute(SETUP).await.expect("setup");
-    stack
-        .client
-        .batch_execute(walcast::rls::INSTALL_SQL)
-        .await
-        .expect("install sql/rls.sql");
+    let (stack, gateway) = crate::gateway::start().await;
     let firehose = Firehose::subscribe(&stack.redis.url(), "default").await;
-    let gateway = Gateway::spawn(&stack.redis.url()).await;
     let mut active = stack.spawn_daemon();
     stack.wait_streaming("walcast", &active).await;
     let mut standby = stack.spawn_daemon();

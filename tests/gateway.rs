@@ -287,7 +287,7 @@ impl Client {
 
 /// Postgres with `todos` in the publication, Redis, and the gateway; the
 /// daemon is started by the test (some tests start it late on purpose).
-async fn start() -> (Stack, Gateway) {
+pub(crate) async fn start() -> (Stack, Gateway) {
     let stack = Stack::start().await;
     stack.client.batch_execute(SETUP).await.expect("setup");
     stack
