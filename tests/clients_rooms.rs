@@ -20,8 +20,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::gateway::{Gateway, valid};
-use crate::support::TestRedis;
 use crate::support::real_client::{self, ClientProcess, clients_dir, python};
+use crate::support::{TestRedis, TestRedisCluster};
 
 /// How long anything due may take.
 const WAIT: Duration = Duration::from_secs(30);
@@ -134,19 +134,67 @@ async fn state_is(client: &ClientProcess, state: &Value) {
         .await;
 }
 
+/// The bus a scenario runs on.
+enum Bus {
+    One(TestRedis),
+    Cluster(TestRedisCluster),
+}
+
+impl Bus {
+    fn url(&self) -> String {
+        match self {
+            Bus::One(redis) => redis.url(),
+            Bus::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// Waits until `gateways` gateways subscribe `room`'s channel.
+    async fn room_subscribed(&self, room: &str, gateways: usize) {
+        match self {
+            Bus::One(redis) => crate::rooms::room_subscribed(redis, room, gateways).await,
+            Bus::Cluster(cluster) => {
+                let channel = format!("walcast:{{default}}:room:public:{room}");
+                crate::support::eventually(
+                    &format!("{gateways} gateways subscribed to {channel}"),
+                    Duration::from_secs(20),
+                    || async { crate::cluster::shard_subscribers(cluster, &channel) == gateways },
+                )
+                .await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_js_and_realtime_py_broadcast_and_share_presence_across_gateways() {
+    broadcast_and_presence(Bus::One(TestRedis::start())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_js_and_realtime_py_broadcast_and_share_presence_across_gateways_on_a_redis_cluster()
+ {
+    broadcast_and_presence(Bus::Cluster(TestRedisCluster::start())).await;
+}
+
+async fn broadcast_and_presence(bus: Bus) {
     real_client::install();
-    let redis = TestRedis::start();
     let lease = ("WALCAST_GATEWAY_LEASE", "6s".to_owned());
+    let cluster = (
+        "WALCAST_REDIS_CLUSTER",
+        matches!(bus, Bus::Cluster(_)).to_string(),
+    );
     let mut a = Gateway::spawn_with(
-        &redis.url(),
-        &[lease.clone(), ("WALCAST_GATEWAY_ID", "gw-a".to_owned())],
+        &bus.url(),
+        &[
+            lease.clone(),
+            cluster.clone(),
+            ("WALCAST_GATEWAY_ID", "gw-a".to_owned()),
+        ],
     )
     .await;
     let b = Gateway::spawn_with(
-        &redis.url(),
-        &[lease, ("WALCAST_GATEWAY_ID", "gw-b".to_owned())],
+        &bus.url(),
+        &[lease, cluster, ("WALCAST_GATEWAY_ID", "gw-b".to_owned())],
     )
     .await;
     let mut v2 = js(&a, "2.0.0", &config(true, true, "js2"));
@@ -156,7 +204,7 @@ async fn realtime_js_and_realtime_py_broadcast_and_share_presence_across_gateway
     for client in [&v2, &v1, &rpy] {
         saw(client, &subscribed, 1).await;
     }
-    crate::rooms::room_subscribed(&redis, ROOM, 2).await;
+    bus.room_subscribed(ROOM, 2).await;
 
     // realtime-js 2.0.0: a binary push, acknowledged, echoed to itself.
     let nested = json!({"text": "Grüße, 世界 🦀", "deep": {"list": [1, {"n": null, "b": true}], "s": "\"quoted\""}});

@@ -69,7 +69,7 @@ async fn start() -> (TestPostgres, TestRedisCluster, Daemon, Gateway, Gateway) {
 
 /// How many subscribers `channel` (a shard channel) has, all nodes
 /// together.
-fn shard_subscribers(cluster: &TestRedisCluster, channel: &str) -> usize {
+pub(crate) fn shard_subscribers(cluster: &TestRedisCluster, channel: &str) -> usize {
     cluster
         .nodes
         .iter()
