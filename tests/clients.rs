@@ -49,7 +49,7 @@ use tokio_postgres::Client;
 use crate::support::real_client::{self, ClientProcess};
 use crate::support::stack::Stack;
 use crate::support::ws_gateway::WsGateway;
-use crate::support::{Daemon, eventually};
+use crate::support::{Daemon, TestRedisCluster, eventually};
 use walcast::gateway::bus::INTERRUPTED_MESSAGE;
 
 const SECRET: &str = "walcast-clients-test-secret-0123456789";
@@ -271,6 +271,7 @@ type BindingIds = BTreeMap<&'static str, u64>;
 /// live.
 async fn live_clients(
     kind: Kind,
+    cluster: Option<&TestRedisCluster>,
 ) -> (
     Stack,
     Daemon,
@@ -292,8 +293,23 @@ async fn live_clients(
             .await
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
-    let daemon = stack.spawn_gateway_daemon().await;
-    let gateway = WsGateway::spawn(&stack.redis.url(), SECRET, GATEWAY_ID).await;
+    // On a cluster when given (the stack's own Redis then idles).
+    let (daemon, gateway) = match cluster {
+        None => (
+            stack.spawn_gateway_daemon().await,
+            WsGateway::spawn(&stack.redis.url(), SECRET, GATEWAY_ID).await,
+        ),
+        Some(cluster) => {
+            let mut env = stack.gateway_env();
+            env.retain(|(k, _)| *k != "WALCAST_REDIS_URL");
+            env.push(("WALCAST_REDIS_URL", cluster.urls()));
+            env.push(("WALCAST_REDIS_CLUSTER", "true".to_owned()));
+            let daemon = Daemon::spawn(&["run"], &env);
+            stack.wait_streaming("walcast", &daemon).await;
+            let gateway = WsGateway::spawn_on(&cluster.urls(), true, SECRET, GATEWAY_ID).await;
+            (daemon, gateway)
+        }
+    };
 
     let clients: Vec<ClientProcess> = USERS
         .iter()
@@ -341,8 +357,8 @@ async fn live_clients(
     (stack, daemon, gateway, clients, binding_ids)
 }
 
-async fn scenario(kind: Kind) {
-    let (mut stack, daemon, _gateway, mut clients, binding_ids) = live_clients(kind).await;
+async fn scenario(kind: Kind, cluster: Option<&TestRedisCluster>) {
+    let (mut stack, daemon, _gateway, mut clients, binding_ids) = live_clients(kind, cluster).await;
 
     // expected[user][channel]: the changes in order.
     let mut expected: Vec<Expected> = vec![BTreeMap::new(); USERS.len()];
@@ -590,6 +606,14 @@ async fn scenario(kind: Kind) {
         "the gateway's registry is empty",
         Duration::from_secs(10),
         || async {
+            if let Some(cluster) = cluster {
+                // Only the master of the tenant's slot answers.
+                let key = format!("walcast:{{default}}:gateway:{GATEWAY_ID}:subscriptions");
+                return cluster
+                    .nodes
+                    .iter()
+                    .any(|node| node.cli(&["HLEN", &key]).trim() == "0");
+            }
             let mut conn = redis
                 .get_multiplexed_async_connection()
                 .await
@@ -648,17 +672,23 @@ fn pretty(values: &[&Value]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_js_vsn_2_receives_exactly_each_users_own_changes() {
-    scenario(Kind::Js("2.0.0")).await;
+    scenario(Kind::Js("2.0.0"), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_js_vsn_2_receives_exactly_each_users_own_changes_on_a_redis_cluster() {
+    let cluster = TestRedisCluster::start();
+    scenario(Kind::Js("2.0.0"), Some(&cluster)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_js_vsn_1_receives_exactly_each_users_own_changes() {
-    scenario(Kind::Js("1.0.0")).await;
+    scenario(Kind::Js("1.0.0"), None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_py_receives_exactly_each_users_own_changes() {
-    scenario(Kind::Python).await;
+    scenario(Kind::Python, None).await;
 }
 
 /// Redis goes away and comes back under live clients. A v2 socket
@@ -669,7 +699,7 @@ async fn realtime_py_receives_exactly_each_users_own_changes() {
 /// reaches its owner on both channels — and nobody else — with nothing
 /// failed on v1.
 async fn lost_bus(kind: Kind) {
-    let (mut stack, daemon, _gateway, clients, binding_ids) = live_clients(kind).await;
+    let (mut stack, daemon, _gateway, clients, binding_ids) = live_clients(kind, None).await;
     let told = matches!(kind, Kind::Js("2.0.0"));
     stack.redis.stop();
     if told {

@@ -18,9 +18,16 @@ impl WsGateway {
     /// Starts a gateway with id `id` on the bus at `redis_url`, verifying
     /// tokens with `secret`; returns once it is registered and listening.
     pub async fn spawn(redis_url: &str, secret: &str, id: &str) -> WsGateway {
+        WsGateway::spawn_on(redis_url, false, secret, id).await
+    }
+
+    /// As [`spawn`](Self::spawn), on a Redis Cluster when `cluster`
+    /// (`redis_url` its nodes).
+    pub async fn spawn_on(redis_url: &str, cluster: bool, secret: &str, id: &str) -> WsGateway {
         let port = free_port();
         let env = [
             ("WALCAST_REDIS_URL", redis_url.to_owned()),
+            ("WALCAST_REDIS_CLUSTER", cluster.to_string()),
             ("WALCAST_JWT_SECRET", secret.to_owned()),
             ("WALCAST_GATEWAY_ADDR", format!("127.0.0.1:{port}")),
             ("WALCAST_GATEWAY_ID", id.to_owned()),
