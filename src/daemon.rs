@@ -323,8 +323,6 @@ async fn session(
         info!(slot = %settings.slot, stood_by = ?since.elapsed(), "the slot's lock is free: taking over");
         metrics::counter!(metrics::TAKEOVERS).increment(1);
     }
-    // From now until the session ends, this daemon answers the gateways.
-    let _holding = Holding::new(shared);
     ensure_rls_sql(pool).await;
     let system = conn.identify_system().await?;
     conn.check_wal_level().await?;
@@ -368,6 +366,10 @@ async fn session(
     let stream = conn
         .start_replication(&settings.slot, start, &publications)
         .await?;
+    // From now until the session ends, this daemon answers the gateways
+    // (not before: a slot still in use would make it answer, then fall
+    // silent, then answer everything again every retry).
+    let _holding = Holding::new(shared);
     readiness.set_streaming(true);
     info!(
         slot = %settings.slot,
@@ -386,7 +388,9 @@ async fn session(
     let firehose: Option<Arc<str>> = settings.firehose.then(|| Arc::from(names.firehose()));
     let mut stream_loop = StreamLoop {
         stream,
-        system: Arc::from(system.system_id.as_str()),
+        // The timeline too: a promoted standby or a restored backup keeps
+        // the system identifier, and its LSNs may start below ours.
+        system: Arc::from(format!("{}.{}", system.system_id, system.timeline).as_str()),
         tx,
         publishing,
         acked: acked.clone(),
@@ -460,7 +464,8 @@ async fn ensure_rls_sql(pool: &deadpool_postgres::Pool) {
 /// The replication task's state for one session.
 struct StreamLoop {
     stream: ReplicationStream,
-    /// The database's system identifier, in every event for gateways.
+    /// `<system identifier>.<timeline>`: whose LSNs the events' positions
+    /// are, in every event for gateways.
     system: Arc<str>,
     tx: QueueSender,
     publishing: JoinHandle<Result<(), publish::Error>>,

@@ -224,6 +224,20 @@ async fn check_reports_the_cluster_and_each_of_its_nodes() {
             .iter()
             .all(|f| f["level"] == "ok" && f["subject"].is_string())
     );
+    // One Redis taken for a cluster: refused too.
+    let single = crate::support::TestRedis::start();
+    let (code, json) = check(&env(single.url(), true));
+    assert_eq!(code, Some(1));
+    let found = finding(&json, "redis.cluster", None);
+    assert_eq!(
+        (&found["level"], &found["message"]),
+        (
+            &json!("error"),
+            &json!(
+                "redis_cluster is true, but the bus's Redis is not a cluster node (cluster_enabled:0)"
+            )
+        )
+    );
     // One node of it, taken for one Redis: refused.
     let (code, json) = check(&env(cluster.nodes[0].url(), false));
     assert_eq!(code, Some(1));

@@ -34,9 +34,9 @@ pub fn write_change_event(
 }
 
 /// Writes one authorized change event for a gateway:
-/// `{"v":1,"type":"change","ids":["s1","s2"],"sys":"7450…","lsn":"0/16B3748","seq":0,"data":{...}}`.
+/// `{"v":1,"type":"change","ids":["s1","s2"],"sys":"7450….1","lsn":"0/16B3748","seq":0,"data":{...}}`.
 /// `ids` are the gateway's subscriptions allowed to see it; `data` (already
-/// JSON) is what they see. `sys` is the database's system identifier:
+/// JSON) is what they see. `sys` is `<system identifier>.<timeline>`:
 /// (`sys`, `lsn`, `seq`) tells a gateway which events it already delivered
 /// when a daemon that took over sends them again.
 pub fn write_gateway_event<'a>(

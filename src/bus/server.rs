@@ -20,7 +20,7 @@
 //! subscribes again as after any lost connection (the gateway then tells
 //! its sockets of the gap, and reads presences back).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,24 +56,30 @@ pub enum Connection {
     Cluster(ClusterConnection),
 }
 
+/// Unsubscriptions asked for and not yet confirmed, by channel: their
+/// confirmations are not a lost subscription. Counted, not a set: a
+/// leave, a join and the leave's late confirmation must not read as the
+/// cluster ending the joined channel.
+type Leaving = Arc<Mutex<HashMap<String, usize>>>;
+
 /// Subscribes and unsubscribes; its [`Messages`] receive.
 pub enum Sink {
     /// On one server.
     Single(PubSubSink),
-    /// On a cluster; `leaving` are the channels it unsubscribed, whose
-    /// confirmations [`Messages`] must not take for a lost subscription.
-    Cluster(ClusterConnection, Arc<Mutex<HashSet<String>>>),
+    /// On a cluster.
+    Cluster(ClusterConnection, Leaving),
 }
 
-/// What arrives on the channels of a [`Sink`].
-pub enum Messages {
-    /// On one server.
+/// What arrives on the channels of a [`Sink`]. Once [`Messages::next`]
+/// said the subscription is lost, it says so at every call.
+pub struct Messages {
+    kind: MessagesKind,
+    lost: bool,
+}
+
+enum MessagesKind {
     Single(PubSubStream),
-    /// On a cluster: the pushes of its connection.
-    Cluster(
-        mpsc::UnboundedReceiver<PushInfo>,
-        Arc<Mutex<HashSet<String>>>,
-    ),
+    Cluster(mpsc::UnboundedReceiver<PushInfo>, Leaving),
 }
 
 /// One message: its channel and payload.
@@ -128,7 +134,10 @@ impl Server {
         match &self.kind {
             Kind::Single(client) => {
                 let (sink, stream) = client.get_async_pubsub().await?.split();
-                Ok((Sink::Single(sink), Messages::Single(stream)))
+                Ok((
+                    Sink::Single(sink),
+                    Messages::new(MessagesKind::Single(stream)),
+                ))
             }
             Kind::Cluster(nodes) => {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -137,10 +146,10 @@ impl Server {
                     .push_sender(tx)
                     .build()?;
                 let conn = client.get_async_connection().await?;
-                let leaving = Arc::new(Mutex::new(HashSet::new()));
+                let leaving = Leaving::default();
                 Ok((
                     Sink::Cluster(conn, leaving.clone()),
-                    Messages::Cluster(rx, leaving),
+                    Messages::new(MessagesKind::Cluster(rx, leaving)),
                 ))
             }
         }
@@ -208,10 +217,7 @@ impl Sink {
     pub async fn subscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             Sink::Single(sink) => sink.subscribe(channel).await,
-            Sink::Cluster(conn, leaving) => {
-                lock(leaving).remove(channel);
-                conn.ssubscribe(channel).await
-            }
+            Sink::Cluster(conn, _) => conn.ssubscribe(channel).await,
         }
     }
 
@@ -220,7 +226,7 @@ impl Sink {
         match self {
             Sink::Single(sink) => sink.unsubscribe(channel).await,
             Sink::Cluster(conn, leaving) => {
-                lock(leaving).insert(channel.to_owned());
+                *lock(leaving).entry(channel.to_owned()).or_default() += 1;
                 conn.sunsubscribe(channel).await
             }
         }
@@ -240,19 +246,32 @@ impl Sink {
 }
 
 impl Messages {
+    fn new(kind: MessagesKind) -> Messages {
+        Messages { kind, lost: false }
+    }
+
     /// The next message; `None` when the subscription is lost: the
     /// connection closed or, on a cluster, one of its shard subscriptions
     /// ended unasked (logged), after which messages may be missing.
     pub async fn next(&mut self) -> Option<Message> {
-        match self {
-            Messages::Single(stream) => {
+        if self.lost {
+            return None;
+        }
+        let next = self.receive().await;
+        self.lost = next.is_none();
+        next
+    }
+
+    async fn receive(&mut self) -> Option<Message> {
+        match &mut self.kind {
+            MessagesKind::Single(stream) => {
                 let message = stream.next().await?;
                 Some(Message {
                     channel: message.get_channel_name().to_owned(),
                     payload: message.get_payload_bytes().to_vec(),
                 })
             }
-            Messages::Cluster(rx, leaving) => loop {
+            MessagesKind::Cluster(rx, leaving) => loop {
                 let push = rx.recv().await?;
                 match push.kind {
                     PushKind::SMessage | PushKind::Message => {
@@ -277,9 +296,19 @@ impl Messages {
                             .and_then(bytes)
                             .map(|c| String::from_utf8_lossy(&c).into_owned())
                             .unwrap_or_default();
-                        if lock(leaving).remove(&channel) {
-                            continue;
+                        let mut leaving = lock(leaving);
+                        match leaving.get(&channel).copied() {
+                            Some(1) => {
+                                leaving.remove(&channel);
+                                continue;
+                            }
+                            Some(pending) if pending > 1 => {
+                                leaving.insert(channel, pending - 1);
+                                continue;
+                            }
+                            _ => {}
                         }
+                        drop(leaving);
                         warn!(
                             channel = %crate::gateway::quiet::clip(&channel),
                             "redis cluster ended a shard subscription by itself (a failover or a slot migration); subscribing again"
@@ -305,6 +334,8 @@ fn bytes(value: Value) -> Option<Vec<u8>> {
     }
 }
 
-fn lock(leaving: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+fn lock(
+    leaving: &Mutex<HashMap<String, usize>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
     leaving.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -18,7 +18,7 @@ const FAILOVER: &str = "SELECT failover FROM pg_catalog.pg_replication_slots WHE
 
 /// The standby's copy of the slot; `$1` is the slot name.
 const STANDBY_SLOT: &str = "
-SELECT synced, invalidation_reason, confirmed_flush_lsn::text
+SELECT synced AND NOT temporary, invalidation_reason, confirmed_flush_lsn::text, temporary
 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1";
 
 /// Appends the findings about the slot's failover on the primary
@@ -136,6 +136,7 @@ async fn standby(url: &DatabaseUrl, slot: &str) -> Finding {
                 row.try_get::<_, bool>(0)?,
                 row.try_get::<_, Option<String>>(1)?,
                 row.try_get::<_, Option<String>>(2)?,
+                row.try_get::<_, bool>(3)?,
             )),
             None => None,
         };
@@ -163,17 +164,22 @@ async fn standby(url: &DatabaseUrl, slot: &str) -> Finding {
             format!("the standby has no copy of replication slot {slot} yet"),
         )
         .fix(needs),
-        Ok((true, _, Some((_, Some(reason), _)))) => Finding::error(
+        Ok((true, _, Some((_, Some(reason), _, _)))) => Finding::error(
             id::STANDBY_SLOT,
             format!("the standby's copy of replication slot {slot} is invalidated ({reason}): a promotion would lose it"),
         )
         .fix("see the standby's log; the copy is made again once the primary's slot is usable and the standby keeps up"),
-        Ok((true, _, Some((false, None, _)))) => Finding::warning(
+        Ok((true, _, Some((false, None, _, true)))) => Finding::warning(
+            id::STANDBY_SLOT,
+            format!("the standby's copy of replication slot {slot} is not kept yet (temporary: the standby has not caught up with it); a promotion now would drop it"),
+        )
+        .fix("wait: the slot sync worker keeps it once the standby has replayed past the primary's slot"),
+        Ok((true, _, Some((false, None, _, false)))) => Finding::warning(
             id::STANDBY_SLOT,
             format!("the standby has a replication slot {slot} that is not a synchronized copy"),
         )
         .fix("drop it on the standby; the slot sync worker then copies the primary's"),
-        Ok((true, _, Some((true, None, confirmed)))) => Finding::ok(
+        Ok((true, _, Some((true, None, confirmed, _)))) => Finding::ok(
             id::STANDBY_SLOT,
             format!(
                 "the standby holds replication slot {slot} synchronized (confirmed up to {}): a promoted standby streams on from it",

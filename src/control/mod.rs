@@ -223,18 +223,28 @@ impl ControlTask {
                     // private joins and writes among them are probed in one
                     // call (batched per subject).
                     let mut batch = vec![parse(&message.payload)];
-                    while batch.len() < MAX_BATCH
-                        && let Some(Some(message)) = messages.next().now_or_never()
-                    {
-                        batch.push(parse(&message.payload));
+                    let mut lost = false;
+                    while batch.len() < MAX_BATCH {
+                        match messages.next().now_or_never() {
+                            Some(Some(message)) => batch.push(parse(&message.payload)),
+                            // Lost among them: what came before is handled,
+                            // then the connection starts over.
+                            Some(None) => {
+                                lost = true;
+                                break;
+                            }
+                            None => break,
+                        }
                     }
                     self.handle_batch(&mut conn, batch).await?;
+                    if lost {
+                        return Err(Error::Disconnected);
+                    }
                 }
                 _ = leases.tick() => {
-                    // The daemon that answers keeps the registry hashes.
-                    if self.shared.is_active() {
-                        self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
-                    }
+                    // A standby drops dead gateways too (from its registry
+                    // only: the daemon that answers keeps the hashes).
+                    self.expire(&mut conn, std::mem::take(&mut compare_hashes)).await?;
                 }
                 changed = active.changed() => {
                     if changed.is_err() {

@@ -123,10 +123,17 @@ impl Connection {
         ))
         .await?;
         loop {
-            match self
-                .simple_query(&format!("SELECT pg_catalog.pg_advisory_lock({key})"))
-                .await
-            {
+            // A server that went away mid-wait answers nothing: the round
+            // is bounded here too.
+            let round = tokio::time::timeout(
+                LOCK_ROUND + LOCK_ROUND,
+                self.simple_query(&format!("SELECT pg_catalog.pg_advisory_lock({key})")),
+            )
+            .await
+            .map_err(|_| {
+                Error::Timeout("waiting for the slot's lock: the server stopped answering")
+            })?;
+            match round {
                 Ok(_) => break,
                 // lock_not_available: a round ended; wait another.
                 Err(Error::Db(db)) if db.code == "55P03" => continue,
@@ -157,7 +164,7 @@ impl Connection {
     pub async fn ensure_slot(&mut self, slot: &str, failover: bool) -> Result<Slot, Error> {
         let failover_slots = self.server_major().is_some_and(|major| major >= 17);
         let sql = format!(
-            "SELECT plugin, database, confirmed_flush_lsn, {} FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT plugin, database, confirmed_flush_lsn, {}, active FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             if failover_slots { "failover" } else { "NULL" },
             quote_literal(slot)
         );
@@ -182,7 +189,10 @@ impl Connection {
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(Lsn::ZERO);
             let mut is_failover = row.get(3).cloned().flatten().map(|f| f == "t");
-            if failover && is_failover == Some(false) {
+            // Altering waits for a slot in use (by something that does not
+            // take the lock): left to START_REPLICATION, which refuses it.
+            let in_use = row.get(4).cloned().flatten().as_deref() == Some("t");
+            if failover && is_failover == Some(false) && !in_use {
                 self.simple_query(&format!(
                     "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
                     quote_ident(slot)

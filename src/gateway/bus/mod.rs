@@ -1079,7 +1079,7 @@ mod tests {
             .collect();
         let ids = |names: &[&'static str]| names.iter().map(|id| Id(Cow::from(*id))).collect();
         let names = |ids: Vec<Id<'_>>| ids.iter().map(|id| id.0.to_string()).collect::<Vec<_>>();
-        let at = |lsn: &str, seq| Position::parse(Some("7450"), Some(lsn), Some(seq));
+        let at = |lsn: &str, seq| Position::parse(Some("7450.1"), Some(lsn), Some(seq));
         let (kept, dropped) =
             seen::first_time(&routes, ids(&["j:0", "j:1", "gone"]), at("0/20", 1));
         assert_eq!(
@@ -1111,7 +1111,7 @@ mod tests {
         let (kept, dropped) = seen::first_time(&routes, ids(&["j:0"]), None);
         assert_eq!((names(kept), dropped), (vec!["j:0".to_owned()], 0));
         // Another database's events are never taken for duplicates.
-        let other = Position::parse(Some("1"), Some("0/1"), Some(0));
+        let other = Position::parse(Some("1.1"), Some("0/1"), Some(0));
         let (kept, dropped) = seen::first_time(&routes, ids(&["j:0"]), other);
         assert_eq!((names(kept), dropped), (vec!["j:0".to_owned()], 0));
     }

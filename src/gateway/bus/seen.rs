@@ -22,9 +22,13 @@ use super::{Id, Route};
 /// Where an event stands in a database's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
-    /// The database's system identifier: another database's positions
-    /// are not comparable (a database restored elsewhere starts low).
+    /// The database's system identifier and timeline (`sys`,
+    /// `<id>.<timeline>`): other positions are not comparable. Another
+    /// database's LSNs are unrelated; a promoted standby or a restored
+    /// backup keeps the identifier but starts a timeline whose LSNs may
+    /// be below what the old one reached.
     system: u64,
+    timeline: u32,
     lsn: Lsn,
     seq: u32,
 }
@@ -34,8 +38,10 @@ impl Position {
     /// deduplication) when one is missing or malformed, as from a daemon
     /// older than this field.
     pub fn parse(system: Option<&str>, lsn: Option<&str>, seq: Option<u32>) -> Option<Position> {
+        let (system, timeline) = system?.split_once('.')?;
         Some(Position {
-            system: system?.parse().ok()?,
+            system: system.parse().ok()?,
+            timeline: timeline.parse().ok()?,
             lsn: lsn?.parse().ok()?,
             seq: seq?,
         })
@@ -43,7 +49,8 @@ impl Position {
 
     /// Whether `self` comes at or before `other` in one database's stream.
     pub fn not_after(&self, other: &Position) -> bool {
-        self.system == other.system && (self.lsn, self.seq) <= (other.lsn, other.seq)
+        (self.system, self.timeline) == (other.system, other.timeline)
+            && (self.lsn, self.seq) <= (other.lsn, other.seq)
     }
 }
 
@@ -126,6 +133,7 @@ mod tests {
     fn at(system: u64, lsn: u64, seq: u32) -> Position {
         Position {
             system,
+            timeline: 1,
             lsn: Lsn(lsn),
             seq,
         }
@@ -134,13 +142,14 @@ mod tests {
     #[test]
     fn positions_read_from_an_event() {
         assert_eq!(
-            Position::parse(Some("7450"), Some("1/10"), Some(3)),
+            Position::parse(Some("7450.1"), Some("1/10"), Some(3)),
             Some(at(7450, 0x1_0000_0010, 3))
         );
         assert_eq!(Position::parse(None, Some("1/10"), Some(3)), None);
-        assert_eq!(Position::parse(Some("x"), Some("1/10"), Some(3)), None);
-        assert_eq!(Position::parse(Some("1"), Some("nope"), Some(3)), None);
-        assert_eq!(Position::parse(Some("1"), Some("1/10"), None), None);
+        assert_eq!(Position::parse(Some("7450"), Some("1/10"), Some(3)), None);
+        assert_eq!(Position::parse(Some("x.1"), Some("1/10"), Some(3)), None);
+        assert_eq!(Position::parse(Some("1.1"), Some("nope"), Some(3)), None);
+        assert_eq!(Position::parse(Some("1.1"), Some("1/10"), None), None);
     }
 
     #[test]
@@ -150,8 +159,14 @@ mod tests {
         assert!(at(1, 4, 9).not_after(&at(1, 5, 0)));
         assert!(!at(1, 5, 3).not_after(&at(1, 5, 2)));
         assert!(!at(1, 6, 0).not_after(&at(1, 5, 9)));
-        // Another database: never a duplicate, however low.
+        // Another database, or the same on another timeline (promoted,
+        // restored): never a duplicate, however low.
         assert!(!at(2, 1, 0).not_after(&at(1, 5, 9)));
+        let next_timeline = Position {
+            timeline: 2,
+            ..at(1, 1, 0)
+        };
+        assert!(!next_timeline.not_after(&at(1, 5, 9)));
     }
 
     #[test]
