@@ -299,6 +299,53 @@ async fn subscribed(gateway: &Gateway, topic: &str) -> Client {
     socket
 }
 
+/// After the bus lost the tenant's slot: the socket is told of the gap,
+/// then (within the gateway's reconnection; a replica needs the node
+/// timeout, 2 s here, to be promoted) subscribed again.
+async fn told_of_the_gap_then_subscribed(
+    socket: &mut Client,
+    gateway: &Gateway,
+    cluster: &TestRedisCluster,
+) {
+    let (gap, _) = until(socket, "system").await;
+    assert_eq!(gap["status"], "error", "{gap}");
+    let Ok((again, _)) =
+        tokio::time::timeout(Duration::from_secs(18), until(socket, "system")).await
+    else {
+        panic!(
+            "not subscribed again\n--- gateway ---\n{}\n{}",
+            tail(&gateway.process.log(), 40),
+            cluster.logs()
+        )
+    };
+    assert_eq!(
+        (&again["status"], &again["message"]),
+        (&json!("ok"), &json!("Subscribed to PostgreSQL")),
+        "{}",
+        tail(&gateway.process.log(), 40)
+    );
+}
+
+/// Row `id` inserted now reaches `socket`.
+async fn a_new_row_arrives(
+    client: &tokio_postgres::Client,
+    socket: &mut Client,
+    id: i64,
+    daemon: &Daemon,
+) {
+    client
+        .batch_execute(&format!("INSERT INTO todos VALUES ({id}, 'new', 'u1')"))
+        .await
+        .expect("insert");
+    let (change, _) = until(socket, "postgres_changes").await;
+    assert_eq!(
+        change["data"]["record"]["id"],
+        id,
+        "{}",
+        tail(&daemon.log(), 40)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_changes_again() {
     let (pg, mut cluster, daemon, a, _b) = start().await;
@@ -316,38 +363,9 @@ async fn a_killed_master_is_replaced_and_sockets_are_told_of_the_gap_then_get_ch
     cluster.nodes[master].kill();
     // The gateway's shard subscription went with it: its socket is told
     // of the gap, then subscribed again once the daemon confirms.
-    let (gap, _) = until(&mut socket, "system").await;
-    assert_eq!(gap["status"], "error", "{gap}");
-    // Within the gateway's reconnection (the replica needs the node
-    // timeout, 2 s here, to be promoted); on failure, why.
-    let Ok((again, _)) =
-        tokio::time::timeout(Duration::from_secs(18), until(&mut socket, "system")).await
-    else {
-        panic!(
-            "not subscribed again\n--- gateway ---\n{}\n{}",
-            tail(&a.process.log(), 40),
-            cluster.logs()
-        )
-    };
-    assert_eq!(
-        (&again["status"], &again["message"]),
-        (&json!("ok"), &json!("Subscribed to PostgreSQL")),
-        "{}\n{}",
-        a.process.log(),
-        cluster.logs()
-    );
+    told_of_the_gap_then_subscribed(&mut socket, &a, &cluster).await;
     assert_ne!(tenant_master(&cluster), master, "a replica was promoted");
-    client
-        .batch_execute("INSERT INTO todos VALUES (2, 'after', 'u1')")
-        .await
-        .expect("insert");
-    let (change, _) = until(&mut socket, "postgres_changes").await;
-    assert_eq!(
-        change["data"]["record"]["id"],
-        2,
-        "{}",
-        tail(&daemon.log(), 40)
-    );
+    a_new_row_arrives(&client, &mut socket, 2, &daemon).await;
     // Postgres was told only what the new master holds: the slot's
     // confirmed position passes row 2's commit once it was published.
     let end: String = client
@@ -459,15 +477,7 @@ async fn a_tenant_slot_migrated_to_another_master_ends_no_delivery_for_good() {
     }
     // The cluster ended the shard subscriptions: the socket is told of
     // the gap, then subscribed again on the slot's new master.
-    let (gap, _) = until(&mut socket, "system").await;
-    assert_eq!(gap["status"], "error", "{gap}");
-    let (again, _) = until(&mut socket, "system").await;
-    assert_eq!(
-        (&again["status"], &again["message"]),
-        (&json!("ok"), &json!("Subscribed to PostgreSQL")),
-        "{}",
-        tail(&a.process.log(), 30)
-    );
+    told_of_the_gap_then_subscribed(&mut socket, &a, &cluster).await;
     assert!(
         a.process
             .log()
@@ -476,16 +486,5 @@ async fn a_tenant_slot_migrated_to_another_master_ends_no_delivery_for_good() {
         tail(&a.process.log(), 30)
     );
     assert_eq!(tenant_master(&cluster), to);
-    pg.client(DB)
-        .await
-        .batch_execute("INSERT INTO todos VALUES (3, 'moved', 'u1')")
-        .await
-        .expect("insert");
-    let (change, _) = until(&mut socket, "postgres_changes").await;
-    assert_eq!(
-        change["data"]["record"]["id"],
-        3,
-        "{}",
-        tail(&daemon.log(), 40)
-    );
+    a_new_row_arrives(&pg.client(DB).await, &mut socket, 3, &daemon).await;
 }
