@@ -318,7 +318,9 @@ async fn a_failover_slot_is_kept_by_a_standby_from_postgres_17() {
         .expect("insert");
     let messages = firehose.wait_for(1, Duration::from_secs(30), &daemon).await;
     assert_eq!(messages[0]["data"]["record"]["id"], 1);
-    // The standby's slot sync worker copies it.
+    // The standby's slot sync worker copies it, and keeps the copy
+    // (no longer temporary) once the standby has replayed past it; the
+    // worker naps up to 30 s while nothing changes.
     let standby_client = standby.client(DB).await;
     eventually(
         &format!("the standby holds a synchronized copy\n{}", tail(&standby.log(), 30)),
@@ -326,7 +328,7 @@ async fn a_failover_slot_is_kept_by_a_standby_from_postgres_17() {
         || async {
             matches!(
                 standby_client
-                    .query_opt("SELECT synced AND invalidation_reason IS NULL FROM pg_replication_slots WHERE slot_name = 'walcast'", &[])
+                    .query_opt("SELECT synced AND NOT temporary AND invalidation_reason IS NULL FROM pg_replication_slots WHERE slot_name = 'walcast'", &[])
                     .await,
                 Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true)
             )

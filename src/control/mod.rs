@@ -13,7 +13,7 @@
 //! lease key expired has its subscriptions dropped, and a live gateway's
 //! subscriptions its hash no longer holds are withdrawn.
 //!
-//! Only the daemon that holds the slot's lock answers ([`Shared::is_active`]).
+//! Only the daemon that streams the slot answers ([`Shared::is_active`]).
 //! A hot standby follows the same messages silently: it validates and
 //! registers subscriptions, holds private channels without asking the
 //! database, and leaves leases, hashes and write checks alone. When it
