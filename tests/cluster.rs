@@ -224,33 +224,29 @@ async fn check_reports_the_cluster_and_each_of_its_nodes() {
             .iter()
             .all(|f| f["level"] == "ok" && f["subject"].is_string())
     );
-    // One Redis taken for a cluster: refused too.
+    // One Redis taken for a cluster, and one node of the cluster taken
+    // for one Redis: each refused, saying which.
     let single = crate::support::TestRedis::start();
-    let (code, json) = check(&env(single.url(), true));
-    assert_eq!(code, Some(1));
-    let found = finding(&json, "redis.cluster", None);
-    assert_eq!(
-        (&found["level"], &found["message"]),
+    for (url, cluster_setting, message) in [
         (
-            &json!("error"),
-            &json!(
-                "redis_cluster is true, but the bus's Redis is not a cluster node (cluster_enabled:0)"
-            )
-        )
-    );
-    // One node of it, taken for one Redis: refused.
-    let (code, json) = check(&env(cluster.nodes[0].url(), false));
-    assert_eq!(code, Some(1));
-    let found = finding(&json, "redis.cluster", None);
-    assert_eq!(
-        (&found["level"], &found["message"]),
+            single.url(),
+            true,
+            "redis_cluster is true, but the bus's Redis is not a cluster node (cluster_enabled:0)",
+        ),
         (
-            &json!("error"),
-            &json!(
-                "the bus's Redis is a cluster node, but redis_cluster is false: commands for keys of other nodes' slots fail"
-            )
-        )
-    );
+            cluster.nodes[0].url(),
+            false,
+            "the bus's Redis is a cluster node, but redis_cluster is false: commands for keys of other nodes' slots fail",
+        ),
+    ] {
+        let (code, json) = check(&env(url, cluster_setting));
+        assert_eq!(code, Some(1), "{json:#}");
+        let found = finding(&json, "redis.cluster", None);
+        assert_eq!(
+            (&found["level"], &found["message"]),
+            (&json!("error"), &json!(message))
+        );
+    }
 }
 
 /// The node that is master of the tenant's slot (`{default}`), by index.

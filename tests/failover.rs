@@ -146,8 +146,9 @@ async fn read_changes(mut socket: Client, vsn2: bool) -> HashSet<i64> {
         let id = payload["data"]["record"]["id"].as_i64().expect("id");
         assert!(ids.insert(id), "row {id} arrived twice");
     }
-    // Anything the daemons still send again would come before this reply.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A daemon that took over sent its repeats on the gateway's channel
+    // before any newer row, so they came before the last one: nothing
+    // else is queued, the heartbeat's reply is the next frame.
     socket.sync(vsn2, "hb").await;
     ids
 }
